@@ -1,0 +1,58 @@
+"""The records that flow from the readers into the rest of the pipeline.
+
+A reader turns every input row into exactly one of:
+- ``Request``: a valid row, with exactly one of ``prompt`` / ``messages`` / ``prompt_token_ids`` set and
+  its sampling parameters already validated;
+- ``RowError``: a row that cannot run (malformed JSON, no prompt, a bad parameter...), carried to the
+  output as an error record so the rest of the job goes on.
+
+``input_index`` is the 0-based row index within ``input_file`` (for JSONL: the line number minus one,
+counting blank lines, so a user can find the row with ``sed -n``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from batchllm.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class Request:
+    custom_id: str
+    input_file: str
+    input_index: int
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    # Filled by tokenization (batchllm.pipeline); int32 numpy array or list of ints.
+    token_ids: Any = None
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
+        if given != 1:
+            raise ValueError("a request needs exactly one of prompt, messages, prompt_token_ids")
+
+
+@dataclasses.dataclass
+class RowError:
+    input_file: str
+    input_index: int
+    error_code: str
+    error_message: str
+    custom_id: str | None = None
+
+
+# Error codes used in RowError.error_code; stable strings, documented in docs/user-guide.md.
+MALFORMED_JSON = "malformed_json"
+MISSING_PROMPT = "missing_prompt"
+AMBIGUOUS_PROMPT = "ambiguous_prompt"
+INVALID_PARAMETER = "invalid_parameter"
+INVALID_MESSAGES = "invalid_messages"
+DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+PROMPT_TOO_LONG = "prompt_too_long"
+TEMPLATE_ERROR = "template_error"
+UNSUPPORTED_ENDPOINT = "unsupported_endpoint"
+TOKENIZATION_ERROR = "tokenization_error"

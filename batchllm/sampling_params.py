@@ -1,0 +1,153 @@
+"""Per-request sampling parameters, with vLLM's names and semantics.
+
+A row of the input file may carry any of these fields (flat or under ``sampling_params``); the job's
+defaults (CLI flags, job file) fill in what a row leaves out. ``SamplingParams.from_fields`` is the one
+place that validates them: a bad value raises ``ValueError`` with a message fit for an error record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+# Aliases accepted for max_tokens (transformers' and OpenAI's chat API names).
+MAX_TOKENS_ALIASES = ("max_new_tokens", "max_completion_tokens")
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What to generate for one request; see vLLM's ``SamplingParams`` for the meaning of each field.
+
+    ``seed`` is None unless the row or the job gives one; the engine then derives a per-sample seed from
+    (job seed, custom_id, sample index), so sampled text never depends on batch composition or order.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a string or a list of non-empty strings")
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], defaults: "SamplingParams | None" = None) -> "SamplingParams":
+        """Build from a row's fields over ``defaults``; unknown keys are ignored, bad values raise ValueError.
+
+        Values are coerced strictly: a temperature of ``"hot"`` or a max_tokens of ``1.5`` is an error,
+        never silently truncated.
+        """
+        base = dataclasses.asdict(defaults) if defaults is not None else {}
+        values: dict[str, Any] = dict(base)
+        for alias in MAX_TOKENS_ALIASES:
+            if fields.get(alias) is not None and fields.get("max_tokens") is None:
+                values["max_tokens"] = fields[alias]
+        for f in dataclasses.fields(cls):
+            if f.name in fields and fields[f.name] is not None:
+                values[f.name] = fields[f.name]
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            kwargs[f.name] = _coerce(f.name, values[f.name])
+        return cls(**kwargs)
+
+
+_INT_FIELDS = {"max_tokens", "top_k", "n", "min_tokens"}
+_OPTIONAL_INT_FIELDS = {"seed", "logprobs"}
+_FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _INT_FIELDS or name in _OPTIONAL_INT_FIELDS:
+        if value is None and name in _OPTIONAL_INT_FIELDS:
+            return None
+        if name == "logprobs" and isinstance(value, bool):
+            # OpenAI chat: logprobs=true with top_logprobs; true alone means the sampled token only.
+            return 0 if value else None
+        return _as_int(name, value)
+    if name in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if name == "ignore_eos":
+        if not isinstance(value, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {value!r}")
+        return value
+    if name == "stop":
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(s, str) for s in value):
+                raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
+            return tuple(value)
+        raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
+    if name == "stop_token_ids":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {value!r}")
+        return tuple(_as_int(name, v) for v in value)
+    return value
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:  # numpy integer scalars from Parquet
+        import numbers
+
+        if isinstance(value, numbers.Integral):
+            return int(value)
+    except ImportError:  # pragma: no cover
+        pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
