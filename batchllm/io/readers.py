@@ -1,0 +1,605 @@
+"""Read prompt files into ``Request`` / ``RowError`` records, one record per input row, streaming.
+
+Formats (``detect_format``):
+- ``jsonl`` (``.jsonl``, ``.ndjson``, ``.json`` not starting with ``[``): one native row per line, read
+  line by line. Blank lines yield nothing but still count: ``input_index`` is the 0-based line number.
+- ``openai``: a JSONL file whose first JSON-object line has ``custom_id``, ``method``, ``url`` and
+  ``body`` (the OpenAI Batch API input format); see ``_openai_request`` for how a body maps.
+- ``parquet`` (``.parquet``, ``.pq``): native rows, read ``batch_rows`` rows at a time, only the columns
+  the reader can use.
+- ``hf-disk`` (a ``Dataset.save_to_disk`` folder) and ``hf-file`` (``.csv``, ``.arrow``, ``.json``
+  holding one array), through the ``datasets`` package, imported only for these formats.
+
+A native row carries:
+- ``custom_id`` (column set by ``ColumnMapping.id_column``): a string or an integer. Absent or null: the
+  row index as a string with one input file, ``"<file basename>:<row index>"`` with several.
+- exactly one of ``prompt`` (raw text sent as it is), ``messages`` (a chat: a list of ``{role,
+  content}``) or ``prompt_token_ids`` (a list of non-negative ints). With
+  ``ColumnMapping.prompt_template`` the rendered template is the prompt instead, and the prompt and
+  messages columns are plain data the template may use.
+- sampling fields with vLLM's names (``SamplingParams``), flat on the row and/or nested in a
+  ``sampling_params`` object; a nested value overrides the flat one, and both override the job's
+  defaults. ``max_new_tokens`` / ``max_completion_tokens`` alias ``max_tokens``. Flat fields share the
+  row's namespace, so a data column called e.g. ``n`` is read as a sampling field.
+
+Null (JSON null, a null Parquet cell, NaN) means "not given" everywhere. Per-row problems become a
+``RowError`` (codes in ``batchllm.io.requests``) and the job goes on; problems with a whole input (missing,
+unreadable, unknown format, an empty JSONL file, a bad template, a mapped column a file lacks) raise
+``BatchLLMError`` before anything from that input is yielded. A ``custom_id`` seen before in the job
+(any file) makes that later row a ``DUPLICATE_CUSTOM_ID`` error; the first row keeps its fate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import string
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchllm.errors import BatchLLMError
+from batchllm.io.requests import (
+    AMBIGUOUS_PROMPT,
+    DUPLICATE_CUSTOM_ID,
+    INVALID_MESSAGES,
+    INVALID_PARAMETER,
+    MALFORMED_JSON,
+    MISSING_PROMPT,
+    TEMPLATE_ERROR,
+    UNSUPPORTED_ENDPOINT,
+    Request,
+    RowError,
+)
+from batchllm.sampling_params import MAX_TOKENS_ALIASES, SamplingParams
+
+__all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows"]
+
+_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_SAMPLING_KEYS = _SAMPLING_NAMES | frozenset(MAX_TOKENS_ALIASES)
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+_OPENAI_KEYS = ("custom_id", "method", "url", "body")
+_JSONL_EXTS = (".jsonl", ".ndjson")
+_PARQUET_EXTS = (".parquet", ".pq")
+_HF_BUILDERS = {".csv": "csv", ".arrow": "arrow", ".json": "json"}
+_SNIPPET_CHARS = 120
+# How many non-blank lines to look at for the first parseable object when sniffing an OpenAI batch file.
+_SNIFF_LINES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnMapping:
+    """Where a native row's fields come from. Does not apply to OpenAI batch files (their layout is fixed).
+
+    ``prompt_template`` is a ``str.format`` template over the row's fields (plain ``{name}`` fields
+    only, with optional conversion and format spec); its rendering is the row's raw-text prompt. It
+    cannot be combined with ``prompt_column`` / ``messages_column``.
+    ``system_prompt`` is prepended as a system message to chat rows (native ``messages`` and OpenAI
+    chat bodies) whose first message is not already a system or developer message; raw-text and
+    token-id prompts are sent as they are.
+    """
+
+    id_column: str | None = None  # default "custom_id"
+    prompt_column: str | None = None  # default "prompt"
+    messages_column: str | None = None  # default "messages"
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+
+
+class _RowFailure(Exception):
+    """Internal: a row cannot run; becomes a ``RowError``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def detect_format(path: str) -> str:
+    """Return ``"jsonl" | "openai" | "parquet" | "hf-disk" | "hf-file"`` for ``path``.
+
+    Looks at the extension and, for JSON files, the first bytes / lines. Raises ``BatchLLMError`` for a
+    missing or unreadable path, an unknown extension, a folder that is not a ``save_to_disk`` dataset,
+    or a JSONL file with no non-blank line.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            return "hf-disk"
+        raise BatchLLMError(f"{path} is a folder but not a datasets save_to_disk folder")
+    if not os.path.exists(path):
+        raise BatchLLMError(f"input not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _PARQUET_EXTS:
+        return "parquet"
+    if ext in (".csv", ".arrow"):
+        return "hf-file"
+    if ext == ".json" and _first_byte(path) == b"[":
+        return "hf-file"
+    if ext in _JSONL_EXTS or ext == ".json":
+        return _sniff_jsonl(path)
+    raise BatchLLMError(
+        f"unknown input format for {path}: expected .jsonl, .ndjson, .json, .parquet, .pq, .csv, .arrow "
+        "or a datasets save_to_disk folder"
+    )
+
+
+def read_requests(
+    paths: Sequence[str],
+    mapping: ColumnMapping = ColumnMapping(),
+    defaults: SamplingParams = SamplingParams(),
+    batch_rows: int = 4096,
+) -> Iterator[Request | RowError]:
+    """Yield one ``Request`` or ``RowError`` per input row, files in the given order, rows in file order.
+
+    Job-level checks (every path's format, the template, the mapping against OpenAI inputs) run now and
+    raise ``BatchLLMError`` before the iterator is returned; per-file checks (mapped columns present)
+    raise when that file is reached. ``batch_rows`` bounds the rows converted to Python at a time for
+    Parquet and datasets inputs.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise BatchLLMError("no input files given")
+    if batch_rows < 1:
+        raise BatchLLMError(f"batch_rows must be at least 1, got {batch_rows}")
+    template_fields = _template_fields(mapping.prompt_template) if mapping.prompt_template is not None else ()
+    if mapping.prompt_template is not None and (mapping.prompt_column or mapping.messages_column):
+        raise BatchLLMError("a prompt template cannot be combined with a prompt or messages column")
+    formats = [detect_format(p) for p in paths]
+    maps_columns = (mapping.id_column, mapping.prompt_column, mapping.messages_column, mapping.prompt_template)
+    if any(x is not None for x in maps_columns) and "openai" in formats:
+        raise BatchLLMError("column mapping and prompt templates do not apply to OpenAI batch files")
+    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows)
+
+
+def count_rows(paths: Sequence[str]) -> int | None:
+    """The number of records ``read_requests(paths)`` will yield, or None where that is not cheap.
+
+    Parquet: file metadata; JSONL: a pass counting non-blank lines; save_to_disk folders: the dataset's
+    row count. CSV / Arrow / JSON-array files would need a full conversion first: None.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    total = 0
+    for path in map(os.fspath, paths):
+        fmt = detect_format(path)
+        try:
+            if fmt == "parquet":
+                total += pq.ParquetFile(path).metadata.num_rows
+            elif fmt in ("jsonl", "openai"):
+                with open(path, "rb") as f:
+                    total += sum(1 for line in f if line.strip())
+            elif fmt == "hf-disk":
+                total += _load_dataset(path, fmt).num_rows
+            else:
+                return None
+        except (OSError, pa.ArrowException) as e:
+            raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
+    return total
+
+
+# -------------------------------------------------------------------------------------------- driving
+
+
+def _generate(paths, formats, mapping, template_fields, defaults, batch_rows) -> Iterator[Request | RowError]:
+    seen: set[str] = set()
+    several = len(paths) > 1
+    wanted, required = _wanted_columns(mapping, template_fields)
+    for path, fmt in zip(paths, formats):
+        prefix = os.path.basename(os.path.normpath(path)) + ":" if several else ""
+        if fmt in ("jsonl", "openai"):
+            rows = _jsonl_rows(path)
+        else:
+            reader = _parquet_rows if fmt == "parquet" else _dataset_rows
+            rows = reader(path, fmt, wanted, required, batch_rows)
+        for index, row in rows:
+            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults)
+
+
+def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults) -> Request | RowError:
+    """Turn one parsed row (or a parse failure) into a record; claims the row's custom_id in ``seen``."""
+    if isinstance(row, _RowFailure):
+        return RowError(path, index, row.code, row.message)
+    row = {k: (None if _is_null(v) else v) for k, v in row.items()}
+    custom_id = None
+    try:
+        if fmt == "openai":
+            custom_id = _custom_id(row.get("custom_id"), None)
+        else:
+            custom_id = _custom_id(row.get(mapping.id_column or "custom_id"), f"{prefix}{index}")
+        if custom_id in seen:
+            raise _RowFailure(DUPLICATE_CUSTOM_ID, f"custom_id {custom_id!r} appeared earlier in the job")
+        seen.add(custom_id)
+        if fmt == "openai":
+            prompt, fields = _openai_request(row)
+        else:
+            prompt, fields = _native_prompt(row, mapping, template_fields), _native_sampling(row)
+        if mapping.system_prompt is not None and "messages" in prompt:
+            prompt["messages"] = _with_system(prompt["messages"], mapping.system_prompt)
+        try:
+            sampling = SamplingParams.from_fields(fields, defaults) if fields else defaults
+        except ValueError as e:
+            raise _RowFailure(INVALID_PARAMETER, str(e)) from None
+    except _RowFailure as f:
+        return RowError(path, index, f.code, f.message, custom_id)
+    return Request(custom_id=custom_id, input_file=path, input_index=index, sampling=sampling, **prompt)
+
+
+# ------------------------------------------------------------------------------------------ row rules
+
+
+def _custom_id(value: Any, default: str | None) -> str:
+    """A row's custom_id: a string, or an integer (an integral float too: CSV id columns with gaps load as
+    floats) written in decimal; ``default`` when absent (None: required)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None:
+        if default is None:
+            raise _RowFailure(INVALID_PARAMETER, "custom_id is required in an OpenAI batch line")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _RowFailure(INVALID_PARAMETER, f"custom_id must be a string or an integer, got {_short(value)}")
+    if value == "":
+        raise _RowFailure(INVALID_PARAMETER, "custom_id must not be empty")
+    return str(value)
+
+
+def _native_prompt(row: dict, mapping: ColumnMapping, template_fields: tuple[str, ...]) -> dict[str, Any]:
+    """The Request keyword (prompt / messages / prompt_token_ids) for a native row."""
+    if mapping.prompt_template is not None:
+        return {"prompt": _check_prompt(_render(mapping.prompt_template, template_fields, row))}
+    names = {
+        "prompt": mapping.prompt_column or "prompt",
+        "messages": mapping.messages_column or "messages",
+        "prompt_token_ids": "prompt_token_ids",
+    }
+    given = [kind for kind, column in names.items() if row.get(column) is not None]
+    if not given:
+        raise _RowFailure(MISSING_PROMPT, "row has none of " + ", ".join(repr(c) for c in names.values()))
+    if len(given) > 1:
+        both = " and ".join(repr(names[k]) for k in given)
+        raise _RowFailure(AMBIGUOUS_PROMPT, f"row has both {both}; give exactly one")
+    kind = given[0]
+    value = row[names[kind]]
+    if kind == "prompt":
+        return {"prompt": _check_prompt(value)}
+    if kind == "messages":
+        return {"messages": _check_messages(value)}
+    return {"prompt_token_ids": _check_token_ids(value)}
+
+
+def _native_sampling(row: dict) -> dict[str, Any]:
+    """Sampling fields of a native row: flat fields, overridden by those nested in ``sampling_params``."""
+    fields = _sampling_subset(row)
+    nested = row.get("sampling_params")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise _RowFailure(INVALID_PARAMETER, f"sampling_params must be an object, got {_short(nested)}")
+        # Strict here (unlike flat fields, which share the row with data): a typo must not pass silently.
+        unknown = sorted(k for k, v in nested.items() if k not in _SAMPLING_KEYS and not _is_null(v))
+        if unknown:
+            raise _RowFailure(INVALID_PARAMETER, f"unknown sampling parameter {unknown[0]!r} in sampling_params")
+        fields.update(_sampling_subset(nested))
+    return fields
+
+
+def _sampling_subset(source: dict) -> dict[str, Any]:
+    """The non-null sampling fields of ``source``, aliases folded into ``max_tokens``."""
+    fields = {k: v for k, v in source.items() if k in _SAMPLING_KEYS and not _is_null(v)}
+    for alias in MAX_TOKENS_ALIASES:
+        value = fields.pop(alias, None)
+        if value is not None:
+            fields.setdefault("max_tokens", value)
+    return fields
+
+
+def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Request keyword, sampling fields) for one OpenAI Batch API line.
+
+    chat (``/v1/chat/completions``): ``body.messages``; ``logprobs: true`` with ``top_logprobs: k`` means
+    ``logprobs=k`` (alone: 0, the sampled token only). completions (``/v1/completions``): ``body.prompt``,
+    a string or a list of token ids; ``logprobs`` is an int. Any vLLM sampling name in the body applies
+    (OpenAI's own names are a subset); ``model`` and other keys are ignored: the job's model runs.
+    """
+    missing = [k for k in ("method", "url", "body") if line.get(k) is None]
+    if missing:
+        raise _RowFailure(INVALID_PARAMETER, "OpenAI batch line lacks " + ", ".join(repr(k) for k in missing))
+    url, body = line["url"], line["body"]
+    if url not in (_CHAT_URL, _COMPLETIONS_URL):
+        raise _RowFailure(UNSUPPORTED_ENDPOINT, f"url {url!r} is not supported: use {_CHAT_URL} or {_COMPLETIONS_URL}")
+    if line["method"] != "POST":
+        raise _RowFailure(UNSUPPORTED_ENDPOINT, f"method {line['method']!r} is not supported: use POST")
+    if not isinstance(body, dict):
+        raise _RowFailure(INVALID_PARAMETER, "body must be a JSON object")
+    fields = _sampling_subset({k: v for k, v in body.items() if k != "logprobs"})
+    logprobs = body.get("logprobs")
+    if url == _CHAT_URL:
+        top = body.get("top_logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _RowFailure(INVALID_PARAMETER, f"logprobs must be true or false for chat, got {logprobs!r}")
+        if top is not None and not logprobs:
+            raise _RowFailure(INVALID_PARAMETER, "top_logprobs requires logprobs: true")
+        if logprobs:
+            fields["logprobs"] = 0 if top is None else top
+        if body.get("messages") is None:
+            raise _RowFailure(MISSING_PROMPT, "chat body has no 'messages'")
+        return {"messages": _check_messages(body["messages"])}, fields
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _RowFailure(MISSING_PROMPT, "completions body has no 'prompt'")
+    if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt):
+        raise _RowFailure(INVALID_PARAMETER, "a list of prompts is not supported: write one line per prompt")
+    if isinstance(prompt, list):
+        return {"prompt_token_ids": _check_token_ids(prompt)}, fields
+    return {"prompt": _check_prompt(prompt)}, fields
+
+
+def _check_prompt(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _RowFailure(INVALID_PARAMETER, f"prompt must be a string, got {type(value).__name__}")
+    if not value:
+        raise _RowFailure(MISSING_PROMPT, "prompt is empty")
+    return value
+
+
+def _check_token_ids(value: Any) -> list[int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    ):
+        raise _RowFailure(INVALID_PARAMETER, "prompt_token_ids must be a non-empty list of non-negative integers")
+    return list(value)
+
+
+def _check_messages(value: Any) -> list[dict[str, Any]]:
+    """Validate a chat; returns copies with ``content`` as one string (text parts joined by newlines,
+    as vLLM does) and null-valued keys dropped (Parquet structs carry every key). Errors number the
+    messages from 1."""
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        # datasets' legacy Sequence({...}) feature hands a list of dicts over as a dict of lists
+        value = [dict(zip(value, items)) for items in zip(*value.values())]
+    if not isinstance(value, list) or not value:
+        raise _RowFailure(INVALID_MESSAGES, "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            raise _RowFailure(INVALID_MESSAGES, f"message {i} is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            raise _RowFailure(INVALID_MESSAGES, f"message {i} has no role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _RowFailure(INVALID_MESSAGES, f"unknown role {role!r} in message {i}")
+        if isinstance(content, list):
+            content = _join_text_parts(content, i)
+        elif content is None and role == "assistant" and message.get("tool_calls"):
+            pass  # an assistant turn that only calls tools
+        elif not isinstance(content, str):
+            raise _RowFailure(
+                INVALID_MESSAGES,
+                f"message {i}: content must be a string or a list of text parts, got {_short(content)}",
+            )
+        cleaned = {k: v for k, v in message.items() if v is not None}
+        cleaned["content"] = content
+        out.append(cleaned)
+    return out
+
+
+def _join_text_parts(parts: list, i: int) -> str:
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = repr(kind) if kind is not None else _short(part)
+            raise _RowFailure(INVALID_MESSAGES, f"message {i}: content part {shown} is not supported (text only)")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _with_system(messages: list[dict], system_prompt: str) -> list[dict]:
+    if messages[0]["role"] in ("system", "developer"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _template_fields(template: str) -> tuple[str, ...]:
+    """The field names of a prompt template; raises BatchLLMError unless every field is a plain name.
+
+    Plain names only: attribute access and indexing (``{x.__class__}``, ``{x[0]}``) could reach into
+    Python objects, and positional fields have nothing to bind to.
+    """
+    names: list[str] = []
+    pending = [template]
+    while pending:  # format specs may nest fields: "{x:{width}}"
+        try:
+            parsed = list(string.Formatter().parse(pending.pop()))
+        except ValueError as e:
+            raise BatchLLMError(f"bad prompt template: {e}") from None
+        for _, name, spec, _ in parsed:
+            if name is None:
+                continue
+            if not name.isidentifier():
+                raise BatchLLMError(
+                    f"bad prompt template field {{{name}}}: use plain column names, no attribute access, "
+                    "indexing or positional fields"
+                )
+            names.append(name)
+            if spec:
+                pending.append(spec)
+    return tuple(dict.fromkeys(names))
+
+
+def _render(template: str, fields: tuple[str, ...], row: dict) -> str:
+    for name in fields:
+        if name not in row:
+            raise _RowFailure(TEMPLATE_ERROR, f"template field {name!r} is not in this row")
+        if row[name] is None:
+            raise _RowFailure(TEMPLATE_ERROR, f"template field {name!r} is null in this row")
+    try:
+        return template.format_map(row)
+    except (ValueError, TypeError, KeyError) as e:  # a format spec that does not fit the value
+        raise _RowFailure(TEMPLATE_ERROR, f"cannot render the template: {e}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+
+def _first_byte(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(4096):
+                stripped = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+                if stripped:
+                    return stripped[:1]
+    except OSError as e:
+        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    return b""
+
+
+def _sniff_jsonl(path: str) -> str:
+    """``openai`` if the first parseable JSON-object line has the OpenAI batch keys, else ``jsonl``."""
+    nonblank = 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                nonblank += 1
+                if nonblank > _SNIFF_LINES:
+                    break
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    return "openai" if all(k in obj for k in _OPENAI_KEYS) else "jsonl"
+    except OSError as e:
+        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    if nonblank == 0:
+        raise BatchLLMError(f"{path} is empty: no rows to run")
+    return "jsonl"
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | _RowFailure]]:
+    """(line index, parsed object or failure) for every non-blank line, streaming in binary."""
+    try:
+        with open(path, "rb") as f:
+            for index, raw in enumerate(f):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                    reason = getattr(e, "msg", None) or str(e)
+                    yield index, _RowFailure(MALFORMED_JSON, f"invalid JSON ({reason}): {_snippet(raw)}")
+                    continue
+                if not isinstance(obj, dict):
+                    kind = {list: "an array", str: "a string"}.get(type(obj), "a " + type(obj).__name__)
+                    yield index, _RowFailure(MALFORMED_JSON, f"expected a JSON object, got {kind}: {_snippet(raw)}")
+                    continue
+                yield index, obj
+    except OSError as e:
+        raise BatchLLMError(f"cannot read {path}: {e}") from e
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace").strip()
+    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
+
+
+def _wanted_columns(mapping: ColumnMapping, template_fields: tuple[str, ...]) -> tuple[set[str], list[str]]:
+    """(columns worth reading, columns the mapping names explicitly and a file must have)."""
+    required = [c for c in (mapping.id_column, mapping.prompt_column, mapping.messages_column) if c is not None]
+    required += template_fields
+    wanted = {
+        mapping.id_column or "custom_id",
+        mapping.prompt_column or "prompt",
+        mapping.messages_column or "messages",
+        "prompt_token_ids",
+        "sampling_params",
+        *_SAMPLING_KEYS,
+        *template_fields,
+    }
+    return wanted, required
+
+
+def _select(path: str, names: Sequence[str], wanted: set[str], required: list[str]) -> list[str]:
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise BatchLLMError(
+            f"{path} has no column {missing[0]!r} (named by the column mapping or template); "
+            f"columns: {', '.join(names)}"
+        )
+    return [c for c in names if c in wanted]
+
+
+def _parquet_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int, dict]]:
+    try:
+        pf = pq.ParquetFile(path)
+        columns = _select(path, pf.schema_arrow.names, wanted, required)
+        index = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+    except (OSError, pa.ArrowException) as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
+
+
+def _dataset_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int, dict]]:
+    ds = _load_dataset(path, fmt)
+    columns = _select(path, ds.column_names, wanted, required)
+    if not columns:  # keep one column so the row count survives; every row then lacks a prompt
+        columns = ds.column_names[:1]
+    ds = ds.select_columns(columns)
+    index = 0
+    for batch in ds.iter(batch_size=batch_rows):
+        for values in zip(*(batch[c] for c in columns)):
+            yield index, dict(zip(columns, values))
+            index += 1
+
+
+def _load_dataset(path: str, fmt: str):
+    """A ``datasets.Dataset`` for a save_to_disk folder (its "train" split, or its only split) or a file."""
+    try:
+        import datasets
+    except ImportError:
+        raise BatchLLMError(f"reading {path} needs the 'datasets' package (pip install datasets)") from None
+    try:
+        if fmt == "hf-file":
+            builder = _HF_BUILDERS[os.path.splitext(path)[1].lower()]
+            return datasets.load_dataset(builder, data_files=path, split="train")
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises many types for unreadable input; all mean "cannot load"
+        raise BatchLLMError(f"cannot load {path} with datasets: {_one_line(e)}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if "train" in ds:
+            return ds["train"]
+        if len(splits) == 1:
+            return ds[splits[0]]
+        raise BatchLLMError(f"{path} has splits {', '.join(splits)} and none is 'train': save one split to disk")
+    return ds
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
