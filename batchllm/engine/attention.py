@@ -1,0 +1,165 @@
+"""The attention-backend interface and its torch reference implementation.
+
+Every engine step is one flat batch of tokens: decode tokens of running sequences first (one query
+each), then prefill chunks (several queries each, causal inside the chunk, attending to the sequence's
+paged history). ``AttentionMetadata`` describes that batch; a backend stores the step's K/V into the
+paged cache and computes attention for all queries. The Triton kernels (``batchllm.kernels``) implement
+the same interface; ``TorchAttention`` stays as the reference they are tested against.
+
+KV cache layout, one tensor per layer::
+
+    kv_cache[layer] : (2, num_pages, page_size, num_kv_heads, head_dim)    # [0] = K, [1] = V
+    slot s          = page * page_size + offset            (slot_mapping holds one per new token)
+    block_tables[i] = the pages of sequence i, in order; entries past its length are padding (0)
+
+A sequence's tokens ``[0, seq_len)`` live at ``block_tables[i][t // page_size]``, offset
+``t % page_size``. Pages may be shared between sequences (a prefix group's prefix); sharing is visible
+only through the page tables, so a backend needs no extra information to be correct.
+``prefix_groups`` lets a backend that can exploit sharing (prefix-shared attention) read a shared prefix
+once for all members; the torch backend ignores it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PrefixGroupDescriptor:
+    """Sequences ``seq_start:seq_end`` of the step share their first ``prefix_len`` tokens (whole pages)."""
+
+    seq_start: int
+    seq_end: int
+    prefix_len: int
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """One step's attention inputs. Device tensors plus the few host-side sizes backends branch on.
+
+    Sequences are ordered decodes first: ``query_lens[i] == 1`` for ``i < num_decodes``.
+    """
+
+    query_start_loc: torch.Tensor  # (S+1,) int32: query tokens of seq i are [qsl[i], qsl[i+1])
+    seq_lens: torch.Tensor  # (S,) int32: KV length of seq i after this step (history + new tokens)
+    block_tables: torch.Tensor  # (S, max_pages) int32
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token; -1 = padding, not stored
+    num_decodes: int
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+    prefix_groups: list[PrefixGroupDescriptor] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+class AttentionBackend(abc.ABC):
+    """Stores new K/V into the paged cache and computes attention for one layer of one step."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Write ``k``, ``v`` of shape (T, num_kv_heads, head_dim) into ``kv_cache`` at ``meta.slot_mapping``."""
+
+    @abc.abstractmethod
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of ``q`` (T, num_heads, head_dim) over each sequence's cached K/V; returns (T, num_heads, head_dim).
+
+        Must be called after ``store_kv`` for the same step (a query attends to its own token).
+        """
+
+
+class TorchAttention(AttentionBackend):
+    """Reference backend in plain torch; runs on CPU and GPU.
+
+    Decodes are batched: their pages are gathered into a padded (S, L, kv_heads, d) tensor and masked
+    by length. Each prefill chunk runs as one SDPA call over its gathered history. Clear rather than
+    fast: it materialises every sequence's KV, which the Triton backend avoids.
+    """
+
+    name = "torch"
+
+    def store_kv(self, k, v, kv_cache, meta):
+        num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
+        slots = meta.slot_mapping
+        flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
+        if bool((slots < 0).any()):  # padded rows (CUDA-graph buckets) are skipped
+            keep = slots >= 0
+            slots, k, v = slots[keep], k[keep], v[keep]
+        flat[0].index_copy_(0, slots, k)
+        flat[1].index_copy_(0, slots, v)
+
+    def forward(self, q, kv_cache, meta, scale):
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
+        pos = nd  # decodes occupy the first nd query rows, one each
+        for i in range(nd, meta.num_seqs):
+            qlen = meta.query_lens_host[i]
+            seq_len = meta.seq_lens_host[i]
+            out[pos : pos + qlen] = self._prefill(q[pos : pos + qlen], kv_cache, meta.block_tables[i], seq_len, scale)
+            pos += qlen
+        return out
+
+    @staticmethod
+    def _gather(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one or more sequences: pages (..., n) -> (..., n*page_size, kv_heads, d), cut to length."""
+        page_size = kv_cache.shape[2]
+        n = (length + page_size - 1) // page_size
+        pages = pages[..., :n].long()
+        k = kv_cache[0][pages].flatten(-4, -3)[..., :length, :, :]
+        v = kv_cache[1][pages].flatten(-4, -3)[..., :length, :, :]
+        return k, v
+
+    def _decode(self, q, kv_cache, meta, scale):
+        nd = q.shape[0]
+        num_heads, d = q.shape[1], q.shape[2]
+        kvh = kv_cache.shape[3]
+        max_len = max(meta.seq_lens_host[:nd])
+        k, v = self._gather(kv_cache, meta.block_tables[:nd], max_len)  # (nd, L, kvh, d)
+        qg = q.view(nd, kvh, num_heads // kvh, d).float()
+        scores = torch.einsum("nkgd,nlkd->nkgl", qg, k.float()) * scale
+        lens = meta.seq_lens[:nd].to(torch.long)
+        invalid = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]
+        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("nkgl,nlkd->nkgd", probs, v.float())
+        return o.reshape(nd, num_heads, d).to(q.dtype)
+
+    def _prefill(self, q, kv_cache, pages, seq_len, scale):
+        qlen = q.shape[0]
+        k, v = self._gather(kv_cache, pages, seq_len)  # (seq_len, kvh, d)
+        qt = q.transpose(0, 1).unsqueeze(0)  # (1, h, qlen, d)
+        kt = k.transpose(0, 1).unsqueeze(0)
+        vt = v.transpose(0, 1).unsqueeze(0)
+        ctx = seq_len - qlen
+        if ctx == 0:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # query row r sits at position ctx + r and may see keys 0..ctx+r
+            rows = torch.arange(qlen, device=q.device)[:, None] + ctx
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttention}
+
+
+def register_backend(name: str, cls: type[AttentionBackend]) -> None:
+    _BACKENDS[name] = cls
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend registered under ``name`` ('torch'; 'triton' once the kernels register it)."""
+    try:
+        return _BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}") from None

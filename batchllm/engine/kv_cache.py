@@ -1,0 +1,124 @@
+"""The paged KV cache: one preallocated pool of fixed-size pages and its reference-counted allocator.
+
+``PagePool`` is pure bookkeeping (numpy, no torch): a stack of free page ids gives O(1) allocate and
+free, and a per-page reference count lets several sequences share a page (a prefix group's prefix, or
+a cached page in the streaming baseline). ``KVCache`` holds the tensors, one per layer, in the layout
+documented in ``batchllm.engine.attention``.
+
+Invariant, checked by ``check_integrity`` in every engine test:
+``free pages + pages with refcount > 0 == total``, no page both free and referenced, no page twice free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from batchllm.models.config import ModelConfig
+
+
+class OutOfPages(RuntimeError):
+    """The pool cannot satisfy an allocation; the scheduler preempts or waits."""
+
+
+class PagePool:
+    """Reference-counted page allocator over ``num_pages`` pages.
+
+    Pages come off the top of a free stack (``_free[:_num_free]``), so the most recently freed page is
+    reused first (its memory is warm in cache). ``allocate`` sets refcount 1; ``share`` adds a reference;
+    ``release`` drops one and returns pages that reach zero to the free stack.
+    """
+
+    def __init__(self, num_pages: int):
+        if num_pages < 1:
+            raise ValueError(f"the KV pool needs at least one page, got {num_pages}")
+        self.num_pages = num_pages
+        self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int32)  # page 0 handed out first
+        self._num_free = num_pages
+        self.refcount = np.zeros(num_pages, dtype=np.int32)
+        # Hooks for a cache of unreferenced-but-kept pages (the streaming baseline's LRU): pages whose
+        # refcount drops to 0 go to ``on_unreferenced`` instead of the free stack when it is set.
+        self.on_unreferenced = None
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self._num_free
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh pages with refcount 1; raises OutOfPages (allocating nothing) if fewer are free."""
+        if n > self._num_free:
+            raise OutOfPages(f"need {n} pages, {self._num_free} free")
+        if n == 0:
+            return []
+        start = self._num_free - n
+        pages = self._free[start : self._num_free][::-1].tolist()
+        self._num_free = start
+        self.refcount[pages] = 1
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        """Add a reference to pages that are already referenced."""
+        if pages:
+            idx = np.asarray(pages, dtype=np.int64)
+            if (self.refcount[idx] <= 0).any():
+                raise RuntimeError("share() of a page that is not in use")
+            np.add.at(self.refcount, idx, 1)
+
+    def release(self, pages: list[int]) -> None:
+        """Drop one reference from each page; pages reaching zero are freed (or handed to the cache hook)."""
+        for p in pages:
+            rc = self.refcount[p] - 1
+            if rc < 0:
+                raise RuntimeError(f"page {p} released more often than referenced")
+            self.refcount[p] = rc
+            if rc == 0:
+                if self.on_unreferenced is not None and self.on_unreferenced(p):
+                    continue
+                self.push_free(p)
+
+    def push_free(self, page: int) -> None:
+        """Return an unreferenced page to the free stack (used by release and by cache eviction)."""
+        self._free[self._num_free] = page
+        self._num_free += 1
+
+    def check_integrity(self, cached_pages: int = 0) -> None:
+        """Raise AssertionError-like RuntimeError if the pool's bookkeeping is inconsistent.
+
+        ``cached_pages``: pages held unreferenced by a prefix cache (neither free nor in use).
+        """
+        free = self._free[: self._num_free]
+        if len(np.unique(free)) != len(free):
+            raise RuntimeError("a page is on the free stack twice")
+        if (self.refcount[free] != 0).any():
+            raise RuntimeError("a free page still has references")
+        if (self.refcount < 0).any():
+            raise RuntimeError("negative refcount")
+        in_use = int((self.refcount > 0).sum())
+        if self._num_free + in_use + cached_pages != self.num_pages:
+            raise RuntimeError(
+                f"page leak: {self._num_free} free + {in_use} in use + {cached_pages} cached != {self.num_pages}"
+            )
+
+
+class KVCache:
+    """The K/V tensors of all layers: ``layers[i]`` has shape (2, num_pages, page_size, kv_heads, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device | str):
+        self.num_pages, self.page_size = num_pages, page_size
+        # zeros, not empty: padded block-table entries point at page 0 and are masked, but masked
+        # garbage must still be finite (0 * NaN would poison the output).
+        self.layers = [
+            torch.zeros(2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(cfg.num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+        return cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * page_size
+
+    def copy_page(self, src: int, dst: int) -> None:
+        for layer in self.layers:
+            layer[:, dst].copy_(layer[:, src])

@@ -1,0 +1,282 @@
+"""Step packing: which tokens of which sequences go into the next forward pass.
+
+Each step spends one token budget (``max_num_batched_tokens``), Sarathi-style:
+
+1. running decodes first (one token each), in admission order, so decodes piggyback on prefill compute;
+2. then unfinished prefill chunks of running sequences (and of shared prefixes being computed);
+3. then new admissions from the waiting queue, in plan order, while KV memory allows.
+
+Admission is bounded by KV memory, not by a sequence count (BatchLLM's memory-centric token batching):
+a waiting sequence is admitted when the pages for its whole pending prompt fit in the free pool while
+keeping a reserve for the expected growth of everything already running. ``max_num_seqs`` is an optional
+cap (the streaming baseline uses 256, as vLLM does). When a running decode cannot get a page, the most
+recently admitted sequence is preempted by recomputation: its pages are released (a shared prefix stays
+shared) and it goes back to the front of the queue.
+
+Shared prefixes (``SharedPrefix``) are scheduled like prefill-only sequences: the plan puts a group's
+prefix right before its members in the queue; a member is admitted once its prefix is fully computed,
+and starts with the prefix's full pages shared plus a private copy of the prefix's last partial page.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterator, Union
+
+from batchllm.engine.kv_cache import KVCache, PagePool
+from batchllm.engine.sequence import Sequence, SeqStatus, SharedPrefix
+
+Schedulable = Union[Sequence, SharedPrefix]
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    page_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int | None = None  # None: bounded by KV memory only
+    max_model_len: int = 4096
+    # Fraction of running sequences' expected KV growth kept free before admitting more. 1.0 never
+    # preempts when outputs reach their expected length; lower values admit more and preempt on misses.
+    growth_reserve: float = 1.0
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    """The sequences of one step, decodes first, and how many tokens of each the step computes."""
+
+    items: list[Schedulable]
+    num_tokens: list[int]
+    num_decodes: int
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class OutputLengthEstimator:
+    """Expected output length of a sequence, for the memory reserve.
+
+    Requests that ignore EOS run to max_tokens exactly. Others are estimated from the outputs finished so
+    far in this job (mean x 1.5, capped by max_tokens); before any finishes, half of max_tokens.
+    """
+
+    def __init__(self) -> None:
+        self._sum = 0
+        self._count = 0
+
+    def observe(self, completion_tokens: int) -> None:
+        self._sum += completion_tokens
+        self._count += 1
+
+    def expected(self, seq: Sequence) -> int:
+        mx = seq.params.max_tokens
+        if seq.params.ignore_eos:
+            return mx
+        if self._count == 0:
+            return max(1, mx // 2)
+        return max(1, min(mx, int(1.5 * self._sum / self._count) + 1))
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, kv: KVCache, cfg: SchedulerConfig, source: Iterator[Schedulable]):
+        self.pool, self.kv, self.cfg = pool, kv, cfg
+        self._source = source
+        self._source_done = False
+        self.waiting: collections.deque[Schedulable] = collections.deque()
+        self.running: list[Schedulable] = []  # admission order
+        self.estimator = OutputLengthEstimator()
+        self.num_preemptions = 0
+
+    # -- queue -------------------------------------------------------------------------------------
+    def _peek_waiting(self) -> Schedulable | None:
+        if not self.waiting and not self._source_done:
+            nxt = next(self._source, None)
+            if nxt is None:
+                self._source_done = True
+            else:
+                self.waiting.append(nxt)
+        return self.waiting[0] if self.waiting else None
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self._peek_waiting() is not None
+
+    # -- memory ------------------------------------------------------------------------------------
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.page_size)
+
+    def _reserve_pages(self) -> int:
+        """Pages to keep free for the expected growth of running sequences."""
+        if self.cfg.growth_reserve <= 0:
+            return 0
+        need = 0
+        for s in self.running:
+            if isinstance(s, Sequence):
+                final = s.prompt_len + self.estimator.expected(s)
+                need += max(0, self._pages_for(final) - self._pages_for(s.total_len))
+        return int(need * self.cfg.growth_reserve)
+
+    def _grow(self, item: Schedulable, upto_tokens: int) -> bool:
+        """Make item's pages cover ``upto_tokens`` tokens; False if the pool is short (nothing allocated)."""
+        need = self._pages_for(upto_tokens) - len(item.pages)
+        if need <= 0:
+            return True
+        if not self.pool.can_allocate(need):
+            return False
+        item.pages.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, victim: Schedulable) -> None:
+        """Release victim's pages and put it back at the front of the queue, to be recomputed."""
+        self.running.remove(victim)
+        self.num_preemptions += 1
+        self.pool.release(victim.pages)
+        victim.pages = []
+        victim.status = SeqStatus.WAITING
+        if isinstance(victim, Sequence):
+            victim.num_computed = 0
+            victim.num_cached = 0
+            victim.num_preemptions += 1
+        else:
+            victim.num_computed = 0
+        self.waiting.appendleft(victim)
+
+    def _grow_or_preempt(self, item: Schedulable, upto_tokens: int, scheduled: set[int]) -> bool:
+        """Grow item's pages, preempting the latest-admitted items not yet in this step as needed.
+
+        Returns False when the item could not grow: it was itself the latest candidate (and is now
+        preempted), or every later item is already part of this step (the item waits a step).
+        """
+        while not self._grow(item, upto_tokens):
+            victim = next((v for v in reversed(self.running) if id(v) not in scheduled), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is item:
+                return False
+        return True
+
+    # -- the step ----------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep | None:
+        budget = self.cfg.max_num_batched_tokens
+        items: list[Schedulable] = []
+        counts: list[int] = []
+        scheduled: set[int] = set()
+
+        # 1. decodes
+        i = 0
+        while i < len(self.running) and budget > 0:
+            s = self.running[i]
+            if isinstance(s, Sequence) and s.num_pending == 1:
+                if not self._grow_or_preempt(s, s.total_len, scheduled):
+                    break  # s itself was the latest admitted; everything after it is gone too
+                items.append(s)
+                counts.append(1)
+                scheduled.add(id(s))
+                budget -= 1
+            i += 1
+        num_decodes = len(items)
+
+        # 2. prefill chunks of running items
+        for s in list(self.running):
+            if budget <= 0:
+                break
+            if id(s) in scheduled or s.status is not SeqStatus.RUNNING or s.num_pending <= 0:
+                continue
+            if isinstance(s, Sequence) and s.num_pending == 1:
+                continue  # a decode that did not fit the budget
+            q = min(s.num_pending, budget)
+            if not self._grow_or_preempt(s, s.num_computed + q, scheduled):
+                continue
+            items.append(s)
+            counts.append(q)
+            scheduled.add(id(s))
+            budget -= q
+
+        # 3. admissions
+        while budget > 0:
+            s = self._peek_waiting()
+            if s is None or not self._can_admit(s):
+                break
+            self.waiting.popleft()
+            self._admit(s)
+            q = min(s.num_pending, budget)
+            if not self._grow(s, s.num_computed + q):  # _can_admit checked the whole prompt fits
+                raise RuntimeError("admission check passed but allocation failed")
+            items.append(s)
+            counts.append(q)
+            budget -= q
+
+        if not items:
+            return None
+        return ScheduledStep(items, counts, num_decodes)
+
+    def _num_running_seqs(self) -> int:
+        return sum(1 for s in self.running if isinstance(s, Sequence))
+
+    def _can_admit(self, s: Schedulable) -> bool:
+        if isinstance(s, Sequence):
+            if s.prefix is not None and not s.prefix.ready:
+                return False  # its prefix is still being computed (or waiting)
+            if self.cfg.max_num_seqs is not None and self._num_running_seqs() >= self.cfg.max_num_seqs:
+                return False
+            shared = (s.prefix.length // self.cfg.page_size) if s.prefix is not None else 0
+            need = self._pages_for(s.total_len) - shared
+        else:
+            need = self._pages_for(s.length)
+        if not self.running:
+            return self.pool.can_allocate(need)  # always make progress when idle
+        return self.pool.num_free - need >= self._reserve_pages()
+
+    def _admit(self, s: Schedulable) -> None:
+        s.status = SeqStatus.RUNNING
+        self.running.append(s)
+        if isinstance(s, Sequence) and s.prefix is not None:
+            p = s.prefix
+            full = p.length // self.cfg.page_size
+            shared = p.pages[:full]
+            self.pool.share(shared)
+            s.pages = list(shared)
+            if p.length % self.cfg.page_size:
+                # the partial last page is copied: the member writes its own tokens after the prefix
+                (own,) = self.pool.allocate(1)
+                self.kv.copy_page(p.pages[full], own)
+                s.pages.append(own)
+            s.num_computed = p.length
+            s.num_cached = p.length
+
+    # -- after the forward pass --------------------------------------------------------------------
+    def advance(self, step: ScheduledStep) -> None:
+        """Record that the step's tokens are now in the cache; completed prefixes leave the running list."""
+        for item, q in zip(step.items, step.num_tokens):
+            item.num_computed += q
+            if isinstance(item, SharedPrefix) and item.ready:
+                self.running.remove(item)
+                item.status = SeqStatus.FINISHED  # computed; pages held until its members finish
+                if item.unfinished == 0:
+                    self._release_prefix(item)
+
+    def finish(self, s: Sequence) -> None:
+        """A sequence is done: free its pages, and its prefix's when it was the prefix's last member."""
+        if s.status is SeqStatus.RUNNING:
+            self.running.remove(s)
+        s.status = SeqStatus.FINISHED
+        self.pool.release(s.pages)
+        s.pages = []
+        self.estimator.observe(len(s.output_ids))
+        if s.prefix is not None:
+            s.prefix.unfinished -= 1
+            if s.prefix.unfinished == 0 and s.prefix.ready:
+                self._release_prefix(s.prefix)
+
+    def _release_prefix(self, p: SharedPrefix) -> None:
+        self.pool.release(p.pages)
+        p.pages = []
+
+    def check_idle_integrity(self) -> None:
+        """When all work is done, every page must be free again."""
+        if self.running or self.waiting:
+            raise RuntimeError("scheduler not idle")
+        self.pool.check_integrity()
+        if self.pool.num_free != self.pool.num_pages:
+            raise RuntimeError(f"page leak: {self.pool.num_pages - self.pool.num_free} pages still referenced")

@@ -1,0 +1,104 @@
+"""Per-sequence engine state: one ``Sequence`` per (request, sample index), one ``SharedPrefix`` per prefix group.
+
+Token accounting, the one rule the scheduler and runner share::
+
+    tokens       = prompt_ids + output_ids                       (len = total_len)
+    num_computed = tokens whose K/V is in the cache              (0 <= num_computed < total_len)
+    a step computes tokens[num_computed : num_computed + q]; if that reaches total_len, the last
+    token's logits are sampled and the new token is appended (so total_len grows by one).
+
+A decode is just q == 1; a prefill chunk is q > 1; recomputation after preemption resets num_computed
+(to the shared prefix length when the sequence belongs to a group) and recomputes prompt and output
+alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import numpy as np
+
+from batchllm.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class SharedPrefix:
+    """A prefix group's shared prompt prefix: computed once, its pages shared by every member.
+
+    The prefix keeps its own reference on its pages until ``unfinished`` (members not yet finished)
+    reaches zero, so a preempted member can share them again when it is re-admitted.
+    """
+
+    prefix_id: int
+    token_ids: np.ndarray  # the prefix tokens (int32)
+    unfinished: int  # members (samples) not finished yet
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def ready(self) -> bool:
+        return self.num_computed == self.length
+
+    @property
+    def num_pending(self) -> int:
+        return self.length - self.num_computed
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_index: int  # index into the job's request list
+    sample_index: int
+    prompt_ids: np.ndarray  # int32
+    params: SamplingParams
+    seed: int
+    eos_ids: frozenset[int]
+    prefix: SharedPrefix | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    num_cached: int = 0  # prompt tokens whose KV came from a shared prefix (or cache), not computed
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    exclude_last_token: bool = False  # finished on EOS / a stop token id: that token is not in the text
+    detokenizer: Any = None  # IncrementalDetokenizer, only for sequences with stop strings
+    text: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V still has to be computed before the next sample."""
+        return self.total_len - self.num_computed
+
+    def token_slice(self, start: int, end: int) -> np.ndarray:
+        """tokens[start:end] over prompt + output without concatenating the whole sequence."""
+        p = self.prompt_len
+        if end <= p:
+            return self.prompt_ids[start:end]
+        out = np.asarray(self.output_ids[max(start - p, 0) : end - p], dtype=np.int32)
+        if start >= p:
+            return out
+        return np.concatenate([self.prompt_ids[start:], out])
