@@ -1,0 +1,159 @@
+"""Loading a Hugging Face model folder: config.json, safetensors weights (single or sharded), tokenizer.
+
+Only safetensors are read; pickle checkpoints (*.bin, *.pt, ...) are refused because unpickling can run
+arbitrary code. ``weight_names(cfg)`` is the parameter naming contract every loader yields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from batchllm.errors import BatchLLMError
+from batchllm.models.config import ModelConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def weight_names(cfg: ModelConfig) -> list[str]:
+    """The Hugging Face parameter names of a model with this config, in canonical order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            names.append(f"{p}self_attn.{proj}_proj.weight")
+            if cfg.attention_bias and proj != "o":
+                names.append(f"{p}self_attn.{proj}_proj.bias")
+        if cfg.qk_norm:
+            names += [f"{p}self_attn.q_norm.weight", f"{p}self_attn.k_norm.weight"]
+        names += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
+    names.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Expected shape of each parameter (out_features first, as nn.Linear stores it)."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    by_suffix = {
+        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
+        "q_norm.weight": (cfg.head_dim,), "k_norm.weight": (cfg.head_dim,),
+        "gate_proj.weight": (cfg.intermediate_size, h), "up_proj.weight": (cfg.intermediate_size, h),
+        "down_proj.weight": (h, cfg.intermediate_size),
+        "layernorm.weight": (h,), "model.norm.weight": (h,),
+        "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
+    }
+    out = {}
+    for n in weight_names(cfg):
+        out[n] = next(s for suf, s in by_suffix.items() if n.endswith(suf))
+    return out
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the weights; raises BatchLLMError (pickle refusal included) if none."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise BatchLLMError(f"{index}: unreadable safetensors index ({e})") from e
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise BatchLLMError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
+        return files
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise BatchLLMError(
+            f"{folder} holds only pickle checkpoints (*.bin/*.pt/*.pth/*.ckpt); batchllm does not load pickle "
+            "because unpickling can run arbitrary code. Convert the weights to safetensors first."
+        )
+    raise BatchLLMError(f"{folder}: no {SINGLE_NAME} or sharded model-*-of-*.safetensors weights found")
+
+
+def check_folder(folder: Path) -> None:
+    """Raise BatchLLMError unless ``folder`` looks loadable (config.json plus safetensors weights)."""
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; to load a GGUF, pass the file itself (e.g. {folder / ggufs[0]})" if ggufs else ""
+        raise BatchLLMError(f"{folder} has no config.json, so it is not a Hugging Face model folder{hint}")
+    safetensors_files(folder)
+
+
+def load_config(folder: Path) -> ModelConfig:
+    """ModelConfig from config.json; stop ids from generation_config.json are merged in (as vLLM does)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BatchLLMError(f"{folder / 'config.json'}: unreadable ({e})") from e
+    try:
+        cfg = ModelConfig.from_hf(raw)
+    except (ValueError, KeyError) as e:
+        raise BatchLLMError(f"{folder}: {e}") from e
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            eos = None  # generation_config.json is advisory; a broken one must not block loading
+        extra = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *(int(e) for e in extra)]))
+        cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+    return cfg
+
+
+def iter_weights(
+    folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor on device in dtype), one tensor at a time, file by file.
+
+    Every name of ``weight_names(cfg)`` is yielded exactly once; extra checkpoint entries (rotary inv_freq
+    buffers, an lm_head copy in a tied model) are skipped. Missing or mis-shaped tensors raise BatchLLMError
+    before anything is loaded (safetensors headers are read without touching the data).
+    """
+    from safetensors import safe_open
+
+    shapes = weight_shapes(cfg)
+    with ExitStack() as stack:
+        handles = [(f, stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))) for f in safetensors_files(folder)]
+        plan: list[tuple[object, str]] = []
+        seen: set[str] = set()
+        for f, h in handles:
+            for name in h.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if name not in shapes or name in seen:
+                    continue
+                got = tuple(h.get_slice(name).get_shape())
+                if got != shapes[name]:
+                    raise BatchLLMError(f"{f.name}: {name} has shape {got}, config.json implies {shapes[name]}")
+                seen.add(name)
+                plan.append((h, name))
+        missing = [n for n in shapes if n not in seen]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise BatchLLMError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:3])}{more}")
+        for h, name in plan:
+            yield name, h.get_tensor(name).to(device=device, dtype=dtype)
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer via AutoTokenizer (never trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise BatchLLMError(f"{folder}: could not load a tokenizer ({e})") from e

