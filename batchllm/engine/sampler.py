@@ -1,0 +1,407 @@
+"""Token sampling for one engine step, with vLLM v1's semantics and a batch-independent RNG.
+
+Order of operations (as vLLM v1's ``Sampler``):
+
+1. raw log-probs (``log_softmax`` of the model's logits, before any processing) if any row asked;
+2. ``min_tokens``: the row's EOS and stop token ids are banned (-inf) while it has generated fewer;
+3. penalties: repetition (tokens seen in prompt or output: ``logit > 0 -> logit / r`` else
+   ``logit * r``), frequency (``- f * count in output``), presence (``- p * (count > 0)``);
+4. greedy rows (temperature < 1e-5) take the argmax; the other rows divide by temperature, apply
+   min_p, then top_k and top_p (vLLM's sort-based masks, ties at the k-th value kept), then sample.
+
+Randomness: a sampled token depends only on (seed, step, logits) of its row, never on the batch's
+composition or order or on any device RNG state. Row ``r`` draws one uniform per vocabulary id ``v``
+from a counter-based hash, ``u = uniform(murmur3_32(seed_lo, seed_hi, step, v))`` with 23 random
+bits, and takes ``argmax(probs / -log(u))``: the exponential race, which samples exactly from
+``probs`` (the Gumbel-max trick in probability space). The hash is plain integer arithmetic, so CPU,
+CUDA and a future Triton kernel produce the same uniforms bit for bit (``noise_uniforms``).
+
+Nothing here reads a device tensor back to the host: every shape and index set is decided from the
+rows in ``SamplingBatch.build``, so ``sample`` only enqueues work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batchllm.sampling_params import SamplingParams
+
+__all__ = ["SamplerOutput", "SamplingBatch", "SamplingRow", "apply_penalties", "noise_uniforms", "sample"]
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+# Elements of (rows x vocab) int64 hash state materialised at once; bounds the noise's extra memory
+# to a few hundred MiB however large the batch or vocabulary.
+_NOISE_CHUNK_ELEMS = 1 << 24
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that samples a token this step.
+
+    ``seed`` is the 64-bit per-sample seed (the engine derives it; any int, taken modulo 2**64);
+    ``step`` is how many tokens the sample has generated so far (0 for the first). ``eos_ids`` are
+    the tokens that end generation; ``min_tokens`` bans them and ``params.stop_token_ids`` until
+    ``len(output_ids)`` reaches it (ignore_eos changes nothing here: the engine simply does not stop).
+    """
+
+    params: SamplingParams
+    seed: int
+    step: int
+    prompt_ids: Sequence[int] | np.ndarray
+    output_ids: Sequence[int]
+    eos_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Penalties:
+    rows: torch.Tensor  # (P,) batch rows that have any penalty
+    repetition: torch.Tensor  # (P, 1) float32
+    frequency: torch.Tensor  # (P, 1)
+    presence: torch.Tensor  # (P, 1)
+    output_ids: torch.Tensor  # (P, Lo) int64, padded with vocab_size
+    prompt_ids: torch.Tensor | None  # (P, Lp), padded with vocab_size; None when no row has repetition != 1
+
+
+@dataclass
+class SamplingBatch:
+    """The rows of one step as device tensors; built once per step by ``build``.
+
+    Per-random-row tensors (temperature, seeds, top_k, ...) are indexed by position in
+    ``random_rows``, not by batch row. Optional parts are None when no row needs them, so ``sample``
+    skips that work entirely.
+    """
+
+    num_rows: int
+    vocab_size: int
+    random_rows: torch.Tensor | None  # (R,) batch rows that sample; None when every row is greedy
+    all_random: bool  # random_rows == arange(num_rows): skip the gather/scatter
+    temperature: torch.Tensor | None  # (R, 1) float32
+    seed_lo: torch.Tensor | None  # (R,) int64 in [0, 2**32)
+    seed_hi: torch.Tensor | None  # (R,)
+    step: torch.Tensor | None  # (R,)
+    min_p: torch.Tensor | None  # (R, 1) float32
+    top_k: torch.Tensor | None  # (R,) int64, vocab_size where disabled
+    top_k_max: int  # largest enabled top_k (the width of the topk() call)
+    top_p: torch.Tensor | None  # (R,) float32, 1.0 where disabled
+    ban_rows: torch.Tensor | None  # min_tokens bans as (row, token) pairs
+    ban_cols: torch.Tensor | None
+    penalties: _Penalties | None
+    max_logprobs: int | None  # largest requested ``logprobs``; None when no row asked
+
+    @classmethod
+    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device) -> SamplingBatch:
+        """Gather the per-row parameters into tensors on ``device``.
+
+        Raises ValueError for an empty batch, a non-positive vocab_size, or prompt/output ids outside
+        ``[0, vocab_size)`` in a row with penalties. EOS/stop ids outside the vocabulary are ignored
+        (the model can never produce them, so there is nothing to ban).
+        """
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        if not rows:
+            raise ValueError("a sampling batch needs at least one row")
+        device = torch.device(device)
+        V = vocab_size
+        B = len(rows)
+
+        def put(data, dtype) -> torch.Tensor:
+            return _to_device(torch.as_tensor(data, dtype=dtype), device)
+
+        # Random (non-greedy) rows and their parameters.
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        random_rows = temperature = seed_lo = seed_hi = step = min_p = top_k = top_p = None
+        top_k_max = 0
+        if rand:
+            rp = [rows[i].params for i in rand]
+            seeds = [int(rows[i].seed) & _MASK64 for i in rand]
+            ks = [min(p.top_k, V) if p.top_k > 0 else V for p in rp]
+            # One transfer for all integer columns: seed halves, step, top_k.
+            packed = put(
+                [[s & _MASK32, s >> 32, int(rows[i].step) & _MASK32, k] for s, i, k in zip(seeds, rand, ks)],
+                torch.int64,
+            )
+            seed_lo, seed_hi, step = packed[:, 0], packed[:, 1], packed[:, 2]
+            floats = put([[p.temperature, p.min_p, p.top_p] for p in rp], torch.float32)
+            temperature = floats[:, 0:1]
+            if any(p.min_p > 0.0 for p in rp):
+                min_p = floats[:, 1:2]
+            if any(p.top_p < 1.0 for p in rp):
+                top_p = floats[:, 2]
+            enabled = [k for k in ks if k < V]
+            if enabled:
+                top_k, top_k_max = packed[:, 3], max(enabled)
+            random_rows = put(rand, torch.int64)
+
+        # min_tokens: ban EOS and stop ids while the row is short of its minimum.
+        bans = [
+            (i, t)
+            for i, r in enumerate(rows)
+            if len(r.output_ids) < r.params.min_tokens
+            for t in sorted(set(r.eos_ids) | set(r.params.stop_token_ids))
+            if 0 <= t < V
+        ]
+        ban_rows = ban_cols = None
+        if bans:
+            pairs = put(bans, torch.int64)
+            ban_rows, ban_cols = pairs[:, 0], pairs[:, 1]
+
+        # Penalties: padded id matrices for the rows that need them; the counts are built on device.
+        pen = [i for i, r in enumerate(rows) if r.params.has_penalties]
+        penalties = None
+        if pen:
+            pp = [rows[i].params for i in pen]
+            factors = put([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in pp], torch.float32)
+            need_prompt = any(p.repetition_penalty != 1.0 for p in pp)
+            penalties = _Penalties(
+                rows=put(pen, torch.int64),
+                repetition=factors[:, 0:1],
+                frequency=factors[:, 1:2],
+                presence=factors[:, 2:3],
+                output_ids=put(_pad([rows[i].output_ids for i in pen], V), torch.int64),
+                prompt_ids=put(_pad([rows[i].prompt_ids for i in pen], V), torch.int64) if need_prompt else None,
+            )
+
+        wanted = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        return cls(
+            num_rows=B,
+            vocab_size=V,
+            random_rows=random_rows,
+            all_random=len(rand) == B,
+            temperature=temperature,
+            seed_lo=seed_lo,
+            seed_hi=seed_hi,
+            step=step,
+            min_p=min_p,
+            top_k=top_k,
+            top_k_max=top_k_max,
+            top_p=top_p,
+            ban_rows=ban_rows,
+            ban_cols=ban_cols,
+            penalties=penalties,
+            max_logprobs=max(wanted) if wanted else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    """``token_ids`` (B,) int64. ``logprobs`` (B,) float32: the raw log-prob (log_softmax of the
+    unprocessed logits, as vLLM v1) of each row's sampled token, present when any row asked.
+    ``top_logprobs``: (ids, values), each (B, K) with K the largest requested ``logprobs``; None when
+    no row asked or K == 0. Rows that did not ask get values too; the caller drops them."""
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Sample one token per row of ``logits`` (B, V); any float dtype (computed in float32).
+
+    ``logits`` is not modified. Raises ValueError when its shape does not match ``batch``.
+    """
+    if logits.dim() != 2 or tuple(logits.shape) != (batch.num_rows, batch.vocab_size):
+        raise ValueError(f"logits must have shape ({batch.num_rows}, {batch.vocab_size}), got {tuple(logits.shape)}")
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
+    logits = apply_penalties(logits, batch)
+
+    if batch.random_rows is None:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        x = logits if batch.all_random else logits.index_select(0, batch.random_rows)
+        x = x / batch.temperature
+        if batch.min_p is not None:
+            probs = x.softmax(dim=-1)
+            x = x.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * batch.min_p, -math.inf)
+        if batch.top_p is not None:
+            x = _top_k_top_p_sorted(x, batch.top_k, batch.top_p)
+        elif batch.top_k is not None:
+            x = _top_k_only(x, batch.top_k, batch.top_k_max)
+        sampled = _exponential_race(x.softmax(dim=-1), batch.seed_lo, batch.seed_hi, batch.step)
+        if batch.all_random:
+            token_ids = sampled
+        else:
+            token_ids = logits.argmax(dim=-1).index_copy(0, batch.random_rows, sampled)
+
+    logprobs = top = None
+    if raw_logprobs is not None:
+        logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        if batch.max_logprobs > 0:
+            values, ids = raw_logprobs.topk(batch.max_logprobs, dim=-1)
+            top = (ids, values)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The min_tokens bans and the repetition/frequency/presence penalties (vLLM v1's
+    ``apply_penalties``), out of place: what greedy rows take the argmax of."""
+    if batch.ban_rows is not None:
+        logits = logits.index_put((batch.ban_rows, batch.ban_cols), logits.new_full((), -math.inf))
+    pen = batch.penalties
+    if pen is None:
+        return logits
+    V = batch.vocab_size
+    sub = logits.index_select(0, pen.rows)
+    # One extra column absorbs the padding id (V), then is dropped.
+    counts = torch.zeros(sub.shape[0], V + 1, dtype=sub.dtype, device=sub.device)
+    counts.scatter_add_(1, pen.output_ids, torch.ones_like(pen.output_ids, dtype=sub.dtype))
+    counts = counts[:, :V]
+    in_output = counts > 0
+    seen = in_output
+    if pen.prompt_ids is not None:
+        in_prompt = torch.zeros(sub.shape[0], V + 1, dtype=torch.bool, device=sub.device)
+        in_prompt.scatter_(1, pen.prompt_ids, True)
+        seen = seen | in_prompt[:, :V]
+        rep = torch.where(seen, pen.repetition, 1.0)
+        # vLLM multiplies by 1/r rather than dividing: same rounding as the reference.
+        sub = sub * torch.where(sub > 0, 1.0 / rep, rep)
+    sub = sub - pen.frequency * counts - pen.presence * in_output
+    return logits.index_copy(0, pen.rows, sub)
+
+
+def _top_k_only(x: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Per-row top_k without a full sort: keep logits >= the row's k-th largest (ties kept, as vLLM)."""
+    V = x.shape[-1]
+    kth = x.topk(k_max, dim=-1).values.gather(1, (k.clamp(max=k_max) - 1).unsqueeze(1))
+    kth = torch.where((k >= V).unsqueeze(1), -math.inf, kth)
+    return x.masked_fill(x < kth, -math.inf)
+
+
+def _top_k_top_p_sorted(x: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    """vLLM v1's ``apply_top_k_top_p``: ascending sort, top_k then top_p on the renormalised rest.
+
+    top_p drops the tokens whose ascending cumulative probability is <= 1 - p, i.e. keeps the
+    smallest high-probability set whose mass reaches p; the top token is always kept.
+    """
+    x_sort, idx = x.sort(dim=-1, descending=False)
+    if k is not None:
+        kth = x_sort.gather(1, (x_sort.shape[-1] - k).unsqueeze(1))
+        x_sort = x_sort.masked_fill(x_sort < kth, -math.inf)
+    cum = x_sort.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1.0 - p.unsqueeze(1)
+    drop[:, -1] = False
+    x_sort = x_sort.masked_fill(drop, -math.inf)
+    return x_sort.scatter(-1, idx, x_sort)
+
+
+# ---- counter-based RNG -------------------------------------------------------------------------
+# All arithmetic is on int64 tensors holding values in [0, 2**32) (torch has no uint32 arithmetic on
+# every device). A product of two 32-bit values needs 64 unsigned bits and would overflow signed
+# int64 (undefined in C++/Triton, even if it usually wraps), so ``_mul32`` splits the constant into
+# 16-bit halves: each partial product stays below 2**48.
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) and a constant c in [0, 2**32), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) | (x >> (32 - r))) & _MASK32
+
+
+_C1, _C2 = 0xCC9E2D51, 0x1B873593
+
+
+def _murmur_block(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """One 4-byte block of murmur3_x86_32."""
+    k = _mul32(_rotl32(_mul32(k, _C1), 15), _C2)
+    h = _rotl32(h ^ k, 13)
+    return (h * 5 + 0xE6546B64) & _MASK32  # h * 5 < 2**35: no split needed
+
+
+def _fmix32_(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser, in place on ``h`` (the (rows x vocab) tensor: one temporary, not ten)."""
+    t = torch.empty_like(h)
+
+    def xorshift(r: int) -> None:
+        torch.bitwise_right_shift(h, r, out=t)
+        h.bitwise_xor_(t)
+
+    def mul32(c: int) -> None:  # _mul32, in place
+        torch.mul(h, c >> 16, out=t)
+        t.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+        h.mul_(c & 0xFFFF).add_(t).bitwise_and_(_MASK32)
+
+    xorshift(16)
+    mul32(0x85EBCA6B)
+    xorshift(13)
+    mul32(0xC2B2AE35)
+    xorshift(16)
+    return h
+
+
+def _uniforms(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(R, V) float32 uniforms in (0, 1): ``murmur3_x86_32`` (seed 0) of the 16-byte little-endian
+    message (seed_lo, seed_hi, step, v), top 23 bits, centred: ``((h >> 9) + 0.5) / 2**23``."""
+    h = torch.zeros_like(seed_lo)
+    for word in (seed_lo, seed_hi, step):  # per-row part: (R,) work only
+        h = _murmur_block(h, word)
+    v = torch.arange(vocab_size, dtype=torch.int64, device=seed_lo.device)
+    kv = _mul32(_rotl32(_mul32(v, _C1), 15), _C2)  # per-column part of the last block: (V,) work
+    # The last block's rotl(h ^ k, 13) equals rotl(h, 13) ^ rotl(k, 13): rotate the row and column
+    # parts separately, so the (R, V) work starts at the multiply.
+    x = _rotl32(h, 13).unsqueeze(1) ^ _rotl32(kv, 13).unsqueeze(0)
+    x.mul_(5).add_(0xE6546B64).bitwise_and_(_MASK32)  # x * 5 < 2**35: no split needed
+    x.bitwise_xor_(16)  # murmur3 folds in the message length (bytes)
+    _fmix32_(x).bitwise_right_shift_(9)
+    # 23 bits plus the half offset fill float32's 24-bit significand exactly, so u is the same on
+    # every device and lies strictly inside (0, 1): -log(u) is finite and > 0. (24 bits + 0.5 would
+    # round the top value up to 1.0, giving E = 0.)
+    return (x.to(torch.float32) + 0.5).mul_(1.0 / (1 << 23))
+
+
+def noise_uniforms(seeds: Sequence[int], steps: Sequence[int], vocab_size: int, device="cpu") -> torch.Tensor:
+    """The uniforms the sampler draws for each (seed, step) row: (len(seeds), vocab_size) float32.
+
+    The reference for other implementations (a Triton kernel must reproduce it bit for bit).
+    """
+    if len(seeds) != len(steps):
+        raise ValueError(f"{len(seeds)} seeds but {len(steps)} steps")
+    s = [int(x) & _MASK64 for x in seeds]
+    lo = torch.tensor([x & _MASK32 for x in s], dtype=torch.int64, device=device)
+    hi = torch.tensor([x >> 32 for x in s], dtype=torch.int64, device=device)
+    st = torch.tensor([int(x) & _MASK32 for x in steps], dtype=torch.int64, device=device)
+    return _uniforms(lo, hi, st, vocab_size)
+
+
+def _exponential_race(probs: torch.Tensor, seed_lo, seed_hi, step) -> torch.Tensor:
+    """argmax(probs / E) with E = -log(u) ~ Exp(1): a sample from each row of ``probs`` (R, V)."""
+    R, V = probs.shape
+    out = torch.empty(R, dtype=torch.int64, device=probs.device)
+    chunk = max(1, _NOISE_CHUNK_ELEMS // V)
+    for s in range(0, R, chunk):
+        e = slice(s, s + chunk)
+        expo = _uniforms(seed_lo[e], seed_hi[e], step[e], V).log_().neg_()
+        out[e] = (probs[e] / expo).argmax(dim=-1)
+    return out
+
+
+# ---- host-side helpers -------------------------------------------------------------------------
+
+
+def _pad(seqs: Sequence[Sequence[int] | np.ndarray], vocab_size: int) -> np.ndarray:
+    """Right-pad id sequences with ``vocab_size`` into one int64 matrix (at least one column)."""
+    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+    out = np.full((len(arrays), max(1, max(a.size for a in arrays))), vocab_size, dtype=np.int64)
+    for j, a in enumerate(arrays):
+        if a.size:
+            if a.min() < 0 or a.max() >= vocab_size:
+                raise ValueError(f"token ids must lie in [0, {vocab_size}), got {int(a.min())}..{int(a.max())}")
+            out[j, : a.size] = a
+    return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned memory makes the host-to-device copy asynchronous, so building a batch never waits
+    # for the GPU to drain its queue.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
