@@ -64,7 +64,7 @@ class FakeTokenizer:
     def batch_decode(self, id_lists, skip_special_tokens=True):
         return [" ".join(map(str, ids)) for ids in id_lists]
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
         return " ".join(map(str, ids))
 
 

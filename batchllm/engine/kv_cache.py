@@ -110,10 +110,8 @@ class KVCache:
         self.num_pages, self.page_size = num_pages, page_size
         # zeros, not empty: padded block-table entries point at page 0 and are masked, but masked
         # garbage must still be finite (0 * NaN would poison the output).
-        self.layers = [
-            torch.zeros(2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
-            for _ in range(cfg.num_layers)
-        ]
+        shape = (2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.layers = [_zeros(shape, dtype, torch.device(device)) for _ in range(cfg.num_layers)]
 
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -122,3 +120,13 @@ class KVCache:
     def copy_page(self, src: int, dst: int) -> None:
         for layer in self.layers:
             layer[:, dst].copy_(layer[:, src])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero-filled tensor. On the CPU through calloc (numpy), so a multi-GB pool costs nothing until its
+    pages are touched, instead of seconds of memset at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = int(np.prod(shape))
+    return torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8)).view(dtype).view(shape)

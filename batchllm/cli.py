@@ -1,0 +1,188 @@
+"""The ``batchllm`` command line (typer + rich).
+
+``batchllm run INPUT... --output DIR`` runs a batch job. Errors a user can act on (``BatchLLMError``,
+bad flags) print as one line and exit 1 (2 for usage errors); ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from batchllm.errors import BatchLLMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline batch inference for LLMs with global prefix sharing.")
+console = Console(stderr=True)
+out = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Offline batch inference for LLMs with global prefix sharing (BatchLLM)."""
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        tps = task.fields.get("tok_s")
+        return Text(f"{tps:,.0f} tok/s" if tps else "- tok/s", style="cyan")
+
+
+@app.command()
+def run(
+    inputs: List[str] = typer.Argument(None, help="Prompt files: JSONL, Parquet, OpenAI batch JSONL, or an HF datasets folder/file."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens per sample (rows override)."),
+    temperature: Optional[float] = typer.Option(None, help="Default temperature (0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None, help="Default nucleus sampling p."),
+    top_k: Optional[int] = typer.Option(None, help="Default top-k (-1 = off)."),
+    min_p: Optional[float] = typer.Option(None, help="Default min-p."),
+    seed: Optional[int] = typer.Option(None, help="Job seed; per-sample seeds derive from it, the custom_id and the sample index."),
+    job: Optional[str] = typer.Option(None, "--job", help="TOML job file; flags given here override it."),
+    id_column: Optional[str] = typer.Option(None, help="Column holding the custom_id."),
+    prompt_column: Optional[str] = typer.Option(None, help="Column holding raw prompt text."),
+    messages_column: Optional[str] = typer.Option(None, help="Column holding chat messages."),
+    prompt_template: Optional[str] = typer.Option(None, help="str.format template over the row's fields, e.g. 'Summarise: {article}'."),
+    system_prompt: Optional[str] = typer.Option(None, help="System message added to chat rows that have none."),
+    policy: Optional[str] = typer.Option(None, help="batchllm (global prefix plan) | fcfs-lru (streaming baseline)."),
+    attention: Optional[str] = typer.Option(None, help="Attention backend: auto | torch | triton."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Cap on running sequences (default: KV memory only)."),
+    max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
+    kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    page_size: Optional[int] = typer.Option(None, help="Tokens per KV page."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per output shard."),
+    preview: Optional[int] = typer.Option(None, help="Completions to print after the run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
+) -> None:
+    """Run a batch job: prompts in, completions out as Parquet shards."""
+    from batchllm.config import load_job_file, merge
+
+    _set_verbose(verbose)
+    flags = dict(
+        inputs=inputs or None, output=output, model=model, device=device, dtype=dtype, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, id_column=id_column,
+        prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
+        system_prompt=system_prompt, policy=policy, attention=attention, max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
+        shard_rows=shard_rows, preview=preview,
+    )
+    cfg = merge(load_job_file(job) if job else {}, flags)
+    cfg.validate()
+    from batchllm.pipeline import run_job  # torch import deferred until the flags are known good
+
+    summary = run_job(cfg, progress=None if quiet else _ProgressView().hook)
+    _print_summary(cfg, summary)
+    if not quiet and summary.preview:
+        _print_preview(summary.preview)
+
+
+class _ProgressView:
+    """Rich progress for one job: a status line while loading, then a bar over samples."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+        self.tokens = 0
+        self.t0 = 0.0
+        self.status = console.status("loading model...")
+        self.status.start()
+
+    def hook(self, event: str, info: dict) -> None:
+        if event == "loaded":
+            self.status.update(f"reading and tokenizing inputs ({info['model']} on {info['device']}, {info['dtype']})")
+        elif event == "planned":
+            self.status.stop()
+            self.progress = Progress(
+                TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+                _TokensPerSecond(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("gen", total=info["samples"], tok_s=0.0)
+            self.t0 = time.perf_counter()
+        elif event == "step" and self.progress is not None:
+            self.tokens += info["new_tokens"]
+            dt = time.perf_counter() - self.t0
+            self.progress.update(self.task, advance=info["finished"], tok_s=self.tokens / dt if dt > 0 else 0.0)
+        elif event == "done":
+            if self.progress is not None:
+                self.progress.stop()
+            self.status.stop()
+
+
+def _print_summary(cfg, s) -> None:
+    t = Table(title=f"batchllm run -> {cfg.output}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("requests", f"{s.requests:,}")
+    t.add_row("errors", f"{s.errors:,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in sorted(s.errors_by_code.items()))})" if s.errors else ""))
+    t.add_row("samples completed", f"{s.samples:,}")
+    t.add_row("prompt tokens", f"{s.prompt_tokens:,}  ({s.cached_tokens:,} reused from shared prefixes)")
+    t.add_row("output tokens", f"{s.output_tokens:,}")
+    t.add_row("model load", f"{s.load_seconds:.1f} s")
+    t.add_row("wall time", f"{s.wall_seconds:.1f} s")
+    t.add_row("throughput", f"{s.output_tok_s:,.1f} output tok/s, {s.total_tok_s:,.1f} total tok/s")
+    t.add_row("steps", f"{s.num_steps:,}  (seqs/step min {s.batch_seqs[0]} / median {s.batch_seqs[1]:g} / max {s.batch_seqs[2]}; preemptions {s.num_preemptions})")
+    console.print(t)
+
+
+def _print_preview(preview: list[dict]) -> None:
+    for p in preview:
+        out.print(f"[bold cyan]{p['custom_id']}[/] [dim]{_clip(p['prompt'], 100)}[/]")
+        out.print(f"  {p['text']}\n", markup=False, highlight=False)
+
+
+def _clip(s: str, n: int) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _set_verbose(verbose: bool) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+_VERBOSE = False
+
+
+def main() -> None:
+    """Entry point: one clear line for user errors, the traceback only with --verbose."""
+    try:
+        app(standalone_mode=False)
+    except BatchLLMError as e:
+        if _VERBOSE:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # click usage errors print their own one line
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""JobConfig: every option of a batch job, from CLI flags, a TOML job file, or both.
+
+Precedence: a flag given on the command line > the job file > the built-in default. Per-row sampling
+fields in the input override the job's sampling defaults (``sampling_defaults``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from batchllm.errors import BatchLLMError
+from batchllm.sampling_params import SamplingParams
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclasses.dataclass
+class JobConfig:
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    output: str | None = None
+    model: str | None = None  # None: the built-in default (SmolLM2-135M-Instruct)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # sampling defaults (vLLM's defaults; rows override)
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int = 0  # job seed: per-sample seeds derive from (seed, custom_id, sample index)
+    # column mapping
+    id_column: str | None = None
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    # engine
+    policy: str = "batchllm"
+    attention: str = "auto"  # auto | torch | triton
+    page_size: int = 16
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: per-device default
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory
+    # output
+    shard_rows: int = 10_000
+    preview: int = 3  # completions printed after the run
+
+    def sampling_defaults(self) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+            )
+        except ValueError as e:
+            raise BatchLLMError(f"bad sampling option: {e}") from None
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise BatchLLMError("no input file given")
+        if not self.output:
+            raise BatchLLMError("no output folder given (--output DIR)")
+        if self.policy not in ("batchllm", "fcfs-lru"):
+            raise BatchLLMError(f"unknown policy {self.policy!r}: use batchllm or fcfs-lru")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise BatchLLMError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.attention not in ("auto", "torch", "triton"):
+            raise BatchLLMError(f"unknown attention backend {self.attention!r}: use auto, torch or triton")
+        for name in ("page_size", "shard_rows"):
+            if getattr(self, name) < 1:
+                raise BatchLLMError(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise BatchLLMError(f"--{name.replace('_', '-')} must be at least 1")
+        self.sampling_defaults()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """Read a TOML job file into JobConfig field values (``input`` may stand for ``inputs``).
+
+    Unknown keys are an error, so a typo never silently falls back to a default. Sections ``[sampling]``,
+    ``[engine]``, ``[columns]`` and ``[output]`` may group keys; they are flattened.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise BatchLLMError(f"job file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BatchLLMError(f"job file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in ("sampling", "engine", "columns", "output_options", "job"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    if "input" in flat:
+        flat["inputs"] = flat.pop("input")
+    if isinstance(flat.get("inputs"), str):
+        flat["inputs"] = [flat["inputs"]]
+    unknown = sorted(set(flat) - _FIELDS)
+    if unknown:
+        raise BatchLLMError(f"job file {path}: unknown key(s) {', '.join(unknown)}")
+    # paths in a job file are relative to the file, so a job runs the same from any working directory
+    base = os.path.dirname(os.path.abspath(path))
+    if "inputs" in flat:
+        flat["inputs"] = [_relative_to(base, p) for p in flat["inputs"]]
+    for key in ("output", "model"):
+        if isinstance(flat.get(key), str) and not flat[key].startswith("dummy:") and flat[key] not in ("default", "smollm2"):
+            flat[key] = _relative_to(base, flat[key])
+    return flat
+
+
+def _relative_to(base: str, path: str) -> str:
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def merge(job_file_values: dict[str, Any], flag_values: dict[str, Any]) -> JobConfig:
+    """Flags that were given (not None) override job-file values, which override defaults."""
+    values = dict(job_file_values)
+    for k, v in flag_values.items():
+        if v is None or (k == "inputs" and not v):
+            continue
+        values[k] = v
+    return JobConfig(**values)

@@ -1,0 +1,177 @@
+"""The engine loop: schedule a step, run it, sample, and retire finished sequences.
+
+``LLMEngine.step()`` reads as the whole loop (nano-vllm's shape). The engine knows nothing about files:
+it consumes ``Sequence`` / ``SharedPrefix`` objects in plan order from an iterator and hands each
+finished sequence to a callback, so the pipeline can stream millions of requests through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from batchllm.engine.detokenizer import IncrementalDetokenizer, decode_all, find_stop
+from batchllm.engine.kv_cache import KVCache, PagePool
+from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.sampler import SamplingBatch, SamplingRow, sample
+from batchllm.engine.scheduler import Scheduler, SchedulerConfig
+from batchllm.engine.sequence import Sequence, SharedPrefix
+
+
+def derive_seed(job_seed: int, custom_id: str, sample_index: int, row_seed: int | None = None) -> int:
+    """The 63-bit seed of one sample: from the row's own seed if it has one, else from the job seed and
+    custom_id. Independent of order, batching, sharding and resume point by construction."""
+    key = f"row\0{row_seed}\0{sample_index}" if row_seed is not None else f"job\0{job_seed}\0{custom_id}\0{sample_index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one step did, for progress bars and the run's batch-size statistics."""
+
+    num_seqs: int
+    num_decodes: int
+    num_tokens: int
+    num_finished: int
+    new_output_tokens: int
+    seconds: float
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        kv: KVCache,
+        backend,
+        sched_cfg: SchedulerConfig,
+        device: torch.device,
+        vocab_size: int,
+    ):
+        self.model, self.tokenizer, self.kv = model, tokenizer, kv
+        self.cfg = sched_cfg
+        self.device = device
+        self.vocab_size = vocab_size
+        self.pool = PagePool(kv.num_pages)
+        self.runner = ModelRunner(model, kv, backend, device)
+        self.scheduler: Scheduler | None = None
+        self.step_stats: list[StepStats] = []
+
+    def run(
+        self,
+        source: Iterator[Sequence | SharedPrefix],
+        on_finish: Callable[[Sequence], None],
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        """Run every sequence from ``source`` to completion; ``on_finish`` gets each finished sequence."""
+        self.scheduler = Scheduler(self.pool, self.kv, self.cfg, source)
+        while self.scheduler.has_work():
+            stats = self.step(on_finish)
+            self.step_stats.append(stats)
+            if on_step is not None:
+                on_step(stats)
+        self.scheduler.check_idle_integrity()
+
+    def step(self, on_finish: Callable[[Sequence], None]) -> StepStats:
+        t0 = time.perf_counter()
+        sched = self.scheduler
+        step = sched.schedule()
+        if step is None:
+            raise RuntimeError("no step could be scheduled: a sequence does not fit in the KV pool")
+        logits, samplers = self.runner.run(step)
+        sched.advance(step)
+        finished = 0
+        if samplers:
+            finished = self._sample_and_append(logits, samplers, on_finish)
+        return StepStats(
+            num_seqs=sum(1 for it in step.items if isinstance(it, Sequence)),
+            num_decodes=step.num_decodes,
+            num_tokens=step.total_tokens,
+            num_finished=finished,
+            new_output_tokens=len(samplers),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], on_finish) -> int:
+        rows = [
+            SamplingRow(
+                params=s.params,
+                seed=s.seed,
+                step=len(s.output_ids),
+                prompt_ids=s.prompt_ids,
+                output_ids=s.output_ids,
+                eos_ids=s.eos_ids,
+            )
+            for s in seqs
+        ]
+        out = sample(logits, SamplingBatch.build(rows, self.vocab_size, logits.device))
+        token_ids = out.token_ids.tolist()  # the step's one host synchronisation
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = None
+        if out.top_logprobs is not None:
+            tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        done: list[Sequence] = []
+        for i, (s, tok) in enumerate(zip(seqs, token_ids)):
+            s.output_ids.append(tok)
+            if s.params.logprobs is not None and lps is not None:
+                if s.logprobs is None:
+                    s.logprobs, s.top_logprobs = [], []
+                s.logprobs.append(lps[i])
+                k = s.params.logprobs
+                s.top_logprobs.append(list(zip(tops[0][i][:k], tops[1][i][:k])) if tops is not None and k else [])
+            if self._check_stop(s, tok):
+                done.append(s)
+        self._finalize_text([s for s in done if s.text is None])
+        for s in done:
+            self.scheduler.finish(s)
+            on_finish(s)
+        return len(done)
+
+    def _check_stop(self, s: Sequence, tok: int) -> bool:
+        """Apply vLLM's stop rules after appending ``tok``; sets finish_reason, and text when it is known."""
+        p = s.params
+        new_text = self._detokenize(s, tok) if p.stop else ""
+        if len(s.output_ids) >= p.min_tokens:
+            if (not p.ignore_eos and tok in s.eos_ids) or tok in p.stop_token_ids:
+                s.finish_reason = "stop"
+                s.exclude_last_token = True  # the stopping token is counted but not part of the text
+                if s.detokenizer is not None:
+                    full = s.detokenizer.text  # the stopping token's text (new_text) is dropped
+                    s.text = full[: len(full) - len(new_text)]
+                return True
+            if p.stop:
+                cut = find_stop(s.detokenizer.text, p.stop, len(new_text))
+                if cut >= 0:
+                    s.finish_reason = "stop"
+                    s.text = s.detokenizer.text[:cut]
+                    return True
+        if len(s.output_ids) >= p.max_tokens or s.total_len >= self.cfg.max_model_len:
+            s.finish_reason = "length"
+            if s.detokenizer is not None:
+                s.detokenizer.flush()  # bytes of an incomplete character still pending
+                s.text = s.detokenizer.text
+            return True
+        return False
+
+    def _detokenize(self, s: Sequence, tok: int) -> str:
+        """Feed ``tok`` to the sequence's incremental detokenizer (created on first use); returns new text."""
+        if s.detokenizer is None:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer, s.prompt_ids)
+            for t in s.output_ids[:-1]:  # after a preemption the tokens so far are replayed
+                s.detokenizer.append(t)
+        return s.detokenizer.append(tok)
+
+    def _finalize_text(self, seqs: list[Sequence]) -> None:
+        """Decode, once, the outputs of sequences that needed no incremental detokenizer (no stop strings).
+
+        Decoded in the context of the prompt's tail, so the text equals what the incremental path gives.
+        """
+        for s in seqs:
+            ids = s.output_ids[:-1] if s.exclude_last_token else s.output_ids
+            s.text = decode_all(self.tokenizer, ids, prompt_ids=s.prompt_ids)
+
+

@@ -1,0 +1,351 @@
+"""The job driver: read -> tokenize -> plan -> engine -> write.
+
+``run_job`` is what ``batchllm run`` calls. Each stage lives in its own package; this module only
+wires them together, keeps the counters for the summary, and turns finished sequences and rejected rows
+into output rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from batchllm.config import JobConfig
+from batchllm.engine.attention import get_backend
+from batchllm.engine.engine import LLMEngine, StepStats, derive_seed
+from batchllm.engine.kv_cache import KVCache
+from batchllm.engine.scheduler import SchedulerConfig
+from batchllm.engine.sequence import Sequence, SharedPrefix
+from batchllm.errors import BatchLLMError
+from batchllm.io import requests as rq
+from batchllm.io.readers import ColumnMapping, read_requests
+from batchllm.io.requests import Request, RowError
+from batchllm.io.writer import ShardWriter
+from batchllm.models import loader
+from batchllm.models.config import ModelConfig
+from batchllm.models.llama import build_model
+from batchllm.models.tokenizer import batch_encode_prompts, encode_chat, eos_token_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise BatchLLMError("--device cuda was asked for but no CUDA device is available")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise BatchLLMError(f"unknown device {spec!r}: use auto, cpu or cuda") from None
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[spec]
+
+
+@dataclasses.dataclass
+class JobSummary:
+    requests: int = 0
+    errors: int = 0
+    samples: int = 0
+    prompt_tokens: int = 0  # as the user sees them (every sample's prompt)
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    load_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    batch_seqs: tuple[int, float, int] = (0, 0.0, 0)  # min / median / max sequences per step
+    batch_tokens: tuple[int, float, int] = (0, 0.0, 0)
+    errors_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
+    preview: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["output_tok_s"], d["total_tok_s"] = self.output_tok_s, self.total_tok_s
+        return d
+
+
+def error_row(err: RowError) -> dict:
+    return {
+        "custom_id": err.custom_id,
+        "input_file": err.input_file,
+        "input_index": err.input_index,
+        "error_code": err.error_code,
+        "error_message": err.error_message,
+    }
+
+
+def completion_row(req: Request, seq: Sequence) -> dict:
+    row = {
+        "custom_id": req.custom_id,
+        "input_file": req.input_file,
+        "input_index": req.input_index,
+        "sample_index": seq.sample_index,
+        "text": seq.text,
+        "finish_reason": seq.finish_reason,
+        "prompt_tokens": seq.prompt_len,
+        "completion_tokens": len(seq.output_ids),
+        "cached_tokens": seq.num_cached,
+        "token_ids": seq.output_ids,
+    }
+    if seq.logprobs is not None:
+        row["logprobs"] = seq.logprobs
+        row["top_logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in alts] for alts in seq.top_logprobs]
+    return row
+
+
+def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) -> tuple[list[Request], list[RowError]]:
+    """Fill ``token_ids`` of every request; rows that cannot be tokenized or are too long become errors.
+
+    Raw prompts are encoded in one batched call (the Rust tokenizer parallelises it); chat rows are
+    rendered through the chat template one by one.
+    """
+    errors: list[RowError] = []
+    raw = [r for r in requests if r.prompt is not None]
+    for r, ids in zip(raw, batch_encode_prompts(tok, [r.prompt for r in raw]) if raw else []):
+        r.token_ids = np.asarray(ids, dtype=np.int32)
+    for r in requests:
+        try:
+            if r.messages is not None:
+                r.token_ids = np.asarray(encode_chat(tok, r.messages), dtype=np.int32)
+            elif r.prompt_token_ids is not None:
+                ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
+                if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+                    raise ValueError(f"prompt_token_ids must be in [0, {vocab_size})")
+                r.token_ids = ids.astype(np.int32)
+        except Exception as e:  # a template or tokenizer failure concerns this row only
+            code = rq.TEMPLATE_ERROR if r.messages is not None else rq.INVALID_PARAMETER
+            errors.append(RowError(r.input_file, r.input_index, code, f"{type(e).__name__}: {e}", r.custom_id))
+            r.token_ids = None
+    ok: list[Request] = []
+    for r in requests:
+        if r.token_ids is None:
+            continue
+        n = len(r.token_ids)
+        if n == 0:
+            errors.append(RowError(r.input_file, r.input_index, rq.MISSING_PROMPT, "the prompt is empty", r.custom_id))
+        elif n >= max_model_len:
+            errors.append(
+                RowError(
+                    r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
+                    f"prompt has {n} tokens; the model context (max-model-len) is {max_model_len}", r.custom_id,
+                )
+            )
+        else:
+            ok.append(r)
+    return ok, errors
+
+
+def build_sources(requests: list[Request], order: np.ndarray, prefix_len: np.ndarray | None, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
+    """Yield the engine's work in plan order: each group's shared prefix, then its members' samples.
+
+    ``order`` lists request indices; consecutive requests with the same nonzero ``prefix_len`` and
+    identical prefix tokens form a group (the plan guarantees groups are contiguous).
+    """
+    seq_id = 0
+    prefix_id = 0
+    i = 0
+    n = len(order)
+    while i < n:
+        r0 = int(order[i])
+        plen = int(prefix_len[r0]) if prefix_len is not None else 0
+        j = i + 1
+        if plen > 0:
+            head = requests[r0].token_ids[:plen]
+            while j < n and int(prefix_len[order[j]]) == plen and np.array_equal(requests[int(order[j])].token_ids[:plen], head):
+                j += 1
+        prefix = None
+        if plen > 0 and sum(requests[int(order[k])].sampling.n for k in range(i, j)) > 1:
+            members = sum(requests[int(order[k])].sampling.n for k in range(i, j))
+            prefix = SharedPrefix(prefix_id, np.ascontiguousarray(requests[r0].token_ids[:plen]), unfinished=members)
+            prefix_id += 1
+            yield prefix
+        for k in range(i, j):
+            ri = int(order[k])
+            r = requests[ri]
+            for sample in range(r.sampling.n):
+                yield Sequence(
+                    seq_id=seq_id,
+                    request_index=ri,
+                    sample_index=sample,
+                    prompt_ids=r.token_ids,
+                    params=r.sampling,
+                    seed=derive_seed(job_seed, r.custom_id, sample, r.sampling.seed),
+                    eos_ids=eos,
+                    prefix=prefix,
+                )
+                seq_id += 1
+        i = j
+
+
+def default_token_budget(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 1024
+
+
+def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_tokens_step: int) -> int:
+    """Number of KV pages: from --kv-cache-tokens, else from the memory free after the weights."""
+    page_bytes = KVCache.bytes_per_page(mcfg, cfg.page_size, dtype)
+    if cfg.kv_cache_tokens is not None:
+        return max(1, -(-cfg.kv_cache_tokens // cfg.page_size))
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # activations of one step: a few hidden-sized and one FFN-sized buffer per token, plus logits
+        act = max_tokens_step * (8 * mcfg.hidden_size + 4 * mcfg.intermediate_size) * 4 + 256 * mcfg.vocab_size * 4
+        budget = free - (1 - 0.9) * total - act
+    else:
+        avail = _available_ram()
+        budget = min(0.25 * avail, 4 << 30)
+    pages = int(budget // page_bytes)
+    if pages < 1:
+        raise BatchLLMError("not enough memory left for the KV cache after loading the model")
+    return pages
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    source: loader.ModelSource
+
+
+def load_model(cfg: JobConfig) -> LoadedModel:
+    src = loader.resolve_model(cfg.model)
+    mcfg = loader.load_config(src)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tok = loader.load_tokenizer(src)
+    model = build_model(mcfg, loader.iter_weights(src, mcfg, dtype, device), dtype, device)
+    return LoadedModel(mcfg, model, tok, device, dtype, src)
+
+
+ProgressHook = Callable[[str, dict], None]
+
+
+def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None) -> JobSummary:
+    """Run a whole job; ``progress(event, info)`` is called with 'loaded', 'planned', 'step' and 'done'."""
+    cfg.validate()
+    emit = progress or (lambda event, info: None)
+    summary = JobSummary()
+    t_load = time.perf_counter()
+    lm = loaded or load_model(cfg)
+    summary.load_seconds = time.perf_counter() - t_load
+    mcfg = lm.config
+    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+    emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
+
+    t0 = time.perf_counter()
+    os.makedirs(cfg.output, exist_ok=True)
+    writer = ShardWriter(cfg.output, cfg.shard_rows, job_spec=cfg.to_dict())
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    requests: list[Request] = []
+    for item in read_requests(cfg.inputs, mapping, cfg.sampling_defaults()):
+        if isinstance(item, RowError):
+            _record_error(summary, writer, item)
+        else:
+            requests.append(item)
+    requests, tok_errors = tokenize(requests, lm.tokenizer, max_model_len, mcfg.vocab_size)
+    for e in tok_errors:
+        _record_error(summary, writer, e)
+    summary.requests = len(requests) + summary.errors
+
+    order, prefix_len = plan_order(requests, cfg.policy)
+    total_samples = sum(r.sampling.n for r in requests)
+    emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors})
+
+    budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
+    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
+    pool_tokens = pages * cfg.page_size
+    if pool_tokens < max_model_len:
+        max_model_len = pool_tokens  # a sequence can never outgrow the pool
+    kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
+    sched_cfg = SchedulerConfig(
+        page_size=cfg.page_size,
+        max_num_batched_tokens=budget,
+        max_num_seqs=cfg.max_num_seqs,
+        max_model_len=max_model_len,
+    )
+    backend_name = "torch" if cfg.attention in ("auto", "torch") else cfg.attention
+    engine = LLMEngine(lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size)
+    eos = frozenset(eos_token_ids(lm.tokenizer, mcfg))
+
+    def on_finish(seq: Sequence) -> None:
+        req = requests[seq.request_index]
+        row = completion_row(req, seq)
+        writer.add(row)
+        summary.samples += 1
+        summary.prompt_tokens += seq.prompt_len
+        summary.cached_tokens += seq.num_cached
+        summary.output_tokens += len(seq.output_ids)
+        if len(summary.preview) < cfg.preview:
+            summary.preview.append({"custom_id": req.custom_id, "prompt": _prompt_preview(req), "text": seq.text})
+
+    def on_step(stats: StepStats) -> None:
+        emit("step", {"finished": stats.num_finished, "new_tokens": stats.new_output_tokens})
+
+    engine.run(build_sources(requests, order, prefix_len, eos, cfg.seed), on_finish, on_step)
+    summary.wall_seconds = time.perf_counter() - t0
+    _batch_stats(summary, engine.step_stats)
+    summary.num_preemptions = engine.scheduler.num_preemptions if engine.scheduler else 0
+    writer.close(summary=summary.to_dict())
+    emit("done", {})
+    return summary
+
+
+def plan_order(requests: list[Request], policy: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Execution order and per-request shared-prefix length. (Input order, no sharing, for now.)"""
+    return np.arange(len(requests)), None
+
+
+def _record_error(summary: JobSummary, writer: ShardWriter, err: RowError) -> None:
+    summary.errors += 1
+    summary.errors_by_code[err.error_code] = summary.errors_by_code.get(err.error_code, 0) + 1
+    writer.add(error_row(err))
+
+
+def _prompt_preview(req: Request) -> str:
+    if req.messages is not None:
+        return str(req.messages[-1].get("content", ""))
+    if req.prompt is not None:
+        return req.prompt
+    return f"<{len(req.prompt_token_ids)} token ids>"
+
+
+def _batch_stats(summary: JobSummary, steps: list[StepStats]) -> None:
+    summary.num_steps = len(steps)
+    if steps:
+        seqs = [s.num_seqs for s in steps]
+        toks = [s.num_tokens for s in steps]
+        summary.batch_seqs = (min(seqs), float(statistics.median(seqs)), max(seqs))
+        summary.batch_tokens = (min(toks), float(statistics.median(toks)), max(toks))

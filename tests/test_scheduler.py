@@ -1,0 +1,166 @@
+"""Page pool and step packing, without a model: exact page ids, exact step contents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchllm.engine.kv_cache import KVCache, OutOfPages, PagePool
+from batchllm.engine.scheduler import Scheduler, SchedulerConfig
+from batchllm.engine.sequence import Sequence, SharedPrefix
+from batchllm.sampling_params import SamplingParams
+from tests.engine_utils import tiny_config
+
+
+# -- page pool ---------------------------------------------------------------------------------------
+def test_pool_allocates_lowest_first_and_reuses_last_freed():
+    pool = PagePool(6)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(1) == [3]
+    pool.release([1])
+    assert pool.allocate(1) == [1]  # LIFO: the page freed last is handed out next
+    assert pool.num_free == 2
+    pool.check_integrity()
+
+
+def test_pool_refcounts_and_errors():
+    pool = PagePool(4)
+    pages = pool.allocate(2)
+    pool.share(pages)
+    pool.release(pages)
+    assert pool.num_free == 2  # still referenced once
+    pool.release(pages)
+    assert pool.num_free == 4
+    with pytest.raises(RuntimeError):
+        pool.release([0])
+    with pytest.raises(OutOfPages):
+        pool.allocate(5)
+    assert pool.num_free == 4  # a failed allocation takes nothing
+    with pytest.raises(RuntimeError):
+        pool.share([3])
+    pool.check_integrity()
+
+
+def test_integrity_detects_leak():
+    pool = PagePool(4)
+    pool.allocate(1)
+    pool.refcount[0] = 0  # simulate a lost reference
+    with pytest.raises(RuntimeError, match="leak"):
+        pool.check_integrity()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "share", "release"]), st.integers(0, 5)), max_size=60))
+def test_pool_random_operations_keep_integrity(ops):
+    pool = PagePool(8)
+    held: list[int] = []  # one entry per reference
+    for op, k in ops:
+        if op == "alloc" and pool.can_allocate(k):
+            held += pool.allocate(k)
+        elif op == "share" and held:
+            p = held[k % len(held)]
+            pool.share([p])
+            held.append(p)
+        elif op == "release" and held:
+            pool.release([held.pop(k % len(held))])
+        pool.check_integrity()
+        assert pool.num_pages - pool.num_free == len(set(held))
+    pool.release(held)
+    assert pool.num_free == 8
+
+
+# -- step packing ------------------------------------------------------------------------------------
+def make_seq(i, prompt_len, max_tokens=4, prefix=None):
+    return Sequence(i, i, 0, np.arange(prompt_len, dtype=np.int32) + i, SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0, frozenset(), prefix=prefix)
+
+
+def make_scheduler(items, num_pages=64, page_size=4, budget=10, max_num_seqs=None, reserve=1.0):
+    cfg = tiny_config()
+    kv = KVCache(cfg, num_pages, page_size, __import__("torch").float32, "cpu")
+    pool = PagePool(num_pages)
+    sc = SchedulerConfig(page_size=page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=512, growth_reserve=reserve)
+    return Scheduler(pool, kv, sc, iter(items)), pool
+
+
+def fake_decode(sched, step):
+    """What the engine does after a forward: advance, then append a token to every sampling sequence."""
+    sched.advance(step)
+    for it, q in zip(step.items, step.num_tokens):
+        if isinstance(it, Sequence) and it.num_computed == it.total_len:
+            it.output_ids.append(1)
+            if len(it.output_ids) >= it.params.max_tokens:
+                sched.finish(it)
+
+
+def test_long_prompt_is_chunked_and_decodes_go_first():
+    a, b = make_seq(0, 3), make_seq(1, 25)
+    sched, pool = make_scheduler([a, b], budget=10)
+    step = sched.schedule()
+    # a's whole prompt (3) and the first 7 tokens of b fill the budget of 10
+    assert [(it.seq_id, q) for it, q in zip(step.items, step.num_tokens)] == [(0, 3), (1, 7)]
+    assert step.num_decodes == 0
+    fake_decode(sched, step)
+    step = sched.schedule()
+    # a decodes first (1 token), then b continues with 9 more
+    assert [(it.seq_id, q) for it, q in zip(step.items, step.num_tokens)] == [(0, 1), (1, 9)]
+    assert step.num_decodes == 1
+    fake_decode(sched, step)
+    step = sched.schedule()
+    assert [(it.seq_id, q) for it, q in zip(step.items, step.num_tokens)] == [(0, 1), (1, 9)]
+    # pages grow with the computed tokens only: a got page 5 only when its 5th token arrived
+    assert a.pages == [0, 5] and b.pages == [1, 2, 3, 4, 6, 7, 8]
+
+
+def test_admission_bounded_by_memory_not_count():
+    seqs = [make_seq(i, 8, max_tokens=8) for i in range(10)]
+    # each needs 2 pages now and grows to 4: with 16 pages and full reserve, 4 fit (4*2 now + 4*2 reserve)
+    sched, pool = make_scheduler(seqs, num_pages=16, budget=100)
+    step = sched.schedule()
+    assert len(step.items) == 4
+    sched2, _ = make_scheduler([make_seq(i, 8, max_tokens=8) for i in range(10)], num_pages=16, budget=100, reserve=0.0)
+    assert len(sched2.schedule().items) == 8  # no reserve: as many prompts as fit now
+
+
+def test_max_num_seqs_cap():
+    sched, _ = make_scheduler([make_seq(i, 2) for i in range(6)], budget=100, max_num_seqs=2)
+    assert len(sched.schedule().items) == 2
+
+
+def test_preempts_latest_admitted_when_decode_needs_a_page():
+    a, b = make_seq(0, 4, max_tokens=8), make_seq(1, 4, max_tokens=8)
+    sched, pool = make_scheduler([a, b], num_pages=3, page_size=4, budget=100, reserve=0.0)
+    step = sched.schedule()
+    assert [it.seq_id for it in step.items] == [0, 1]
+    fake_decode(sched, step)
+    # both need a second page for their 5th token; only one page is free: b (admitted last) is preempted
+    step = sched.schedule()
+    assert [it.seq_id for it in step.items] == [0]
+    assert b.num_computed == 0 and b.pages == [] and sched.waiting[0] is b
+    assert sched.num_preemptions == 1
+    pool.check_integrity()
+
+
+def test_members_wait_for_their_prefix_and_share_its_pages():
+    prefix = SharedPrefix(0, np.arange(6, dtype=np.int32), unfinished=2)
+    m1 = Sequence(1, 0, 0, np.arange(9, dtype=np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
+    m2 = Sequence(2, 1, 0, np.concatenate([np.arange(6), [50, 51]]).astype(np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
+    sched, pool = make_scheduler([prefix, m1, m2], budget=4, page_size=4)
+    step = sched.schedule()
+    assert step.items == [prefix] and step.num_tokens == [4]  # budget 4: members cannot start yet
+    fake_decode(sched, step)
+    step = sched.schedule()
+    assert step.items[0] is prefix and step.num_tokens[0] == 2
+    assert len(step.items) == 1  # m1 waits: its prefix completes only with this step
+    fake_decode(sched, step)
+    step = sched.schedule()
+    assert [it.seq_id for it in step.items] == [1, 2]
+    assert m1.num_cached == 6 and m1.pages[0] == prefix.pages[0]  # full page shared
+    assert m1.pages[1] != prefix.pages[1]  # partial page copied
+    assert pool.refcount[prefix.pages[0]] == 3
+    fake_decode(sched, step)
+    while sched.has_work():
+        step = sched.schedule()
+        fake_decode(sched, step)
+    sched.check_idle_integrity()
