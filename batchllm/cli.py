@@ -20,7 +20,12 @@ from rich.text import Text
 
 from batchllm.errors import BatchLLMError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline batch inference for LLMs with global prefix sharing.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # a bug shows a plain traceback; user errors never reach it
+    help="Offline batch inference for LLMs with global prefix sharing.",
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -89,6 +94,88 @@ def run(
         _print_preview(summary.preview)
 
 
+@app.command()
+def stats(
+    inputs: List[str] = typer.Argument(..., help="Prompt files, as for run."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model whose tokenizer and KV size to use (weights are not loaded)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens (for the KV estimate and ordering)."),
+    dtype: str = typer.Option("bfloat16", help="KV cache dtype for the memory estimate."),
+    id_column: Optional[str] = typer.Option(None),
+    prompt_column: Optional[str] = typer.Option(None),
+    messages_column: Optional[str] = typer.Option(None),
+    prompt_template: Optional[str] = typer.Option(None),
+    system_prompt: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write group size / prefix length distributions to this PNG."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """How much prefix sharing a prompt file offers and what the BatchLLM plan gets (no GPU, no weights)."""
+    import json
+
+    from batchllm.config import JobConfig
+    from batchllm.pipeline import DTYPES, job_stats
+
+    _set_verbose(verbose)
+    if dtype not in DTYPES:
+        raise BatchLLMError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    cfg = JobConfig(
+        inputs=list(inputs), output="-", model=model, id_column=id_column, prompt_column=prompt_column,
+        messages_column=messages_column, prompt_template=prompt_template, system_prompt=system_prompt,
+        **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+    )
+    with console.status("tokenizing and planning..."):
+        result = job_stats(cfg, kv_dtype_bytes=DTYPES[dtype].itemsize)
+    if plot:
+        _plot_stats(result, plot)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    t = Table(title="batchllm stats", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("requests", f"{result['requests']:,}" + (f"  (+{result['row_errors']:,} row errors)" if result["row_errors"] else ""))
+    t.add_row("logical prompt tokens", f"{result['logical_prompt_tokens']:,}")
+    t.add_row("unique prompt tokens", f"{result['unique_prompt_tokens']:,}")
+    t.add_row("planned prompt tokens", f"{result['planned_prompt_tokens']:,}")
+    t.add_row("saving (plan)", f"{result['saving']:.1%}")
+    t.add_row("max saving (any cache)", f"{result['max_saving']:.1%}")
+    t.add_row("prefix groups", f"{result['num_groups']:,}  ({result['shared_groups']:,} shared, {result['requests_in_shared_groups']:,} requests in them)")
+    for key, label in (("group_size", "group size"), ("prefix_len", "shared prefix length"), ("distinct_len", "distinct tokens per request")):
+        d = result[key]
+        t.add_row(label, f"min {d['min']:g} / p50 {d['p50']:g} / p90 {d['p90']:g} / max {d['max']:g}")
+    t.add_row("peak KV memory (plan)", f"{result['peak_kv_gb']:.2f} GB ({result['peak_kv_tokens']:,} tokens, {dtype}, {result['model']})")
+    out.print(t)
+    if plot:
+        console.print(f"plot written to {plot}")
+
+
+def _plot_stats(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BatchLLMError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "group_size_hist", "requests per group"), (axes[1], "prefix_len_hist", "shared prefix length (tokens)")):
+        h = result[key]
+        edges, counts = h["edges"], h["counts"]
+        labels = [f"{int(edges[i])}-{int(edges[i + 1]) - 1}" if edges[i + 1] - edges[i] > 1 else f"{int(edges[i])}" for i in range(len(counts))]
+        ax.bar(range(len(counts)), counts)
+        ax.set_xticks(range(len(counts)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("groups")
+    fig.suptitle(f"{result['requests']:,} requests: plan saves {result['saving']:.1%} of prompt tokens (max {result['max_saving']:.1%})")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise BatchLLMError(f"cannot write plot {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
 class _ProgressView:
     """Rich progress for one job: a status line while loading, then a bar over samples."""
 
@@ -131,6 +218,8 @@ def _print_summary(cfg, s) -> None:
     t.add_row("errors", f"{s.errors:,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in sorted(s.errors_by_code.items()))})" if s.errors else ""))
     t.add_row("samples completed", f"{s.samples:,}")
     t.add_row("prompt tokens", f"{s.prompt_tokens:,}  ({s.cached_tokens:,} reused from shared prefixes)")
+    planned = f", planned {s.planned_saving:.1%} of at most {s.max_saving:.1%}" if s.planned_saving is not None else ""
+    t.add_row("prefill saving", f"{s.achieved_saving:.1%} achieved{planned}")
     t.add_row("output tokens", f"{s.output_tokens:,}")
     t.add_row("model load", f"{s.load_seconds:.1f} s")
     t.add_row("wall time", f"{s.wall_seconds:.1f} s")
@@ -162,26 +251,20 @@ _VERBOSE = False
 
 
 def main() -> None:
-    """Entry point: one clear line for user errors, the traceback only with --verbose."""
+    """Entry point: one clear line for user errors, the traceback only with --verbose.
+
+    Usage errors (a flag that does not parse) are typer's: a short message and exit status 2.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except BatchLLMError as e:
         if _VERBOSE:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
-    except Exception as e:  # click usage errors print their own one line
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 from batchllm.models.llama import build_model
 from batchllm.models.tokenizer import batch_encode_prompts, encode_chat, eos_token_ids
+from batchllm.plan.plan import Plan, PrefixGroup, build_plan, estimate_peak_kv_tokens
+from batchllm.plan.stats import plan_stats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,12 +64,20 @@ class JobSummary:
     output_tokens: int = 0
     load_seconds: float = 0.0
     wall_seconds: float = 0.0
+    prompt_tokens_computed: int = 0  # prefill work actually done (shared prefixes once, recomputation included)
+    planned_saving: float | None = None  # what the plan promised (None for the streaming baseline)
+    max_saving: float | None = None  # the most any prefix cache could save on these prompts
     num_steps: int = 0
     num_preemptions: int = 0
     batch_seqs: tuple[int, float, int] = (0, 0.0, 0)  # min / median / max sequences per step
     batch_tokens: tuple[int, float, int] = (0, 0.0, 0)
     errors_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
     preview: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def achieved_saving(self) -> float:
+        """1 - prompt tokens computed / prompt tokens as the user sees them."""
+        return 1.0 - self.prompt_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
     def output_tok_s(self) -> float:
@@ -80,6 +90,7 @@ class JobSummary:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["output_tok_s"], d["total_tok_s"] = self.output_tok_s, self.total_tok_s
+        d["achieved_saving"] = self.achieved_saving
         return d
 
 
@@ -154,33 +165,72 @@ def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) 
     return ok, errors
 
 
-def build_sources(requests: list[Request], order: np.ndarray, prefix_len: np.ndarray | None, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
+def read_and_tokenize(cfg: JobConfig, tokenizer, mcfg: ModelConfig, max_model_len: int, on_error: Callable[[RowError], None]) -> list[Request]:
+    """READ + TOKENIZE: every valid request with its token ids; every bad row goes to ``on_error``."""
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    requests: list[Request] = []
+    for item in read_requests(cfg.inputs, mapping, cfg.sampling_defaults()):
+        if isinstance(item, RowError):
+            on_error(item)
+        else:
+            requests.append(item)
+    requests, errors = tokenize(requests, tokenizer, max_model_len, mcfg.vocab_size)
+    for e in errors:
+        on_error(e)
+    return requests
+
+
+def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
+    """``batchllm stats``: how much prefix sharing the job's prompts offer and what the plan gets.
+
+    Loads only the model's config and tokenizer, never its weights. ``peak_kv_gb`` is the plan's peak KV
+    memory for this model when requests run to their max_tokens with no memory limit (coarse model:
+    ``estimate_peak_kv_tokens``).
+    """
+    src = loader.resolve_model(cfg.model)
+    mcfg = loader.load_config(src)
+    tok = loader.load_tokenizer(src)
+    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+    errors: dict[str, int] = {}
+    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: errors.__setitem__(e.error_code, errors.get(e.error_code, 0) + 1))
+    if not requests:
+        raise BatchLLMError("no valid request in the input")
+    expected = np.array([r.sampling.max_tokens * r.sampling.n for r in requests], dtype=np.float64)
+    lens = np.array([len(r.token_ids) for r in requests], dtype=np.int64)
+    plan = build_plan([r.token_ids for r in requests], expected, policy="batchllm")
+    out = plan_stats(plan, lens)
+    kv = estimate_peak_kv_tokens(plan, lens, expected)
+    out.update(
+        model=src.display_name,
+        row_errors=sum(errors.values()),
+        errors_by_code=errors,
+        expected_output_tokens=int(expected.sum()),
+        peak_kv_tokens=kv.peak_kv_tokens,
+        peak_kv_gb=kv.peak_kv_tokens * mcfg.kv_bytes_per_token(kv_dtype_bytes) / 1e9,
+        peak_running=kv.peak_running,
+    )
+    return out
+
+
+def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
     """Yield the engine's work in plan order: each group's shared prefix, then its members' samples.
 
-    ``order`` lists request indices; consecutive requests with the same nonzero ``prefix_len`` and
-    identical prefix tokens form a group (the plan guarantees groups are contiguous).
+    Without a plan (the streaming baseline), requests go in input order with no shared prefix. The n
+    samples of one request always share its prompt but the last token, as a group of their own would.
     """
+    groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
     seq_id = 0
-    prefix_id = 0
-    i = 0
-    n = len(order)
-    while i < n:
-        r0 = int(order[i])
-        plen = int(prefix_len[r0]) if prefix_len is not None else 0
-        j = i + 1
-        if plen > 0:
-            head = requests[r0].token_ids[:plen]
-            while j < n and int(prefix_len[order[j]]) == plen and np.array_equal(requests[int(order[j])].token_ids[:plen], head):
-                j += 1
+    for prefix_id, g in enumerate(groups):
+        members = [requests[int(i)] for i in g.members]
+        samples = sum(r.sampling.n for r in members)
+        plen = g.prefix_len
+        if plen == 0 and len(members) == 1 and samples > 1:
+            plen = len(members[0].token_ids) - 1
         prefix = None
-        if plen > 0 and sum(requests[int(order[k])].sampling.n for k in range(i, j)) > 1:
-            members = sum(requests[int(order[k])].sampling.n for k in range(i, j))
-            prefix = SharedPrefix(prefix_id, np.ascontiguousarray(requests[r0].token_ids[:plen]), unfinished=members)
-            prefix_id += 1
+        if plen > 0 and samples > 1:
+            prefix = SharedPrefix(prefix_id, np.ascontiguousarray(members[0].token_ids[:plen]), unfinished=samples)
             yield prefix
-        for k in range(i, j):
-            ri = int(order[k])
-            r = requests[ri]
+        for ri, r in zip(g.members.tolist(), members):
             for sample in range(r.sampling.n):
                 yield Sequence(
                     seq_id=seq_id,
@@ -193,7 +243,15 @@ def build_sources(requests: list[Request], order: np.ndarray, prefix_len: np.nda
                     prefix=prefix,
                 )
                 seq_id += 1
-        i = j
+
+
+def make_plan(requests: list[Request], policy: str) -> Plan | None:
+    """The BatchLLM plan (global prefix groups, decode-first DFS order), or None for the streaming
+    baseline, which sees requests in input order and relies on its prefix cache instead."""
+    if policy == "fcfs-lru" or not requests:
+        return None
+    expected = np.array([r.sampling.max_tokens * r.sampling.n for r in requests], dtype=np.float64)
+    return build_plan([r.token_ids for r in requests], expected, policy="batchllm")
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -268,19 +326,12 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     t0 = time.perf_counter()
     os.makedirs(cfg.output, exist_ok=True)
     writer = ShardWriter(cfg.output, cfg.shard_rows, job_spec=cfg.to_dict())
-    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
-    requests: list[Request] = []
-    for item in read_requests(cfg.inputs, mapping, cfg.sampling_defaults()):
-        if isinstance(item, RowError):
-            _record_error(summary, writer, item)
-        else:
-            requests.append(item)
-    requests, tok_errors = tokenize(requests, lm.tokenizer, max_model_len, mcfg.vocab_size)
-    for e in tok_errors:
-        _record_error(summary, writer, e)
+    requests = read_and_tokenize(cfg, lm.tokenizer, mcfg, max_model_len, lambda e: _record_error(summary, writer, e))
     summary.requests = len(requests) + summary.errors
 
-    order, prefix_len = plan_order(requests, cfg.policy)
+    plan = make_plan(requests, cfg.policy)
+    if plan is not None:
+        summary.planned_saving, summary.max_saving = plan.saving(), plan.max_saving()
     total_samples = sum(r.sampling.n for r in requests)
     emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors})
 
@@ -290,14 +341,19 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     if pool_tokens < max_model_len:
         max_model_len = pool_tokens  # a sequence can never outgrow the pool
     kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
+    baseline = cfg.policy == "fcfs-lru"
     sched_cfg = SchedulerConfig(
         page_size=cfg.page_size,
         max_num_batched_tokens=budget,
-        max_num_seqs=cfg.max_num_seqs,
+        # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
+        max_num_seqs=cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None),
         max_model_len=max_model_len,
+        growth_reserve=0.0 if baseline else 1.0,
     )
     backend_name = "torch" if cfg.attention in ("auto", "torch") else cfg.attention
-    engine = LLMEngine(lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size)
+    engine = LLMEngine(
+        lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline
+    )
     eos = frozenset(eos_token_ids(lm.tokenizer, mcfg))
 
     def on_finish(seq: Sequence) -> None:
@@ -314,18 +370,15 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     def on_step(stats: StepStats) -> None:
         emit("step", {"finished": stats.num_finished, "new_tokens": stats.new_output_tokens})
 
-    engine.run(build_sources(requests, order, prefix_len, eos, cfg.seed), on_finish, on_step)
+    engine.run(build_sources(requests, plan, eos, cfg.seed), on_finish, on_step)
     summary.wall_seconds = time.perf_counter() - t0
     _batch_stats(summary, engine.step_stats)
-    summary.num_preemptions = engine.scheduler.num_preemptions if engine.scheduler else 0
+    if engine.scheduler is not None:
+        summary.num_preemptions = engine.scheduler.num_preemptions
+        summary.prompt_tokens_computed = engine.scheduler.prompt_tokens_computed
     writer.close(summary=summary.to_dict())
     emit("done", {})
     return summary
-
-
-def plan_order(requests: list[Request], policy: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Execution order and per-request shared-prefix length. (Input order, no sharing, for now.)"""
-    return np.arange(len(requests)), None
 
 
 def _record_error(summary: JobSummary, writer: ShardWriter, err: RowError) -> None:

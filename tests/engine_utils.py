@@ -82,6 +82,7 @@ def run_engine(
     tokenizer=None,
     eos: frozenset[int] = frozenset(),
     seeds: list[int] | None = None,
+    prefix_caching: bool = False,
 ) -> tuple[dict[int, list[Sequence]], LLMEngine]:
     """Run prompts through a fresh engine; returns finished sequences by prompt index, and the engine.
 
@@ -89,7 +90,9 @@ def run_engine(
     """
     kv = KVCache(cfg, num_pages, page_size, torch.float32, "cpu")
     sched = SchedulerConfig(page_size=page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=cfg.max_position_embeddings)
-    engine = LLMEngine(model, tokenizer or FakeTokenizer(), kv, get_backend("torch"), sched, torch.device("cpu"), cfg.vocab_size)
+    engine = LLMEngine(
+        model, tokenizer or FakeTokenizer(), kv, get_backend("torch"), sched, torch.device("cpu"), cfg.vocab_size, prefix_caching=prefix_caching
+    )
     plist = params if isinstance(params, list) else [params] * len(prompts)
 
     def source():

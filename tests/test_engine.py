@@ -154,3 +154,36 @@ def test_stop_token_ids_and_min_tokens():
     late, _ = run_engine(model, cfg, prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_tok,), min_tokens=first + 2))
     assert len(late[0][0].output_ids) >= first + 2
     assert stop_tok not in late[0][0].output_ids[: first + 1]
+
+
+def test_fcfs_lru_prefix_cache_reuses_pages_and_matches():
+    from batchllm.engine.prefix_cache import PrefixCachingPool
+
+    cfg = tiny_config()
+    model = build(cfg, random_state_dict(cfg, seed=12))
+    r = random.Random(3)
+    heads = [[r.randrange(cfg.vocab_size) for _ in range(13)] for _ in range(2)]
+    prompts = [heads[i % 2] + [r.randrange(cfg.vocab_size) for _ in range(r.randint(1, 6))] for i in range(8)]
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    plain, _ = run_engine(model, cfg, prompts, params)
+    # a small budget admits about one request per step, so later ones find the earlier ones cached
+    cached, engine = run_engine(model, cfg, prompts, params, prefix_caching=True, budget=16)
+    assert isinstance(engine.pool, PrefixCachingPool)
+    for i in range(8):
+        assert cached[i][0].output_ids == plain[i][0].output_ids
+    # requests after the first of each head reuse its 3 full pages (12 tokens)
+    assert sum(cached[i][0].num_cached for i in range(8)) >= 6 * 12
+    engine.pool.check_integrity()
+
+
+def test_fcfs_lru_evicts_under_memory_pressure():
+    cfg = tiny_config()
+    model = build(cfg, random_state_dict(cfg, seed=13))
+    prompts = prompts_for(14, 12, cfg.vocab_size, 10, 30)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    roomy, _ = run_engine(model, cfg, prompts, params)
+    tight, engine = run_engine(model, cfg, prompts, params, prefix_caching=True, num_pages=20)
+    assert engine.pool.evictions > 0
+    for i in range(12):
+        assert tight[i][0].output_ids == roomy[i][0].output_ids
+    engine.pool.check_integrity()

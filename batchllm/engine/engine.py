@@ -17,6 +17,7 @@ import torch
 from batchllm.engine.detokenizer import IncrementalDetokenizer, decode_all, find_stop
 from batchllm.engine.kv_cache import KVCache, PagePool
 from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.prefix_cache import PrefixCachingPool
 from batchllm.engine.sampler import SamplingBatch, SamplingRow, sample
 from batchllm.engine.scheduler import Scheduler, SchedulerConfig
 from batchllm.engine.sequence import Sequence, SharedPrefix
@@ -51,12 +52,14 @@ class LLMEngine:
         sched_cfg: SchedulerConfig,
         device: torch.device,
         vocab_size: int,
+        prefix_caching: bool = False,
     ):
         self.model, self.tokenizer, self.kv = model, tokenizer, kv
         self.cfg = sched_cfg
         self.device = device
         self.vocab_size = vocab_size
-        self.pool = PagePool(kv.num_pages)
+        # the streaming baseline caches pages by content hash (vLLM's APC); the BatchLLM plan needs no cache
+        self.pool = PrefixCachingPool(kv.num_pages, kv.page_size) if prefix_caching else PagePool(kv.num_pages)
         self.runner = ModelRunner(model, kv, backend, device)
         self.scheduler: Scheduler | None = None
         self.step_stats: list[StepStats] = []

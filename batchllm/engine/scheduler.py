@@ -25,6 +25,7 @@ import dataclasses
 from typing import Iterator, Union
 
 from batchllm.engine.kv_cache import KVCache, PagePool
+from batchllm.engine.prefix_cache import PrefixCachingPool
 from batchllm.engine.sequence import Sequence, SeqStatus, SharedPrefix
 
 Schedulable = Union[Sequence, SharedPrefix]
@@ -87,6 +88,7 @@ class Scheduler:
         self.running: list[Schedulable] = []  # admission order
         self.estimator = OutputLengthEstimator()
         self.num_preemptions = 0
+        self.prompt_tokens_computed = 0  # for the achieved prefill saving
 
     # -- queue -------------------------------------------------------------------------------------
     def _peek_waiting(self) -> Schedulable | None:
@@ -134,6 +136,7 @@ class Scheduler:
         victim.pages = []
         victim.status = SeqStatus.WAITING
         if isinstance(victim, Sequence):
+            victim.page_hashes = []
             victim.num_computed = 0
             victim.num_cached = 0
             victim.num_preemptions += 1
@@ -196,10 +199,13 @@ class Scheduler:
         # 3. admissions
         while budget > 0:
             s = self._peek_waiting()
-            if s is None or not self._can_admit(s):
+            if s is None:
+                break
+            hit = self._cache_lookup(s)
+            if not self._can_admit(s, hit):
                 break
             self.waiting.popleft()
-            self._admit(s)
+            self._admit(s, hit)
             q = min(s.num_pending, budget)
             if not self._grow(s, s.num_computed + q):  # _can_admit checked the whole prompt fits
                 raise RuntimeError("admission check passed but allocation failed")
@@ -214,7 +220,14 @@ class Scheduler:
     def _num_running_seqs(self) -> int:
         return sum(1 for s in self.running if isinstance(s, Sequence))
 
-    def _can_admit(self, s: Schedulable) -> bool:
+    def _cache_lookup(self, s: Schedulable) -> tuple[list[int], list[bytes]] | None:
+        """With a prefix-caching pool (streaming baseline): the cached pages a new sequence can reuse."""
+        if not isinstance(self.pool, PrefixCachingPool) or not isinstance(s, Sequence) or s.prefix is not None:
+            return None
+        limit = s.total_len - 1  # the last token is always computed: it yields the logits
+        return self.pool.lookup(s.token_slice(0, limit), limit)
+
+    def _can_admit(self, s: Schedulable, hit: tuple[list[int], list[bytes]] | None = None) -> bool:
         if isinstance(s, Sequence):
             if s.prefix is not None and not s.prefix.ready:
                 return False  # its prefix is still being computed (or waiting)
@@ -222,15 +235,23 @@ class Scheduler:
                 return False
             shared = (s.prefix.length // self.cfg.page_size) if s.prefix is not None else 0
             need = self._pages_for(s.total_len) - shared
+            if hit is not None:  # reused pages need no allocation, but reviving evictable ones uses free slots
+                need += self.pool.num_evictable(hit[0]) - len(hit[0])
         else:
             need = self._pages_for(s.length)
         if not self.running:
             return self.pool.can_allocate(need)  # always make progress when idle
         return self.pool.num_free - need >= self._reserve_pages()
 
-    def _admit(self, s: Schedulable) -> None:
+    def _admit(self, s: Schedulable, hit: tuple[list[int], list[bytes]] | None = None) -> None:
         s.status = SeqStatus.RUNNING
         self.running.append(s)
+        if hit is not None and hit[0]:
+            self.pool.share(hit[0])
+            s.pages = list(hit[0])
+            s.page_hashes = list(hit[1])
+            s.num_computed = len(hit[0]) * self.cfg.page_size
+            s.num_cached = min(s.num_computed, s.prompt_len)
         if isinstance(s, Sequence) and s.prefix is not None:
             p = s.prefix
             full = p.length // self.cfg.page_size
@@ -248,8 +269,15 @@ class Scheduler:
     # -- after the forward pass --------------------------------------------------------------------
     def advance(self, step: ScheduledStep) -> None:
         """Record that the step's tokens are now in the cache; completed prefixes leave the running list."""
+        caching = isinstance(self.pool, PrefixCachingPool)
         for item, q in zip(step.items, step.num_tokens):
+            if isinstance(item, Sequence):  # prompt tokens computed (recomputation after preemption counts)
+                self.prompt_tokens_computed += max(0, min(item.num_computed + q, item.prompt_len) - item.num_computed)
+            else:
+                self.prompt_tokens_computed += q
             item.num_computed += q
+            if caching and isinstance(item, Sequence):
+                self.pool.register(item.pages, item.page_hashes, item.token_slice, item.num_computed)
             if isinstance(item, SharedPrefix) and item.ready:
                 self.running.remove(item)
                 item.status = SeqStatus.FINISHED  # computed; pages held until its members finish
@@ -274,7 +302,7 @@ class Scheduler:
         p.pages = []
 
     def check_idle_integrity(self) -> None:
-        """When all work is done, every page must be free again."""
+        """When all work is done, every page must be free again (cached pages count as free: evictable)."""
         if self.running or self.waiting:
             raise RuntimeError("scheduler not idle")
         self.pool.check_integrity()

@@ -69,6 +69,7 @@ class Sequence:
     prefix: SharedPrefix | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-caching pool only
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens whose KV came from a shared prefix (or cache), not computed
     status: SeqStatus = SeqStatus.WAITING

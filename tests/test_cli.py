@@ -1,0 +1,97 @@
+"""The command line: a job end to end on dummy:tiny, one-line errors, job files, stats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from batchllm.config import JobConfig, load_job_file, merge
+from batchllm.errors import BatchLLMError
+from batchllm.io.writer import read_results
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "batchllm", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    p = tmp_path / "in.jsonl"
+    rows = [{"custom_id": f"r{i}", "prompt_token_ids": [5 + i, 6, 7, 8, 9 + i], "max_tokens": 4} for i in range(5)]
+    rows.append({"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0.7})
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, "{not json")
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_run_end_to_end_on_dummy_model(tmp_path, prompts):
+    out = tmp_path / "out"
+    r = cli("run", str(prompts), "-o", str(out), "--model", "dummy:tiny", "--max-tokens", "3", "--seed", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = read_results(str(out)).to_pylist()
+    ok = [x for x in rows if x["error_code"] is None]
+    bad = [x for x in rows if x["error_code"] is not None]
+    assert len(ok) == 5 + 2  # n=2 for the chat row
+    assert [x["completion_tokens"] for x in ok if x["custom_id"].startswith("r")] == [4] * 5  # row overrides flag
+    assert sorted(x["sample_index"] for x in ok if x["custom_id"] == "chat") == [0, 1]
+    assert len(bad) == 1 and bad[0]["error_code"] == "malformed_json" and bad[0]["input_index"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["samples"] == 7 and manifest["summary"]["errors"] == 1
+    assert "requests" in r.stderr and "prefill saving" in r.stderr
+
+
+def test_unknown_model_is_one_clear_line(tmp_path, prompts):
+    r = cli("run", str(prompts), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "nope"))
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_missing_input_and_bad_flag(tmp_path):
+    r = cli("run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "--model", "dummy:tiny")
+    assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", "x.jsonl", "-o", str(tmp_path / "o"), "--dtype", "float8")
+    assert r.returncode == 1 and "dtype" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", "x.jsonl", "-o", str(tmp_path / "o"), "--max-tokens", "many")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_job_file_paths_relative_to_file_and_flags_override(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    job = tmp_path / "jobs" / "j.toml"
+    job.write_text('inputs = ["../data/in.jsonl"]\noutput = "../out"\nmodel = "dummy:tiny"\n[sampling]\nmax_tokens = 9\ntemperature = 0.5\n')
+    values = load_job_file(str(job))
+    assert values["inputs"] == [str(tmp_path / "data" / "in.jsonl")]
+    assert values["model"] == "dummy:tiny"
+    cfg = merge(values, {"max_tokens": 3, "temperature": None, "inputs": None})
+    assert cfg.max_tokens == 3 and cfg.temperature == 0.5 and cfg.inputs == values["inputs"]
+    job.write_text("max_tokenz = 3\n")
+    with pytest.raises(BatchLLMError, match="max_tokenz"):
+        load_job_file(str(job))
+
+
+def test_config_validation():
+    with pytest.raises(BatchLLMError, match="temperature"):
+        JobConfig(inputs=["a"], output="o", temperature=-1).validate()
+    with pytest.raises(BatchLLMError, match="policy"):
+        JobConfig(inputs=["a"], output="o", policy="lifo").validate()
+
+
+def test_stats_json_and_plot(tmp_path):
+    p = tmp_path / "in.jsonl"
+    head = list(range(100, 140))
+    with open(p, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"prompt_token_ids": head + [200 + i, 300 + i], "max_tokens": 8}) + "\n")
+    r = cli("stats", str(p), "--model", "dummy:tiny", "--json", "--plot", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["requests"] == 6 and d["logical_prompt_tokens"] == 6 * 42
+    assert d["planned_prompt_tokens"] == 40 + 6 * 2  # the 40-token head once, two own tokens each
+    assert d["unique_prompt_tokens"] == 40 + 6 * 2
+    assert d["peak_kv_gb"] > 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
