@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from batchllm.sampling_params import SamplingParams
@@ -187,3 +189,43 @@ def test_fcfs_lru_evicts_under_memory_pressure():
     for i in range(12):
         assert tight[i][0].output_ids == roomy[i][0].output_ids
     engine.pool.check_integrity()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 10_000),  # workload seed
+    st.integers(14, 60),  # pages: from heavy preemption to roomy
+    st.integers(4, 40),  # token budget
+    st.booleans(),  # prefix caching pool (baseline) or plan groups
+)
+def test_pool_intact_and_outputs_stable_under_any_memory(seed, num_pages, budget, caching):
+    """Whatever the pool size, budget and policy: same greedy outputs as a roomy run, no leaked page."""
+    cfg, model = _property_model()
+    r = random.Random(seed)
+    heads = [[r.randrange(cfg.vocab_size) for _ in range(r.randint(1, 9))] for _ in range(3)]
+    prompts, plens = [], []
+    for h in heads:
+        for _ in range(r.randint(1, 3)):
+            prompts.append(h + [r.randrange(cfg.vocab_size) for _ in range(r.randint(1, 6))])
+            plens.append(len(h))
+    params = SamplingParams(max_tokens=r.randint(1, 12), temperature=0.0, ignore_eos=True)
+    roomy, _ = run_engine(model, cfg, prompts, params, num_pages=400, budget=64)
+    got, engine = run_engine(
+        model, cfg, prompts, params, num_pages=num_pages, budget=budget,
+        prefix_lens=None if caching else plens, prefix_caching=caching,
+    )
+    for i in range(len(prompts)):
+        assert got[i][0].output_ids == roomy[i][0].output_ids
+    engine.pool.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_pages
+    assert engine.scheduler.peak_pages_in_use <= num_pages
+
+
+_PROPERTY_MODEL = []
+
+
+def _property_model():
+    if not _PROPERTY_MODEL:
+        cfg = tiny_config(num_layers=1)
+        _PROPERTY_MODEL.append((cfg, build(cfg, random_state_dict(cfg, seed=21))))
+    return _PROPERTY_MODEL[0]

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 
 @dataclasses.dataclass
 class PrefixGroupDescriptor:
-    """Sequences ``seq_start:seq_end`` of the step share their first ``prefix_len`` tokens (whole pages)."""
+    """Consecutive sequences ``seq_start:seq_end`` of the step have identical K/V at positions
+    ``[0, prefix_len)`` and each has seq_len >= prefix_len. A backend may read the prefix through
+    ``block_tables[seq_start]`` alone; ``prefix_len`` counts tokens and may end inside a page (each
+    member's private copy of the partial last prefix page holds the same prefix tokens)."""
 
     seq_start: int
     seq_end: int
@@ -99,7 +102,18 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
+            # decodes of a prefix group read the shared prefix once for all members (Hydragen split);
+            # the others are batched plainly. Both are exact; the split only changes float rounding.
+            rest = torch.ones(nd, dtype=torch.bool)
+            for g in meta.prefix_groups or ():
+                if g.seq_end <= nd and g.seq_end - g.seq_start >= 2:
+                    out[g.seq_start : g.seq_end] = self._decode_group(q[g.seq_start : g.seq_end], kv_cache, meta, g, scale)
+                    rest[g.seq_start : g.seq_end] = False
+            if bool(rest.all()):
+                out[:nd] = self._decode(q[:nd], kv_cache, meta, torch.arange(nd), scale)
+            elif bool(rest.any()):
+                idx = rest.nonzero().squeeze(1)
+                out[idx.to(q.device)] = self._decode(q[idx.to(q.device)], kv_cache, meta, idx, scale)
         pos = nd  # decodes occupy the first nd query rows, one each
         for i in range(nd, meta.num_seqs):
             qlen = meta.query_lens_host[i]
@@ -118,20 +132,51 @@ class TorchAttention(AttentionBackend):
         v = kv_cache[1][pages].flatten(-4, -3)[..., :length, :, :]
         return k, v
 
-    def _decode(self, q, kv_cache, meta, scale):
-        nd = q.shape[0]
-        num_heads, d = q.shape[1], q.shape[2]
-        kvh = kv_cache.shape[3]
-        max_len = max(meta.seq_lens_host[:nd])
-        k, v = self._gather(kv_cache, meta.block_tables[:nd], max_len)  # (nd, L, kvh, d)
-        qg = q.view(nd, kvh, num_heads // kvh, d).float()
-        scores = torch.einsum("nkgd,nlkd->nkgl", qg, k.float()) * scale
-        lens = meta.seq_lens[:nd].to(torch.long)
-        invalid = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]
-        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("nkgl,nlkd->nkgd", probs, v.float())
-        return o.reshape(nd, num_heads, d).to(q.dtype)
+    def _decode(self, q, kv_cache, meta, rows: torch.Tensor, scale):
+        """Decode queries of the sequences ``rows`` (host indices), batched with a length mask."""
+        max_len = max(meta.seq_lens_host[i] for i in rows.tolist())
+        dev_rows = rows.to(q.device)
+        k, v = self._gather(kv_cache, meta.block_tables[dev_rows], max_len)  # (n, L, kvh, d)
+        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[dev_rows].to(torch.long)[:, None]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # (n, h, 1, d)
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(2)
+
+    def _decode_group(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
+        """Decodes of one prefix group: all members' queries against the prefix (one matrix product,
+        the prefix read once), each member against its own tokens, then the exact log-sum-exp merge."""
+        m, h, d = q.shape
+        kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
+        P = g.prefix_len
+        qf = q.float().view(m, kvh, h // kvh, d)
+        # shared prefix: (kvh, m*g, d) x (kvh, d, P)
+        kp, vp = self._gather(kv_cache, meta.block_tables[g.seq_start], P)
+        qs = qf.permute(1, 0, 2, 3).reshape(kvh, -1, d)
+        sp = torch.bmm(qs, kp.float().permute(1, 2, 0)) * scale
+        lse_p = torch.logsumexp(sp, dim=-1)
+        op = torch.bmm(torch.softmax(sp, dim=-1), vp.float().transpose(0, 1))
+        op = op.view(kvh, m, h // kvh, d).permute(1, 0, 2, 3)
+        lse_p = lse_p.view(kvh, m, h // kvh).permute(1, 0, 2)
+        # own tokens: positions [P, seq_len) of each member, from the page holding position P on
+        lens = meta.seq_lens[g.seq_start : g.seq_end].to(torch.long) - P
+        max_own = max(meta.seq_lens_host[g.seq_start : g.seq_end]) - P
+        first_page, offset = P // ps, P % ps
+        ko, vo = self._gather(kv_cache, meta.block_tables[g.seq_start : g.seq_end, first_page:], offset + max_own)
+        ko, vo = ko[:, offset:].float(), vo[:, offset:].float()  # (m, Lo, kvh, d)
+        so = torch.einsum("mkgd,mlkd->mkgl", qf, ko) * scale
+        invalid = torch.arange(max_own, device=q.device)[None, :] >= lens[:, None]
+        so.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        lse_o = torch.logsumexp(so, dim=-1)
+        oo = torch.einsum("mkgl,mlkd->mkgd", torch.softmax(so, dim=-1), vo)
+        top = torch.maximum(lse_p, lse_o)
+        wp, wo = torch.exp(lse_p - top).unsqueeze(-1), torch.exp(lse_o - top).unsqueeze(-1)
+        return ((op * wp + oo * wo) / (wp + wo)).reshape(m, h, d).to(q.dtype)
 
     def _prefill(self, q, kv_cache, pages, seq_len, scale):
         qlen = q.shape[0]
@@ -159,6 +204,8 @@ def register_backend(name: str, cls: type[AttentionBackend]) -> None:
 
 def get_backend(name: str) -> AttentionBackend:
     """The backend registered under ``name`` ('torch'; 'triton' once the kernels register it)."""
+    if name == "triton" and name not in _BACKENDS:
+        import batchllm.kernels.backend  # noqa: F401  (registers itself)
     try:
         return _BACKENDS[name]()
     except KeyError:

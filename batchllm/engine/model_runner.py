@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from batchllm.engine.attention import AttentionBackend, AttentionMetadata
+from batchllm.engine.attention import AttentionBackend, AttentionMetadata, PrefixGroupDescriptor
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import ScheduledStep
 from batchllm.engine.sequence import Sequence
@@ -78,6 +78,7 @@ class ModelRunner:
             num_decodes=step.num_decodes,
             query_lens_host=list(step.num_tokens),
             seq_lens_host=seq_lens.tolist(),
+            prefix_groups=prefix_groups_for_step(step.items, step.num_decodes),
         )
         return StepInputs(
             input_ids=self._to_device(input_ids),
@@ -95,3 +96,23 @@ class ModelRunner:
         if not inp.samplers:
             return None, []
         return self.model.compute_logits(hidden[inp.logits_indices]), inp.samplers
+
+
+def prefix_groups_for_step(items, num_decodes: int) -> list[PrefixGroupDescriptor]:
+    """Runs of consecutive sequences of the step that belong to one (computed) shared prefix.
+
+    Decodes come first, so a group with both decoding and prefilling members yields two descriptors.
+    ``prefix_len`` is the whole prefix, partial last page included: every member's copy of that page
+    holds the same prefix tokens.
+    """
+    groups: list[PrefixGroupDescriptor] = []
+    start = 0
+    for i in range(1, len(items) + 1):
+        prev = items[i - 1].prefix if isinstance(items[i - 1], Sequence) else None
+        cur = items[i].prefix if i < len(items) and isinstance(items[i], Sequence) else None
+        if i < len(items) and cur is prev and i != num_decodes:
+            continue
+        if prev is not None and prev.ready:
+            groups.append(PrefixGroupDescriptor(start, i, prev.length))
+        start = i
+    return groups

@@ -89,6 +89,7 @@ class Scheduler:
         self.estimator = OutputLengthEstimator()
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # for the achieved prefill saving
+        self.peak_pages_in_use = 0  # most pages referenced at once (peak KV memory)
 
     # -- queue -------------------------------------------------------------------------------------
     def _peek_waiting(self) -> Schedulable | None:
@@ -215,6 +216,7 @@ class Scheduler:
 
         if not items:
             return None
+        self.peak_pages_in_use = max(self.peak_pages_in_use, self.pool.num_pages - self.pool.num_free)
         return ScheduledStep(items, counts, num_decodes)
 
     def _num_running_seqs(self) -> int:
