@@ -76,3 +76,62 @@ def test_group_decode_matches_plain_and_dense(prefix_len, page_size):
     ref = dense_reference(q, k_seqs, v_seqs, scale)
     torch.testing.assert_close(plain, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grouped, ref, atol=2e-5, rtol=1e-4)
+
+
+def dense_causal(q_rows, k, v, scale):
+    """Queries are the last len(q_rows) positions of a sequence with keys k/v (all positions)."""
+    L, kvh = k.shape[0], k.shape[1]
+    n, h = q_rows.shape[0], q_rows.shape[1]
+    kk = k.repeat_interleave(h // kvh, dim=1).double()
+    vv = v.repeat_interleave(h // kvh, dim=1).double()
+    s = torch.einsum("qhd,lhd->hql", q_rows.double(), kk) * scale
+    qpos = torch.arange(L - n, L)
+    s.masked_fill_((torch.arange(L)[None, :] > qpos[:, None])[None], float("-inf"))
+    return torch.einsum("hql,lhd->qhd", torch.softmax(s, -1), vv).float()
+
+
+@pytest.mark.parametrize("prefix_len,page_size", [(7, 4), (8, 4), (1, 4)])
+def test_group_prefill_matches_dense(prefix_len, page_size):
+    torch.manual_seed(100 + prefix_len)
+    h, kvh, d = 4, 2, 8
+    own = [5, 3, 9]  # own tokens after the prefix
+    qlens = [5, 2, 4]  # this step computes the last qlens[i] of them (chunked prefill)
+    kv = torch.randn(2, 64, page_size, kvh, d)
+    full, part = divmod(prefix_len, page_size)
+    nxt = full
+    tables, ks, vs = [], [], []
+    for n in own:
+        pages = list(range(full))
+        if part:
+            kv[:, nxt] = kv[:, 63]
+            pages.append(nxt)
+            nxt += 1
+        while len(pages) * page_size < prefix_len + n:
+            pages.append(nxt)
+            nxt += 1
+        tables.append(pages)
+        ks.append(kv[0][pages].reshape(-1, kvh, d)[: prefix_len + n])
+        vs.append(kv[1][pages].reshape(-1, kvh, d)[: prefix_len + n])
+    width = max(map(len, tables))
+    lens = [prefix_len + n for n in own]
+    q = torch.randn(sum(qlens), h, d)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 5, 7, 11], dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        slot_mapping=torch.zeros(sum(qlens), dtype=torch.int64),
+        num_decodes=0,
+        query_lens_host=qlens,
+        seq_lens_host=lens,
+        prefix_groups=[PrefixGroupDescriptor(0, 3, prefix_len)],
+    )
+    scale = d**-0.5
+    got = TorchAttention().forward(q, kv, meta, scale)
+    meta.prefix_groups = None
+    plain = TorchAttention().forward(q, kv, meta, scale)
+    r = 0
+    for i, n in enumerate(qlens):
+        ref = dense_causal(q[r : r + n], ks[i], vs[i], scale)
+        torch.testing.assert_close(got[r : r + n], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(plain[r : r + n], ref, atol=2e-5, rtol=1e-4)
+        r += n

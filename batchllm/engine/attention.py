@@ -114,12 +114,22 @@ class TorchAttention(AttentionBackend):
             elif bool(rest.any()):
                 idx = rest.nonzero().squeeze(1)
                 out[idx.to(q.device)] = self._decode(q[idx.to(q.device)], kv_cache, meta, idx, scale)
-        pos = nd  # decodes occupy the first nd query rows, one each
+        # prefill chunks: a run of group members shares one pass over the prefix; others go one by one
+        starts = [nd]
         for i in range(nd, meta.num_seqs):
-            qlen = meta.query_lens_host[i]
-            seq_len = meta.seq_lens_host[i]
-            out[pos : pos + qlen] = self._prefill(q[pos : pos + qlen], kv_cache, meta.block_tables[i], seq_len, scale)
-            pos += qlen
+            starts.append(starts[-1] + meta.query_lens_host[i])
+        grouped = {g.seq_start: g for g in meta.prefix_groups or () if g.seq_start >= nd and g.seq_end - g.seq_start >= 2}
+        i = nd
+        while i < meta.num_seqs:
+            g = grouped.get(i)
+            if g is not None:
+                r0, r1 = starts[g.seq_start - nd], starts[g.seq_end - nd]
+                out[r0:r1] = self._prefill_group(q[r0:r1], kv_cache, meta, g, scale)
+                i = g.seq_end
+                continue
+            r0, r1 = starts[i - nd], starts[i - nd + 1]
+            out[r0:r1] = self._prefill(q[r0:r1], kv_cache, meta.block_tables[i], meta.seq_lens_host[i], scale)
+            i += 1
         return out
 
     @staticmethod
@@ -148,6 +158,54 @@ class TorchAttention(AttentionBackend):
         )
         return o.squeeze(2)
 
+    def _prefix_part(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
+        """All query rows of a group against the shared prefix, read once: (kvh, rows*g, d) x (kvh, d, P).
+
+        Every query sits at a position >= prefix_len, so no mask is needed. Returns fp32 output
+        (rows, kvh, g, d) and log-sum-exp (rows, kvh, g)."""
+        rows, h, d = q.shape
+        kvh = kv_cache.shape[3]
+        kp, vp = self._gather(kv_cache, meta.block_tables[g.seq_start], g.prefix_len)
+        qs = q.float().view(rows, kvh, h // kvh, d).permute(1, 0, 2, 3).reshape(kvh, -1, d)
+        sp = torch.bmm(qs, kp.float().permute(1, 2, 0)) * scale
+        lse = torch.logsumexp(sp, dim=-1)
+        o = torch.bmm(torch.softmax(sp, dim=-1), vp.float().transpose(0, 1))
+        return o.view(kvh, rows, h // kvh, d).permute(1, 0, 2, 3), lse.view(kvh, rows, h // kvh).permute(1, 0, 2)
+
+    @staticmethod
+    def _merge(o_a, lse_a, o_b, lse_b):
+        """Exact combination of two partial attentions over disjoint key sets."""
+        top = torch.maximum(lse_a, lse_b)
+        wa, wb = torch.exp(lse_a - top).unsqueeze(-1), torch.exp(lse_b - top).unsqueeze(-1)
+        return (o_a * wa + o_b * wb) / (wa + wb)
+
+    def _prefill_group(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
+        """Prefill chunks of consecutive group members: the prefix part for all their rows at once, then
+        each member's own tokens (causal), merged exactly."""
+        rows, h, d = q.shape
+        kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
+        P = g.prefix_len
+        op, lse_p = self._prefix_part(q, kv_cache, meta, g, scale)
+        out = torch.empty_like(q)
+        first_page, offset = P // ps, P % ps
+        r = 0
+        for i in range(g.seq_start, g.seq_end):
+            qlen, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
+            own = seq_len - P
+            ko, vo = self._gather(kv_cache, meta.block_tables[i, first_page:], offset + own)
+            ko, vo = ko[offset:].float(), vo[offset:].float()  # (own, kvh, d)
+            qi = q[r : r + qlen].float().view(qlen, kvh, h // kvh, d)
+            so = torch.einsum("qkgd,lkd->qkgl", qi, ko) * scale
+            # query row t sits at position seq_len - qlen + t; own key j at position P + j
+            qpos = torch.arange(qlen, device=q.device) + (seq_len - qlen - P)
+            so.masked_fill_((torch.arange(own, device=q.device)[None, :] > qpos[:, None])[:, None, None, :], float("-inf"))
+            lse_o = torch.logsumexp(so, dim=-1)
+            oo = torch.einsum("qkgl,lkd->qkgd", torch.softmax(so, dim=-1), vo)
+            merged = self._merge(op[r : r + qlen], lse_p[r : r + qlen], oo, lse_o)
+            out[r : r + qlen] = merged.reshape(qlen, h, d).to(q.dtype)
+            r += qlen
+        return out
+
     def _decode_group(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
         """Decodes of one prefix group: all members' queries against the prefix (one matrix product,
         the prefix read once), each member against its own tokens, then the exact log-sum-exp merge."""
@@ -155,14 +213,7 @@ class TorchAttention(AttentionBackend):
         kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
         P = g.prefix_len
         qf = q.float().view(m, kvh, h // kvh, d)
-        # shared prefix: (kvh, m*g, d) x (kvh, d, P)
-        kp, vp = self._gather(kv_cache, meta.block_tables[g.seq_start], P)
-        qs = qf.permute(1, 0, 2, 3).reshape(kvh, -1, d)
-        sp = torch.bmm(qs, kp.float().permute(1, 2, 0)) * scale
-        lse_p = torch.logsumexp(sp, dim=-1)
-        op = torch.bmm(torch.softmax(sp, dim=-1), vp.float().transpose(0, 1))
-        op = op.view(kvh, m, h // kvh, d).permute(1, 0, 2, 3)
-        lse_p = lse_p.view(kvh, m, h // kvh).permute(1, 0, 2)
+        op, lse_p = self._prefix_part(q, kv_cache, meta, g, scale)
         # own tokens: positions [P, seq_len) of each member, from the page holding position P on
         lens = meta.seq_lens[g.seq_start : g.seq_end].to(torch.long) - P
         max_own = max(meta.seq_lens_host[g.seq_start : g.seq_end]) - P
@@ -174,9 +225,7 @@ class TorchAttention(AttentionBackend):
         so.masked_fill_(invalid[:, None, None, :], float("-inf"))
         lse_o = torch.logsumexp(so, dim=-1)
         oo = torch.einsum("mkgl,mlkd->mkgd", torch.softmax(so, dim=-1), vo)
-        top = torch.maximum(lse_p, lse_o)
-        wp, wo = torch.exp(lse_p - top).unsqueeze(-1), torch.exp(lse_o - top).unsqueeze(-1)
-        return ((op * wp + oo * wo) / (wp + wo)).reshape(m, h, d).to(q.dtype)
+        return self._merge(op, lse_p, oo, lse_o).reshape(m, h, d).to(q.dtype)
 
     def _prefill(self, q, kv_cache, pages, seq_len, scale):
         qlen = q.shape[0]
