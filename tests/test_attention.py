@@ -135,3 +135,17 @@ def test_group_prefill_matches_dense(prefix_len, page_size):
         torch.testing.assert_close(got[r : r + n], ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(plain[r : r + n], ref, atol=2e-5, rtol=1e-4)
         r += n
+
+
+def test_store_kv_writes_slots_and_skips_padding():
+    kv = torch.zeros(2, 3, 4, 1, 2)
+    k = torch.arange(6, dtype=torch.float32).view(3, 1, 2) + 1
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, 3], dtype=torch.int32), seq_lens=torch.tensor([3], dtype=torch.int32),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32), slot_mapping=torch.tensor([5, -1, 0]),
+        num_decodes=0, query_lens_host=[3], seq_lens_host=[3], has_padding=True,
+    )
+    TorchAttention().store_kv(k, -k, kv, meta)
+    flat = kv.view(2, 12, 1, 2)
+    assert torch.equal(flat[0, 5], k[0]) and torch.equal(flat[0, 0], k[2]) and torch.equal(flat[1, 0], -k[2])
+    assert int((flat[0] != 0).any(-1).sum()) == 2  # the padded row wrote nothing

@@ -55,6 +55,8 @@ class AttentionMetadata:
     query_lens_host: list[int]
     seq_lens_host: list[int]
     prefix_groups: list[PrefixGroupDescriptor] | None = None
+    has_padding: bool = False  # some slot_mapping entries are -1 (padded rows); known on the host: no sync
+
 
     @property
     def num_seqs(self) -> int:
@@ -92,7 +94,7 @@ class TorchAttention(AttentionBackend):
         num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
         slots = meta.slot_mapping
         flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
-        if bool((slots < 0).any()):  # padded rows (CUDA-graph buckets) are skipped
+        if meta.has_padding:  # padded rows (CUDA-graph buckets) are skipped
             keep = slots >= 0
             slots, k, v = slots[keep], k[keep], v[keep]
         flat[0].index_copy_(0, slots, k)
