@@ -1,7 +1,13 @@
 """The ``batchllm`` command line (typer + rich).
 
-``batchllm run INPUT... --output DIR`` runs a batch job. Errors a user can act on (``BatchLLMError``,
-bad flags) print as one line and exit 1 (2 for usage errors); ``--verbose`` adds the traceback.
+``batchllm run INPUT... --output DIR`` runs a batch job; rerun on the same folder, or
+``batchllm resume DIR``, it continues where it stopped. ``batchllm show DIR`` summarises a job,
+``batchllm export DIR`` merges its shards.
+
+Exit status: 0 when the job finished, failed rows included (they are error records in the output);
+1 for a job-level failure (``BatchLLMError``: unreadable input, unknown model, unwritable or full
+output folder, a mismatched resume), printed as one line (``--verbose`` adds the traceback); 2 for
+usage errors; 128 + signal number after SIGINT / SIGTERM, once complete work is committed.
 """
 
 from __future__ import annotations
@@ -67,12 +73,16 @@ def run(
     max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
     page_size: Optional[int] = typer.Option(None, help="Tokens per KV page."),
-    shard_rows: Optional[int] = typer.Option(None, help="Rows per output shard."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per output shard, the unit of commit (default 10,000)."),
     preview: Optional[int] = typer.Option(None, help="Completions to print after the run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous job's results in the output folder instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
 ) -> None:
-    """Run a batch job: prompts in, completions out as Parquet shards."""
+    """Run a batch job: prompts in, completions out as Parquet shards.
+
+    If the output folder holds this same job (same model, tokenizer, sampling defaults, seed, columns
+    and inputs), it resumes; if it holds a different one, it refuses unless --overwrite."""
     from batchllm.config import load_job_file, merge
 
     _set_verbose(verbose)
@@ -86,9 +96,71 @@ def run(
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
+    _run_and_report(cfg, quiet, overwrite=overwrite)
+
+
+@app.command()
+def resume(
+    output_dir: str = typer.Argument(..., help="The job's output folder."),
+    device: Optional[str] = typer.Option(None, help="Run on another device than the job started on: auto | cpu | cuda."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard from now on."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
+    kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
+) -> None:
+    """Continue a stopped or killed job from its manifest alone; finished requests are not redone.
+
+    Only options that do not change outputs may be given here."""
+    from batchllm.config import JobConfig
+    from batchllm.jobs.manifest import read_manifest
+
+    _set_verbose(verbose)
+    manifest = read_manifest(output_dir)
+    if manifest is None or not manifest.get("job"):
+        raise BatchLLMError(f"{output_dir} holds no batchllm job to resume (no manifest.json)")
+    cfg = JobConfig.from_spec(manifest["job"])
+    cfg.output = output_dir
+    for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("kv_cache_tokens", kv_cache_tokens)):
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.validate()
+    _run_and_report(cfg, quiet)
+
+
+@app.command()
+def show(output_dir: str = typer.Argument(..., help="The job's output folder.")) -> None:
+    """Summarise a job, running or finished: progress, throughput, errors by code, prefix reuse."""
+    from batchllm.jobs.show import show_job
+
+    show_job(output_dir, out)
+
+
+@app.command()
+def export(
+    output_dir: str = typer.Argument(..., help="The job's output folder."),
+    to: str = typer.Option(..., "--to", help="File to write."),
+    fmt: str = typer.Option("parquet", "--format", "-f", help="parquet | jsonl | openai (OpenAI Batch output file, plus <stem>.errors.jsonl)."),
+    ordered: bool = typer.Option(False, "--ordered", help="In input order (input file, row, sample) instead of commit order."),
+    errors_to: Optional[str] = typer.Option(None, "--errors-to", help="openai format: where to write the error file."),
+) -> None:
+    """Merge a job's committed shards into one file."""
+    from batchllm.jobs.export import export_job
+
+    res = export_job(output_dir, fmt, to, ordered=ordered, errors_to=errors_to)
+    console.print(f"exported {res.requests:,} requests ({res.failed:,} failed, {res.rows:,} rows) to {', '.join(res.paths)}")
+
+
+def _run_and_report(cfg, quiet: bool, overwrite: bool = False) -> None:
     from batchllm.pipeline import run_job  # torch import deferred until the flags are known good
 
-    summary = run_job(cfg, progress=None if quiet else _ProgressView().hook)
+    view = None if quiet else _ProgressView()
+    try:
+        summary = run_job(cfg, progress=view.hook if view else None, overwrite=overwrite)
+    finally:
+        if view is not None:
+            view.close()
     _print_summary(cfg, summary)
     if not quiet and summary.preview:
         _print_preview(summary.preview)
@@ -187,8 +259,15 @@ class _ProgressView:
         self.status = console.status("loading model...")
         self.status.start()
 
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.status.stop()
+
     def hook(self, event: str, info: dict) -> None:
-        if event == "loaded":
+        if event == "resumed":
+            console.print(f"resuming the job in {info['output']}: {info['done']:,} requests already done")
+        elif event == "loaded":
             self.status.update(f"reading and tokenizing inputs ({info['model']} on {info['device']}, {info['dtype']})")
         elif event == "planned":
             self.status.stop()
@@ -214,7 +293,7 @@ def _print_summary(cfg, s) -> None:
     t = Table(title=f"batchllm run -> {cfg.output}", show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
-    t.add_row("requests", f"{s.requests:,}")
+    t.add_row("requests", f"{s.requests:,}" + (f"  ({s.done_before:,} done in earlier runs)" if s.done_before else ""))
     t.add_row("errors", f"{s.errors:,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in sorted(s.errors_by_code.items()))})" if s.errors else ""))
     t.add_row("samples completed", f"{s.samples:,}")
     t.add_row("prompt tokens", f"{s.prompt_tokens:,}  ({s.cached_tokens:,} reused from shared prefixes)")
@@ -255,8 +334,13 @@ def main() -> None:
 
     Usage errors (a flag that does not parse) are typer's: a short message and exit status 2.
     """
+    from batchllm.jobs.signals import JobInterrupted
+
     try:
         app()
+    except JobInterrupted as e:
+        console.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except BatchLLMError as e:
         if _VERBOSE:
             console.print_exception()

@@ -48,7 +48,7 @@ class JobConfig:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory
-    # output
+    # output: rows per Parquet shard (a shard is the unit of commit: a crash loses at most one shard's work)
     shard_rows: int = 10_000
     preview: int = 3  # completions printed after the run
 
@@ -86,6 +86,28 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "JobConfig":
+        """The config a manifest's job spec describes (``batchllm resume``); keys this version does not
+        know are ignored, so a folder written by an older batchllm still resumes."""
+        return cls(**{k: v for k, v in spec.items() if k in _FIELDS})
+
+    def with_absolute_paths(self) -> "JobConfig":
+        """A copy whose input, output and model paths are absolute, so the job spec stored in the manifest
+        resumes from any working directory (model specs that are not paths are kept as they are)."""
+        model = self.model
+        if model is not None and not model.startswith("dummy:") and os.path.exists(os.path.expanduser(model)):
+            model = os.path.abspath(os.path.expanduser(model))
+        return dataclasses.replace(
+            self,
+            inputs=[os.path.abspath(os.path.expanduser(p)) for p in self.inputs],
+            output=os.path.abspath(os.path.expanduser(self.output)) if self.output else self.output,
+            model=model,
+        )
+
+    def column_mapping_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("id_column", "prompt_column", "messages_column", "prompt_template", "system_prompt")}
 
 
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}

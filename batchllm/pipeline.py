@@ -1,8 +1,14 @@
 """The job driver: read -> tokenize -> plan -> engine -> write.
 
-``run_job`` is what ``batchllm run`` calls. Each stage lives in its own package; this module only
-wires them together, keeps the counters for the summary, and turns finished sequences and rejected rows
-into output rows.
+``run_job`` is what ``batchllm run`` and ``batchllm resume`` call. Each stage lives in its own package;
+this module only wires them together, keeps the counters for the summary, and turns finished sequences
+and rejected rows into output rows.
+
+Durable jobs (``batchllm.jobs``): before the weights load, the job's fingerprint is checked against the
+output folder's manifest (a new job, a resume, or a refusal naming what changed); rows the manifest
+records as done are skipped while reading, so planning sees only the remaining requests; SIGINT /
+SIGTERM stop admission after the current engine step, commit every complete request and raise
+``JobInterrupted``; ``status.json`` follows the job throughout.
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
 from batchllm.io.readers import ColumnMapping, read_requests
 from batchllm.io.requests import Request, RowError
-from batchllm.io.writer import ShardWriter
+from batchllm.io.writer import CommitError, ShardWriter
+from batchllm.jobs.folder import JobFolder, open_job_folder
+from batchllm.jobs.manifest import build_fingerprint
+from batchllm.jobs.recorder import ResultRecorder
+from batchllm.jobs.signals import JobInterrupted, StopFlag, stop_on_signals
+from batchllm.jobs.status import CANCELLED, COMPLETED, FAILED, StatusFile
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 from batchllm.models.llama import build_model
@@ -56,8 +67,9 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 @dataclasses.dataclass
 class JobSummary:
-    requests: int = 0
-    errors: int = 0
+    requests: int = 0  # every request of the job, earlier runs included
+    done_before: int = 0  # requests finished by earlier runs (resume)
+    errors: int = 0  # rows that failed in this run
     samples: int = 0
     prompt_tokens: int = 0  # as the user sees them (every sample's prompt)
     cached_tokens: int = 0
@@ -116,6 +128,7 @@ def completion_row(req: Request, seq: Sequence) -> dict:
         "completion_tokens": len(seq.output_ids),
         "cached_tokens": seq.num_cached,
         "token_ids": seq.output_ids,
+        "request_type": "chat" if req.messages is not None else "completion",
     }
     if seq.logprobs is not None:
         row["logprobs"] = seq.logprobs
@@ -165,15 +178,38 @@ def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) 
     return ok, errors
 
 
-def read_and_tokenize(cfg: JobConfig, tokenizer, mcfg: ModelConfig, max_model_len: int, on_error: Callable[[RowError], None]) -> list[Request]:
-    """READ + TOKENIZE: every valid request with its token ids; every bad row goes to ``on_error``."""
+def read_and_tokenize(
+    cfg: JobConfig,
+    tokenizer,
+    mcfg: ModelConfig,
+    max_model_len: int,
+    on_error: Callable[[RowError], None],
+    folder: JobFolder | None = None,
+    stop: StopFlag | None = None,
+) -> list[Request]:
+    """READ + TOKENIZE: every valid request with its token ids; every bad row goes to ``on_error``.
+
+    With a resumed ``folder``, rows it records as done are left out: unread when the earlier run got past
+    its read phase (``JobFolder.skip_masks``), else read and dropped. Records carry the input paths the
+    job first recorded (``input_files``), so every shard of a job names its inputs the same way.
+    """
     mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    skip = folder.skip_masks(cfg.inputs) if folder is not None and folder.resuming else None
+    done = folder.done if folder is not None and folder.resuming and skip is None else None
+    file_ids = {p: i for i, p in enumerate(cfg.inputs)}
+    names = (folder.manifest.get("input_files") if folder is not None and folder.resuming else None) or cfg.inputs
     requests: list[Request] = []
-    for item in read_requests(cfg.inputs, mapping, cfg.sampling_defaults()):
+    for k, item in enumerate(read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip)):
+        fid = file_ids[item.input_file]
+        if done is not None and done.contains(fid, item.input_index):
+            continue
+        item.input_file = names[fid]
         if isinstance(item, RowError):
             on_error(item)
         else:
             requests.append(item)
+        if stop is not None and stop and k % 1024 == 0:
+            break  # run_job notices the flag and stops before planning
     requests, errors = tokenize(requests, tokenizer, max_model_len, mcfg.vocab_size)
     for e in errors:
         on_error(e)
@@ -298,12 +334,13 @@ class LoadedModel:
     source: loader.ModelSource
 
 
-def load_model(cfg: JobConfig) -> LoadedModel:
-    src = loader.resolve_model(cfg.model)
+def load_model(cfg: JobConfig, src: loader.ModelSource | None = None, tokenizer=None) -> LoadedModel:
+    """Config, tokenizer and weights of ``cfg.model`` (``src`` / ``tokenizer`` when already resolved)."""
+    src = src or loader.resolve_model(cfg.model)
     mcfg = loader.load_config(src)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tok = loader.load_tokenizer(src)
+    tok = tokenizer if tokenizer is not None else loader.load_tokenizer(src)
     model = build_model(mcfg, loader.iter_weights(src, mcfg, dtype, device), dtype, device)
     return LoadedModel(mcfg, model, tok, device, dtype, src)
 
@@ -311,29 +348,99 @@ def load_model(cfg: JobConfig) -> LoadedModel:
 ProgressHook = Callable[[str, dict], None]
 
 
-def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None) -> JobSummary:
-    """Run a whole job; ``progress(event, info)`` is called with 'loaded', 'planned', 'step' and 'done'."""
+def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None, *, overwrite: bool = False) -> JobSummary:
+    """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'resumed', 'loaded',
+    'planned', 'step' and 'done'.
+
+    ``overwrite`` deletes a previous job's results in the output folder instead of resuming it. Raises
+    ``JobInterrupted`` after a SIGINT / SIGTERM (complete requests committed), ``CommitError`` when the
+    output cannot be written (committed shards stay valid), ``BatchLLMError`` for other job-level failures.
+    """
     cfg.validate()
+    cfg = cfg.with_absolute_paths()
+    if len(set(cfg.inputs)) != len(cfg.inputs):  # rows are keyed by (input position, row index)
+        raise BatchLLMError("the same input file is given twice")
     emit = progress or (lambda event, info: None)
     summary = JobSummary()
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    read_requests(cfg.inputs, mapping, cfg.sampling_defaults())  # unreadable inputs fail now, before any loading
+
+    # JOB FOLDER: identity first (tokenizer and weights' identity only, not the weights), then new / resume / refuse
     t_load = time.perf_counter()
-    lm = loaded or load_model(cfg)
+    src = loader.resolve_model(cfg.model)
+    device = resolve_device(cfg.device)
+    dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
+    tok = loaded.tokenizer if loaded is not None else loader.load_tokenizer(src)
+    fingerprint = job_fingerprint(cfg, src, tok, dtype)
+    folder = open_job_folder(cfg.output, fingerprint, overwrite=overwrite)
+    try:
+        writer = ShardWriter(cfg.output, cfg.shard_rows, job_spec=cfg.to_dict(), manifest=folder.manifest,
+                             fingerprint=fingerprint, input_files=cfg.inputs, lock=folder.lock)
+    except BaseException:
+        folder.lock.release()
+        raise
+    m = writer.manifest
+    status = StatusFile(cfg.output, m["job_id"], m["created_at"], m["input_files"], src.display_name)
+    recorder = ResultRecorder(writer, status)
+    summary.done_before = recorder.done_before
+    if folder.resuming:
+        emit("resumed", {"done": recorder.done_before, "output": cfg.output})
+    recorder.update_status(stage="loading", force=True)
+    try:
+        with stop_on_signals() as stop:
+            _run(cfg, emit, summary, loaded, src, tok, t_load, folder, writer, recorder, stop)
+    except JobInterrupted:
+        status.finish(CANCELLED)
+        raise
+    except CommitError as e:
+        writer.abandon()
+        status.finish(FAILED, str(e))
+        raise CommitError(f"{e}; fix that, then resume with: batchllm resume {cfg.output}") from None
+    except BaseException as e:
+        writer.abandon()
+        status.finish(FAILED, str(e) or type(e).__name__)
+        raise
+    status.finish(COMPLETED)
+    emit("done", {})
+    return summary
+
+
+def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.dtype) -> dict:
+    """What changes this job's outputs (``batchllm.jobs.manifest.build_fingerprint``); ``cfg`` with
+    absolute paths."""
+    return build_fingerprint(
+        weights=loader.weights_fingerprint(src), model_name=src.display_name, tokenizer=tok,
+        sampling=dataclasses.asdict(cfg.sampling_defaults()), seed=cfg.seed, columns=cfg.column_mapping_dict(),
+        max_model_len=cfg.max_model_len, dtype=str(dtype).removeprefix("torch."), inputs=cfg.inputs,
+    )
+
+
+def _run(cfg, emit, summary, loaded, src, tok, t_load, folder, writer, recorder, stop) -> None:
+    """LOAD -> READ + TOKENIZE (remaining rows only) -> PLAN -> ENGINE -> WRITE, inside the signal handlers."""
+    lm = loaded or load_model(cfg, src=src, tokenizer=tok)  # the tokenizer the fingerprint saw
     summary.load_seconds = time.perf_counter() - t_load
     mcfg = lm.config
     max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
     emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
+    _check_stop(stop, cfg, writer)
 
     t0 = time.perf_counter()
-    os.makedirs(cfg.output, exist_ok=True)
-    writer = ShardWriter(cfg.output, cfg.shard_rows, job_spec=cfg.to_dict())
-    requests = read_and_tokenize(cfg, lm.tokenizer, mcfg, max_model_len, lambda e: _record_error(summary, writer, e))
-    summary.requests = len(requests) + summary.errors
+    recorder.update_status(stage="reading", force=True)
+    requests = read_and_tokenize(cfg, lm.tokenizer, mcfg, max_model_len, lambda e: _record_error(summary, recorder, e), folder, stop)
+    _check_stop(stop, cfg, writer)
+    # Commit the read phase's error records now: from here on a resume may skip finished rows unread
+    # (every duplicate custom_id is then a committed error row; see batchllm.jobs.folder).
+    writer.flush()
+    writer.write_manifest(read_complete=True)
+    summary.requests = recorder.done_before + len(requests) + summary.errors
+    recorder.status.set_counts(total=summary.requests)
 
     plan = make_plan(requests, cfg.policy)
     if plan is not None:
         summary.planned_saving, summary.max_saving = plan.saving(), plan.max_saving()
     total_samples = sum(r.sampling.n for r in requests)
-    emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors})
+    emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors, "done_before": summary.done_before})
+    _check_stop(stop, cfg, writer)
 
     budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
     pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
@@ -358,8 +465,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
 
     def on_finish(seq: Sequence) -> None:
         req = requests[seq.request_index]
-        row = completion_row(req, seq)
-        writer.add(row)
+        recorder.sample(seq.request_index, req.sampling.n, completion_row(req, seq))
         summary.samples += 1
         summary.prompt_tokens += seq.prompt_len
         summary.cached_tokens += seq.num_cached
@@ -369,22 +475,43 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
 
     def on_step(stats: StepStats) -> None:
         emit("step", {"finished": stats.num_finished, "new_tokens": stats.new_output_tokens})
+        recorder.update_status()
+        if stop:
+            raise _Stopped  # out of engine.run: nothing more is admitted, complete requests are committed below
 
-    engine.run(build_sources(requests, plan, eos, cfg.seed), on_finish, on_step)
+    recorder.status.generation_started(recorder.done_before)
+    recorder.update_status(stage="generating", force=True)
+    stopped = False
+    try:
+        engine.run(build_sources(requests, plan, eos, cfg.seed), on_finish, on_step)
+    except _Stopped:
+        stopped = True
     summary.wall_seconds = time.perf_counter() - t0
     _batch_stats(summary, engine.step_stats)
     if engine.scheduler is not None:
         summary.num_preemptions = engine.scheduler.num_preemptions
         summary.prompt_tokens_computed = engine.scheduler.prompt_tokens_computed
     writer.close(summary=summary.to_dict())
-    emit("done", {})
-    return summary
+    recorder.update_status(force=True)
+    if stopped:
+        raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
 
 
-def _record_error(summary: JobSummary, writer: ShardWriter, err: RowError) -> None:
+class _Stopped(Exception):
+    """Internal: a stop signal arrived; raised from the engine's step callback to leave its loop."""
+
+
+def _check_stop(stop: StopFlag, cfg: JobConfig, writer: ShardWriter) -> None:
+    """Between stages: on a stop signal, commit what is complete and raise JobInterrupted."""
+    if stop:
+        writer.close()
+        raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
+
+
+def _record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
     summary.errors += 1
     summary.errors_by_code[err.error_code] = summary.errors_by_code.get(err.error_code, 0) + 1
-    writer.add(error_row(err))
+    recorder.error(error_row(err))
 
 
 def _prompt_preview(req: Request) -> str:

@@ -134,6 +134,7 @@ def read_requests(
     mapping: ColumnMapping = ColumnMapping(),
     defaults: SamplingParams = SamplingParams(),
     batch_rows: int = 4096,
+    skip: Sequence[Any] | None = None,
 ) -> Iterator[Request | RowError]:
     """Yield one ``Request`` or ``RowError`` per input row, files in the given order, rows in file order.
 
@@ -141,6 +142,11 @@ def read_requests(
     raise ``BatchLLMError`` before the iterator is returned; per-file checks (mapped columns present)
     raise when that file is reached. ``batch_rows`` bounds the rows converted to Python at a time for
     Parquet and datasets inputs.
+
+    ``skip`` (resume): per path, None or a bool array whose true entries are row indices to pass over
+    unread: such a row yields nothing, is not parsed (a JSONL line is not even decoded) and claims no
+    ``custom_id``. The caller must know that skipped rows cannot change the others' fate (see
+    ``batchllm.jobs.folder``).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -156,7 +162,9 @@ def read_requests(
     maps_columns = (mapping.id_column, mapping.prompt_column, mapping.messages_column, mapping.prompt_template)
     if any(x is not None for x in maps_columns) and "openai" in formats:
         raise BatchLLMError("column mapping and prompt templates do not apply to OpenAI batch files")
-    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows)
+    if skip is not None and len(skip) != len(paths):
+        raise ValueError("skip must have one entry per path")
+    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip)
 
 
 def count_rows(paths: Sequence[str]) -> int | None:
@@ -188,17 +196,21 @@ def count_rows(paths: Sequence[str]) -> int | None:
 # -------------------------------------------------------------------------------------------- driving
 
 
-def _generate(paths, formats, mapping, template_fields, defaults, batch_rows) -> Iterator[Request | RowError]:
+def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None) -> Iterator[Request | RowError]:
     seen: set[str] = set()
     several = len(paths) > 1
     wanted, required = _wanted_columns(mapping, template_fields)
-    for path, fmt in zip(paths, formats):
+    for i, (path, fmt) in enumerate(zip(paths, formats)):
         prefix = os.path.basename(os.path.normpath(path)) + ":" if several else ""
+        mask = skip[i] if skip is not None and skip[i] is not None and len(skip[i]) else None
+        mask = mask.tolist() if hasattr(mask, "tolist") else mask  # list indexing: the per-row check stays cheap
         if fmt in ("jsonl", "openai"):
-            rows = _jsonl_rows(path)
+            rows = _jsonl_rows(path, mask)
         else:
             reader = _parquet_rows if fmt == "parquet" else _dataset_rows
             rows = reader(path, fmt, wanted, required, batch_rows)
+            if mask is not None:
+                rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
             yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults)
 
@@ -498,11 +510,14 @@ def _sniff_jsonl(path: str) -> str:
     return "jsonl"
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | _RowFailure]]:
-    """(line index, parsed object or failure) for every non-blank line, streaming in binary."""
+def _jsonl_rows(path: str, skip: list[bool] | None = None) -> Iterator[tuple[int, dict | _RowFailure]]:
+    """(line index, parsed object or failure) for every non-blank line not in ``skip``, streaming in binary."""
+    n_skip = len(skip) if skip is not None else 0
     try:
         with open(path, "rb") as f:
             for index, raw in enumerate(f):
+                if index < n_skip and skip[index]:
+                    continue
                 if not raw.strip():
                     continue
                 try:

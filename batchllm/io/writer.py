@@ -1,24 +1,45 @@
 """Parquet shard writer: results go out in shards, each committed atomically, listed in a manifest.
 
-A shard is written to ``.shard-NNNNN.parquet.tmp``, flushed and fsynced, then renamed to
-``shard-NNNNN.parquet``; the manifest (``manifest.json``) is rewritten the same way after every commit
-and lists each committed shard with its row count and sha256. A reader that trusts only the manifest
-therefore never sees a half-written shard, whatever instant the process dies at.
+Commit protocol (``ShardWriter.flush``): the shard is serialised in memory and hashed, written to
+``.shard-NNNNN.parquet.tmp``, fsynced, renamed to ``shard-NNNNN.parquet`` (directory fsynced), and only
+then listed in ``manifest.json``, itself rewritten through a temporary file and a rename. The manifest
+is the only source of truth: a shard file it does not list (the process died between the rename and the
+manifest write) is an orphan that the next writer in the folder deletes, and its rows are redone. So
+whatever instant the process dies at, a reader that trusts the manifest sees every committed row
+exactly once and never a half-written file.
+
+Whole requests only: ``add_request(rows)`` buffers all rows of one request (its ``n`` samples, or its
+one error record) together and a shard is cut only between requests, so a shard may exceed
+``shard_rows`` by at most ``n - 1`` rows. ``add(row)`` is ``add_request([row])``. That is what lets each
+shard's manifest entry record, compactly (``batchllm.jobs.completed``), which input rows it finished:
+resume reads those records, never the shards.
 
 Every row has the same schema (``OUTPUT_SCHEMA``): completions fill the result columns, error records
 (rows that could not run) fill ``error_code`` / ``error_message`` and leave the result columns null.
+``request_type`` is "chat" or "completion" (how the prompt was given), used by the OpenAI export.
+
+Failures to write (disk full, a deleted or read-only folder) raise ``CommitError``, a BatchLLMError
+with one line; what was committed before stays valid and the job can resume.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import time
-from typing import Any
+import uuid
+from collections import Counter, defaultdict
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from batchllm.errors import BatchLLMError
+from batchllm.jobs.completed import encode_done
+from batchllm.jobs.manifest import MANIFEST, MANIFEST_VERSION
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -36,20 +57,34 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("top_logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))),
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
+        pa.field("request_type", pa.string()),
     ]
 )
 
-MANIFEST = "manifest.json"
+STATUS = "status.json"
+LOCK = ".batchllm.lock"
+_SHARD_RE = re.compile(r"^shard-\d{5,}\.parquet$")
+# Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
+# SIGKILL inside a commit. Read once per writer; unset in normal use.
+COMMIT_HOOK_ENV = "BATCHLLM_TEST_COMMIT_HOOK"
+
+
+class CommitError(BatchLLMError):
+    """A shard or the manifest could not be written; committed shards are intact."""
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
 
 
@@ -67,56 +102,169 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``DIR/.batchllm.lock``: one writer per job folder.
+
+    The kernel drops the lock when the process dies, however it dies, so a killed job never leaves a
+    stale lock behind.
+    """
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BatchLLMError(f"another batchllm process is writing to {os.path.dirname(self.path)}") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def clear_job_files(output_dir: str) -> None:
+    """Delete a previous job's files (manifest, status, shards, temporaries); other files are left alone."""
+    for name in os.listdir(output_dir):
+        if name in (MANIFEST, STATUS) or _SHARD_RE.match(name) or (name.startswith(".") and name.endswith(".tmp")):
+            _remove_quietly(os.path.join(output_dir, name))
 
 
 class ShardWriter:
-    """Buffers result rows and commits them as Parquet shards of ``shard_rows`` rows."""
+    """Buffers result rows and commits them as Parquet shards of about ``shard_rows`` rows.
 
-    def __init__(self, output_dir: str, shard_rows: int = 10_000, job_spec: dict[str, Any] | None = None):
+    ``manifest``: an existing manifest (``read_manifest``) to continue; its shards stay and numbering
+    goes on after them. Without it a new job starts and any previous job's files in the folder are
+    deleted. ``fingerprint`` and ``input_files`` (the file-id order) go into a new manifest. ``lock``:
+    the folder's ``FolderLock`` when the caller already holds it; the writer releases it on close.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        shard_rows: int = 10_000,
+        job_spec: dict[str, Any] | None = None,
+        *,
+        manifest: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        input_files: list[str] | None = None,
+        lock: FolderLock | None = None,
+    ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
         self.output_dir = output_dir
         self.shard_rows = shard_rows
-        os.makedirs(output_dir, exist_ok=True)
-        self.manifest: dict[str, Any] = {
-            "version": 1,
-            "created_at": time.time(),
-            "job": job_spec or {},
-            "shards": [],
-        }
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            if lock is None:  # a caller that already holds the folder's lock passes it in
+                lock = FolderLock(output_dir)
+                lock.acquire()
+            self._lock = lock
+        except OSError as e:
+            raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+        now = time.time()
+        if manifest is not None:
+            self.manifest = manifest
+            if job_spec is not None:
+                self.manifest["job"] = job_spec
+            self.manifest.setdefault("runs", []).append({"started_at": now})
+        else:
+            files = list(input_files if input_files is not None else (job_spec or {}).get("inputs") or [])
+            self.manifest = {
+                "version": MANIFEST_VERSION,
+                "job_id": uuid.uuid4().hex,
+                "created_at": now,
+                "job": job_spec or {},
+                "fingerprint": fingerprint or {},
+                "input_files": files,
+                "shards": [],
+                "runs": [{"started_at": now}],
+            }
+        self._file_ids = {p: i for i, p in enumerate(self.manifest.setdefault("input_files", []))}
+        self._next_index = 1 + max((_shard_number(s["file"]) for s in self.manifest["shards"]), default=-1)
         self._buffer: list[dict[str, Any]] = []
-        self.rows_written = 0
+        self._buffer_requests = 0
+        self.rows_written = 0  # rows committed by this writer (this run)
+        self._hook = _commit_hook()
+        try:
+            self._remove_orphans()
+            self.write_manifest()
+        except OSError as e:
+            raise CommitError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+
+    # ------------------------------------------------------------------------------------------ rows
 
     def add(self, row: dict[str, Any]) -> None:
-        self._buffer.append(row)
+        """Buffer one row that is a whole request by itself (an error record, or a single sample)."""
+        self.add_request([row])
+
+    def add_request(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Buffer every row of one request together; commits a shard once ``shard_rows`` are buffered."""
+        self._buffer.extend(rows)
+        self._buffer_requests += 1
         if len(self._buffer) >= self.shard_rows:
             self.flush()
+
+    @property
+    def buffered_rows(self) -> int:
+        return len(self._buffer)
+
+    # ------------------------------------------------------------------------------------------ commit
 
     def flush(self) -> None:
         """Commit the buffered rows as one shard (no-op when empty), then the manifest."""
         if not self._buffer:
             return
-        index = len(self.manifest["shards"])
-        name = f"shard-{index:05d}.parquet"
+        name = f"shard-{self._next_index:05d}.parquet"
         final = os.path.join(self.output_dir, name)
         tmp = os.path.join(self.output_dir, f".{name}.tmp")
         table = pa.Table.from_pylist(self._buffer, schema=OUTPUT_SCHEMA)
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.output_dir)
-        self.manifest["shards"].append({"file": name, "rows": table.num_rows, "sha256": _sha256(final)})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        entry = {"file": name, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "committed_at": time.time()}
+        entry.update(self._shard_stats(self._buffer))
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._hook("shard-written")
+                os.replace(tmp, final)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            _fsync_dir(self.output_dir)
+            self._hook("shard-renamed")
+            self.manifest["shards"].append(entry)
+            try:
+                self.write_manifest()
+            except BaseException:
+                self.manifest["shards"].pop()  # the shard file is now an orphan: the next writer deletes it
+                raise
+            self._hook("manifest-written")
+        except OSError as e:
+            raise CommitError(
+                f"cannot commit {name} to {self.output_dir}: {e.strerror or e} (the {len(self.manifest['shards'])} "
+                "shards committed before stay valid)"
+            ) from None
+        self._next_index += 1
         self.rows_written += table.num_rows
         self._buffer = []
-        self.write_manifest()
+        self._buffer_requests = 0
 
     def write_manifest(self, **extra: Any) -> None:
         self.manifest.update(extra)
@@ -125,15 +273,134 @@ class ShardWriter:
         atomic_write_bytes(os.path.join(self.output_dir, MANIFEST), data)
 
     def close(self, **summary: Any) -> None:
-        self.flush()
-        self.write_manifest(**summary)
+        """Commit what is buffered and record ``summary`` in the manifest; releases the folder lock."""
+        try:
+            self.flush()
+            runs = self.manifest.get("runs") or [{}]
+            runs[-1]["ended_at"] = time.time()
+            try:
+                self.write_manifest(**summary)
+            except OSError as e:
+                raise CommitError(f"cannot write the manifest in {self.output_dir}: {e.strerror or e}") from None
+        finally:
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """Drop buffered rows without committing (they will be redone) and release the folder lock."""
+        self._buffer = []
+        self._lock.release()
+
+    # --------------------------------------------------------------------------------------- helpers
+
+    def file_id(self, path: str) -> int:
+        fid = self._file_ids.get(path)
+        if fid is None:  # a row from a file the job spec did not list (direct library use)
+            fid = self._file_ids[path] = len(self.manifest["input_files"])
+            self.manifest["input_files"].append(path)
+        return fid
+
+    def _shard_stats(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Counts for the manifest entry and the compact record of the input rows this shard finishes."""
+        done: dict[int, set[int]] = defaultdict(set)
+        failed: set[tuple[int, int]] = set()
+        errors: Counter[str] = Counter()
+        prompt = completion = cached = samples = 0
+        for r in rows:
+            fid = self.file_id(r.get("input_file") or "")
+            idx = int(r["input_index"])
+            done[fid].add(idx)
+            code = r.get("error_code")
+            if code is not None:
+                failed.add((fid, idx))
+                errors[code] += 1
+            else:
+                samples += 1
+                prompt += r.get("prompt_tokens") or 0
+                completion += r.get("completion_tokens") or 0
+                cached += r.get("cached_tokens") or 0
+        total = sum(len(v) for v in done.values())
+        return {
+            "requests": {"completed": total - len(failed), "failed": len(failed)},
+            "samples": samples,
+            "tokens": {"prompt": prompt, "completion": completion, "cached": cached},
+            "errors_by_code": dict(sorted(errors.items())),
+            "done": encode_done({fid: sorted(v) for fid, v in done.items()}),
+        }
+
+    def _remove_orphans(self) -> None:
+        """Delete temporaries and shard files the manifest does not list (left by a killed process)."""
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for name in os.listdir(self.output_dir):
+            if (_SHARD_RE.match(name) and name not in listed) or (name.startswith(".shard-") and name.endswith(".tmp")):
+                _remove_quietly(os.path.join(self.output_dir, name))
 
 
-def read_results(output_dir: str) -> pa.Table:
-    """All committed rows of a job folder (shards listed in the manifest), in commit order."""
+def _shard_number(name: str) -> int:
+    return int(name.removeprefix("shard-").split(".")[0])
+
+
+def _commit_hook():
+    spec = os.environ.get(COMMIT_HOOK_ENV)
+    if not spec:
+        return lambda phase: None
+    path, _, seconds = spec.rpartition(":")
+    delay = float(seconds or 0)
+
+    def hook(phase: str) -> None:
+        with open(path, "a") as f:
+            f.write(phase + "\n")
+        time.sleep(delay)
+
+    return hook
+
+
+def committed_totals(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Sums over the manifest's shards: rows, requests completed/failed, samples, tokens, errors by code."""
+    out: dict[str, Any] = {"shards": 0, "rows": 0, "completed": 0, "failed": 0, "samples": 0,
+                           "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "errors_by_code": Counter()}
+    for s in manifest.get("shards", []):
+        out["shards"] += 1
+        out["rows"] += s.get("rows", 0)
+        req = s.get("requests") or {}
+        out["completed"] += req.get("completed", 0)
+        out["failed"] += req.get("failed", 0)
+        out["samples"] += s.get("samples", 0)
+        tok = s.get("tokens") or {}
+        out["prompt_tokens"] += tok.get("prompt", 0)
+        out["completion_tokens"] += tok.get("completion", 0)
+        out["cached_tokens"] += tok.get("cached", 0)
+        out["errors_by_code"].update(s.get("errors_by_code") or {})
+    out["errors_by_code"] = dict(sorted(out["errors_by_code"].items()))
+    return out
+
+
+def read_manifest_file(output_dir: str) -> dict[str, Any]:
     with open(os.path.join(output_dir, MANIFEST)) as f:
-        manifest = json.load(f)
-    tables = [pq.read_table(os.path.join(output_dir, s["file"])) for s in manifest["shards"]]
+        return json.load(f)
+
+
+def read_results(output_dir: str, verify: bool = False) -> pa.Table:
+    """All committed rows of a job folder (shards listed in the manifest), in commit order.
+
+    ``verify`` checks each shard's sha256 against the manifest (BatchLLMError on a mismatch).
+    Shards written before ``request_type`` existed get it as a null column.
+    """
+    manifest = read_manifest_file(output_dir)
+    tables = [_read_shard(output_dir, s, verify) for s in manifest["shards"]]
     if not tables:
         return OUTPUT_SCHEMA.empty_table()
     return pa.concat_tables(tables)
+
+
+def _read_shard(output_dir: str, entry: dict[str, Any], verify: bool) -> pa.Table:
+    path = os.path.join(output_dir, entry["file"])
+    if verify:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != entry.get("sha256"):
+            raise BatchLLMError(f"{path} does not match the checksum in the manifest")
+    table = pq.read_table(path)
+    for field in OUTPUT_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)

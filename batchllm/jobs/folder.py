@@ -1,0 +1,78 @@
+"""Opening a job's output folder: start fresh, resume, or refuse.
+
+``open_job_folder`` takes the folder's lock first (one writer per folder), then looks at the manifest:
+- none: a new job;
+- present and ``overwrite``: the previous job's files are deleted, a new job starts;
+- present with the same fingerprint: the job resumes; ``done`` says which input rows are finished;
+- present with a different fingerprint: ``BatchLLMError`` naming what changed.
+
+``read_complete`` (a manifest flag the pipeline sets once every input row was read and every error
+record the readers produced was committed) lets a resume skip finished rows without even parsing them:
+all cross-row state the readers keep (duplicate ``custom_id`` detection) was settled by then, because a
+duplicate of any row is itself a finished (error) row. Before that point a resume reads everything
+again and only filters finished rows out afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from batchllm.errors import BatchLLMError
+from batchllm.io.writer import FolderLock, clear_job_files
+from batchllm.jobs.completed import CompletedSet
+from batchllm.jobs.manifest import check_same_job, read_manifest
+
+
+@dataclasses.dataclass
+class JobFolder:
+    output_dir: str
+    lock: FolderLock
+    manifest: dict[str, Any] | None  # None: a new job
+    done: CompletedSet
+
+    @property
+    def resuming(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def read_complete(self) -> bool:
+        return bool(self.manifest and self.manifest.get("read_complete"))
+
+    def skip_masks(self, inputs: list[str]) -> list[np.ndarray | None] | None:
+        """Per input file, the bool array of rows a reader may skip unread; None when it may not.
+
+        Inputs match the manifest's by position (the fingerprint compared their contents), so a job
+        whose input files moved still resumes."""
+        if not self.read_complete:
+            return None
+        return [self.done.array(i) for i in range(len(inputs))]
+
+
+def open_job_folder(output_dir: str, fingerprint: dict[str, Any], overwrite: bool = False) -> JobFolder:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise BatchLLMError(f"cannot create output folder {output_dir}: {e.strerror or e}") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise BatchLLMError(f"cannot write to output folder {output_dir}: permission denied")
+    lock = FolderLock(output_dir)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+    try:
+        if overwrite:
+            clear_job_files(output_dir)
+            return JobFolder(output_dir, lock, None, CompletedSet())
+        manifest = read_manifest(output_dir)
+        if manifest is None:
+            return JobFolder(output_dir, lock, None, CompletedSet())
+        check_same_job(manifest, fingerprint, output_dir)
+        return JobFolder(output_dir, lock, manifest, CompletedSet.from_shards(manifest["shards"]))
+    except BaseException:
+        lock.release()
+        raise

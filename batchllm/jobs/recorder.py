@@ -1,0 +1,65 @@
+"""Between the engine and the shard writer: whole requests out, live counts into status.json.
+
+The engine finishes samples one at a time and in any order; a request with ``n`` samples goes to the
+writer only when its last sample is done (``ShardWriter.add_request``), so a committed shard never holds
+part of a request and resume can treat "in a committed shard" as "done". Samples of unfinished requests
+are simply lost when the job stops: resume redoes the whole request, and the per-sample seeds make the
+redone samples identical.
+
+The recorder also keeps the OpenAI-style request counts (earlier runs included) and the token totals,
+and forwards them to ``StatusFile`` (which throttles its own writes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchllm.io.writer import ShardWriter, committed_totals
+from batchllm.jobs.status import StatusFile
+
+
+class ResultRecorder:
+    def __init__(self, writer: ShardWriter, status: StatusFile):
+        self.writer = writer
+        self.status = status
+        before = committed_totals(writer.manifest)
+        self.done_before = before["completed"] + before["failed"]
+        self.completed = before["completed"]
+        self.failed = before["failed"]
+        self.samples = before["samples"]
+        self.tokens = {"prompt": before["prompt_tokens"], "completion": before["completion_tokens"], "cached": before["cached_tokens"]}
+        self._pending: dict[int, list[dict[str, Any]]] = {}  # request index -> finished samples so far
+        status.set_counts(completed=self.completed, failed=self.failed)
+
+    def error(self, row: dict[str, Any]) -> None:
+        self.writer.add(row)
+        self.failed += 1
+        self.status.set_counts(failed=self.failed)
+
+    def sample(self, request_index: int, n: int, row: dict[str, Any]) -> None:
+        rows = self._pending.setdefault(request_index, [])
+        rows.append(row)
+        self.samples += 1
+        self.tokens["prompt"] += row.get("prompt_tokens") or 0
+        self.tokens["completion"] += row.get("completion_tokens") or 0
+        self.tokens["cached"] += row.get("cached_tokens") or 0
+        if len(rows) == n:
+            del self._pending[request_index]
+            rows.sort(key=lambda r: r["sample_index"])
+            self.writer.add_request(rows)
+            self.completed += 1
+            self.status.set_counts(completed=self.completed)
+
+    def update_status(self, stage: str | None = None, force: bool = False) -> None:
+        m = self.writer.manifest
+        self.status.update(
+            stage=stage,
+            samples=self.samples,
+            tokens=self.tokens,
+            committed={"shards": len(m["shards"]), "rows": sum(s["rows"] for s in m["shards"])},
+            force=force,
+        )
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
