@@ -82,22 +82,21 @@ class SamplingParams:
         """Build from a row's fields over ``defaults``; unknown keys are ignored, bad values raise ValueError.
 
         Values are coerced strictly: a temperature of ``"hot"`` or a max_tokens of ``1.5`` is an error,
-        never silently truncated.
+        never silently truncated. A row that overrides nothing gets ``defaults`` itself (the object is
+        frozen, so a million such rows share one), which keeps reading fast.
         """
-        base = dataclasses.asdict(defaults) if defaults is not None else {}
-        values: dict[str, Any] = dict(base)
+        base = defaults if defaults is not None else _DEFAULTS
+        overrides: dict[str, Any] = {}
         for alias in MAX_TOKENS_ALIASES:
             if fields.get(alias) is not None and fields.get("max_tokens") is None:
-                values["max_tokens"] = fields[alias]
-        for f in dataclasses.fields(cls):
-            if f.name in fields and fields[f.name] is not None:
-                values[f.name] = fields[f.name]
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                continue
-            kwargs[f.name] = _coerce(f.name, values[f.name])
-        return cls(**kwargs)
+                overrides["max_tokens"] = _coerce("max_tokens", fields[alias])
+        for name in _FIELD_NAMES:
+            value = fields.get(name)
+            if value is not None:
+                overrides[name] = _coerce(name, value)
+        if not overrides:
+            return base
+        return dataclasses.replace(base, **overrides)  # __post_init__ validates the combination
 
 
 _INT_FIELDS = {"max_tokens", "top_k", "n", "min_tokens"}
@@ -151,3 +150,7 @@ def _as_int(name: str, value: Any) -> int:
     except ImportError:  # pragma: no cover
         pass
     raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_DEFAULTS = SamplingParams()
