@@ -349,8 +349,8 @@ ProgressHook = Callable[[str, dict], None]
 
 
 def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None, *, overwrite: bool = False) -> JobSummary:
-    """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'resumed', 'loaded',
-    'planned', 'step' and 'done'.
+    """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'resumed', 'read',
+    'loaded', 'planned', 'step' and 'done' (no 'loaded' / 'planned' when nothing is left to generate).
 
     ``overwrite`` deletes a previous job's results in the output folder instead of resuming it. Raises
     ``JobInterrupted`` after a SIGINT / SIGTERM (complete requests committed), ``CommitError`` when the
@@ -366,7 +366,6 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     read_requests(cfg.inputs, mapping, cfg.sampling_defaults())  # unreadable inputs fail now, before any loading
 
     # JOB FOLDER: identity first (tokenizer and weights' identity only, not the weights), then new / resume / refuse
-    t_load = time.perf_counter()
     src = loader.resolve_model(cfg.model)
     device = resolve_device(cfg.device)
     dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
@@ -388,7 +387,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     recorder.update_status(stage="loading", force=True)
     try:
         with stop_on_signals() as stop:
-            _run(cfg, emit, summary, loaded, src, tok, t_load, folder, writer, recorder, stop)
+            _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop)
     except JobInterrupted:
         status.finish(CANCELLED)
         raise
@@ -415,18 +414,17 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
     )
 
 
-def _run(cfg, emit, summary, loaded, src, tok, t_load, folder, writer, recorder, stop) -> None:
-    """LOAD -> READ + TOKENIZE (remaining rows only) -> PLAN -> ENGINE -> WRITE, inside the signal handlers."""
-    lm = loaded or load_model(cfg, src=src, tokenizer=tok)  # the tokenizer the fingerprint saw
-    summary.load_seconds = time.perf_counter() - t_load
-    mcfg = lm.config
-    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-    emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
-    _check_stop(stop, cfg, writer)
+def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop) -> None:
+    """READ + TOKENIZE (remaining rows only) -> LOAD -> PLAN -> ENGINE -> WRITE, inside the signal handlers.
 
+    The weights load only once there is something to generate: rerunning a finished job costs no load.
+    """
+    mcfg = loaded.config if loaded is not None else loader.load_config(src)
+    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
     t0 = time.perf_counter()
     recorder.update_status(stage="reading", force=True)
-    requests = read_and_tokenize(cfg, lm.tokenizer, mcfg, max_model_len, lambda e: _record_error(summary, recorder, e), folder, stop)
+    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: _record_error(summary, recorder, e), folder, stop)
+    read_seconds = time.perf_counter() - t0
     _check_stop(stop, cfg, writer)
     # Commit the read phase's error records now: from here on a resume may skip finished rows unread
     # (every duplicate custom_id is then a committed error row; see batchllm.jobs.folder).
@@ -439,8 +437,18 @@ def _run(cfg, emit, summary, loaded, src, tok, t_load, folder, writer, recorder,
     if plan is not None:
         summary.planned_saving, summary.max_saving = plan.saving(), plan.max_saving()
     total_samples = sum(r.sampling.n for r in requests)
+    emit("read", {"requests": len(requests), "errors": summary.errors, "model": src.display_name})
+    if not requests:  # nothing (left) to generate
+        writer.close(summary=summary.to_dict())
+        recorder.update_status(force=True)
+        return
+    t_load = time.perf_counter()
+    lm = loaded or load_model(cfg, src=src, tokenizer=tok)  # the tokenizer the fingerprint saw
+    summary.load_seconds = time.perf_counter() - t_load
+    emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
     emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors, "done_before": summary.done_before})
     _check_stop(stop, cfg, writer)
+    t0 = time.perf_counter() - read_seconds  # wall time counts reading, not the weights' load
 
     budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
     pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
