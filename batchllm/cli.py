@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from batchllm.bench.command import bench
 from batchllm.errors import BatchLLMError
 
 app = typer.Typer(
@@ -34,6 +35,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+
+
+app.command()(bench)  # batchllm bench: the benchmark harness (batchllm.bench)
 
 
 @app.callback()
@@ -161,9 +165,23 @@ def _run_and_report(cfg, quiet: bool, overwrite: bool = False) -> None:
     finally:
         if view is not None:
             view.close()
+    if summary.samples == 0 and summary.errors == 0 and summary.done_before:
+        console.print(f"nothing left to do: all {summary.done_before:,} requests of this job are done "
+                      f"(see batchllm show {cfg.output}, or --overwrite to start over)")
+        if not quiet and cfg.preview:
+            _print_preview(_committed_preview(cfg.output, cfg.preview))
+        return
     _print_summary(cfg, summary)
     if not quiet and summary.preview:
         _print_preview(summary.preview)
+
+
+def _committed_preview(output_dir: str, n: int) -> list[dict]:
+    """The first ``n`` completions already committed in a job folder, for a finished job's rerun."""
+    from batchllm.io.writer import read_results
+
+    rows = read_results(output_dir).select(["custom_id", "text", "error_code"]).slice(0, 10 * n).to_pylist()
+    return [{"custom_id": r["custom_id"], "prompt": "", "text": r["text"]} for r in rows if r["error_code"] is None][:n]
 
 
 @app.command()
@@ -256,7 +274,7 @@ class _ProgressView:
         self.task = None
         self.tokens = 0
         self.t0 = 0.0
-        self.status = console.status("loading model...")
+        self.status = console.status("reading and tokenizing inputs...")
         self.status.start()
 
     def close(self) -> None:
@@ -267,8 +285,10 @@ class _ProgressView:
     def hook(self, event: str, info: dict) -> None:
         if event == "resumed":
             console.print(f"resuming the job in {info['output']}: {info['done']:,} requests already done")
+        elif event == "read" and info["requests"]:
+            self.status.update(f"loading {info['model']} ({info['requests']:,} requests to run)")
         elif event == "loaded":
-            self.status.update(f"reading and tokenizing inputs ({info['model']} on {info['device']}, {info['dtype']})")
+            self.status.update(f"planning ({info['model']} on {info['device']}, {info['dtype']})")
         elif event == "planned":
             self.status.stop()
             self.progress = Progress(
