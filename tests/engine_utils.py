@@ -83,13 +83,16 @@ def run_engine(
     eos: frozenset[int] = frozenset(),
     seeds: list[int] | None = None,
     prefix_caching: bool = False,
+    growth_reserve: float = 1.0,
 ) -> tuple[dict[int, list[Sequence]], LLMEngine]:
     """Run prompts through a fresh engine; returns finished sequences by prompt index, and the engine.
 
     ``prefix_lens`` (optional) groups consecutive prompts that share that many leading tokens.
     """
     kv = KVCache(cfg, num_pages, page_size, torch.float32, "cpu")
-    sched = SchedulerConfig(page_size=page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=cfg.max_position_embeddings)
+    sched = SchedulerConfig(page_size=page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=cfg.max_position_embeddings,
+        growth_reserve=growth_reserve,
+    )
     engine = LLMEngine(
         model, tokenizer or FakeTokenizer(), kv, get_backend("torch"), sched, torch.device("cpu"), cfg.vocab_size, prefix_caching=prefix_caching
     )

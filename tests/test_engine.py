@@ -79,9 +79,15 @@ def test_preemption_recompute_gives_same_output():
     prompts = prompts_for(4, 8, cfg.vocab_size, 10, 30)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     roomy, _ = run_engine(model, cfg, prompts, params, num_pages=512)
-    # 24 pages of 4 tokens cannot hold 8 sequences of up to 50 tokens: forces preemption
-    tight, engine = run_engine(model, cfg, prompts, params, num_pages=24)
+    # 24 pages of 4 tokens cannot hold 8 sequences of up to 50 tokens; admitting on current memory only
+    # (no growth projection) forces preemption
+    tight, engine = run_engine(model, cfg, prompts, params, num_pages=24, growth_reserve=0.0)
     assert engine.scheduler.num_preemptions > 0
+    # the memory-centric admission (projected peak) avoids preempting at all, with the same outputs
+    planned, engine2 = run_engine(model, cfg, prompts, params, num_pages=24)
+    assert engine2.scheduler.num_preemptions == 0
+    for i in range(len(prompts)):
+        assert planned[i][0].output_ids == roomy[i][0].output_ids
     for i in range(len(prompts)):
         assert tight[i][0].output_ids == roomy[i][0].output_ids
     assert engine.pool.num_free == engine.pool.num_pages
@@ -111,7 +117,7 @@ def test_shared_prefix_survives_member_preemption():
     prompts = [head + [r.randrange(cfg.vocab_size) for _ in range(6)] for _ in range(6)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     plain, _ = run_engine(model, cfg, prompts, params, num_pages=512)
-    shared, engine = run_engine(model, cfg, prompts, params, prefix_lens=[12] * 6, num_pages=22)
+    shared, engine = run_engine(model, cfg, prompts, params, prefix_lens=[12] * 6, num_pages=22, growth_reserve=0.0)
     assert engine.scheduler.num_preemptions > 0
     for i in range(6):
         assert shared[i][0].output_ids == plain[i][0].output_ids

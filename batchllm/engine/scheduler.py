@@ -7,8 +7,9 @@ Each step spends one token budget (``max_num_batched_tokens``), Sarathi-style:
 3. then new admissions from the waiting queue, in plan order, while KV memory allows.
 
 Admission is bounded by KV memory, not by a sequence count (BatchLLM's memory-centric token batching):
-a waiting sequence is admitted when the pages for its whole pending prompt fit in the free pool while
-keeping a reserve for the expected growth of everything already running. ``max_num_seqs`` is an optional
+a waiting sequence is admitted when the pages for its whole pending prompt fit now and the projected
+peak of KV memory, with every running sequence growing to its expected output length and freeing its
+pages when it ends, still fits the pool (``_projected_peak_pages``). ``max_num_seqs`` is an optional
 cap (the streaming baseline uses 256, as vLLM does). When a running decode cannot get a page, the most
 recently admitted sequence is preempted by recomputation: its pages are released (a shared prefix stays
 shared) and it goes back to the front of the queue.
@@ -24,11 +25,16 @@ import collections
 import dataclasses
 from typing import Iterator, Union
 
+import numpy as np
+
 from batchllm.engine.kv_cache import KVCache, PagePool
 from batchllm.engine.prefix_cache import PrefixCachingPool
 from batchllm.engine.sequence import Sequence, SeqStatus, SharedPrefix
 
 Schedulable = Union[Sequence, SharedPrefix]
+
+# Above this many (breakpoint x sequence) cells the projected peak uses an O(n log n) bound instead.
+_EXACT_PEAK_CELLS = 200_000
 
 
 @dataclasses.dataclass
@@ -108,16 +114,47 @@ class Scheduler:
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
-    def _reserve_pages(self) -> int:
-        """Pages to keep free for the expected growth of running sequences."""
-        if self.cfg.growth_reserve <= 0:
-            return 0
-        need = 0
-        for s in self.running:
-            if isinstance(s, Sequence):
-                final = s.prompt_len + self.estimator.expected(s)
-                need += max(0, self._pages_for(final) - self._pages_for(s.total_len))
-        return int(need * self.cfg.growth_reserve)
+    def _projected_peak_pages(self, candidate: Sequence | None = None, candidate_pages: int = 0) -> int:
+        """Peak pages in use if nothing else is admitted and every running sequence (plus ``candidate``,
+        given ``candidate_pages`` fresh pages) grows to its expected length, then frees its pages.
+
+        Sequences finish at different times, so the peak is far below "everyone at their maximum at
+        once": at ``t`` steps from now, sequence i holds ``ceil((len_i + t) / page)`` pages while
+        ``t <= r_i`` (its expected remaining tokens) and none after. The peak is reached at one of the
+        ``r_i``; with the ceiling bounded by ``(len_i + t) / page + 1`` every breakpoint costs O(1) after a
+        sort. Shared-prefix pages count as held throughout (they go only when their group does).
+        """
+        seqs = [x for x in self.running if isinstance(x, Sequence)]
+        used = self.pool.num_pages - self.pool.num_free + candidate_pages
+        if candidate is not None:
+            seqs.append(candidate)
+        if not seqs or self.cfg.growth_reserve <= 0:
+            return used
+        ps = self.cfg.page_size
+        n = len(seqs)
+        held = np.empty(n)
+        length = np.empty(n)
+        remaining = np.empty(n)
+        for i, x in enumerate(seqs):
+            held[i] = candidate_pages if x is candidate else len(x.pages)
+            length[i] = x.total_len
+            left = self.estimator.expected(x) - len(x.output_ids)
+            remaining[i] = max(1, int(left * self.cfg.growth_reserve + 0.999))
+        breakpoints = np.unique(remaining)
+        if len(breakpoints) * n <= _EXACT_PEAK_CELLS:
+            # exact: at each breakpoint t, holders (r >= t) own ceil((len + t) / ps) pages, others none
+            t = breakpoints[:, None]
+            holds = remaining[None, :] >= t
+            pages_at = np.where(holds, np.ceil((length[None, :] + t) / ps), 0.0)
+            growth = (pages_at - held[None, :]).sum(axis=1)
+        else:
+            # bound ceil(x / ps) <= (x + ps - 1) / ps, O(n log n): at t = r[k] sequences k.. still hold
+            order = np.argsort(remaining)
+            r, held, length = remaining[order], held[order], length[order]
+            still = np.cumsum(((length + ps - 1) / ps - held)[::-1])[::-1]
+            freed = np.concatenate([[0.0], np.cumsum(held)[:-1]])
+            growth = still + np.arange(n, 0, -1) * r / ps - freed
+        return used + max(0, int(np.ceil(growth.max() - 1e-9)))
 
     def _grow(self, item: Schedulable, upto_tokens: int) -> bool:
         """Make item's pages cover ``upto_tokens`` tokens; False if the pool is short (nothing allocated)."""
@@ -243,7 +280,11 @@ class Scheduler:
             need = self._pages_for(s.length)
         if not self.running:
             return self.pool.can_allocate(need)  # always make progress when idle
-        return self.pool.num_free - need >= self._reserve_pages()
+        if self.pool.num_free < need:
+            return False
+        if isinstance(s, Sequence):  # memory-centric: the projected peak with s admitted must fit the pool
+            return self._projected_peak_pages(s, need) <= self.pool.num_pages
+        return self._projected_peak_pages(None, need) <= self.pool.num_pages
 
     def _admit(self, s: Schedulable, hit: tuple[list[int], list[bytes]] | None = None) -> None:
         s.status = SeqStatus.RUNNING
