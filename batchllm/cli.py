@@ -240,14 +240,9 @@ def stats(
 
 
 def _plot_stats(result: dict, path: str) -> None:
-    try:
-        import matplotlib
+    from batchllm.plotting import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BatchLLMError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "group_size_hist", "requests per group"), (axes[1], "prefix_len_hist", "shared prefix length (tokens)")):
         h = result[key]
         edges, counts = h["edges"], h["counts"]
@@ -257,13 +252,7 @@ def _plot_stats(result: dict, path: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("groups")
     fig.suptitle(f"{result['requests']:,} requests: plan saves {result['saving']:.1%} of prompt tokens (max {result['max_saving']:.1%})")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise BatchLLMError(f"cannot write plot {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 class _ProgressView:

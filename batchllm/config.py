@@ -51,6 +51,10 @@ class JobConfig:
     # output: rows per Parquet shard (a shard is the unit of commit: a crash loses at most one shard's work)
     shard_rows: int = 10_000
     preview: int = 3  # completions printed after the run
+    # scale-out (batchllm.distributed): engine replicas on Ray; neither changes outputs, so neither is
+    # part of the job's fingerprint and a resume may use another replica count
+    replicas: int = 1
+    ray_address: str | None = None  # None: a local Ray instance when replicas > 1; "auto": the running cluster
 
     def sampling_defaults(self) -> SamplingParams:
         try:
@@ -75,7 +79,7 @@ class JobConfig:
             raise BatchLLMError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.attention not in ("auto", "torch", "triton"):
             raise BatchLLMError(f"unknown attention backend {self.attention!r}: use auto, torch or triton")
-        for name in ("page_size", "shard_rows"):
+        for name in ("page_size", "shard_rows", "replicas"):
             if getattr(self, name) < 1:
                 raise BatchLLMError(f"{name.replace('_', '-')} must be at least 1")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_tokens"):
@@ -83,6 +87,11 @@ class JobConfig:
             if v is not None and v < 1:
                 raise BatchLLMError(f"--{name.replace('_', '-')} must be at least 1")
         self.sampling_defaults()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the engine runs on Ray replicas (``batchllm.distributed``) instead of in this process."""
+        return self.replicas > 1 or self.ray_address is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,19 +122,24 @@ class JobConfig:
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 
 
+def read_toml(path: str, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a one-line BatchLLMError naming ``what`` it is."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise BatchLLMError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BatchLLMError(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def load_job_file(path: str) -> dict[str, Any]:
     """Read a TOML job file into JobConfig field values (``input`` may stand for ``inputs``).
 
     Unknown keys are an error, so a typo never silently falls back to a default. Sections ``[sampling]``,
     ``[engine]``, ``[columns]`` and ``[output]`` may group keys; they are flattened.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise BatchLLMError(f"job file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BatchLLMError(f"job file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, "job file")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and key in ("sampling", "engine", "columns", "output_options", "job"):

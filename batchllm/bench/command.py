@@ -22,17 +22,12 @@ Registered in ``cli.py`` with ``app.command()(bench)``.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Optional
 
 import typer
 
+from batchllm.config import read_toml
 from batchllm.errors import BatchLLMError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 BENCH_KEYS = {"workload", "model", "device", "dtype", "policies", "peers", "kv_cache_tokens", "max_num_batched_tokens",
               "repeat", "profile", "warmup", "peer_batch_size", "json", "plot", "shape"}
@@ -44,13 +39,7 @@ def load_bench_job(path: str) -> dict[str, Any]:
     Unknown keys are an error (a typo never falls back to a default); ``policies`` / ``peers`` may be
     lists or comma-separated strings; model / json / plot paths are relative to the file.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise BatchLLMError(f"bench job file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BatchLLMError(f"bench job file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, "bench job file")
     if set(data) != {"bench"} or not isinstance(data["bench"], dict):
         raise BatchLLMError(f"{path}: a bench job file has exactly one [bench] table (found: {', '.join(data) or 'nothing'})")
     values = dict(data["bench"])

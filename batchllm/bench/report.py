@@ -15,6 +15,7 @@ from rich.table import Table
 
 from batchllm.bench.harness import PROFILE_KINDS
 from batchllm.errors import BatchLLMError
+from batchllm.plotting import pyplot, save_figure
 
 
 def _num(v: float | None, fmt: str, suffix: str = "") -> str:
@@ -82,13 +83,7 @@ def write_json(report: dict[str, Any], path: str) -> None:
 
 def plot(report: dict[str, Any], path: str) -> None:
     """Bar charts: wall time, total and output tok/s per entry; per-cell ratios for grid workloads."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BatchLLMError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     res = [e for e in report["results"] if e.get("wall_s") is not None]
     cells = report.get("cells") or []
     names = [e["policy"] for e in res]
@@ -115,10 +110,4 @@ def plot(report: dict[str, Any], path: str) -> None:
         axes[2].legend(fontsize=8)
     wl, m = report["workload"], report["model"]
     fig.suptitle(f"{wl['name']} ({wl['requests']:,} requests), {m['name']}, {m['device']} {m['dtype']}", fontsize=10)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise BatchLLMError(f"cannot write plot {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
