@@ -186,11 +186,11 @@ def test_projected_peak_equals_brute_force_simulation(specs, page_size):
         sum(-(-(s.total_len + t) // page_size) for s in seqs if s.params.max_tokens >= t)
         for t in range(0, max(s.params.max_tokens for s in seqs) + 1)
     )
-    assert sched._projected_peak_pages() == max(brute, held)
+    assert sched._projected_peak_pages(sched._growth_rows()) == max(brute, held)
     old = sched_mod._EXACT_PEAK_CELLS
     sched_mod._EXACT_PEAK_CELLS = 0
     try:
-        bound = sched._projected_peak_pages()
+        bound = sched._projected_peak_pages(sched._growth_rows())
     finally:
         sched_mod._EXACT_PEAK_CELLS = old
     assert max(brute, held) <= bound <= max(brute, held) + len(seqs)

@@ -106,16 +106,15 @@ class TorchAttention(AttentionBackend):
         if nd:
             # decodes of a prefix group read the shared prefix once for all members (Hydragen split);
             # the others are batched plainly. Both are exact; the split only changes float rounding.
-            rest = torch.ones(nd, dtype=torch.bool)
-            for g in meta.prefix_groups or ():
-                if g.seq_end <= nd and g.seq_end - g.seq_start >= 2:
-                    out[g.seq_start : g.seq_end] = self._decode_group(q[g.seq_start : g.seq_end], kv_cache, meta, g, scale)
-                    rest[g.seq_start : g.seq_end] = False
-            if bool(rest.all()):
-                out[:nd] = self._decode(q[:nd], kv_cache, meta, torch.arange(nd), scale)
-            elif bool(rest.any()):
-                idx = rest.nonzero().squeeze(1)
-                out[idx.to(q.device)] = self._decode(q[idx.to(q.device)], kv_cache, meta, idx, scale)
+            # Contiguous runs are sliced, never indexed: no index tensor crosses to the device (a sync).
+            start = 0
+            for g in sorted((g for g in meta.prefix_groups or () if g.seq_end <= nd and g.seq_end - g.seq_start >= 2), key=lambda g: g.seq_start):
+                if g.seq_start > start:
+                    out[start : g.seq_start] = self._decode(q[start : g.seq_start], kv_cache, meta, start, g.seq_start, scale)
+                out[g.seq_start : g.seq_end] = self._decode_group(q[g.seq_start : g.seq_end], kv_cache, meta, g, scale)
+                start = g.seq_end
+            if start < nd:
+                out[start:nd] = self._decode(q[start:nd], kv_cache, meta, start, nd, scale)
         # prefill chunks: a run of group members shares one pass over the prefix; others go one by one
         starts = [nd]
         for i in range(nd, meta.num_seqs):
@@ -144,12 +143,11 @@ class TorchAttention(AttentionBackend):
         v = kv_cache[1][pages].flatten(-4, -3)[..., :length, :, :]
         return k, v
 
-    def _decode(self, q, kv_cache, meta, rows: torch.Tensor, scale):
-        """Decode queries of the sequences ``rows`` (host indices), batched with a length mask."""
-        max_len = max(meta.seq_lens_host[i] for i in rows.tolist())
-        dev_rows = rows.to(q.device)
-        k, v = self._gather(kv_cache, meta.block_tables[dev_rows], max_len)  # (n, L, kvh, d)
-        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[dev_rows].to(torch.long)[:, None]
+    def _decode(self, q, kv_cache, meta, first: int, end: int, scale):
+        """Decode queries of sequences ``first:end``, batched with a length mask."""
+        max_len = max(meta.seq_lens_host[first:end])
+        k, v = self._gather(kv_cache, meta.block_tables[first:end], max_len)  # (n, L, kvh, d)
+        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[first:end].to(torch.long)[:, None]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (n, h, 1, d)
             k.transpose(1, 2),

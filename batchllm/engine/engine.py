@@ -58,8 +58,8 @@ class LLMEngine:
         self.cfg = sched_cfg
         self.device = device
         self.vocab_size = vocab_size
-        # the streaming baseline caches pages by content hash (vLLM's APC); the BatchLLM plan needs no cache
-        self.pool = PrefixCachingPool(kv.num_pages, kv.page_size) if prefix_caching else PagePool(kv.num_pages)
+        self.prefix_caching = prefix_caching
+        self.pool = self._new_pool()
         self.runner = ModelRunner(model, kv, backend, device)
         self.scheduler: Scheduler | None = None
         self.step_stats: list[StepStats] = []
@@ -70,7 +70,11 @@ class LLMEngine:
         on_finish: Callable[[Sequence], None],
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
-        """Run every sequence from ``source`` to completion; ``on_finish`` gets each finished sequence."""
+        """Run every sequence from ``source`` to completion; ``on_finish`` gets each finished sequence.
+
+        Each run starts from a fresh page pool, so a run that was interrupted (an exception out of a
+        callback) leaves nothing behind for the next one on the same engine."""
+        self.pool = self._new_pool()
         self.scheduler = Scheduler(self.pool, self.kv, self.cfg, source)
         while self.scheduler.has_work():
             stats = self.step(on_finish)
@@ -78,6 +82,12 @@ class LLMEngine:
             if on_step is not None:
                 on_step(stats)
         self.scheduler.check_idle_integrity()
+
+    def _new_pool(self) -> PagePool:
+        # the streaming baseline caches pages by content hash (vLLM's APC); the BatchLLM plan needs no cache
+        if self.prefix_caching:
+            return PrefixCachingPool(self.kv.num_pages, self.kv.page_size)
+        return PagePool(self.kv.num_pages)
 
     def step(self, on_finish: Callable[[Sequence], None]) -> StepStats:
         t0 = time.perf_counter()

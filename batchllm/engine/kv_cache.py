@@ -117,9 +117,13 @@ class KVCache:
     def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
         return cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * page_size
 
-    def copy_page(self, src: int, dst: int) -> None:
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages ``src[i]`` to ``dst[i]`` in every layer: one indexed copy per layer, however many."""
+        device = self.layers[0].device
+        s = torch.tensor(src, dtype=torch.long, device=device)
+        d = torch.tensor(dst, dtype=torch.long, device=device)
         for layer in self.layers:
-            layer[:, dst].copy_(layer[:, src])
+            layer.index_copy_(1, d, layer.index_select(1, s))
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -76,8 +76,9 @@ class OutputLengthEstimator:
         self._sum += completion_tokens
         self._count += 1
 
-    def expected(self, seq: Sequence) -> int:
-        mx = seq.params.max_tokens
+    def expected(self, seq: Sequence, max_model_len: int) -> int:
+        """Expected total output tokens of ``seq``; never more than its context leaves room for."""
+        mx = min(seq.params.max_tokens, max(1, max_model_len - seq.prompt_len))
         if seq.params.ignore_eos:
             return mx
         if self._count == 0:
@@ -96,6 +97,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # for the achieved prefill saving
         self.peak_pages_in_use = 0  # most pages referenced at once (peak KV memory)
+        self._num_seqs_running = 0
+        self._stale = False  # running holds finished items / completed prefixes: compact before use
+        self._held_prefixes: dict[int, SharedPrefix] = {}  # computed prefixes whose pages are still held
+        self._copies: list[tuple[int, int]] = []  # partial prefix pages to copy before the next forward
 
     # -- queue -------------------------------------------------------------------------------------
     def _peek_waiting(self) -> Schedulable | None:
@@ -108,47 +113,55 @@ class Scheduler:
         return self.waiting[0] if self.waiting else None
 
     def has_work(self) -> bool:
+        self._compact()
         return bool(self.running) or self._peek_waiting() is not None
+
+    def _compact(self) -> None:
+        """Drop finished sequences and completed prefixes from ``running`` in one pass (not one
+        list.remove each: with thousands running that would be quadratic)."""
+        if self._stale:
+            self.running = [x for x in self.running if x.status is SeqStatus.RUNNING]
+            self._stale = False
 
     # -- memory ------------------------------------------------------------------------------------
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
-    def _projected_peak_pages(self, candidate: Sequence | None = None, candidate_pages: int = 0) -> int:
-        """Peak pages in use if nothing else is admitted and every running sequence (plus ``candidate``,
-        given ``candidate_pages`` fresh pages) grows to its expected length, then frees its pages.
+    def _growth_row(self, x: Sequence, held_pages: int) -> tuple[float, float, float]:
+        """(pages held, tokens, expected remaining tokens) of a sequence for the projection, not counting
+        the full pages it shares with its group's prefix (those stay until the whole group ends)."""
+        shared = x.prefix.length // self.cfg.page_size if x.prefix is not None else 0
+        left = self.estimator.expected(x, self.cfg.max_model_len) - len(x.output_ids)
+        remaining = max(1, int(left * self.cfg.growth_reserve + 0.999))
+        return held_pages - shared, x.total_len - shared * self.cfg.page_size, remaining
+
+    def _growth_rows(self) -> list[tuple[float, float, float]]:
+        return [self._growth_row(x, len(x.pages)) for x in self.running if isinstance(x, Sequence)]
+
+    def _projected_peak_pages(self, rows: list[tuple[float, float, float]], extra_pages: int = 0) -> int:
+        """Peak pages in use if nothing else is admitted and every sequence in ``rows`` (running ones,
+        plus a candidate) grows to its expected length, then frees its pages; ``extra_pages`` are about
+        to be allocated now.
 
         Sequences finish at different times, so the peak is far below "everyone at their maximum at
         once": at ``t`` steps from now, sequence i holds ``ceil((len_i + t) / page)`` pages while
         ``t <= r_i`` (its expected remaining tokens) and none after. The peak is reached at one of the
-        ``r_i``; with the ceiling bounded by ``(len_i + t) / page + 1`` every breakpoint costs O(1) after a
-        sort. Shared-prefix pages count as held throughout (they go only when their group does).
+        ``r_i``: computed exactly there when that is cheap, else through the bound
+        ``ceil(x / page) <= (x + page - 1) / page``, O(n log n) after a sort. Shared-prefix pages count as
+        held throughout.
         """
-        seqs = [x for x in self.running if isinstance(x, Sequence)]
-        used = self.pool.num_pages - self.pool.num_free + candidate_pages
-        if candidate is not None:
-            seqs.append(candidate)
-        if not seqs or self.cfg.growth_reserve <= 0:
+        used = self.pool.num_pages - self.pool.num_free + extra_pages
+        if not rows or self.cfg.growth_reserve <= 0:
             return used
         ps = self.cfg.page_size
-        n = len(seqs)
-        held = np.empty(n)
-        length = np.empty(n)
-        remaining = np.empty(n)
-        for i, x in enumerate(seqs):
-            held[i] = candidate_pages if x is candidate else len(x.pages)
-            length[i] = x.total_len
-            left = self.estimator.expected(x) - len(x.output_ids)
-            remaining[i] = max(1, int(left * self.cfg.growth_reserve + 0.999))
+        held, length, remaining = (np.asarray(c, dtype=np.float64) for c in zip(*rows))
+        n = len(held)
         breakpoints = np.unique(remaining)
         if len(breakpoints) * n <= _EXACT_PEAK_CELLS:
-            # exact: at each breakpoint t, holders (r >= t) own ceil((len + t) / ps) pages, others none
             t = breakpoints[:, None]
-            holds = remaining[None, :] >= t
-            pages_at = np.where(holds, np.ceil((length[None, :] + t) / ps), 0.0)
+            pages_at = np.where(remaining[None, :] >= t, np.ceil((length[None, :] + t) / ps), 0.0)
             growth = (pages_at - held[None, :]).sum(axis=1)
-        else:
-            # bound ceil(x / ps) <= (x + ps - 1) / ps, O(n log n): at t = r[k] sequences k.. still hold
+        else:  # at t = r[k] (sorted) sequences k.. still hold their pages, ..k-1 have freed theirs
             order = np.argsort(remaining)
             r, held, length = remaining[order], held[order], length[order]
             still = np.cumsum(((length + ps - 1) / ps - held)[::-1])[::-1]
@@ -167,20 +180,51 @@ class Scheduler:
         return True
 
     def _preempt(self, victim: Schedulable) -> None:
-        """Release victim's pages and put it back at the front of the queue, to be recomputed."""
-        self.running.remove(victim)
+        """Release victim's pages and put it back at the front of the queue, to be recomputed.
+
+        ``num_cached`` keeps the value of the first admission (as vLLM reports it)."""
+        if self.running and self.running[-1] is victim:  # the usual case: the latest admitted
+            self.running.pop()
+        else:
+            self.running.remove(victim)
         self.num_preemptions += 1
         self.pool.release(victim.pages)
         victim.pages = []
         victim.status = SeqStatus.WAITING
+        victim.num_computed = 0
         if isinstance(victim, Sequence):
+            self._num_seqs_running -= 1
             victim.page_hashes = []
-            victim.num_computed = 0
-            victim.num_cached = 0
             victim.num_preemptions += 1
-        else:
-            victim.num_computed = 0
         self.waiting.appendleft(victim)
+
+    def _fits_alone(self, s: Schedulable | None) -> bool:
+        """Whether ``s`` (with its prefix) fits an otherwise empty pool: only then can freeing help."""
+        if s is None:
+            return False
+        if isinstance(s, SharedPrefix):
+            return self._pages_for(s.length) <= self.pool.num_pages
+        if s.prefix is None:
+            return self._pages_for(s.total_len) <= self.pool.num_pages
+        shared = s.prefix.length // self.cfg.page_size
+        return self._pages_for(s.prefix.length) + self._pages_for(s.total_len) - shared <= self.pool.num_pages
+
+    def _requeue_held_prefixes(self) -> bool:
+        """Nothing runs and the head of the queue does not fit: computed prefixes whose members are all
+        waiting (they were preempted) hold pages nobody uses. Release them and queue each again right
+        before its first waiting member, so it is recomputed when its group's turn comes. Returns
+        whether any page was freed."""
+        if not self._held_prefixes:
+            return False
+        for p in self._held_prefixes.values():
+            self.pool.release(p.pages)
+            p.pages = []
+            p.num_computed = 0
+            p.status = SeqStatus.WAITING
+            at = next((i for i, x in enumerate(self.waiting) if isinstance(x, Sequence) and x.prefix is p), len(self.waiting))
+            self.waiting.insert(at, p)
+        self._held_prefixes.clear()
+        return True
 
     def _grow_or_preempt(self, item: Schedulable, upto_tokens: int, scheduled: set[int]) -> bool:
         """Grow item's pages, preempting the latest-admitted items not yet in this step as needed.
@@ -199,6 +243,7 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep | None:
+        self._compact()
         budget = self.cfg.max_num_batched_tokens
         items: list[Schedulable] = []
         counts: list[int] = []
@@ -235,15 +280,19 @@ class Scheduler:
             budget -= q
 
         # 3. admissions
+        rows = self._growth_rows() if self.cfg.growth_reserve > 0 else []  # built once per step
         while budget > 0:
             s = self._peek_waiting()
             if s is None:
                 break
             hit = self._cache_lookup(s)
-            if not self._can_admit(s, hit):
+            row = self._can_admit(s, hit, rows)
+            if row is None:
                 break
             self.waiting.popleft()
             self._admit(s, hit)
+            if row is not True:
+                rows.append(row)
             q = min(s.num_pending, budget)
             if not self._grow(s, s.num_computed + q):  # _can_admit checked the whole prompt fits
                 raise RuntimeError("admission check passed but allocation failed")
@@ -251,13 +300,15 @@ class Scheduler:
             counts.append(q)
             budget -= q
 
+        if self._copies:  # partial prefix pages of new members, one batched copy per layer
+            self.kv.copy_pages([a for a, _ in self._copies], [b for _, b in self._copies])
+            self._copies = []
         if not items:
+            if not self.running and self._fits_alone(self._peek_waiting()) and self._requeue_held_prefixes():
+                return self.schedule()
             return None
         self.peak_pages_in_use = max(self.peak_pages_in_use, self.pool.num_pages - self.pool.num_free)
         return ScheduledStep(items, counts, num_decodes)
-
-    def _num_running_seqs(self) -> int:
-        return sum(1 for s in self.running if isinstance(s, Sequence))
 
     def _cache_lookup(self, s: Schedulable) -> tuple[list[int], list[bytes]] | None:
         """With a prefix-caching pool (streaming baseline): the cached pages a new sequence can reuse."""
@@ -266,45 +317,58 @@ class Scheduler:
         limit = s.total_len - 1  # the last token is always computed: it yields the logits
         return self.pool.lookup(s.token_slice(0, limit), limit)
 
-    def _can_admit(self, s: Schedulable, hit: tuple[list[int], list[bytes]] | None = None) -> bool:
+    def _can_admit(self, s: Schedulable, hit, rows: list[tuple[float, float, float]]):
+        """None if ``s`` cannot start now; else True, or the projection row to add for an admitted sequence.
+
+        Memory-centric admission: its pages must fit now, and the projected peak of KV memory with it
+        (``_projected_peak_pages``) must fit the pool. Idle, anything that fits now starts.
+        """
+        row = True
         if isinstance(s, Sequence):
             if s.prefix is not None and not s.prefix.ready:
-                return False  # its prefix is still being computed (or waiting)
-            if self.cfg.max_num_seqs is not None and self._num_running_seqs() >= self.cfg.max_num_seqs:
-                return False
+                return None  # its prefix is still being computed (or waiting)
+            if self.cfg.max_num_seqs is not None and self._num_seqs_running >= self.cfg.max_num_seqs:
+                return None
             shared = (s.prefix.length // self.cfg.page_size) if s.prefix is not None else 0
             need = self._pages_for(s.total_len) - shared
             if hit is not None:  # reused pages need no allocation, but reviving evictable ones uses free slots
                 need += self.pool.num_evictable(hit[0]) - len(hit[0])
+            if self.cfg.growth_reserve > 0:
+                row = self._growth_row(s, need + shared)
         else:
             need = self._pages_for(s.length)
-        if not self.running:
-            return self.pool.can_allocate(need)  # always make progress when idle
         if self.pool.num_free < need:
-            return False
-        if isinstance(s, Sequence):  # memory-centric: the projected peak with s admitted must fit the pool
-            return self._projected_peak_pages(s, need) <= self.pool.num_pages
-        return self._projected_peak_pages(None, need) <= self.pool.num_pages
+            return None
+        if not self.running or self.cfg.growth_reserve <= 0:
+            return row
+        candidate = rows + [row] if row is not True else rows
+        return row if self._projected_peak_pages(candidate, need) <= self.pool.num_pages else None
 
     def _admit(self, s: Schedulable, hit: tuple[list[int], list[bytes]] | None = None) -> None:
         s.status = SeqStatus.RUNNING
         self.running.append(s)
+        if not isinstance(s, Sequence):
+            return
+        self._num_seqs_running += 1
+        first = s.num_preemptions == 0
         if hit is not None and hit[0]:
             self.pool.share(hit[0])
             s.pages = list(hit[0])
             s.page_hashes = list(hit[1])
             s.num_computed = len(hit[0]) * self.cfg.page_size
-            s.num_cached = min(s.num_computed, s.prompt_len)
-        if isinstance(s, Sequence) and s.prefix is not None:
+            if first:
+                s.num_cached = min(s.num_computed, s.prompt_len)
+        if s.prefix is not None:
             p = s.prefix
             full = p.length // self.cfg.page_size
             shared = p.pages[:full]
             self.pool.share(shared)
             s.pages = list(shared)
             if p.length % self.cfg.page_size:
-                # the partial last page is copied: the member writes its own tokens after the prefix
+                # the partial last page is copied (batched at the end of schedule()): the member writes
+                # its own tokens after the prefix
                 (own,) = self.pool.allocate(1)
-                self.kv.copy_page(p.pages[full], own)
+                self._copies.append((p.pages[full], own))
                 s.pages.append(own)
             s.num_computed = p.length
             s.num_cached = p.length
@@ -322,15 +386,18 @@ class Scheduler:
             if caching and isinstance(item, Sequence):
                 self.pool.register(item.pages, item.page_hashes, item.token_slice, item.num_computed)
             if isinstance(item, SharedPrefix) and item.ready:
-                self.running.remove(item)
-                item.status = SeqStatus.FINISHED  # computed; pages held until its members finish
+                item.status = SeqStatus.FINISHED  # computed; leaves running, pages held until its members finish
+                self._stale = True
                 if item.unfinished == 0:
                     self._release_prefix(item)
+                else:
+                    self._held_prefixes[id(item)] = item
 
     def finish(self, s: Sequence) -> None:
         """A sequence is done: free its pages, and its prefix's when it was the prefix's last member."""
         if s.status is SeqStatus.RUNNING:
-            self.running.remove(s)
+            self._num_seqs_running -= 1
+            self._stale = True  # removed from running at the next compaction
         s.status = SeqStatus.FINISHED
         self.pool.release(s.pages)
         s.pages = []
@@ -343,9 +410,11 @@ class Scheduler:
     def _release_prefix(self, p: SharedPrefix) -> None:
         self.pool.release(p.pages)
         p.pages = []
+        self._held_prefixes.pop(id(p), None)
 
     def check_idle_integrity(self) -> None:
         """When all work is done, every page must be free again (cached pages count as free: evictable)."""
+        self._compact()
         if self.running or self.waiting:
             raise RuntimeError("scheduler not idle")
         self.pool.check_integrity()
