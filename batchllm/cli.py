@@ -79,6 +79,8 @@ def run(
     page_size: Optional[int] = typer.Option(None, help="Tokens per KV page."),
     shard_rows: Optional[int] = typer.Option(None, help="Rows per output shard, the unit of commit (default 10,000)."),
     preview: Optional[int] = typer.Option(None, help="Completions to print after the run."),
+    replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray, one GPU each (CPU with --device cpu); needs pip install 'batchllm[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster; default: a local Ray when --replicas > 1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous job's results in the output folder instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
@@ -96,7 +98,7 @@ def run(
         prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
         system_prompt=system_prompt, policy=policy, attention=attention, max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
-        shard_rows=shard_rows, preview=preview,
+        shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
@@ -110,6 +112,8 @@ def resume(
     shard_rows: Optional[int] = typer.Option(None, help="Rows per shard from now on."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens."),
+    replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray (may differ from the first run)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
 ) -> None:
@@ -126,7 +130,7 @@ def resume(
     cfg = JobConfig.from_spec(manifest["job"])
     cfg.output = output_dir
     for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("kv_cache_tokens", kv_cache_tokens)):
+                        ("kv_cache_tokens", kv_cache_tokens), ("replicas", replicas), ("ray_address", ray_address)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()

@@ -9,6 +9,10 @@ output folder's manifest (a new job, a resume, or a refusal naming what changed)
 records as done are skipped while reading, so planning sees only the remaining requests; SIGINT /
 SIGTERM stop admission after the current engine step, commit every complete request and raise
 ``JobInterrupted``; ``status.json`` follows the job throughout.
+
+Scale-out (``--replicas N`` / ``--ray-address``): reading, tokenizing, planning and every manifest write
+stay in this process; the engine stage runs on Ray replicas (``batchllm.distributed``), which get whole
+prefix groups and write their shards for this process to commit. Ray is imported only then.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class JobSummary:
     batch_seqs: tuple[int, float, int] = (0, 0.0, 0)  # min / median / max sequences per step
     batch_tokens: tuple[int, float, int] = (0, 0.0, 0)
     errors_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
+    replicas: int = 1  # engine replicas (batchllm.distributed); 1: this process
+    replica_failures: int = 0  # replicas lost during the run (their work was redone elsewhere)
     preview: list[dict] = dataclasses.field(default_factory=list)
 
     @property
@@ -281,12 +287,17 @@ def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int
                 seq_id += 1
 
 
-def make_plan(requests: list[Request], policy: str) -> Plan | None:
+def make_plan(requests: list[Request], policy: str, max_model_len: int | None = None) -> Plan | None:
     """The BatchLLM plan (global prefix groups, decode-first DFS order), or None for the streaming
-    baseline, which sees requests in input order and relies on its prefix cache instead."""
+    baseline, which sees requests in input order and relies on its prefix cache instead.
+
+    Expected output per request: ``max_tokens`` (capped by what the context leaves) times ``n``."""
     if policy == "fcfs-lru" or not requests:
         return None
-    expected = np.array([r.sampling.max_tokens * r.sampling.n for r in requests], dtype=np.float64)
+    cap = max_model_len or np.iinfo(np.int64).max
+    expected = np.array(
+        [min(r.sampling.max_tokens, max(1, cap - len(r.token_ids))) * r.sampling.n for r in requests], dtype=np.float64
+    )
     return build_plan([r.token_ids for r in requests], expected, policy="batchllm")
 
 
@@ -345,6 +356,44 @@ def load_model(cfg: JobConfig, src: loader.ModelSource | None = None, tokenizer=
     return LoadedModel(mcfg, model, tok, device, dtype, src)
 
 
+def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LLMEngine, frozenset[int]]:
+    """The engine for ``cfg`` on a loaded model (KV pool, scheduler limits, backend) and its EOS ids.
+
+    Used by the single-process run and by each Ray replica (``batchllm.distributed.replica``). A KV
+    cache sized from free memory is allocated here, so build one engine per process and reuse it.
+    """
+    mcfg = lm.config
+    budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
+    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
+    # A sequence can never outgrow the pool; a group member also holds a private copy of its prefix's
+    # partial last page while the prefix keeps the original: one page of headroom.
+    pool_tokens = (pages - 1) * cfg.page_size
+    if pool_tokens < max_model_len:
+        if pool_tokens < 1:
+            raise BatchLLMError(f"the KV pool ({pages} page(s) of {cfg.page_size} tokens) is too small: raise --kv-cache-tokens")
+        max_model_len = pool_tokens
+    kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
+    baseline = cfg.policy == "fcfs-lru"
+    sched_cfg = SchedulerConfig(
+        page_size=cfg.page_size,
+        max_num_batched_tokens=budget,
+        # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
+        max_num_seqs=cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None),
+        max_model_len=max_model_len,
+        growth_reserve=0.0 if baseline else 1.0,
+    )
+    backend_name = "torch" if cfg.attention in ("auto", "torch") else cfg.attention
+    engine = LLMEngine(
+        lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline
+    )
+    return engine, frozenset(eos_token_ids(lm.tokenizer, mcfg))
+
+
+def model_max_len(cfg: JobConfig, mcfg: ModelConfig) -> int:
+    """The context limit of the job: --max-model-len capped by the model's."""
+    return min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+
+
 ProgressHook = Callable[[str, dict], None]
 
 
@@ -365,10 +414,26 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
     read_requests(cfg.inputs, mapping, cfg.sampling_defaults())  # unreadable inputs fail now, before any loading
 
+    cluster = None
+    if cfg.distributed:  # Ray first: the replicas' device (GPU or CPU) decides the dtype, part of the job's identity
+        from batchllm.distributed.driver import RayCluster
+
+        cluster = RayCluster(cfg)
+    try:
+        return _run_job(cfg, emit, summary, loaded, overwrite, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_job(cfg, emit, summary, loaded, overwrite, cluster) -> JobSummary:
     # JOB FOLDER: identity first (tokenizer and weights' identity only, not the weights), then new / resume / refuse
     src = loader.resolve_model(cfg.model)
-    device = resolve_device(cfg.device)
-    dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
+    if cluster is not None:
+        dtype = cluster.dtype = resolve_dtype(cfg.dtype, torch.device(cluster.device))
+    else:
+        device = resolve_device(cfg.device)
+        dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
     tok = loaded.tokenizer if loaded is not None else loader.load_tokenizer(src)
     fingerprint = job_fingerprint(cfg, src, tok, dtype)
     folder = open_job_folder(cfg.output, fingerprint, overwrite=overwrite)
@@ -387,7 +452,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     recorder.update_status(stage="loading", force=True)
     try:
         with stop_on_signals() as stop:
-            _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop)
+            _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster)
     except JobInterrupted:
         status.finish(CANCELLED)
         raise
@@ -414,13 +479,13 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
     )
 
 
-def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop) -> None:
+def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster=None) -> None:
     """READ + TOKENIZE (remaining rows only) -> LOAD -> PLAN -> ENGINE -> WRITE, inside the signal handlers.
 
     The weights load only once there is something to generate: rerunning a finished job costs no load.
     """
     mcfg = loaded.config if loaded is not None else loader.load_config(src)
-    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+    max_model_len = model_max_len(cfg, mcfg)
     t0 = time.perf_counter()
     recorder.update_status(stage="reading", force=True)
     requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: _record_error(summary, recorder, e), folder, stop)
@@ -433,7 +498,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop) -
     summary.requests = recorder.done_before + len(requests) + summary.errors
     recorder.status.set_counts(total=summary.requests)
 
-    plan = make_plan(requests, cfg.policy)
+    plan = make_plan(requests, cfg.policy, max_model_len)
     if plan is not None:
         summary.planned_saving, summary.max_saving = plan.saving(), plan.max_saving()
     total_samples = sum(r.sampling.n for r in requests)
@@ -441,6 +506,18 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop) -
     if not requests:  # nothing (left) to generate
         writer.close(summary=summary.to_dict())
         recorder.update_status(force=True)
+        return
+    if cluster is not None:  # the engine runs on Ray replicas; this process plans, commits and reports
+        from batchllm.distributed.driver import run_distributed
+
+        t0 = time.perf_counter() - read_seconds
+        stopped = run_distributed(cluster, cfg, requests, plan, emit=emit, summary=summary, writer=writer, recorder=recorder,
+                                  stop=stop, model_name=src.display_name)
+        summary.wall_seconds = time.perf_counter() - t0 - summary.load_seconds  # reading counts, starting replicas not
+        writer.close(summary=summary.to_dict())
+        recorder.update_status(force=True)
+        if stopped:
+            raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
         return
     t_load = time.perf_counter()
     lm = loaded or load_model(cfg, src=src, tokenizer=tok)  # the tokenizer the fingerprint saw
@@ -450,26 +527,24 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop) -
     _check_stop(stop, cfg, writer)
     t0 = time.perf_counter() - read_seconds  # wall time counts reading, not the weights' load
 
-    budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
-    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
-    pool_tokens = pages * cfg.page_size
-    if pool_tokens < max_model_len:
-        max_model_len = pool_tokens  # a sequence can never outgrow the pool
-    kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
-    baseline = cfg.policy == "fcfs-lru"
-    sched_cfg = SchedulerConfig(
-        page_size=cfg.page_size,
-        max_num_batched_tokens=budget,
-        # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
-        max_num_seqs=cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None),
-        max_model_len=max_model_len,
-        growth_reserve=0.0 if baseline else 1.0,
-    )
-    backend_name = "torch" if cfg.attention in ("auto", "torch") else cfg.attention
-    engine = LLMEngine(
-        lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline
-    )
-    eos = frozenset(eos_token_ids(lm.tokenizer, mcfg))
+    engine, eos = make_engine(cfg, lm, max_model_len)
+    if engine.cfg.max_model_len < max_model_len:
+        # the KV pool is smaller than the context: prompts that can never fit become row errors
+        fits = engine.cfg.max_model_len
+        kept = [r for r in requests if len(r.token_ids) < fits]
+        for r in requests:
+            if len(r.token_ids) >= fits:
+                _record_error(summary, recorder, RowError(
+                    r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
+                    f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
+                    "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
+        if len(kept) < len(requests):
+            requests = kept
+            plan = make_plan(requests, cfg.policy, engine.cfg.max_model_len)
+            if not requests:
+                writer.close(summary=summary.to_dict())
+                recorder.update_status(force=True)
+                return
 
     def on_finish(seq: Sequence) -> None:
         req = requests[seq.request_index]

@@ -95,3 +95,20 @@ def test_stats_json_and_plot(tmp_path):
     assert d["unique_prompt_tokens"] == 40 + 6 * 2
     assert d["peak_kv_gb"] > 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_prompt_longer_than_the_kv_pool_is_a_row_error(tmp_path):
+    p = tmp_path / "in.jsonl"
+    rows = [{"custom_id": "long", "prompt_token_ids": list(range(1, 101))}]
+    rows += [{"custom_id": f"s{i}", "prompt_token_ids": [5 + i, 6, 7], "n": 2, "temperature": 0.5} for i in range(3)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    r = cli("run", str(p), "-o", str(out), "--model", "dummy:tiny", "--max-tokens", "8", "--kv-cache-tokens", "64", "--page-size", "4", "-q")
+    assert r.returncode == 0, r.stderr
+    got = read_results(str(out)).to_pylist()
+    errors = [x for x in got if x["error_code"]]
+    assert [(x["custom_id"], x["error_code"]) for x in errors] == [("long", "prompt_too_long")]
+    assert len([x for x in got if not x["error_code"]]) == 6
+    # a pool too small for anything is one clear line, not a hang
+    r = cli("run", str(p), "-o", str(tmp_path / "o2"), "--model", "dummy:tiny", "--kv-cache-tokens", "1", "--page-size", "4")
+    assert r.returncode == 1 and "too small" in r.stderr and "Traceback" not in r.stderr

@@ -8,6 +8,12 @@ manifest write) is an orphan that the next writer in the folder deletes, and its
 whatever instant the process dies at, a reader that trusts the manifest sees every committed row
 exactly once and never a half-written file.
 
+Shards written by other processes (the Ray replicas of ``batchllm.distributed``): the writer reserves a
+name (``reserve_shard_name``, never handed out twice), the other process serialises its rows
+(``encode_shard``) and writes the file durably (``write_shard_file``) without touching the manifest,
+and the writer lists the returned entry (``commit_entries``) or deletes the file (``discard_shard``).
+The manifest stays the only source of truth and has one writer.
+
 Whole requests only: ``add_request(rows)`` buffers all rows of one request (its ``n`` samples, or its
 one error record) together and a shard is cut only between requests, so a shard may exceed
 ``shard_rows`` by at most ``n - 1`` rows. ``add(row)`` is ``add_request([row])``. That is what lets each
@@ -32,7 +38,7 @@ import re
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -228,27 +234,10 @@ class ShardWriter:
         if not self._buffer:
             return
         name = f"shard-{self._next_index:05d}.parquet"
-        final = os.path.join(self.output_dir, name)
-        tmp = os.path.join(self.output_dir, f".{name}.tmp")
-        table = pa.Table.from_pylist(self._buffer, schema=OUTPUT_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        entry = {"file": name, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "committed_at": time.time()}
-        entry.update(self._shard_stats(self._buffer))
+        data, entry = encode_shard(self._buffer, self.file_id)
+        entry["file"] = name
         try:
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self._hook("shard-written")
-                os.replace(tmp, final)
-            except BaseException:
-                _remove_quietly(tmp)
-                raise
-            _fsync_dir(self.output_dir)
-            self._hook("shard-renamed")
+            write_shard_file(self.output_dir, name, data, self._hook)
             self.manifest["shards"].append(entry)
             try:
                 self.write_manifest()
@@ -262,9 +251,35 @@ class ShardWriter:
                 "shards committed before stay valid)"
             ) from None
         self._next_index += 1
-        self.rows_written += table.num_rows
+        self.rows_written += entry["rows"]
         self._buffer = []
         self._buffer_requests = 0
+
+    # ------------------------------------------------------------------ shards written by other processes
+
+    def reserve_shard_name(self) -> str:
+        """A shard name no other shard of this job uses, for another process to write
+        (``write_shard_file``) and this writer to commit (``commit_entries``) or discard
+        (``discard_shard``). Reserved names are never handed out twice, committed or not."""
+        name = f"shard-{self._next_index:05d}.parquet"
+        self._next_index += 1
+        return name
+
+    def commit_entries(self, entries: list[dict[str, Any]]) -> None:
+        """List shards another process wrote (``encode_shard`` entries, ``file`` set to a reserved name)
+        in the manifest: from this point they are done. The file must already be durable on disk."""
+        if not entries:
+            return
+        for e in entries:
+            if not os.path.isfile(os.path.join(self.output_dir, e["file"])):
+                raise CommitError(f"cannot commit {e['file']} to {self.output_dir}: the shard file is missing")
+        self.manifest["shards"].extend(entries)
+        try:
+            self.write_manifest()
+        except OSError as err:
+            del self.manifest["shards"][-len(entries):]
+            raise CommitError(f"cannot write the manifest in {self.output_dir}: {err.strerror or err}") from None
+        self.rows_written += sum(e["rows"] for e in entries)
 
     def write_manifest(self, **extra: Any) -> None:
         self.manifest.update(extra)
@@ -299,40 +314,81 @@ class ShardWriter:
             self.manifest["input_files"].append(path)
         return fid
 
-    def _shard_stats(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Counts for the manifest entry and the compact record of the input rows this shard finishes."""
-        done: dict[int, set[int]] = defaultdict(set)
-        failed: set[tuple[int, int]] = set()
-        errors: Counter[str] = Counter()
-        prompt = completion = cached = samples = 0
-        for r in rows:
-            fid = self.file_id(r.get("input_file") or "")
-            idx = int(r["input_index"])
-            done[fid].add(idx)
-            code = r.get("error_code")
-            if code is not None:
-                failed.add((fid, idx))
-                errors[code] += 1
-            else:
-                samples += 1
-                prompt += r.get("prompt_tokens") or 0
-                completion += r.get("completion_tokens") or 0
-                cached += r.get("cached_tokens") or 0
-        total = sum(len(v) for v in done.values())
-        return {
-            "requests": {"completed": total - len(failed), "failed": len(failed)},
-            "samples": samples,
-            "tokens": {"prompt": prompt, "completion": completion, "cached": cached},
-            "errors_by_code": dict(sorted(errors.items())),
-            "done": encode_done({fid: sorted(v) for fid, v in done.items()}),
-        }
-
     def _remove_orphans(self) -> None:
         """Delete temporaries and shard files the manifest does not list (left by a killed process)."""
         listed = {s["file"] for s in self.manifest["shards"]}
         for name in os.listdir(self.output_dir):
             if (_SHARD_RE.match(name) and name not in listed) or (name.startswith(".shard-") and name.endswith(".tmp")):
                 _remove_quietly(os.path.join(self.output_dir, name))
+
+
+def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> tuple[bytes, dict[str, Any]]:
+    """Serialise whole-request ``rows`` as one Parquet shard: its bytes and its manifest entry (all but
+    ``file``): rows, sha256, counts, tokens, errors by code and the compact record of the input rows it
+    finishes. ``file_id`` maps an input path to its position in the manifest's ``input_files``."""
+    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    entry = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "committed_at": time.time()}
+    entry.update(shard_stats(rows, file_id))
+    return data, entry
+
+
+def write_shard_file(output_dir: str, name: str, data: bytes, hook: Callable[[str], None] | None = None) -> None:
+    """Write shard bytes durably under ``name``: temporary file, fsync, rename, directory fsync. Not yet
+    committed: only a manifest entry makes a shard part of the job. Raises OSError."""
+    hook = hook or (lambda phase: None)
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        hook("shard-written")
+        os.replace(tmp, final)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(output_dir)
+    hook("shard-renamed")
+
+
+def discard_shard(output_dir: str, name: str) -> None:
+    """Delete an uncommitted shard (and its temporary), e.g. one a failed process wrote; a no-op when
+    absent. Never call it on a name the manifest lists."""
+    _remove_quietly(os.path.join(output_dir, name))
+    _remove_quietly(os.path.join(output_dir, f".{name}.tmp"))
+
+
+def shard_stats(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> dict[str, Any]:
+    """Counts for a shard's manifest entry and the compact record of the input rows it finishes."""
+    done: dict[int, set[int]] = defaultdict(set)
+    failed: set[tuple[int, int]] = set()
+    errors: Counter[str] = Counter()
+    prompt = completion = cached = samples = 0
+    for r in rows:
+        fid = file_id(r.get("input_file") or "")
+        idx = int(r["input_index"])
+        done[fid].add(idx)
+        code = r.get("error_code")
+        if code is not None:
+            failed.add((fid, idx))
+            errors[code] += 1
+        else:
+            samples += 1
+            prompt += r.get("prompt_tokens") or 0
+            completion += r.get("completion_tokens") or 0
+            cached += r.get("cached_tokens") or 0
+    total = sum(len(v) for v in done.values())
+    return {
+        "requests": {"completed": total - len(failed), "failed": len(failed)},
+        "samples": samples,
+        "tokens": {"prompt": prompt, "completion": completion, "cached": cached},
+        "errors_by_code": dict(sorted(errors.items())),
+        "done": encode_done({fid: sorted(v) for fid, v in done.items()}),
+    }
 
 
 def _shard_number(name: str) -> int:

@@ -7,7 +7,9 @@ are simply lost when the job stops: resume redoes the whole request, and the per
 redone samples identical.
 
 The recorder also keeps the OpenAI-style request counts (earlier runs included) and the token totals,
-and forwards them to ``StatusFile`` (which throttles its own writes).
+and forwards them to ``StatusFile`` (which throttles its own writes). In a distributed run
+(``batchllm.distributed``) the replicas build whole-request shards themselves; the driver commits them
+and counts them here with ``add_committed``, plus their running units' counts as ``live``.
 """
 
 from __future__ import annotations
@@ -50,12 +52,29 @@ class ResultRecorder:
             self.completed += 1
             self.status.set_counts(completed=self.completed)
 
-    def update_status(self, stage: str | None = None, force: bool = False) -> None:
+    def add_committed(self, entry: dict[str, Any]) -> None:
+        """Count a shard another process wrote and the writer just committed (``commit_entries``):
+        the distributed driver's replicas bypass ``sample`` / ``error``."""
+        req = entry.get("requests") or {}
+        tok = entry.get("tokens") or {}
+        self.completed += req.get("completed", 0)
+        self.failed += req.get("failed", 0)
+        self.samples += entry.get("samples", 0)
+        for k in self.tokens:
+            self.tokens[k] += tok.get(k, 0)
+        self.status.set_counts(completed=self.completed, failed=self.failed)
+
+    def update_status(self, stage: str | None = None, force: bool = False, live: dict[str, int] | None = None) -> None:
+        """Push the counts to status.json; ``live`` adds work done but not yet committed elsewhere
+        (replicas' running units: requests, samples, prompt / completion / cached tokens)."""
         m = self.writer.manifest
+        live = live or {}
+        if live:
+            self.status.set_counts(completed=self.completed + live.get("requests", 0))
         self.status.update(
             stage=stage,
-            samples=self.samples,
-            tokens=self.tokens,
+            samples=self.samples + live.get("samples", 0),
+            tokens={k: v + live.get(k, 0) for k, v in self.tokens.items()},
             committed={"shards": len(m["shards"]), "rows": sum(s["rows"] for s in m["shards"])},
             force=force,
         )

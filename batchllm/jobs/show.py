@@ -92,6 +92,8 @@ def show_job(output_dir: str, console: Console) -> dict[str, Any]:
         t.add_row("throughput", f"{thr['output_tok_s']:,.1f} output tok/s, {thr.get('requests_s', 0):,.2f} requests/s")
     if s["running"] and live.get("eta_seconds") is not None:
         t.add_row("eta", _duration(live["eta_seconds"]))
+    if live.get("replicas"):  # a distributed run (batchllm.distributed): one line per engine replica
+        t.add_row("replicas", "\n".join(_replica_line(r) for r in live["replicas"]))
     prompt, cached = c["prompt_tokens"], c["cached_tokens"]
     t.add_row("tokens", f"{prompt:,} prompt, {c['completion_tokens']:,} completion")
     reuse = f"{100 * cached / prompt:.1f}%" if prompt else "-"
@@ -106,6 +108,13 @@ def show_job(output_dir: str, console: Console) -> dict[str, Any]:
     t.add_row("runs", str(s["runs"]))
     console.print(t)
     return s
+
+
+def _replica_line(r: dict[str, Any]) -> str:
+    where = "/".join(str(x) for x in (r.get("node"), r.get("device")) if x)
+    line = f"{r.get('replica')}: {r.get('state')}{f' on {where}' if where else ''}, {r.get('units_done', 0)} units, " \
+           f"{r.get('requests_done', 0):,} requests"
+    return line + (f" ({r['error']})" if r.get("error") else "")
 
 
 def _when(ts: float | None) -> str:

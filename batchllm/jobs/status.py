@@ -7,7 +7,7 @@ Fields follow the OpenAI Batch object (``id``, ``object: "batch"``, ``endpoint``
 ``errors``), timestamps in integer Unix seconds. ``status`` is one of ``in_progress``, ``completed``,
 ``failed`` (a job-level failure: its message is in ``errors``) or ``cancelled`` (stopped by a signal).
 batchllm's own figures live under ``batchllm``: tokens done, samples, committed shards, throughput and
-an ETA.
+an ETA; in a distributed run also ``replicas``, one entry per engine replica.
 
 ``request_counts`` include requests finished in earlier runs of the job (resume), and count a request
 as completed as soon as its samples are done, committed or still buffered; ``batchllm.committed``
@@ -84,6 +84,11 @@ class StatusFile:
         for key, value in (("total", total), ("completed", completed), ("failed", failed)):
             if value is not None:
                 rc[key] = int(value)
+
+    def set_replicas(self, replicas: list[dict[str, Any]]) -> None:
+        """A distributed run's replicas (``batchllm.replicas``): state, node, device, units and requests
+        done; request_counts and tokens already aggregate over them."""
+        self.obj["batchllm"]["replicas"] = replicas
 
     def generation_started(self, done_before: int) -> None:
         """Mark the start of the engine phase; the throughput and ETA count from here."""

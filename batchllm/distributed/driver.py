@@ -1,0 +1,418 @@
+"""The Ray driver: whole prefix groups to engine replicas, their shards into the job's manifest.
+
+``run_distributed`` replaces the engine stage of ``pipeline._run`` when ``--replicas N > 1`` or
+``--ray-address`` is given. Reading, tokenizing and planning have already happened in this process,
+once, over the whole (remaining) input; so has committing the read phase's error rows.
+
+Contracts:
+- Groups are never split (``assign``): each unit sent to a replica is a list of whole groups with
+  their members, and the replica's engine computes each shared prefix once.
+- Balance: groups go to replicas by estimated cost (LPT, ``assign.balance``), cut into units of about
+  1/``UNITS_PER_REPLICA`` of a replica's share (and at most ``--shard-rows`` rows). A replica that runs
+  out of its own units steals the last unit of the most loaded replica.
+- Exactly once: every unit attempt writes one shard under a name this driver reserved
+  (``ShardWriter.reserve_shard_name``); the shard becomes part of the job only when the replica's call
+  returns and the driver lists its entry in the manifest (``ShardWriter.commit_entries``). The driver is
+  the only writer of ``manifest.json`` and ``status.json`` and holds the folder lock throughout.
+- Failure: a replica that dies (actor crash, node loss: ``RayActorError``, lost objects) loses only its
+  running unit. Its shard, if written, is deleted and never committed; its running and queued units go
+  to the live replicas; a unit is retried at most ``MAX_ATTEMPTS`` times. When no replica is left the job
+  fails, committed shards kept, and resumes later with any replica count. An exception raised inside a
+  replica (a bug, a full disk) is not retried: it fails the job, as it would in one process.
+- Stop (SIGINT / SIGTERM in this process): every replica ends its unit after the current engine step;
+  complete requests are committed, then ``pipeline`` raises ``JobInterrupted``.
+- Progress: replicas are polled every ``POLL_S``; ``status.json`` counts committed plus in-flight work
+  of every replica and lists the replicas (``batchllm.replicas``); ``progress`` gets 'step' events as in
+  a single-process run, plus 'replica_ready', 'unit_started', 'unit_committed' and 'replica_failed'.
+- Outputs do not depend on the replica that runs a request: seeds derive from (job seed, custom_id,
+  sample index), never from placement.
+
+Ray is imported only here, when a distributed run starts (``pip install 'batchllm[ray]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from batchllm.distributed import assign
+from batchllm.distributed.replica import Replica
+from batchllm.errors import BatchLLMError
+from batchllm.io.writer import CommitError, discard_shard
+from batchllm.plan.plan import PrefixGroup
+
+UNITS_PER_REPLICA = 4  # units per replica's share: more = finer stealing and commits, more calls
+MAX_ATTEMPTS = 3  # tries of one unit before the job fails (a unit that kills every replica it meets)
+POLL_S = 0.5  # progress polling / status refresh period
+READY_TIMEOUT_S = float(os.environ.get("BATCHLLM_REPLICA_START_TIMEOUT", 1800))  # model download + load
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BatchLLMError("--replicas / --ray-address need Ray, which is not installed: pip install 'batchllm[ray]'") from None
+    return ray
+
+
+@dataclasses.dataclass
+class _Running:
+    replica: int
+    unit_id: int
+    groups: np.ndarray
+    shard: str
+    started: float
+
+
+@dataclasses.dataclass
+class _ReplicaState:
+    replica: int
+    actor: Any
+    name: str
+    info: dict = dataclasses.field(default_factory=dict)
+    state: str = "starting"  # starting | running | idle | failed | stopped
+    units_done: int = 0
+    requests_done: int = 0
+    live: dict = dataclasses.field(default_factory=dict)  # the running unit's counts (Replica.progress)
+    error: str | None = None
+
+
+class RayCluster:
+    """This job's connection to Ray: ``ray.init`` (unless the caller already did it; then it is left
+    running) and the device the replicas will use, checked against the cluster's resources.
+
+    ``device`` is "cuda" (one GPU per replica) when ``--device`` asks for CUDA, or is auto and the
+    cluster has GPUs; else "cpu". ``dtype`` is set by the pipeline (it resolves "auto" for ``device``)
+    and given to every replica, so the fingerprint's dtype is the one the replicas run.
+    """
+
+    def __init__(self, cfg):
+        self.ray = ray = import_ray()
+        self.started = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except Exception as e:  # ConnectionError, a bad address...
+                raise BatchLLMError(f"cannot connect to Ray at {cfg.ray_address or 'a new local instance'}: {_one_line(e)}") from None
+            self.started = True
+        try:
+            self.device, self.num_gpus = self._placement(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.dtype = None
+
+    def _placement(self, cfg) -> tuple[str, int]:
+        R = cfg.replicas
+        res = self.ray.cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+        use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus > 0)
+        if use_gpu and gpus < R:
+            raise BatchLLMError(f"--replicas {R} needs {R} GPUs (one per replica) but the Ray cluster has {gpus}; "
+                                "use fewer replicas, or --device cpu for CPU replicas")
+        if cpus < R:
+            raise BatchLLMError(f"--replicas {R} needs {R} CPUs (one per replica) but the Ray cluster has {cpus}")
+        # Ray sets CUDA_VISIBLE_DEVICES per actor: its one GPU is always cuda (index 0) inside it
+        return ("cuda" if use_gpu else "cpu"), (1 if use_gpu else 0)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def run_distributed(cluster: RayCluster, cfg, requests, plan, *, emit: Callable[[str, dict], None], summary, writer,
+                    recorder, stop, model_name: str) -> bool:
+    """Run ``requests`` (planned as ``plan``; None for fcfs-lru) on ``cfg.replicas`` Ray replicas,
+    committing through ``writer``. Fills ``summary``; returns True when stopped by a signal."""
+    groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
+    lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=len(requests))
+    n = np.fromiter((r.sampling.n for r in requests), dtype=np.int64, count=len(requests))
+    max_tokens = np.fromiter((r.sampling.max_tokens for r in requests), dtype=np.int64, count=len(requests))
+    costs, rows = assign.group_costs([g.members for g in groups], [g.prefix_len for g in groups], lens, n, max_tokens)
+    run = _Driver(cluster, cfg, requests, groups, costs, rows, emit, summary, writer, recorder, stop, model_name)
+    try:
+        return run.run()
+    finally:
+        run.shutdown()
+
+
+class _Driver:
+    def __init__(self, cluster, cfg, requests, groups, costs, rows, emit, summary, writer, recorder, stop, model_name):
+        self.cluster, self.ray, self.cfg = cluster, cluster.ray, cfg
+        self.requests, self.groups = requests, groups
+        self.costs, self.rows = costs, rows
+        self.emit, self.summary, self.writer, self.recorder, self.stop = emit, summary, writer, recorder, stop
+        self.model_name = model_name
+        self.replicas: dict[int, _ReplicaState] = {}
+        self.inflight: dict[Any, _Running] = {}  # ObjectRef of run_unit -> what it runs
+        self.attempts: dict[int, int] = {}  # unit key (its first group) -> tries so far
+        self.next_unit_id = 0
+        self.stopping = False
+        self.step_seqs: list[np.ndarray] = []
+        self.step_tokens: list[np.ndarray] = []
+        self.reported = {"samples": 0, "new_tokens": 0}  # what the progress hook has been told
+        self._last_poll = 0.0
+
+    # ----------------------------------------------------------------------------------------- start
+
+    def start(self) -> None:
+        t_start = time.perf_counter()
+        ray, cfg, cluster = self.ray, self.cfg, self.cluster
+        device, num_gpus = cluster.device, cluster.num_gpus
+        dtype = str(cluster.dtype).removeprefix("torch.") if cluster.dtype is not None else cfg.dtype
+        spec = dataclasses.replace(cfg, device=device, dtype=dtype, replicas=1, ray_address=None).to_dict()
+        env = {k: v for k, v in os.environ.items() if k.startswith("BATCHLLM_TEST_")}
+        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": num_gpus, "max_concurrency": 2}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        actor_cls = ray.remote(Replica)
+        # unique per run: a killed actor's name may stay taken for a moment after ray.kill
+        tag = f"{self.writer.manifest['job_id'][:12]}-{uuid.uuid4().hex[:8]}"
+        self.summary.replicas = cfg.replicas
+        for r in range(cfg.replicas):
+            name = f"batchllm-{tag}-r{r}"
+            actor = actor_cls.options(name=name, **options).remote(spec, list(self.writer.manifest["input_files"]), r)
+            self.replicas[r] = _ReplicaState(r, actor, name)
+        pending = {rs.actor.ready.remote(): rs for rs in self.replicas.values()}
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                rs = pending.pop(ref)
+                try:
+                    rs.info = ray.get(ref)
+                    rs.state = "idle"
+                    self.emit("replica_ready", {"replica": rs.replica, "actor_name": rs.name, **rs.info})
+                except Exception as e:
+                    rs.state, rs.error = "failed", _one_line(getattr(e, "cause", None) or e)
+            if self.stop:
+                return
+            if pending and time.monotonic() > deadline:
+                raise BatchLLMError(f"{len(pending)} replica(s) did not load the model within {READY_TIMEOUT_S:.0f} s "
+                                    "(set BATCHLLM_REPLICA_START_TIMEOUT to wait longer)")
+        live = self.live()
+        if not live:
+            errors = "; ".join(sorted({rs.error or "unknown error" for rs in self.replicas.values()}))
+            raise BatchLLMError(f"no replica could start: {errors}")
+        info = self.replicas[live[0]].info
+        # as in one process, "model load" is the wait before generation (Ray workers, imports, weights)
+        self.summary.load_seconds = time.perf_counter() - t_start
+        self.emit("loaded", {"model": info.get("model", self.model_name), "device": f"{len(live)} replicas x {info.get('device')}",
+                             "dtype": info.get("dtype", "")})
+
+    # ------------------------------------------------------------------------------------------- run
+
+    def live(self) -> list[int]:
+        return [r for r, rs in self.replicas.items() if rs.state not in ("failed", "starting")]
+
+    def run(self) -> bool:
+        self.start()
+        if self.stop:
+            return True
+        live = self.live()
+        per_replica = assign.balance(self.costs, len(live))
+        share = float(self.costs.sum()) / max(1, len(live))
+        max_cost = max(share / UNITS_PER_REPLICA, 1.0)
+        units = [assign.make_units(ids, self.costs, self.rows, max_cost, self.cfg.shard_rows) for ids in per_replica]
+        self.queue = assign.WorkQueue([[] for _ in range(len(self.replicas))], self.costs)
+        for r, us in zip(live, units):
+            self.queue.queues[r].extend(us)
+        for r in list(self.queue.queues):  # replicas that failed to start own no queue
+            if r not in live:
+                del self.queue.queues[r]
+        total_samples = int(self.rows.sum())
+        self.emit("planned", {"requests": len(self.requests), "samples": total_samples, "errors": self.summary.errors,
+                              "done_before": self.summary.done_before, "replicas": len(live),
+                              "units": sum(len(u) for u in units)})
+        self.recorder.status.generation_started(self.recorder.done_before)
+        self.recorder.update_status(stage="generating", force=True)
+        for r in live:
+            self.dispatch(r)
+        while self.inflight:
+            if self.stop and not self.stopping:
+                self.stopping = True
+                for r in self.live():
+                    self.replicas[r].actor.stop.remote()
+            ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                self.finish(ref)
+            if time.monotonic() - self._last_poll >= POLL_S:
+                self.poll()
+        self._batch_stats()
+        self.refresh_status(force=True)
+        return self.stopping
+
+    def dispatch(self, r: int) -> None:
+        """Give replica ``r`` its next unit (own queue, else stolen), or mark it idle."""
+        rs = self.replicas[r]
+        unit = None if self.stopping else self.queue.next_for(r)
+        if unit is None:
+            rs.state = "idle"
+            return
+        uid = self.next_unit_id
+        self.next_unit_id += 1
+        shard = self.writer.reserve_shard_name()
+        spec = [(int(self.groups[g].prefix_len), self.groups[g].members.tolist()) for g in unit.tolist()]
+        reqs = {i: self.requests[i] for _, members in spec for i in members}
+        ref = rs.actor.run_unit.remote(uid, shard, spec, reqs)
+        self.inflight[ref] = _Running(r, uid, unit, shard, time.time())
+        rs.state = "running"
+        self.emit("unit_started", {"replica": r, "unit": uid, "shard": shard, "groups": len(spec), "requests": len(reqs)})
+
+    def finish(self, ref) -> None:
+        run = self.inflight.pop(ref)
+        rs = self.replicas[run.replica]
+        try:
+            res = self.ray.get(ref)
+        except _lost_errors(self.ray) as e:
+            self.replica_failed(run, e)
+            return
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None) or e
+            self.writer_discard(run.shard)
+            if isinstance(cause, BatchLLMError):
+                raise cause from None
+            if isinstance(cause, OSError):
+                raise CommitError(f"replica {run.replica} cannot write {run.shard} to {self.cfg.output}: "
+                                  f"{cause.strerror or cause} (the shards committed before stay valid)") from None
+            raise BatchLLMError(f"replica {run.replica} failed: {_one_line(cause)}") from None
+        entry = res["entry"]
+        if entry is not None:
+            self.writer.commit_entries([entry])
+            self.recorder.add_committed(entry)
+            self._account(entry)
+            rs.requests_done += entry["requests"]["completed"] + entry["requests"]["failed"]
+        rs.units_done += 1
+        self.summary.prompt_tokens_computed += res["prompt_tokens_computed"]
+        self.summary.num_preemptions += res["num_preemptions"]
+        self.step_seqs.append(res["step_seqs"])
+        self.step_tokens.append(res["step_tokens"])
+        room = self.cfg.preview - len(self.summary.preview)
+        if room > 0:
+            self.summary.preview.extend(res["preview"][:room])
+        # the progress bar learns the unit's last samples now (polling saw only part of them)
+        done_samples = entry["samples"] if entry is not None else 0
+        self._report(done_samples - rs.live.get("samples", 0), res_new_tokens=0)
+        rs.live = {}
+        self.emit("unit_committed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard,
+                                     "rows": entry["rows"] if entry else 0, "stopped": res["stopped"]})
+        self.dispatch(run.replica)
+        self.refresh_status()
+
+    def replica_failed(self, run: _Running, err: BaseException) -> None:
+        """``run``'s replica is gone: discard its shard, hand its work to the others."""
+        rs = self.replicas[run.replica]
+        rs.state, rs.error = "failed", _one_line(err)
+        self.summary.replica_failures += 1
+        self.writer_discard(run.shard)
+        self._report(-rs.live.get("samples", 0), res_new_tokens=0)  # those samples will be redone
+        rs.live = {}
+        self.emit("replica_failed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard, "error": rs.error})
+        key = int(run.groups[0])
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if self.attempts[key] >= MAX_ATTEMPTS:
+            raise BatchLLMError(f"a work unit failed {MAX_ATTEMPTS} times, each time killing its replica (last: {rs.error}); "
+                                f"committed results are kept: batchllm resume {self.cfg.output}")
+        if not [r for r in self.live() if r != run.replica]:
+            raise BatchLLMError(f"every replica failed (last: {rs.error}); committed results are kept: "
+                                f"batchllm resume {self.cfg.output}")
+        self.queue.remove_replica(run.replica, [run.groups])
+        for r in self.live():  # idle replicas take the orphaned units now
+            if self.replicas[r].state == "idle":
+                self.dispatch(r)
+        self.refresh_status(force=True)
+
+    def writer_discard(self, shard: str) -> None:
+        discard_shard(self.cfg.output, shard)
+
+    # ----------------------------------------------------------------------------------- accounting
+
+    def _account(self, entry: dict) -> None:
+        s, tok = self.summary, entry.get("tokens") or {}
+        s.samples += entry.get("samples", 0)
+        s.prompt_tokens += tok.get("prompt", 0)
+        s.cached_tokens += tok.get("cached", 0)
+        s.output_tokens += tok.get("completion", 0)
+
+    def _report(self, samples: int, res_new_tokens: int) -> None:
+        if samples or res_new_tokens:
+            self.reported["samples"] += samples
+            self.emit("step", {"finished": samples, "new_tokens": res_new_tokens})
+
+    def poll(self) -> None:
+        """Ask running replicas for their counts; forward the news to ``progress`` and status.json."""
+        self._last_poll = time.monotonic()
+        running = {self.replicas[run.replica].actor.progress.remote(): run for run in self.inflight.values()}
+        if not running:
+            return
+        ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=POLL_S)
+        for ref in ready:
+            run = running[ref]
+            rs = self.replicas[run.replica]
+            try:
+                live = self.ray.get(ref)
+            except Exception:  # a dying replica: its run_unit call reports it
+                continue
+            if live.get("unit") != run.unit_id:
+                continue  # the replica has not started this unit yet
+            before = rs.live or {"samples": 0, "new_tokens": 0}
+            self._report(live["samples"] - before["samples"], live["new_tokens"] - before["new_tokens"])
+            rs.live = live
+        self.emit("replicas", {"replicas": self.replica_table()})
+        self.refresh_status()
+
+    def replica_table(self) -> list[dict]:
+        return [{"replica": r, "state": rs.state, "node": rs.info.get("node"), "device": rs.info.get("device"),
+                 "units_done": rs.units_done, "requests_done": rs.requests_done + rs.live.get("requests", 0),
+                 **({"error": rs.error} if rs.error else {})} for r, rs in self.replicas.items()]
+
+    def refresh_status(self, force: bool = False) -> None:
+        live = {"requests": 0, "samples": 0, "prompt": 0, "completion": 0, "cached": 0}
+        for rs in self.replicas.values():
+            for k in live:
+                live[k] += rs.live.get(k, 0)
+        self.recorder.status.set_replicas(self.replica_table())
+        self.recorder.update_status(force=force, live=live)
+
+    def _batch_stats(self) -> None:
+        seqs = np.concatenate(self.step_seqs) if self.step_seqs else np.zeros(0, dtype=np.int32)
+        toks = np.concatenate(self.step_tokens) if self.step_tokens else np.zeros(0, dtype=np.int32)
+        self.summary.num_steps = len(seqs)
+        if len(seqs):
+            self.summary.batch_seqs = (int(seqs.min()), float(statistics.median(seqs.tolist())), int(seqs.max()))
+            self.summary.batch_tokens = (int(toks.min()), float(statistics.median(toks.tolist())), int(toks.max()))
+
+    # -------------------------------------------------------------------------------------- cleanup
+
+    def shutdown(self) -> None:
+        """Kill every replica and delete the shards of units that never committed (an error or
+        interruption left them in flight): nothing a replica wrote outlives the driver uncommitted."""
+        for rs in self.replicas.values():
+            try:
+                self.ray.kill(rs.actor)
+            except Exception:
+                pass
+        for run in self.inflight.values():
+            self.writer_discard(run.shard)
+        self.inflight.clear()
+
+
+def _lost_errors(ray) -> tuple[type[BaseException], ...]:
+    """Errors that mean the replica (its process or node) is gone, not that its code failed."""
+    ex = ray.exceptions
+    return tuple(getattr(ex, n) for n in ("RayActorError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError")
+                 if hasattr(ex, n))
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(e).__name__}: {text}"[:300] if not isinstance(e, BatchLLMError) else text[:300]
