@@ -1,0 +1,55 @@
+"""Plan -> engine glue: how build_sources turns plan groups and n > 1 samples into shared prefixes."""
+
+import numpy as np
+
+from batchllm.engine.sequence import Sequence, SharedPrefix
+from batchllm.io.requests import Request
+from batchllm.pipeline import build_sources
+from batchllm.plan.plan import build_plan
+from batchllm.sampling_params import SamplingParams
+
+
+def req(i, ids, n=1):
+    r = Request(custom_id=f"r{i}", input_file="f", input_index=i, sampling=SamplingParams(n=n), prompt_token_ids=list(ids))
+    r.token_ids = np.asarray(ids, dtype=np.int32)
+    return r
+
+
+def units(items):
+    """[(prefix length or 0, [(request, sample), ...]), ...] in yield order."""
+    out = []
+    for it in items:
+        if isinstance(it, SharedPrefix):
+            out.append((it.length, []))
+        else:
+            assert isinstance(it, Sequence)
+            if it.prefix is None:
+                out.append((0, [(it.request_index, it.sample_index)]))
+            else:
+                assert out[-1][0] == it.prefix.length
+                out[-1][1].append((it.request_index, it.sample_index))
+    return out
+
+
+def test_group_members_share_the_group_prefix_and_samples_share_their_prompt():
+    system = list(range(100, 120))  # 20 shared tokens
+    rs = [req(i, system + [200 + 10 * i + k for k in range(5)]) for i in range(3)]
+    rs.append(req(3, [7, 8, 9, 10], n=3))  # alone: its 3 samples share all but the last token
+    plan = build_plan([r.token_ids for r in rs], np.ones(len(rs)))
+    got = units(build_sources(rs, plan, frozenset(), 0))
+    shared = [u for u in got if u[0] > 0]
+    assert (20, [(0, 0), (1, 0), (2, 0)]) in [(p, sorted(m)) for p, m in shared]
+    assert (3, [(3, 0), (3, 1), (3, 2)]) in [(p, sorted(m)) for p, m in shared]
+
+
+def test_many_samples_with_long_own_prompts_leave_the_group():
+    # 3 requests share a 20-token system prompt, own 200 tokens each, n = 8: sharing each request's whole
+    # prompt among its samples saves far more than sharing the 20 tokens across requests
+    system = list(range(1000, 1020))
+    rs = [req(i, system + [5000 + 300 * i + k for k in range(200)], n=8) for i in range(3)]
+    plan = build_plan([r.token_ids for r in rs], np.full(3, 8.0))
+    assert [g.prefix_len for g in plan.groups] == [20]
+    got = units(build_sources(rs, plan, frozenset(), 0))
+    assert sorted(p for p, _ in got) == [219, 219, 219]
+    computed = sum(p for p, _ in got) + sum(len(m) * 1 for _, m in got)  # each sample computes its last token
+    assert computed == 3 * 219 + 24  # instead of 20 + 24 * 200 = 4,820 with the group prefix only
