@@ -235,3 +235,34 @@ def _property_model():
         cfg = tiny_config(num_layers=1)
         _PROPERTY_MODEL.append((cfg, build(cfg, random_state_dict(cfg, seed=21))))
     return _PROPERTY_MODEL[0]
+
+
+def test_no_deadlock_when_a_computed_prefix_outlives_its_preempted_members():
+    """Group A's members grow and preempt group B's members after B's prefix was computed: B's prefix
+    must give its pages back instead of blocking the queue forever."""
+    cfg = tiny_config(max_position_embeddings=44)  # 11 of the 12 pages: one page of headroom
+    model = build(cfg, random_state_dict(cfg, seed=1))
+    r = random.Random(0)
+    a = [r.randrange(97) for _ in range(8)]
+    b = [r.randrange(97) for _ in range(8)]
+    prompts = [a + [1], a + [2], b + [3], b + [4]]
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    plain, _ = run_engine(model, cfg, prompts, params, num_pages=40, budget=64)
+    for reserve in (0.0, 1.0):
+        done, engine = run_engine(model, cfg, prompts, params, num_pages=12, prefix_lens=[8] * 4, growth_reserve=reserve, budget=64)
+        for i in range(4):
+            assert done[i][0].output_ids == plain[i][0].output_ids
+        assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_projection_keeps_shared_prefix_pages_held_so_exact_lengths_never_preempt():
+    cfg = tiny_config(num_layers=1)
+    model = build(cfg, random_state_dict(cfg, seed=1))
+    r = random.Random(0)
+    head = [r.randrange(97) for _ in range(40)]  # 10 full pages of 4
+    prompts = [head + [r.randrange(97)] for _ in range(12)]
+    params = [SamplingParams(max_tokens=(2 if i % 2 else 24), temperature=0.0, ignore_eos=True) for i in range(12)]
+    for pages in (25, 30, 39):
+        _, engine = run_engine(model, cfg, prompts, params, num_pages=pages, prefix_lens=[40] * 12, budget=256)
+        assert engine.scheduler.num_preemptions == 0, pages
+        assert engine.scheduler.peak_pages_in_use <= pages
