@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import statistics
 import time
 from typing import Callable, Iterator
@@ -233,7 +232,7 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
     src = loader.resolve_model(cfg.model)
     mcfg = loader.load_config(src)
     tok = loader.load_tokenizer(src)
-    max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+    max_model_len = model_max_len(cfg, mcfg)
     errors: dict[str, int] = {}
     requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: errors.__setitem__(e.error_code, errors.get(e.error_code, 0) + 1))
     if not requests:
@@ -523,8 +522,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     total_samples = sum(r.sampling.n for r in requests)
     emit("read", {"requests": len(requests), "errors": summary.errors, "model": src.display_name})
     if not requests:  # nothing (left) to generate
-        writer.close(summary=summary.to_dict())
-        recorder.update_status(force=True)
+        _close_run(writer, recorder, summary)
         return
     if cluster is not None:  # the engine runs on Ray replicas; this process plans, commits and reports
         from batchllm.distributed.driver import run_distributed
@@ -533,8 +531,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
         stopped = run_distributed(cluster, cfg, requests, plan, emit=emit, summary=summary, writer=writer, recorder=recorder,
                                   stop=stop, model_name=src.display_name)
         summary.wall_seconds = time.perf_counter() - t0 - summary.load_seconds  # reading counts, starting replicas not
-        writer.close(summary=summary.to_dict())
-        recorder.update_status(force=True)
+        _close_run(writer, recorder, summary)
         if stopped:
             raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
         return
@@ -550,19 +547,20 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     if engine.cfg.max_model_len < max_model_len:
         # the KV pool is smaller than the context: prompts that can never fit become row errors
         fits = engine.cfg.max_model_len
-        kept = [r for r in requests if len(r.token_ids) < fits]
+        kept = []
         for r in requests:
-            if len(r.token_ids) >= fits:
-                _record_error(summary, recorder, RowError(
-                    r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
-                    f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
-                    "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
+            if len(r.token_ids) < fits:
+                kept.append(r)
+                continue
+            _record_error(summary, recorder, RowError(
+                r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
+                f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
+                "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
         if len(kept) < len(requests):
             requests = kept
             plan = make_plan(requests, cfg.policy, engine.cfg.max_model_len)
             if not requests:
-                writer.close(summary=summary.to_dict())
-                recorder.update_status(force=True)
+                _close_run(writer, recorder, summary)
                 return
 
     def on_finish(seq: Sequence) -> None:
@@ -593,10 +591,15 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     if engine.scheduler is not None:
         summary.num_preemptions = engine.scheduler.num_preemptions
         summary.prompt_tokens_computed = engine.scheduler.prompt_tokens_computed
-    writer.close(summary=summary.to_dict())
-    recorder.update_status(force=True)
+    _close_run(writer, recorder, summary)
     if stopped:
         raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
+
+
+def _close_run(writer: ShardWriter, recorder: ResultRecorder, summary: JobSummary) -> None:
+    """Commit what is buffered with the run's summary, and bring status.json up to date."""
+    writer.close(summary=summary.to_dict())
+    recorder.update_status(force=True)
 
 
 class _Stopped(Exception):
