@@ -8,11 +8,11 @@ from __future__ import annotations
 import collections
 import json
 import os
-import signal
 import sys
 
 import numpy as np
 import pytest
+from tests.job_utils import SigintAt
 
 from batchllm.config import JobConfig
 from batchllm.distributed import assign
@@ -247,16 +247,8 @@ def test_replica_killed_after_writing_a_shard_job_completes_exactly_once(ray_loc
 def test_sigint_with_replicas_then_resume_with_one_process(ray_local, job, tiny, tmp_path):
     inp, ref = job
     out = tmp_path / "out"
-    seen = {"n": 0}
-
-    def progress(event, info):
-        if event == "unit_committed":
-            seen["n"] += 1
-            if seen["n"] == 1:
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(JobInterrupted) as e:
-        run_job(dist_cfg(inp, out), progress=progress)
+        run_job(dist_cfg(inp, out), progress=SigintAt("unit_committed", 1))
     assert e.value.exit_code == 130
     partial = read_results(str(out), verify=True).to_pylist()
     assert 0 < len(partial) < len(ref)
@@ -274,16 +266,8 @@ def test_sigint_with_replicas_then_resume_with_one_process(ray_local, job, tiny,
 def test_interrupted_single_process_resumed_with_two_replicas(ray_local, job, tiny, tmp_path):
     inp, ref = job
     out = tmp_path / "out"
-    steps = {"n": 0}
-
-    def progress(event, info):
-        if event == "step":
-            steps["n"] += 1
-            if steps["n"] == 4:
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(JobInterrupted):
-        run_job(JobConfig(inputs=[inp], output=str(out), shard_rows=4, **BASE), progress=progress, loaded=tiny)
+        run_job(JobConfig(inputs=[inp], output=str(out), shard_rows=4, **BASE), progress=SigintAt("step", 4), loaded=tiny)
     done_first = len(read_results(str(out)).to_pylist())
     assert 0 < done_first < len(ref)
     s = run_job(dist_cfg(inp, out))

@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+from tests.job_utils import SigintAt
 
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
@@ -164,7 +165,6 @@ def test_resume_skips_finished_rows_unread(tiny, tmp_path, monkeypatch):
 
 
 def test_sigint_stops_after_the_step_and_resume_completes(tiny, tmp_path):
-    import signal
 
     from batchllm.jobs.signals import JobInterrupted
 
@@ -174,19 +174,13 @@ def test_sigint_stops_after_the_step_and_resume_completes(tiny, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     _, ref = run(tiny, [inp], tmp_path / "ref")
     out = tmp_path / "out"
-    steps = {"n": 0}
-
-    def progress(event, info):
-        if event == "step":
-            steps["n"] += 1
-            if steps["n"] == 3:
-                os.kill(os.getpid(), signal.SIGINT)
+    progress = SigintAt("step", 3)
 
     cfg = JobConfig(inputs=[inp], output=str(out), shard_rows=2, **BASE)
     with pytest.raises(JobInterrupted) as e:
         run_job(cfg, progress=progress, loaded=tiny)
     assert e.value.exit_code == 130 and f"resume with: batchllm resume {out}" in str(e.value)
-    assert steps["n"] == 3  # no step ran after the signal
+    assert progress.seen == 3  # no step ran after the signal
     partial = read_results(str(out), verify=True).to_pylist()
     assert 0 < len(partial) < len(ref)
     assert len({(r["custom_id"], r["sample_index"]) for r in partial}) == len(partial)

@@ -4,7 +4,6 @@ status.json and signals (no model involved)."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 
