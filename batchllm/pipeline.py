@@ -320,7 +320,15 @@ def make_plan(requests: list[Request], policy: str, max_model_len: int | None = 
 
 
 def default_token_budget(device: torch.device) -> int:
-    return 8192 if device.type == "cuda" else 1024
+    """Tokens per engine step when the job does not set one: vLLM's defaults for offline batch use
+    (its ``LLM`` class, ``EngineArgs`` batch defaults), so both policies, and the fcfs-lru baseline in
+    particular, run with the budget vLLM would use on the same machine: 4096 on a CPU, 16384 on a GPU
+    with at least 70 GB (H100, H200; A100s excepted: vLLM measured a regression there), else 8192."""
+    if device.type != "cuda":
+        return 4096
+    props = torch.cuda.get_device_properties(device)
+    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+    return 16384 if big else 8192
 
 
 def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_tokens_step: int) -> int:

@@ -364,22 +364,26 @@ def _run_policies(ctx: _Context, base: JobConfig, policies: list[str], profile: 
         write_jsonl(warm_rows, path)
         run_job(job(path, policies[0]), loaded=lm)
     for ci, c in enumerate(ctx.cells):
-        for policy in policies:
-            walls, best = [], None
-            for rep in range(ctx.repeat):
+        # repeats are interleaved (A B A B, not A A B B): a machine that slows down or speeds up during
+        # the bench then weighs on every policy alike instead of on whichever ran in the slow stretch
+        walls: dict[str, list[float]] = {p: [] for p in policies}
+        best: dict[str, tuple] = {}
+        for rep in range(ctx.repeat):
+            for policy in policies:
                 _free_memory()
                 cfg = job(c["path"], policy)
                 with _Probe(profile, ctx.dev.type == "cuda") as probe:
                     s = run_job(cfg, loaded=lm)
-                walls.append(s.wall_seconds)
+                walls[policy].append(s.wall_seconds)
                 ctx.say(f"{c['label']}: {policy} run {rep + 1}/{ctx.repeat}: {s.wall_seconds:.2f} s")
-                if best is None or s.wall_seconds < best[0].wall_seconds:
-                    best = (s, probe)
+                if policy not in best or s.wall_seconds < best[policy][0].wall_seconds:
+                    best[policy] = (s, probe)
                 if rep == 0:
                     ctx.outputs[(ci, policy)] = _read_token_ids(cfg.output)
                 shutil.rmtree(cfg.output, ignore_errors=True)
-            s, probe = best
-            e = _entry(policy, "policy", walls, ctx.load_s, c, s.prompt_tokens_computed, s.output_tokens, ctx.flops_peak, ctx.nparams,
+        for policy in policies:
+            s, probe = best[policy]
+            e = _entry(policy, "policy", walls[policy], ctx.load_s, c, s.prompt_tokens_computed, s.output_tokens, ctx.flops_peak, ctx.nparams,
                        peak_kv_gb=probe.peak_pages * probe.page_bytes / 1e9 if probe.page_bytes else None,
                        decode_batch=_stats3([st.num_decodes for st in probe.steps if st.num_decodes > 0]),
                        num_steps=s.num_steps, num_preemptions=s.num_preemptions)
