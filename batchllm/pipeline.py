@@ -18,20 +18,20 @@ prefix groups and write their shards for this process to commit. Ray is imported
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
 from batchllm.config import JobConfig
 from batchllm.engine.attention import get_backend
-from batchllm.engine.engine import LLMEngine, StepStats, derive_seed
+from batchllm.engine.engine import LLMEngine, StepStats
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import SchedulerConfig
-from batchllm.engine.sequence import Sequence, SharedPrefix
+from batchllm.engine.sequence import Sequence
+from batchllm.engine.sources import build_sources
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
 from batchllm.io.readers import ColumnMapping, read_requests
@@ -46,7 +46,7 @@ from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 from batchllm.models.llama import build_model
 from batchllm.models.tokenizer import batch_encode_prompts, encode_chat, eos_token_ids
-from batchllm.plan.plan import Plan, PrefixGroup, build_plan, estimate_peak_kv_tokens
+from batchllm.plan.plan import Plan, build_plan, estimate_peak_kv_tokens
 from batchllm.plan.stats import plan_stats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -252,57 +252,6 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
         peak_running=kv.peak_running,
     )
     return out
-
-
-def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
-    """Yield the engine's work in plan order: each group's shared prefix, then its members' samples.
-
-    Without a plan (the streaming baseline), requests go in input order with no shared prefix. The n > 1
-    samples of a request share its whole prompt but the last token when that saves more than sharing
-    the group's prefix: such a request runs as its own group right after the rest of its group (the
-    engine shares one prefix level per sequence).
-    """
-    groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
-    ids = itertools.count()
-    for g in groups:
-        members = [int(i) for i in g.members]
-        alone = []
-        if len(members) > 1:
-            alone = [i for i in members if _own_group_pays(requests[i], g.prefix_len)]
-            members = [i for i in members if i not in set(alone)]
-        if members:
-            yield from _group_sources(requests, members, g.prefix_len, ids, eos, job_seed)
-        for i in alone:
-            yield from _group_sources(requests, [i], 0, ids, eos, job_seed)
-
-
-def _own_group_pays(r: Request, group_prefix: int) -> bool:
-    """Its samples sharing all but the last prompt token save more than recomputing the group prefix."""
-    n = r.sampling.n
-    return n > 1 and (n - 1) * (len(r.token_ids) - 1 - group_prefix) > group_prefix
-
-
-def _group_sources(requests, members: list[int], plen: int, ids, eos, job_seed) -> Iterator[Sequence | SharedPrefix]:
-    reqs = [requests[i] for i in members]
-    samples = sum(r.sampling.n for r in reqs)
-    if plen == 0 and len(reqs) == 1 and samples > 1:
-        plen = len(reqs[0].token_ids) - 1  # one request's samples: everything but the last token
-    prefix = None
-    if plen > 0 and samples > 1:
-        prefix = SharedPrefix(next(ids), np.ascontiguousarray(reqs[0].token_ids[:plen]), unfinished=samples)
-        yield prefix
-    for ri, r in zip(members, reqs):
-        for sample in range(r.sampling.n):
-            yield Sequence(
-                seq_id=next(ids),
-                request_index=ri,
-                sample_index=sample,
-                prompt_ids=r.token_ids,
-                params=r.sampling,
-                seed=derive_seed(job_seed, r.custom_id, sample, r.sampling.seed),
-                eos_ids=eos,
-                prefix=prefix,
-            )
 
 
 def make_plan(requests: list[Request], policy: str, max_model_len: int | None = None) -> Plan | None:

@@ -337,7 +337,7 @@ def test_shared_prefix_workload_saving():
     assert plan.saving() == pytest.approx(1 - 40960 / (512 * 1088))
 
 
-def test_nested_workload_splits_per_sub_prefix():
+def test_nested_workload_splits_per_sub_prefix_under_one_outer_prefix():
     rng = np.random.default_rng(1)
     sys_p = rng.integers(0, 128256, 2048, dtype=np.int32)
     prompts = []
@@ -346,8 +346,10 @@ def test_nested_workload_splits_per_sub_prefix():
         prompts += [np.concatenate([sys_p, sub, rng.integers(0, 128256, 64, dtype=np.int32)]) for _ in range(32)]
     plan = build_plan(prompts, np.full(512, 128))
     assert len(plan.groups) == 16 and {g.prefix_len for g in plan.groups} == {2560}
-    assert plan.planned_prompt_tokens == 16 * 2560 + 512 * 64
-    assert plan.unique_prompt_tokens == 2048 + 16 * 512 + 512 * 64
+    # the system prompt is an outer prefix of all 16 groups: computed once, as a cache would
+    assert plan.nesting.outer_len.tolist() == [2048] and {g.outer for g in plan.groups} == {0}
+    assert plan.planned_prompt_tokens == 2048 + 16 * 512 + 512 * 64 == plan.unique_prompt_tokens
+    check_plan(plan, prompts)
 
 
 # --- input validation --------------------------------------------------------------------------------

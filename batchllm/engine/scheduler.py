@@ -17,6 +17,8 @@ shared) and it goes back to the front of the queue.
 Shared prefixes (``SharedPrefix``) are scheduled like prefill-only sequences: the plan puts a group's
 prefix right before its members in the queue; a member is admitted once its prefix is fully computed,
 and starts with the prefix's full pages shared plus a private copy of the prefix's last partial page.
+A prefix that extends an outer prefix (multi-level sharing) attaches to it the same way, as if it were
+one of its members; the outer prefix is held until every prefix extending it has been released.
 """
 
 from __future__ import annotations
@@ -198,16 +200,16 @@ class Scheduler:
             victim.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def _fits_alone(self, s: Schedulable | None) -> bool:
-        """Whether ``s`` (with its prefix) fits an otherwise empty pool: only then can freeing help."""
-        if s is None:
-            return False
-        if isinstance(s, SharedPrefix):
-            return self._pages_for(s.length) <= self.pool.num_pages
+    def _chain_pages(self, s: Schedulable) -> int:
+        """Pages ``s`` needs with its chain of prefixes (each level shares its outer level's full pages)."""
+        length = s.length if isinstance(s, SharedPrefix) else s.total_len
         if s.prefix is None:
-            return self._pages_for(s.total_len) <= self.pool.num_pages
-        shared = s.prefix.length // self.cfg.page_size
-        return self._pages_for(s.prefix.length) + self._pages_for(s.total_len) - shared <= self.pool.num_pages
+            return self._pages_for(length)
+        return self._chain_pages(s.prefix) + self._pages_for(length) - s.prefix.length // self.cfg.page_size
+
+    def _fits_alone(self, s: Schedulable | None) -> bool:
+        """Whether ``s`` (with its prefixes) fits an otherwise empty pool: only then can freeing help."""
+        return s is not None and self._chain_pages(s) <= self.pool.num_pages
 
     def _requeue_held_prefixes(self) -> bool:
         """Nothing runs and the head of the queue does not fit: computed prefixes whose members are all
@@ -216,12 +218,17 @@ class Scheduler:
         whether any page was freed."""
         if not self._held_prefixes:
             return False
-        for p in self._held_prefixes.values():
+
+        def depth(p: SharedPrefix) -> int:
+            return 0 if p.prefix is None else 1 + depth(p.prefix)
+
+        # innermost first: an outer prefix then lands before the extending prefixes queued before it
+        for p in sorted(self._held_prefixes.values(), key=depth, reverse=True):
             self.pool.release(p.pages)
             p.pages = []
             p.num_computed = 0
             p.status = SeqStatus.WAITING
-            at = next((i for i, x in enumerate(self.waiting) if isinstance(x, Sequence) and x.prefix is p), len(self.waiting))
+            at = next((i for i, x in enumerate(self.waiting) if x.prefix is p), len(self.waiting))
             self.waiting.insert(at, p)
         self._held_prefixes.clear()
         return True
@@ -336,7 +343,9 @@ class Scheduler:
             if self.cfg.growth_reserve > 0:
                 row = self._growth_row(s, need + shared)
         else:
-            need = self._pages_for(s.length)
+            if s.prefix is not None and not s.prefix.ready:
+                return None  # the outer prefix it extends is still being computed (or waiting)
+            need = self._pages_for(s.length) - (s.prefix.length // self.cfg.page_size if s.prefix is not None else 0)
         if self.pool.num_free < need:
             return None
         if not self.running or self.cfg.growth_reserve <= 0:
@@ -348,6 +357,8 @@ class Scheduler:
         s.status = SeqStatus.RUNNING
         self.running.append(s)
         if not isinstance(s, Sequence):
+            if s.prefix is not None:
+                self._attach(s, s.prefix)
             return
         self._num_seqs_running += 1
         first = s.num_preemptions == 0
@@ -359,19 +370,22 @@ class Scheduler:
             if first:
                 s.num_cached = min(s.num_computed, s.prompt_len)
         if s.prefix is not None:
-            p = s.prefix
-            full = p.length // self.cfg.page_size
-            shared = p.pages[:full]
-            self.pool.share(shared)
-            s.pages = list(shared)
-            if p.length % self.cfg.page_size:
-                # the partial last page is copied (batched at the end of schedule()): the member writes
-                # its own tokens after the prefix
-                (own,) = self.pool.allocate(1)
-                self._copies.append((p.pages[full], own))
-                s.pages.append(own)
-            s.num_computed = p.length
-            s.num_cached = p.length
+            self._attach(s, s.prefix)
+            s.num_cached = s.prefix.length
+
+    def _attach(self, s: Schedulable, p: SharedPrefix) -> None:
+        """Start ``s`` after its computed prefix ``p``: p's full pages shared, its partial last page copied."""
+        full = p.length // self.cfg.page_size
+        shared = p.pages[:full]
+        self.pool.share(shared)
+        s.pages = list(shared)
+        if p.length % self.cfg.page_size:
+            # the partial last page is copied (batched at the end of schedule()): s writes its own
+            # tokens after the prefix
+            (own,) = self.pool.allocate(1)
+            self._copies.append((p.pages[full], own))
+            s.pages.append(own)
+        s.num_computed = p.length
 
     # -- after the forward pass --------------------------------------------------------------------
     def advance(self, step: ScheduledStep) -> None:
@@ -408,9 +422,15 @@ class Scheduler:
                 self._release_prefix(s.prefix)
 
     def _release_prefix(self, p: SharedPrefix) -> None:
+        """p is computed and has no dependents left: free its pages; it no longer holds its outer prefix."""
         self.pool.release(p.pages)
         p.pages = []
         self._held_prefixes.pop(id(p), None)
+        outer = p.prefix
+        if outer is not None:
+            outer.unfinished -= 1
+            if outer.unfinished == 0 and outer.ready:
+                self._release_prefix(outer)
 
     def check_idle_integrity(self) -> None:
         """When all work is done, every page must be free again (cached pages count as free: evictable)."""

@@ -1,4 +1,4 @@
-"""Per-sequence engine state: one ``Sequence`` per (request, sample index), one ``SharedPrefix`` per prefix group.
+"""Per-sequence engine state: one ``Sequence`` per (request, sample index), one ``SharedPrefix`` per shared prefix.
 
 Token accounting, the one rule the scheduler and runner share::
 
@@ -33,14 +33,18 @@ class SeqStatus(enum.Enum):
 class SharedPrefix:
     """A prefix group's shared prompt prefix: computed once, its pages shared by every member.
 
-    The prefix keeps its own reference on its pages until ``unfinished`` (members not yet finished)
-    reaches zero, so a preempted member can share them again when it is re-admitted.
+    The prefix keeps its own reference on its pages until ``unfinished`` reaches zero, so a preempted
+    member can share them again when it is re-admitted. Its dependents are its member samples and the
+    prefixes that extend it: a prefix may itself extend an outer ``prefix`` (multi-level sharing), and
+    is then computed like a member of that one: its first ``prefix.length`` tokens are shared, not
+    computed. ``unfinished`` counts member samples not finished plus extending prefixes not released.
     """
 
     prefix_id: int
-    token_ids: np.ndarray  # the prefix tokens (int32)
-    unfinished: int  # members (samples) not finished yet
+    token_ids: np.ndarray  # the prefix tokens (int32), from position 0 (outer prefix's tokens included)
+    unfinished: int  # dependents (member samples, extending prefixes) not done yet
     pages: list[int] = dataclasses.field(default_factory=list)
+    prefix: SharedPrefix | None = None  # the outer prefix this one extends
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
 

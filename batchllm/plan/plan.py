@@ -2,8 +2,10 @@
 
 This is the PLAN stage of the pipeline (BatchLLM, arXiv 2412.03594, Sec. 4.1-4.2): one global prefix
 tree over every prompt (``trie.py``), split into single-level prefix groups by the authors' gain rule
-and ordered decode-heavy first within a depth-first walk (``groups.py``). The engine consumes the
-result as plain data: groups in execution order, each a shared prefix length and its members.
+and ordered decode-heavy first within a depth-first walk (``groups.py``); then neighbouring groups whose
+prefixes share a head get an outer prefix computed once for all of them (``nesting.py``: multi-level
+sharing). The engine consumes the result as plain data: groups in execution order, each a shared
+prefix length, its members and the outer prefix its prefix extends.
 
 ``policy="none"`` gives the baseline: input order, every request its own group with prefix 0.
 """
@@ -18,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from batchllm.plan.groups import Grouping, batchllm_groups, order_groups, singleton_groups
+from batchllm.plan.nesting import Nesting, nest
 from batchllm.plan.trie import PrefixTrie
 
 POLICIES = ("batchllm", "none")
@@ -35,6 +38,7 @@ class PrefixGroup:
     group_id: int
     prefix_len: int
     members: np.ndarray  # request indices (into the input list), in execution order
+    outer: int = -1  # the outer prefix (``Plan.nesting``) this group's prefix extends, or -1
 
 
 @dataclass
@@ -42,7 +46,8 @@ class Plan:
     """Groups in execution order plus per-request lookups and the prefill token accounting.
 
     ``order`` is the concatenation of the groups' members; ``prefix_len`` and ``group_of`` are indexed
-    by request index. ``group_id`` equals the group's position in ``groups``.
+    by request index. ``group_id`` equals the group's position in ``groups``. ``nesting`` holds the
+    outer prefixes over the groups (its units are the groups, in order).
     """
 
     groups: list[PrefixGroup]
@@ -51,7 +56,8 @@ class Plan:
     group_of: np.ndarray
     logical_prompt_tokens: int  # sum of prompt lengths
     unique_prompt_tokens: int  # distinct non-empty prefixes = trie edge length: the best any cache can do
-    planned_prompt_tokens: int  # sum over groups of prefix_len + sum over requests of (len - prefix_len)
+    planned_prompt_tokens: int  # outer prefixes once + group prefixes beyond their outer + requests beyond their group's
+    nesting: Nesting | None = None
 
     def saving(self) -> float:
         """Prefill saving of this plan: ``1 - planned / logical``."""
@@ -116,7 +122,13 @@ def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, ord
     size = np.bincount(group_of, minlength=G)
     bounds = np.concatenate([[0], np.cumsum(size)]).tolist()
     groups = [PrefixGroup(g, p, order[bounds[g] : bounds[g + 1]]) for g, p in enumerate(g_prefix.tolist())]
+    heads = [trie.tokens[trie.offsets[g.members[0]] : trie.offsets[g.members[0]] + g.prefix_len] for g in groups]
+    nesting = nest(heads)
+    for g in groups:
+        g.outer = int(nesting.unit_parent[g.group_id])
     logical = int(trie.lengths.sum())
+    # each group computes its prefix beyond its outer prefix, once; each member its tokens beyond the group prefix
+    outer_saved = sum(nesting.parent_len(g.group_id) for g in groups) - nesting.outer_tokens()
     return Plan(
         groups=groups,
         order=order,
@@ -124,7 +136,8 @@ def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, ord
         group_of=group_of,
         logical_prompt_tokens=logical,
         unique_prompt_tokens=trie.unique_tokens(),
-        planned_prompt_tokens=logical - int(((size - 1) * g_prefix).sum()),
+        planned_prompt_tokens=logical - int(((size - 1) * g_prefix).sum()) - outer_saved,
+        nesting=nesting,
     )
 
 
@@ -133,7 +146,9 @@ def check_plan(plan: Plan, prompts: Sequence) -> None:
 
     Every request appears exactly once in ``order``; groups are contiguous runs of ``order``; every
     member starts with its group's prefix (the first member's first ``prefix_len`` tokens) and keeps at
-    least one own token; the token counts match their definitions (except ``unique_prompt_tokens``).
+    least one own token; every group's prefix is longer than its outer prefix and starts with it (the
+    outer prefix's tokens: those of its first group); the token counts match their definitions (except
+    ``unique_prompt_tokens``).
     """
     n = len(prompts)
     if len(plan.order) != n or not np.array_equal(np.sort(plan.order), np.arange(n)):
@@ -154,6 +169,15 @@ def check_plan(plan: Plan, prompts: Sequence) -> None:
             if not np.array_equal(np.asarray(prompts[i])[: g.prefix_len], head):
                 raise ValueError(f"group {gid}: request {i} does not start with the group's prefix")
         planned += g.prefix_len + int((lens[g.members] - g.prefix_len).sum())
+        if g.outer >= 0:
+            nst = plan.nesting
+            olen = int(nst.outer_len[g.outer])
+            first = plan.groups[int(nst.outer_first[g.outer])]
+            if olen >= g.prefix_len or not np.array_equal(head[:olen], np.asarray(prompts[first.members[0]])[:olen]):
+                raise ValueError(f"group {gid}: its prefix does not extend its outer prefix {g.outer}")
+            planned -= olen
+    if plan.nesting is not None:
+        planned += plan.nesting.outer_tokens()
     if planned != plan.planned_prompt_tokens or int(lens.sum()) != plan.logical_prompt_tokens:
         raise ValueError("planned / logical prompt token counts are wrong")
 

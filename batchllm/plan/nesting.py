@@ -1,0 +1,125 @@
+"""Outer prefixes: multi-level sharing between neighbouring prefix groups.
+
+BatchLLM's gain rule (``groups.py``) gives every request one group and every group one shared prefix,
+computed once. Group prefixes often share a head of their own: one system prompt followed by different
+few-shot blocks, each block a group. Single-level sharing computes that head once per group; an *outer
+prefix* computes it once for all of them, and each group's prefix is then computed as its continuation
+(the group prefix's pages start with the outer prefix's pages, shared). Outer prefixes nest: a system
+prompt, a tool list under it, the groups under that.
+
+``nest`` finds them from the units of work in execution order (a unit = a group's prefix and its
+members): units that share a head are adjacent in the plan's depth-first order, so the shared heads are
+the intervals of the longest-common-prefix array of neighbouring units (the LCP-interval tree of
+``trie.py``, built here over units instead of prompts). Units that are not adjacent simply do not share
+an outer prefix: less saving, never a wrong result.
+
+An outer prefix is kept when it adds at least ``min_tokens`` tokens to its own parent: shorter levels
+save little and each costs a page copy per child and one more dependency to wait for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+# An outer level must add at least this many tokens to its parent (one KV page at the default size).
+MIN_OUTER_TOKENS = 16
+
+
+class Nesting(NamedTuple):
+    """Outer prefixes over a list of units (in execution order).
+
+    ``outer_len[o]``: tokens of outer prefix ``o`` (from position 0); ``outer_parent[o]``: the outer
+    prefix it extends, or -1; ``outer_first[o]``: the first unit below it (outer prefixes are listed in
+    the order they must be computed: by first unit, enclosing ones first).
+    ``unit_parent[u]``: the innermost outer prefix unit ``u``'s prefix extends, or -1.
+    Invariants: every unit below ``o`` has a prefix longer than ``outer_len[o]`` that starts with it;
+    a child's length exceeds its parent's by at least the ``min_tokens`` of ``nest``.
+    """
+
+    outer_len: np.ndarray
+    outer_parent: np.ndarray
+    outer_first: np.ndarray
+    unit_parent: np.ndarray
+
+    @property
+    def num_outer(self) -> int:
+        return len(self.outer_len)
+
+    def parent_len(self, unit: int) -> int:
+        """Tokens of unit's prefix that its outer prefix already computes (0 without one)."""
+        o = int(self.unit_parent[unit])
+        return int(self.outer_len[o]) if o >= 0 else 0
+
+    def outer_tokens(self) -> int:
+        """Tokens the outer prefixes compute, each level counted once."""
+        if not self.num_outer:
+            return 0
+        par = np.where(self.outer_parent >= 0, self.outer_len[np.maximum(self.outer_parent, 0)], 0)
+        return int((self.outer_len - par).sum())
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS) -> Nesting:
+    """Outer prefixes for units whose shared prefixes (token arrays, execution order) are ``prefixes``.
+
+    A unit with an empty prefix never nests. The outer prefix of a run of units is at most one token
+    shorter than the shortest prefix in the run, so every unit's own prefix still adds a token.
+    """
+    if min_tokens < 1:
+        raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+    G = len(prefixes)
+    plen = np.array([len(p) for p in prefixes], dtype=np.int64)
+    lcp = [0] * (G + 1)  # lcp[i]: tokens units i-1 and i share; lcp[0] = lcp[G] = 0
+    for i in range(1, G):
+        if plen[i - 1] and plen[i]:
+            lcp[i] = _lcp(prefixes[i - 1], prefixes[i])
+
+    # LCP intervals: (depth, first unit, last unit) for every run of >= 2 units sharing `depth` tokens
+    intervals: list[tuple[int, int, int]] = []
+    stack = [(0, 0)]
+    for i in range(1, G + 1):
+        start = i - 1
+        while stack[-1][0] > lcp[i]:
+            d, start = stack.pop()
+            intervals.append((d, start, i - 1))
+        if stack[-1][0] < lcp[i]:
+            stack.append((lcp[i], start))
+
+    # enclosing intervals first; walk them with a stack of the kept ones that contain the current one
+    intervals.sort(key=lambda t: (t[1], -t[2]))
+    outer_len: list[int] = []
+    outer_parent: list[int] = []
+    outer_first: list[int] = []
+    outer_last: list[int] = []
+    unit_parent = np.full(G, -1, dtype=np.int64)
+    open_: list[int] = []  # kept outer prefixes enclosing the current interval
+    for d, s, e in intervals:
+        while open_ and outer_last[open_[-1]] < s:
+            open_.pop()
+        length = min(d, int(plen[s : e + 1].min()) - 1)
+        base = outer_len[open_[-1]] if open_ else 0
+        if length - base < min_tokens:
+            continue  # too short a level: these units stay with the enclosing outer prefix
+        o = len(outer_len)
+        outer_len.append(length)
+        outer_parent.append(open_[-1] if open_ else -1)
+        outer_first.append(s)
+        outer_last.append(e)
+        unit_parent[s : e + 1] = o  # inner intervals (later in this order) overwrite their part
+        open_.append(o)
+    return Nesting(
+        np.asarray(outer_len, dtype=np.int64),
+        np.asarray(outer_parent, dtype=np.int64),
+        np.asarray(outer_first, dtype=np.int64),
+        unit_parent,
+    )
