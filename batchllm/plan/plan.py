@@ -207,7 +207,8 @@ def estimate_peak_kv_tokens(
     - prefill takes no time; each decode step every running request emits one token and then holds
       ``own prompt + tokens emitted`` KV tokens; it finishes after ``round(expected_output)`` steps.
     Since reservations are worst case, ``peak_kv_tokens <= kv_budget`` whenever
-    ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full.
+    ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full. Outer
+    prefixes are not modelled: each group's prefix counts in full (an over-estimate).
     """
     lens = np.asarray(prompt_lens, dtype=np.int64)
     outs = np.rint(np.asarray(expected_output, dtype=np.float64)).astype(np.int64)
