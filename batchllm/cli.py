@@ -76,6 +76,8 @@ def run(
     max_num_seqs: Optional[int] = typer.Option(None, help="Cap on running sequences (default: KV memory only)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of the GPU's total memory this job may use (default 0.9); the KV pool gets what the weights, a profiled step and CUDA graphs leave."),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs for decode steps; default: graphs on CUDA)."),
     page_size: Optional[int] = typer.Option(None, help="Tokens per KV page."),
     shard_rows: Optional[int] = typer.Option(None, help="Rows per output shard, the unit of commit (default 10,000)."),
     preview: Optional[int] = typer.Option(None, help="Completions to print after the run."),
@@ -98,6 +100,7 @@ def run(
         prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
         system_prompt=system_prompt, policy=policy, attention=attention, max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
+        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
@@ -112,6 +115,8 @@ def resume(
     shard_rows: Optional[int] = typer.Option(None, help="Rows per shard from now on."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of the GPU's total memory this job may use."),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs)."),
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray (may differ from the first run)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
@@ -130,7 +135,8 @@ def resume(
     cfg = JobConfig.from_spec(manifest["job"])
     cfg.output = output_dir
     for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("kv_cache_tokens", kv_cache_tokens), ("replicas", replicas), ("ray_address", ray_address)):
+                        ("kv_cache_tokens", kv_cache_tokens), ("gpu_memory_utilization", gpu_memory_utilization),
+                        ("enforce_eager", enforce_eager), ("replicas", replicas), ("ray_address", ray_address)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()

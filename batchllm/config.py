@@ -48,6 +48,8 @@ class JobConfig:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's total memory the process may use (KV pool sizing)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     # output: rows per Parquet shard (a shard is the unit of commit: a crash loses at most one shard's work)
     shard_rows: int = 10_000
     preview: int = 3  # completions printed after the run
@@ -86,6 +88,11 @@ class JobConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise BatchLLMError(f"--{name.replace('_', '-')} must be at least 1")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise BatchLLMError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise BatchLLMError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         self.sampling_defaults()
 
     @property

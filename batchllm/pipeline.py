@@ -18,6 +18,7 @@ prefix groups and write their shards for this process to commit. Ray is imported
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from typing import Callable
@@ -27,6 +28,7 @@ import torch
 
 from batchllm.config import JobConfig
 from batchllm.engine.attention import get_backend
+from batchllm.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, graph_safe
 from batchllm.engine.engine import LLMEngine, StepStats
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import SchedulerConfig
@@ -48,6 +50,8 @@ from batchllm.models.llama import build_model
 from batchllm.models.tokenizer import batch_encode_prompts, encode_chat, eos_token_ids
 from batchllm.plan.plan import Plan, build_plan, estimate_peak_kv_tokens
 from batchllm.plan.stats import plan_stats
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -280,16 +284,48 @@ def default_token_budget(device: torch.device) -> int:
     return 16384 if big else 8192
 
 
-def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_tokens_step: int) -> int:
-    """Number of KV pages: from --kv-cache-tokens, else from the memory free after the weights."""
+def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_tokens_step: int,
+                  *, model: torch.nn.Module | None = None, backend=None, sample_rows: int | None = None,
+                  graph_batch: int = 0) -> int:
+    """Number of KV pages: from --kv-cache-tokens, else from memory.
+
+    On CUDA with ``model`` and ``backend``: ``--gpu-memory-utilization`` x total memory, less the weights,
+    the peak activation of a warm-up forward at ``max_tokens_step`` tokens (LM head over ``sample_rows``
+    rows), the graph pool reserve for decode steps of ``graph_batch`` rows (0: no graphs) and non-torch
+    memory (``batchllm.engine.memory``). On CUDA without a model, an analytic activation estimate stands
+    in for the profile. On the CPU: a quarter of the available RAM, at most 4 GiB."""
     page_bytes = KVCache.bytes_per_page(mcfg, cfg.page_size, dtype)
     if cfg.kv_cache_tokens is not None:
         return max(1, -(-cfg.kv_cache_tokens // cfg.page_size))
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # activations of one step: a few hidden-sized and one FFN-sized buffer per token, plus logits
-        act = max_tokens_step * (8 * mcfg.hidden_size + 4 * mcfg.intermediate_size) * 4 + 256 * mcfg.vocab_size * 4
-        budget = free - (1 - 0.9) * total - act
+        from batchllm.engine import memory
+
+        u = memory.check_utilization(cfg.gpu_memory_utilization)
+        prof = None
+        if model is not None and backend is not None:
+            try:
+                prof = memory.profile_cuda(model, backend, max_tokens=max_tokens_step, sample_rows=sample_rows or max_tokens_step,
+                                           graph_batch=graph_batch, page_size=cfg.page_size, device=device, dtype=dtype)
+            except torch.cuda.OutOfMemoryError:
+                raise BatchLLMError(f"out of GPU memory in a warm-up step of {max_tokens_step} tokens: lower "
+                                    "--max-num-batched-tokens") from None
+            except Exception as exc:  # noqa: BLE001  (a profiling failure must not lose the job: size analytically)
+                log.warning("KV pool sizing: the warm-up profile failed (%s: %s); using the analytic estimate", type(exc).__name__, exc)
+                torch.cuda.empty_cache()
+        if prof is not None:
+            budget = prof.pool_bytes(u)
+            detail = (f"{u:.2f} x {prof.total / 2**30:.1f} GiB total - weights {prof.weights / 2**30:.1f} GiB - peak activation "
+                      f"{prof.peak_activation / 2**30:.1f} GiB - graphs {prof.graph_reserve / 2**30:.1f} GiB - other "
+                      f"{prof.non_torch / 2**30:.1f} GiB")
+        else:
+            free, total = torch.cuda.mem_get_info(device)
+            # activations of one step: a few hidden-sized and one FFN-sized buffer per token, plus logits
+            act = max_tokens_step * (8 * mcfg.hidden_size + 4 * mcfg.intermediate_size) * 4 + 256 * mcfg.vocab_size * 4
+            budget = free - (1 - u) * total - act
+            detail = "free memory less activations"
+        if budget // page_bytes < 1:
+            raise BatchLLMError(f"not enough GPU memory left for the KV cache ({detail}): raise --gpu-memory-utilization, "
+                                "lower --max-num-batched-tokens, or set --kv-cache-tokens")
     else:
         avail = _available_ram()
         budget = min(0.25 * avail, 4 << 30)
@@ -335,11 +371,21 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     """The engine for ``cfg`` on a loaded model (KV pool, scheduler limits, backend) and its EOS ids.
 
     Used by the single-process run and by each Ray replica (``batchllm.distributed.replica``). A KV
-    cache sized from free memory is allocated here, so build one engine per process and reuse it.
+    cache sized from free memory is allocated here, and CUDA graphs are captured here (unless
+    --enforce-eager), so build one engine per process and reuse it.
     """
     mcfg = lm.config
     budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
-    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget)
+    baseline = cfg.policy == "fcfs-lru"
+    # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
+    max_num_seqs = cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None)
+    backend = get_backend(resolve_attention(cfg.attention, lm.device))
+    graphs = "off" if cfg.enforce_eager else "auto"
+    graph_batch = min(DEFAULT_MAX_GRAPH_BATCH, budget, max_num_seqs or DEFAULT_MAX_GRAPH_BATCH)
+    uses_graphs = not cfg.enforce_eager and lm.device.type == "cuda" and graph_safe(backend)
+    # the sampled rows of a step: at most one per running sequence, at most one per token of the budget
+    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget, model=lm.model, backend=backend,
+                          sample_rows=min(budget, max_num_seqs or budget), graph_batch=graph_batch if uses_graphs else 0)
     # A sequence can never outgrow the pool; a group member also holds a private copy of its prefix's
     # partial last page while the prefix keeps the original: one page of headroom.
     pool_tokens = (pages - 1) * cfg.page_size
@@ -348,20 +394,26 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
             raise BatchLLMError(f"the KV pool ({pages} page(s) of {cfg.page_size} tokens) is too small: raise --kv-cache-tokens")
         max_model_len = pool_tokens
     kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
-    baseline = cfg.policy == "fcfs-lru"
     sched_cfg = SchedulerConfig(
         page_size=cfg.page_size,
         max_num_batched_tokens=budget,
-        # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
-        max_num_seqs=cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None),
+        max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
         growth_reserve=0.0 if baseline else 1.0,
     )
-    backend_name = "torch" if cfg.attention in ("auto", "torch") else cfg.attention
     engine = LLMEngine(
-        lm.model, lm.tokenizer, kv, get_backend(backend_name), sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline
+        lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline,
+        graphs=graphs, max_graph_batch=graph_batch,
     )
     return engine, frozenset(eos_token_ids(lm.tokenizer, mcfg))
+
+
+def resolve_attention(spec: str, device: torch.device) -> str:
+    """--attention: ``auto`` is the Triton backend on CUDA and the torch reference elsewhere (Triton runs
+    on CPU tensors only under its interpreter); ``torch`` and ``triton`` are taken as given."""
+    if spec == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return spec
 
 
 def model_max_len(cfg: JobConfig, mcfg: ModelConfig) -> int:

@@ -5,13 +5,31 @@ new K/V and runs the planned launches: with ``meta.prefix_groups`` the prefix-sh
 BatchLLM: members' queries stacked against their shared prefix, own parts as paged attention, exact
 log-sum-exp merge), else plain paged attention. Works on CUDA tensors, and on CPU tensors under
 Triton's interpreter (slow; for tests).
+
+Graphed decode steps (``batchllm.engine.cuda_graphs``) bring a ``StaticDecodeMetadata``: then nothing is
+planned on the host. The work list is a device section the runner refills each step
+(``fill_static_decode_work``: ``kv_splits`` key ranges per row, a count fixed per bucket), the launch grid
+and the merge lists depend on the bucket only, and positions come from the step's device inputs, so
+the same launches are valid in every replay of a captured graph.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import triton
 from batchllm.kernels.kv_store import store_kv
-from batchllm.kernels.paged_attention import AttentionPlan, AttentionTuning, run_plan
+from batchllm.kernels.paged_attention import (
+    WORK_FIELDS,
+    AttentionPlan,
+    AttentionTuning,
+    WorkLaunch,
+    check_heads,
+    interpreting,
+    num_sms,
+    resolve_tiles,
+    run_plan,
+)
 from batchllm.kernels.prefix_attention import plan_prefix_shared_attention
 
 from batchllm.engine.attention import (
@@ -19,6 +37,11 @@ from batchllm.engine.attention import (
     AttentionMetadata,
     register_backend,
 )
+from batchllm.engine.cuda_graphs import StaticDecodeMetadata
+
+# at most this many key ranges per decode row in a graphed step: each is a program even when empty
+MAX_STATIC_SPLITS = 16
+_NO_LIMIT = 2**31 - 1
 
 
 class TritonAttention(AttentionBackend):
@@ -31,6 +54,7 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "triton"
+    cuda_graph_safe = True  # store skips slot -1 in-kernel; graphed decode plans read only device tensors
 
     def __init__(self, tuning: AttentionTuning | None = None, min_group_size: int = 2):
         self.tuning = tuning or AttentionTuning()
@@ -38,6 +62,7 @@ class TritonAttention(AttentionBackend):
         self._meta: AttentionMetadata | None = None
         self._key: tuple | None = None
         self._plan: AttentionPlan | None = None
+        self._static_plans: dict[tuple, AttentionPlan] = {}
 
     def store_kv(self, k, v, kv_cache, meta):
         store_kv(k, v, kv_cache, meta.slot_mapping)
@@ -58,9 +83,73 @@ class TritonAttention(AttentionBackend):
         if q.dim() != 3 or kv_cache.dim() != 5:
             raise ValueError(f"q must be (T, heads, d) and kv_cache (2, pages, page_size, kv_heads, d); got "
                              f"{tuple(q.shape)}, {tuple(kv_cache.shape)}")
-        plan = self.plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device)
+        if isinstance(meta, StaticDecodeMetadata):
+            plan = self.static_plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device)
+        else:
+            plan = self.plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device)
         out, _ = run_plan(q, kv_cache, meta.block_tables, plan, scale)
         return out
+
+    # -- graphed decode steps ----------------------------------------------------------------------
+    def static_decode_splits(self, bucket: int, num_kv_heads: int, device: torch.device) -> int:
+        """Key ranges per row of a graphed decode step of ``bucket`` rows: enough programs for about
+        ``programs_per_sm`` per SM (flash-decoding), at most ``MAX_STATIC_SPLITS``; 1 when splitting is off."""
+        if self.tuning.kv_chunk == 0:
+            return 1
+        target = self.tuning.programs_per_sm * num_sms(torch.device(device))
+        return int(min(MAX_STATIC_SPLITS, max(1, -(-target // (bucket * num_kv_heads)))))
+
+    def fill_static_decode_work(self, work: np.ndarray, seq_lens: np.ndarray, splits: int, page_size: int) -> None:
+        """Fill the host work list (rows x splits, WORK_FIELDS) of a graphed decode step.
+
+        Row i, piece s reads keys ``[s * chunk, (s + 1) * chunk)`` (the last piece to the end; the kernel
+        stops at the query position), with one chunk size for the step from its longest sequence. Pieces
+        past a row's length are empty programs whose partial a merge weighs as nothing. Padding rows
+        (length 1) read key 0 of page 0 and their output is discarded."""
+        b = seq_lens.shape[0]
+        if work.shape != (b * splits, WORK_FIELDS):
+            raise ValueError(f"work must be ({b * splits}, {WORK_FIELDS}), got {work.shape}")
+        row = np.repeat(np.arange(b), splits)
+        piece = np.tile(np.arange(splits), b)
+        work[:, 0] = row
+        work[:, 1] = 1
+        work[:, 2] = row
+        if splits == 1:
+            work[:, 3] = 0
+            work[:, 4] = _NO_LIMIT
+            work[:, 5] = -1
+            return
+        longest = int(seq_lens.max()) if b else 1
+        chunk = self.tuning.kv_chunk or max(self.tuning.min_kv_chunk, -(-longest // splits))
+        chunk = -(-chunk // page_size) * page_size
+        work[:, 3] = piece * chunk
+        work[:, 4] = np.where(piece == splits - 1, _NO_LIMIT, (piece + 1) * chunk)
+        work[:, 5] = row * splits + piece
+
+    def static_plan(self, meta: StaticDecodeMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
+                    device: torch.device) -> AttentionPlan:
+        """The plan of a graphed decode step: views of the metadata's device sections plus merge lists that
+        depend on the bucket only. Built once per bucket (before capture) and reused by every replay."""
+        if meta.decode_work is None or meta.positions is None:
+            raise ValueError("a static decode step needs decode_work and positions (see static_decode_splits)")
+        b, splits = meta.num_seqs, meta.kv_splits
+        key = (meta.decode_work.data_ptr(), meta.positions.data_ptr(), b, splits, num_heads, num_kv_heads, head_dim, device)
+        plan = self._static_plans.get(key)
+        if plan is not None:
+            return plan
+        g = check_heads(num_heads, num_kv_heads)
+        _, narrow = resolve_tiles(head_dim, g, self.tuning)
+        merge_dst = merge_start = merge_src = None
+        if splits > 1:  # made on the device: no host copy, and fixed for the bucket
+            merge_dst = torch.arange(b, dtype=torch.int32, device=device)
+            merge_start = torch.arange(0, b * splits + 1, splits, dtype=torch.int32, device=device)
+            merge_src = torch.arange(b * splits, dtype=torch.int32, device=device)
+        merge_heads = self.tuning.merge_heads or (triton.next_power_of_2(num_heads) if interpreting() else 8)
+        merge_heads = min(merge_heads, triton.next_power_of_2(num_heads))
+        plan = AttentionPlan(b, num_heads, num_kv_heads, meta.positions, [WorkLaunch(meta.decode_work, narrow)],
+                             b * splits if splits > 1 else 0, merge_dst, merge_start, merge_src, merge_heads)
+        self._static_plans[key] = plan
+        return plan
 
 
 register_backend("triton", TritonAttention)

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from batchllm.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH
 from batchllm.engine.detokenizer import IncrementalDetokenizer, decode_all, find_stop
 from batchllm.engine.kv_cache import KVCache, PagePool
 from batchllm.engine.model_runner import ModelRunner
@@ -53,14 +54,20 @@ class LLMEngine:
         device: torch.device,
         vocab_size: int,
         prefix_caching: bool = False,
+        graphs: str = "auto",
+        max_graph_batch: int = DEFAULT_MAX_GRAPH_BATCH,
     ):
+        """``graphs``: CUDA graphs for decode-only steps (``ModelRunner``): "auto" (on CUDA devices), "off"
+        (``--enforce-eager``), "cuda", or "static" (the padded graph path run eagerly, for CPU tests).
+        Graphs are captured here, before the first run, for decode steps of up to ``max_graph_batch`` rows."""
         self.model, self.tokenizer, self.kv = model, tokenizer, kv
         self.cfg = sched_cfg
         self.device = device
         self.vocab_size = vocab_size
         self.prefix_caching = prefix_caching
         self.pool = self._new_pool()
-        self.runner = ModelRunner(model, kv, backend, device)
+        self.runner = ModelRunner(model, kv, backend, device, graphs=graphs,
+                                  max_model_len=sched_cfg.max_model_len, max_graph_batch=max_graph_batch)
         self.scheduler: Scheduler | None = None
         self.step_stats: list[StepStats] = []
 
