@@ -240,6 +240,7 @@ def stats(
     t.add_row("saving (plan)", f"{result['saving']:.1%}")
     t.add_row("max saving (any cache)", f"{result['max_saving']:.1%}")
     t.add_row("prefix groups", f"{result['num_groups']:,}  ({result['shared_groups']:,} shared, {result['requests_in_shared_groups']:,} requests in them)")
+    t.add_row("outer prefixes", f"{result['outer_prefixes']:,}  (shared heads of groups)")
     for key, label in (("group_size", "group size"), ("prefix_len", "shared prefix length"), ("distinct_len", "distinct tokens per request")):
         d = result[key]
         t.add_row(label, f"min {d['min']:g} / p50 {d['p50']:g} / p90 {d['p90']:g} / max {d['max']:g}")
