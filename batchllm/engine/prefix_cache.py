@@ -116,7 +116,8 @@ class PrefixCachingPool(PagePool):
         in_use = int((self.refcount > 0).sum())
         if (self.refcount < 0).any():
             raise RuntimeError("negative refcount")
-        if any(self.refcount[p] != 0 for p in self._queue):
+        queued = np.fromiter(self._queue, dtype=np.int64, count=len(self._queue))
+        if len(queued) and (self.refcount[queued] != 0).any():
             raise RuntimeError("a queued page still has references")
         if len(self._queue) + in_use != self.num_pages:
             raise RuntimeError(f"page leak: {len(self._queue)} free + {in_use} in use != {self.num_pages}")
