@@ -28,7 +28,7 @@ echo "pip install: $?" >"$OUT/summary.txt"
 
 # compiled kernels: first compilation of each tile shape dominates the time
 timeout 160 python -m pytest -q -rs --durations=10 tests/test_kernels_attention.py tests/test_kernels_elementwise.py \
-  tests/test_kernels_backend.py >"$OUT/pytest_kernels.txt" 2>&1
+  tests/test_kernels_backend.py tests/test_kernel_sampling.py tests/test_sampler.py >"$OUT/pytest_kernels.txt" 2>&1
 echo "pytest kernels (all, gpu-marked included): $?" >>"$OUT/summary.txt"
 
 # CUDA graphs first among the long steps: they are new, the kernel benchmark has run before

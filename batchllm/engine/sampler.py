@@ -7,14 +7,27 @@ Order of operations (as vLLM v1's ``Sampler``):
 3. penalties: repetition (tokens seen in prompt or output: ``logit > 0 -> logit / r`` else
    ``logit * r``), frequency (``- f * count in output``), presence (``- p * (count > 0)``);
 4. greedy rows (temperature < 1e-5) take the argmax; the other rows divide by temperature, apply
-   min_p, then top_k and top_p (vLLM's sort-based masks, ties at the k-th value kept), then sample.
+   min_p, then top_k, then top_p, then sample (``truncate`` states the kept sets exactly).
+
+Every truncation keeps the tokens at or above a value threshold, so tied logits are always kept or
+dropped together. Two formulations differ from vLLM's only where vLLM's result depends on rounding
+or on the order a sort leaves tied values in, so that a sort-free kernel can match them exactly:
+min_p compares ``x - max(x) < log(min_p)`` (vLLM: ``probs < max(probs) * min_p``, the same set in
+exact arithmetic) and top_p keeps every token tied with the last one it keeps (vLLM keeps whichever
+of the tied tokens the sort put last).
 
 Randomness: a sampled token depends only on (seed, step, logits) of its row, never on the batch's
 composition or order or on any device RNG state. Row ``r`` draws one uniform per vocabulary id ``v``
 from a counter-based hash, ``u = uniform(murmur3_32(seed_lo, seed_hi, step, v))`` with 23 random
 bits, and takes ``argmax(probs / -log(u))``: the exponential race, which samples exactly from
 ``probs`` (the Gumbel-max trick in probability space). The hash is plain integer arithmetic, so CPU,
-CUDA and a future Triton kernel produce the same uniforms bit for bit (``noise_uniforms``).
+CUDA and the Triton kernel produce the same uniforms bit for bit (``noise_uniforms``).
+
+Backends: on CUDA the random rows are sampled by the sort-free Triton kernel
+``batchllm.kernels.sampling.sample_tokens`` (one program per row, same kept sets, same uniforms);
+the torch code here is its reference and the CPU path. ``set_sampler_backend`` (or the environment
+variable ``BATCHLLM_SAMPLER``: auto / torch / triton) forces either; ``sample(..., backend=)`` per call.
+Penalties and min_tokens bans run in torch on either backend (``apply_penalties``).
 
 Nothing here reads a device tensor back to the host: every shape and index set is decided from the
 rows in ``SamplingBatch.build``, so ``sample`` only enqueues work.
@@ -23,6 +36,7 @@ rows in ``SamplingBatch.build``, so ``sample`` only enqueues work.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,13 +45,43 @@ import torch
 
 from batchllm.sampling_params import SamplingParams
 
-__all__ = ["SamplerOutput", "SamplingBatch", "SamplingRow", "apply_penalties", "noise_uniforms", "sample"]
+__all__ = [
+    "SAMPLER_BACKENDS",
+    "SamplerOutput",
+    "SamplingBatch",
+    "SamplingRow",
+    "apply_penalties",
+    "exponential_race",
+    "get_sampler_backend",
+    "noise_uniforms",
+    "sample",
+    "set_sampler_backend",
+    "truncate",
+]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 # Elements of (rows x vocab) int64 hash state materialised at once; bounds the noise's extra memory
 # to a few hundred MiB however large the batch or vocabulary.
 _NOISE_CHUNK_ELEMS = 1 << 24
+
+# "auto": the Triton kernel for CUDA logits, torch otherwise; "torch" / "triton" force one.
+SAMPLER_BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("BATCHLLM_SAMPLER", "auto").strip().lower() or "auto"
+
+
+def set_sampler_backend(name: str) -> str:
+    """Set the process-wide default backend of ``sample`` (one of ``SAMPLER_BACKENDS``); returns the
+    previous one, so a caller (a test, the engine) can restore it."""
+    global _backend
+    if name not in SAMPLER_BACKENDS:
+        raise ValueError(f"sampler backend must be one of {SAMPLER_BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def get_sampler_backend() -> str:
+    return _backend
 
 
 @dataclass
@@ -85,7 +129,7 @@ class SamplingBatch:
     seed_lo: torch.Tensor | None  # (R,) int64 in [0, 2**32)
     seed_hi: torch.Tensor | None  # (R,)
     step: torch.Tensor | None  # (R,)
-    min_p: torch.Tensor | None  # (R, 1) float32
+    log_min_p: torch.Tensor | None  # (R, 1) float32, log(min_p); -inf where min_p is 0
     top_k: torch.Tensor | None  # (R,) int64, vocab_size where disabled
     top_k_max: int  # largest enabled top_k (the width of the topk() call)
     top_p: torch.Tensor | None  # (R,) float32, 1.0 where disabled
@@ -115,7 +159,7 @@ class SamplingBatch:
 
         # Random (non-greedy) rows and their parameters.
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-        random_rows = temperature = seed_lo = seed_hi = step = min_p = top_k = top_p = None
+        random_rows = temperature = seed_lo = seed_hi = step = log_min_p = top_k = top_p = None
         top_k_max = 0
         if rand:
             rp = [rows[i].params for i in rand]
@@ -127,10 +171,12 @@ class SamplingBatch:
                 torch.int64,
             )
             seed_lo, seed_hi, step = packed[:, 0], packed[:, 1], packed[:, 2]
-            floats = put([[p.temperature, p.min_p, p.top_p] for p in rp], torch.float32)
+            # log(min_p) in float64, rounded once to float32: the same threshold on every backend.
+            log_min_p_host = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in rp]
+            floats = put([[p.temperature, lm, p.top_p] for p, lm in zip(rp, log_min_p_host)], torch.float32)
             temperature = floats[:, 0:1]
             if any(p.min_p > 0.0 for p in rp):
-                min_p = floats[:, 1:2]
+                log_min_p = floats[:, 1:2]
             if any(p.top_p < 1.0 for p in rp):
                 top_p = floats[:, 2]
             enabled = [k for k in ks if k < V]
@@ -177,7 +223,7 @@ class SamplingBatch:
             seed_lo=seed_lo,
             seed_hi=seed_hi,
             step=step,
-            min_p=min_p,
+            log_min_p=log_min_p,
             top_k=top_k,
             top_k_max=top_k_max,
             top_p=top_p,
@@ -200,30 +246,32 @@ class SamplerOutput:
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+def sample(logits: torch.Tensor, batch: SamplingBatch, backend: str | None = None) -> SamplerOutput:
     """Sample one token per row of ``logits`` (B, V); any float dtype (computed in float32).
 
-    ``logits`` is not modified. Raises ValueError when its shape does not match ``batch``.
+    ``backend``: one of ``SAMPLER_BACKENDS``, None for the process default (``set_sampler_backend``).
+    Both backends give the same tokens (see ``batchllm.kernels.sampling`` for the exact statement).
+    ``logits`` is not modified. Raises ValueError when its shape does not match ``batch`` or the
+    backend is unknown.
     """
     if logits.dim() != 2 or tuple(logits.shape) != (batch.num_rows, batch.vocab_size):
         raise ValueError(f"logits must have shape ({batch.num_rows}, {batch.vocab_size}), got {tuple(logits.shape)}")
-    logits = logits.float()
+    use_kernel = batch.random_rows is not None and _use_kernel(backend, logits)
+    # The kernel converts while it loads, so without penalties or log-probs it reads the model's
+    # logits directly (no float32 copy of the whole batch).
+    if not use_kernel or batch.max_logprobs is not None or batch.ban_rows is not None or batch.penalties is not None:
+        logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
     logits = apply_penalties(logits, batch)
 
     if batch.random_rows is None:
         token_ids = logits.argmax(dim=-1)
+    elif use_kernel:
+        token_ids = _sample_with_kernel(logits, batch)
     else:
         x = logits if batch.all_random else logits.index_select(0, batch.random_rows)
-        x = x / batch.temperature
-        if batch.min_p is not None:
-            probs = x.softmax(dim=-1)
-            x = x.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * batch.min_p, -math.inf)
-        if batch.top_p is not None:
-            x = _top_k_top_p_sorted(x, batch.top_k, batch.top_p)
-        elif batch.top_k is not None:
-            x = _top_k_only(x, batch.top_k, batch.top_k_max)
-        sampled = _exponential_race(x.softmax(dim=-1), batch.seed_lo, batch.seed_hi, batch.step)
+        x = truncate(x / batch.temperature, batch.log_min_p, batch.top_k, batch.top_k_max, batch.top_p)
+        sampled = exponential_race(x.softmax(dim=-1), batch.seed_lo, batch.seed_hi, batch.step)
         if batch.all_random:
             token_ids = sampled
         else:
@@ -236,6 +284,56 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             values, ids = raw_logprobs.topk(batch.max_logprobs, dim=-1)
             top = (ids, values)
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+
+
+def _use_kernel(backend: str | None, logits: torch.Tensor) -> bool:
+    """Whether the random rows go to the Triton kernel: forced by "triton", never with "torch", and
+    with "auto" for CUDA logits when Triton imports (a CUDA machine without it keeps working)."""
+    backend = _backend if backend is None else backend
+    if backend not in SAMPLER_BACKENDS:
+        raise ValueError(f"sampler backend must be one of {SAMPLER_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return logits.is_cuda and _kernel_module() is not None
+    return backend == "triton"
+
+
+_KERNEL_MODULE: object = None  # None: not tried yet; False: Triton missing
+
+
+def _kernel_module():
+    """``batchllm.kernels.sampling``, imported on first use (never on a CPU-only path: importing
+    ``batchllm.kernels`` there switches Triton to its interpreter); None when Triton is missing."""
+    global _KERNEL_MODULE
+    if _KERNEL_MODULE is None:
+        try:
+            from batchllm.kernels import sampling as module
+        except ImportError:
+            module = False
+        _KERNEL_MODULE = module
+    return _KERNEL_MODULE or None
+
+
+def _sample_with_kernel(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Tokens for every row: the kernel writes the random rows in place; greedy rows keep the argmax."""
+    module = _kernel_module()
+    if module is None:
+        raise RuntimeError("the triton sampler backend needs triton installed")
+    if batch.all_random:
+        token_ids = torch.empty(batch.num_rows, dtype=torch.int64, device=logits.device)
+    else:
+        token_ids = logits.argmax(dim=-1)
+    return module.sample_tokens(
+        logits,
+        batch.random_rows,
+        batch.temperature,
+        batch.seed_lo,
+        batch.seed_hi,
+        batch.step,
+        top_k=batch.top_k,
+        top_p=batch.top_p,
+        log_min_p=batch.log_min_p,
+        out=token_ids,
+    )
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -265,6 +363,36 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits.index_copy(0, pen.rows, sub)
 
 
+def truncate(
+    x: torch.Tensor,
+    log_min_p: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_k_max: int = 0,
+    top_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """min_p, then top_k, then top_p on temperature-scaled logits ``x`` (R, V); dropped tokens -> -inf.
+
+    Per row (parameters (R, 1) or (R,); None disables a step for every row), with ``m = max(x)``:
+
+    * min_p drops ``x`` with ``x - m < log_min_p`` (float32 subtraction, float32 threshold);
+    * top_k keeps ``x >= t_k``, ``t_k`` the k-th largest remaining value (counted with
+      multiplicity); ``k >= V`` disables it. ``top_k_max`` is the largest enabled k (no host sync);
+    * top_p, on the probabilities renormalised over what is left: keeps ``x >= t_p``, ``t_p`` the
+      largest value whose tokens and all above it have mass >= p, i.e. a token stays iff the mass
+      of the tokens strictly above its value is < p (every token tied with the last one kept stays).
+
+    The last two are value thresholds, so tied logits share their fate: the Triton kernel finds the
+    same thresholds without sorting.
+    """
+    if log_min_p is not None:
+        x = x.masked_fill(x - x.amax(dim=-1, keepdim=True) < log_min_p.reshape(-1, 1), -math.inf)
+    if top_p is not None:
+        return _top_k_top_p_sorted(x, top_k, top_p.reshape(-1))
+    if top_k is not None:
+        return _top_k_only(x, top_k.reshape(-1), top_k_max)
+    return x
+
+
 def _top_k_only(x: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
     """Per-row top_k without a full sort: keep logits >= the row's k-th largest (ties kept, as vLLM)."""
     V = x.shape[-1]
@@ -274,20 +402,24 @@ def _top_k_only(x: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
 
 
 def _top_k_top_p_sorted(x: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
-    """vLLM v1's ``apply_top_k_top_p``: ascending sort, top_k then top_p on the renormalised rest.
+    """vLLM v1's ``apply_top_k_top_p`` (ascending sort, top_k, then top_p on the renormalised rest),
+    with top_p's cut widened to whole tie groups.
 
-    top_p drops the tokens whose ascending cumulative probability is <= 1 - p, i.e. keeps the
-    smallest high-probability set whose mass reaches p; the top token is always kept.
+    vLLM drops the sorted tokens whose ascending cumulative probability is <= 1 - p (the top token
+    always stays). The cumulative sum never decreases, so the dropped tokens are a prefix of the
+    sorted row and the first kept value is the cut ``t_p``; keeping every token >= t_p keeps the
+    tokens tied with it that the sort happened to place in the dropped prefix.
     """
-    x_sort, idx = x.sort(dim=-1, descending=False)
+    x_sort = x.sort(dim=-1, descending=False).values
+    cut = torch.full_like(x[:, :1], -math.inf)
     if k is not None:
-        kth = x_sort.gather(1, (x_sort.shape[-1] - k).unsqueeze(1))
-        x_sort = x_sort.masked_fill(x_sort < kth, -math.inf)
+        cut = x_sort.gather(1, (x_sort.shape[-1] - k).unsqueeze(1))
+        x_sort = x_sort.masked_fill(x_sort < cut, -math.inf)
     cum = x_sort.softmax(dim=-1).cumsum(dim=-1)
     drop = cum <= 1.0 - p.unsqueeze(1)
     drop[:, -1] = False
-    x_sort = x_sort.masked_fill(drop, -math.inf)
-    return x_sort.scatter(-1, idx, x_sort)
+    cut = torch.maximum(cut, x_sort.gather(1, drop.sum(dim=-1, keepdim=True)))
+    return x.masked_fill(x < cut, -math.inf)
 
 
 # ---- counter-based RNG -------------------------------------------------------------------------
@@ -372,8 +504,9 @@ def noise_uniforms(seeds: Sequence[int], steps: Sequence[int], vocab_size: int, 
     return _uniforms(lo, hi, st, vocab_size)
 
 
-def _exponential_race(probs: torch.Tensor, seed_lo, seed_hi, step) -> torch.Tensor:
-    """argmax(probs / E) with E = -log(u) ~ Exp(1): a sample from each row of ``probs`` (R, V)."""
+def exponential_race(probs: torch.Tensor, seed_lo, seed_hi, step) -> torch.Tensor:
+    """argmax(probs / E) with E = -log(u) ~ Exp(1): a sample from each row of ``probs`` (R, V), the
+    first index among equal maxima. ``seed_lo``, ``seed_hi``, ``step``: (R,) int64 in [0, 2**32)."""
     R, V = probs.shape
     out = torch.empty(R, dtype=torch.int64, device=probs.device)
     chunk = max(1, _NOISE_CHUNK_ELEMS // V)
