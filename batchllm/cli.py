@@ -54,7 +54,7 @@ class _TokensPerSecond(ProgressColumn):
 @app.command()
 def run(
     inputs: List[str] = typer.Argument(None, help="Prompt files: JSONL, Parquet, OpenAI batch JSONL, or an HF datasets folder/file."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest: a path or a pyarrow filesystem URI (s3://, gs://, ...)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from batchllm.errors import BatchLLMError
+from batchllm.io.storage import is_uri
 from batchllm.sampling_params import SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -118,7 +119,7 @@ class JobConfig:
         return dataclasses.replace(
             self,
             inputs=[os.path.abspath(os.path.expanduser(p)) for p in self.inputs],
-            output=os.path.abspath(os.path.expanduser(self.output)) if self.output else self.output,
+            output=self.output if not self.output or is_uri(self.output) else os.path.abspath(os.path.expanduser(self.output)),
             model=model,
         )
 
@@ -165,7 +166,8 @@ def load_job_file(path: str) -> dict[str, Any]:
     if "inputs" in flat:
         flat["inputs"] = [_relative_to(base, p) for p in flat["inputs"]]
     for key in ("output", "model"):
-        if isinstance(flat.get(key), str) and not flat[key].startswith("dummy:") and flat[key] not in ("default", "smollm2"):
+        if (isinstance(flat.get(key), str) and not flat[key].startswith("dummy:") and flat[key] not in ("default", "smollm2")
+                and not is_uri(flat[key])):
             flat[key] = _relative_to(base, flat[key])
     return flat
 

@@ -8,8 +8,10 @@ Contracts:
   never requests.
 - Cost of a group (``group_costs``): the prompt tokens the engine computes for it (the shared prefix
   once, plus each sample's own tokens) plus its expected output tokens (``max_tokens`` per sample,
-  weighted by ``output_weight``). It mirrors ``pipeline.build_sources``: a lone request with ``n > 1``
-  shares all but its last prompt token among its samples.
+  weighted by ``output_weight``). It follows ``engine.sources.build_sources``: a lone request with
+  ``n > 1`` shares all but its last prompt token among its samples. Outer prefixes (computed once per
+  replica for neighbouring groups) and the own prefixes of ``n > 1`` members are not modelled: the
+  estimate errs high for such groups.
 - ``balance``: longest-processing-time-first (LPT) greedy, each group to the least loaded replica; the
   heaviest load is at most 4/3 of the optimum (Graham). Each replica's groups come back in plan order,
   so the decode-heavy-first ordering of the plan holds on every replica.
@@ -18,7 +20,9 @@ Contracts:
   what one shard commits, so it bounds both the work lost to a crash and the granularity of stealing.
 - ``WorkQueue``: per-replica queues of units; a replica runs its own units first, then steals the last
   unit of the replica with the most queued cost; a failed replica's units (and the one it was running)
-  go to the least loaded live replicas.
+  go to the least loaded live replicas. A unit that failed (``requeue``) goes to the head of the least
+  loaded live replica it has not failed on yet (any live replica when it failed on all), and is never
+  stolen by a replica it failed on: a retry runs soon, and elsewhere when there is an elsewhere.
 """
 
 from __future__ import annotations
@@ -101,6 +105,12 @@ class WorkQueue:
         self.costs = np.asarray(costs, dtype=np.float64)
         self.queues: dict[int, deque[np.ndarray]] = {r: deque(units) for r, units in enumerate(per_replica)}
         self.steals = 0
+        self.failed_on: dict[tuple[int, int], set[int]] = {}  # unit key -> replicas it failed on
+
+    @staticmethod
+    def key(unit: np.ndarray) -> tuple[int, int]:
+        """A unit's identity: groups are consecutive runs of one replica's share, never in two live units."""
+        return int(unit[0]), len(unit)
 
     def cost_of(self, unit: np.ndarray) -> float:
         return float(self.costs[unit].sum())
@@ -117,12 +127,34 @@ class WorkQueue:
         q = self.queues.get(replica)
         if q:
             return q.popleft()
-        victims = [r for r, other in self.queues.items() if other and r != replica]
-        if not victims:
-            return None
-        victim = max(victims, key=lambda r: (self.queued_cost(r), -r))
-        self.steals += 1
-        return self.queues[victim].pop()
+        victims = sorted((r for r, other in self.queues.items() if other and r != replica),
+                         key=lambda r: (-self.queued_cost(r), r))
+        for victim in victims:
+            q = self.queues[victim]
+            for k in range(len(q) - 1, -1, -1):  # from the tail: the work its owner would reach last
+                if replica not in self.failed_on.get(self.key(q[k]), ()):
+                    unit = q[k]
+                    del q[k]
+                    self.steals += 1
+                    return unit
+        return None
+
+    def requeue(self, units: list[np.ndarray], failed_on: int, parent: np.ndarray | None = None) -> list[int]:
+        """Units that failed on replica ``failed_on`` (``parent``: the failed unit they were cut from, whose
+        history they inherit) go back: each to the head of the live replica with the least queued cost
+        among those it has not failed on, else of the least loaded live one. Returns the chosen replicas."""
+        if not self.queues:
+            raise RuntimeError("no live replica left to take the work")
+        inherited = self.failed_on.get(self.key(parent), set()) if parent is not None else set()
+        chosen = []
+        for unit in units:
+            seen = self.failed_on.setdefault(self.key(unit), set())
+            seen |= inherited | {failed_on}
+            candidates = [r for r in self.queues if r not in seen] or list(self.queues)
+            r = min(candidates, key=lambda k: (self.queued_cost(k), k))
+            self.queues[r].appendleft(unit)
+            chosen.append(r)
+        return chosen
 
     def remove_replica(self, replica: int, running: list[np.ndarray] = ()) -> None:
         """A replica failed: its queued units and ``running`` (the units it had not finished) go to the

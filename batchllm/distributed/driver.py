@@ -14,16 +14,26 @@ Contracts:
   (``ShardWriter.reserve_shard_name``); the shard becomes part of the job only when the replica's call
   returns and the driver lists its entry in the manifest (``ShardWriter.commit_entries``). The driver is
   the only writer of ``manifest.json`` and ``status.json`` and holds the folder lock throughout.
-- Failure: a replica that dies (actor crash, node loss: ``RayActorError``, lost objects) loses only its
-  running unit. Its shard, if written, is deleted and never committed; its running and queued units go
-  to the live replicas; a unit is retried at most ``MAX_ATTEMPTS`` times. When no replica is left the job
-  fails, committed shards kept, and resumes later with any replica count. An exception raised inside a
-  replica (a bug, a full disk) is not retried: it fails the job, as it would in one process.
+- Failure of a unit: the replica died (actor crash, OOM kill, node loss: ``RayActorError``, lost
+  objects), or its ``run_unit`` raised (an engine error). Either way the unit's shard, if written, is
+  deleted and never committed, and its work is retried: a unit of several groups is cut in two halves
+  (so one bad group cannot take its neighbours down with it), a single group is retried as it is, at
+  most ``MAX_ATTEMPTS`` times in all; after that its requests are committed as ``engine_error`` rows
+  (with the last error) and the job goes on. A retry goes first to a replica the unit has not failed on
+  (``WorkQueue.requeue``). A dead replica's queued units go to the live ones. A replica whose run raised
+  stays in service (its engine starts every run from a fresh KV pool), unless ``RETIRE_AFTER`` of its
+  units in a row failed, each one that had not failed elsewhere before (a broken GPU, not a poison
+  request): it is then killed, its queue handed on; the last live replica is never retired. A replica
+  that cannot start is left out. When no replica is left the job fails with a one-line error, committed
+  shards kept, and resumes later with any replica count (``batchllm resume``).
+- Job-level errors raised in a replica (``BatchLLMError``: a shard that cannot be written, a full disk,
+  a missing bucket) are not retried: they fail the job, as they would in one process.
 - Stop (SIGINT / SIGTERM in this process): every replica ends its unit after the current engine step;
   complete requests are committed, then ``pipeline`` raises ``JobInterrupted``.
 - Progress: replicas are polled every ``POLL_S``; ``status.json`` counts committed plus in-flight work
   of every replica and lists the replicas (``batchllm.replicas``); ``progress`` gets 'step' events as in
-  a single-process run, plus 'replica_ready', 'unit_started', 'unit_committed' and 'replica_failed'.
+  a single-process run, plus 'replica_ready', 'unit_started', 'unit_committed', 'unit_failed',
+  'replica_failed' and 'group_failed'.
 - Outputs do not depend on the replica that runs a request: seeds derive from (job seed, custom_id,
   sample index), never from placement.
 
@@ -45,11 +55,15 @@ import numpy as np
 from batchllm.distributed import assign
 from batchllm.distributed.replica import Replica
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import CommitError, discard_shard
+from batchllm.io import requests as rq
+from batchllm.io.requests import RowError
+from batchllm.io.writer import discard_shard
 from batchllm.plan.plan import PrefixGroup
 
 UNITS_PER_REPLICA = 4  # units per replica's share: more = finer stealing and commits, more calls
-MAX_ATTEMPTS = 3  # tries of one unit before the job fails (a unit that kills every replica it meets)
+MAX_ATTEMPTS = 3  # runs of one group that fail before its requests become ENGINE_ERROR rows
+RETIRE_AFTER = 3  # units failing in a row on one replica (no success between) before it is retired
+ENGINE_ERROR = rq.ENGINE_ERROR  # row error code of requests whose group failed MAX_ATTEMPTS times
 POLL_S = 0.5  # progress polling / status refresh period
 READY_TIMEOUT_S = float(os.environ.get("BATCHLLM_REPLICA_START_TIMEOUT", 1800))  # model download + load
 
@@ -80,6 +94,7 @@ class _ReplicaState:
     state: str = "starting"  # starting | running | idle | failed | stopped
     units_done: int = 0
     requests_done: int = 0
+    failures_in_a_row: int = 0  # units of this replica that failed since its last success
     live: dict = dataclasses.field(default_factory=dict)  # the running unit's counts (Replica.progress)
     error: str | None = None
 
@@ -153,7 +168,7 @@ class _Driver:
         self.model_name = model_name
         self.replicas: dict[int, _ReplicaState] = {}
         self.inflight: dict[Any, _Running] = {}  # ObjectRef of run_unit -> what it runs
-        self.attempts: dict[int, int] = {}  # unit key (its first group) -> tries so far
+        self.attempts: dict[int, int] = {}  # group -> failed runs of it alone
         self.next_unit_id = 0
         self.stopping = False
         self.step_seqs: list[np.ndarray] = []
@@ -191,8 +206,10 @@ class _Driver:
                     rs.info = ray.get(ref)
                     rs.state = "idle"
                     self.emit("replica_ready", {"replica": rs.replica, "actor_name": rs.name, **rs.info})
-                except Exception as e:
+                except Exception as e:  # the actor died or its __init__ raised: the job goes on without it
                     rs.state, rs.error = "failed", _one_line(getattr(e, "cause", None) or e)
+                    self.summary.replica_failures += 1
+                    self.emit("replica_failed", {"replica": rs.replica, "error": rs.error})
             if self.stop:
                 return
             if pending and time.monotonic() > deadline:
@@ -273,23 +290,25 @@ class _Driver:
         try:
             res = self.ray.get(ref)
         except _lost_errors(self.ray) as e:
-            self.replica_failed(run, e)
+            self.unit_failed(run, e, lost=True)
             return
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None) or e
-            self.writer_discard(run.shard)
-            if isinstance(cause, BatchLLMError):
+            if isinstance(cause, BatchLLMError):  # job-level (CommitError: the shard could not be written)
+                self.writer_discard(run.shard)
                 raise cause from None
-            if isinstance(cause, OSError):
-                raise CommitError(f"replica {run.replica} cannot write {run.shard} to {self.cfg.output}: "
-                                  f"{cause.strerror or cause} (the shards committed before stay valid)") from None
-            raise BatchLLMError(f"replica {run.replica} failed: {_one_line(cause)}") from None
+            self.unit_failed(run, cause, lost=False)
+            return
+        rs.failures_in_a_row = 0
         entry = res["entry"]
         if entry is not None:
             self.writer.commit_entries([entry])
             self.recorder.add_committed(entry)
             self._account(entry)
             rs.requests_done += entry["requests"]["completed"] + entry["requests"]["failed"]
+            for code, k in (entry.get("errors_by_code") or {}).items():  # prompt_too_long for this replica's pool
+                self.summary.errors += k
+                self.summary.errors_by_code[code] = self.summary.errors_by_code.get(code, 0) + k
         rs.units_done += 1
         self.summary.prompt_tokens_computed += res["prompt_tokens_computed"]
         self.summary.num_preemptions += res["num_preemptions"]
@@ -299,7 +318,8 @@ class _Driver:
         if room > 0:
             self.summary.preview.extend(res["preview"][:room])
         # the progress bar learns the unit's last samples now (polling saw only part of them)
-        done_samples = entry["samples"] if entry is not None else 0
+        # (samples of prompt_too_long rows count too: the bar's total planned them)
+        done_samples = (entry["samples"] if entry is not None else 0) + res.get("error_samples", 0)
         self._report(done_samples - rs.live.get("samples", 0), res_new_tokens=0)
         rs.live = {}
         self.emit("unit_committed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard,
@@ -307,31 +327,70 @@ class _Driver:
         self.dispatch(run.replica)
         self.refresh_status()
 
-    def replica_failed(self, run: _Running, err: BaseException) -> None:
-        """``run``'s replica is gone: discard its shard, hand its work to the others."""
+    def unit_failed(self, run: _Running, err: BaseException, lost: bool) -> None:
+        """``run`` failed: its replica is gone (``lost``) or its call raised. Discard its shard, retry
+        its work elsewhere (see the module docstring), keep or retire the replica."""
         rs = self.replicas[run.replica]
-        rs.state, rs.error = "failed", _one_line(err)
-        self.summary.replica_failures += 1
+        msg = _one_line(err)
         self.writer_discard(run.shard)
         self._report(-rs.live.get("samples", 0), res_new_tokens=0)  # those samples will be redone
         rs.live = {}
-        self.emit("replica_failed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard, "error": rs.error})
-        key = int(run.groups[0])
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        if self.attempts[key] >= MAX_ATTEMPTS:
-            raise BatchLLMError(f"a work unit failed {MAX_ATTEMPTS} times, each time killing its replica (last: {rs.error}); "
-                                f"committed results are kept: batchllm resume {self.cfg.output}")
-        if not [r for r in self.live() if r != run.replica]:
-            raise BatchLLMError(f"every replica failed (last: {rs.error}); committed results are kept: "
-                                f"batchllm resume {self.cfg.output}")
-        self.queue.remove_replica(run.replica, [run.groups])
-        for r in self.live():  # idle replicas take the orphaned units now
-            if self.replicas[r].state == "idle":
+        self.emit("unit_failed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard, "error": msg, "lost": lost})
+        if lost:
+            self._drop_replica(rs, msg)
+        elif not self.queue.failed_on.get(self.queue.key(run.groups)):
+            # only work that never failed elsewhere counts against the replica: a unit that already failed
+            # on another replica points at the work (a poison request), not at this replica
+            rs.failures_in_a_row += 1
+            if rs.failures_in_a_row >= RETIRE_AFTER and [r for r in self.live() if r != run.replica]:
+                self._drop_replica(rs, f"retired after {rs.failures_in_a_row} failed units in a row (last: {msg})")
+        self._retry(run.groups, run.replica, msg)
+        for r in self.live():  # idle replicas (the failed one too, if it stays) take the retried work now
+            if self.replicas[r].state == "idle" or (r == run.replica and not lost and rs.state == "running"):
                 self.dispatch(r)
         self.refresh_status(force=True)
 
+    def _drop_replica(self, rs: _ReplicaState, error: str) -> None:
+        """Take ``rs`` out of service (dead or retired): kill it (a replica cut off from the driver must not
+        go on writing), hand its queue on; fail the job when it was the last."""
+        rs.state, rs.error = "failed", error
+        self.summary.replica_failures += 1
+        self.ray.kill(rs.actor)  # a no-op on a dead actor
+        self.emit("replica_failed", {"replica": rs.replica, "error": error})
+        if not self.live():
+            self.refresh_status(force=True)  # status.json shows every replica failed, then the job failure
+            done = len(self.writer.manifest["shards"])
+            raise BatchLLMError(f"every replica was lost (last: {error}); the {done} shards committed so far are kept: "
+                                f"batchllm resume {self.cfg.output}")
+        self.queue.remove_replica(rs.replica)
+
+    def _retry(self, groups: np.ndarray, failed_on: int, error: str) -> None:
+        """Requeue failed work: halves of a multi-group unit; a single group until MAX_ATTEMPTS, then its
+        requests become ENGINE_ERROR rows, committed now."""
+        if len(groups) > 1:
+            halves = [h for h in np.array_split(groups, 2) if len(h)]
+            self.queue.requeue(halves, failed_on, parent=groups)
+            return
+        g = int(groups[0])
+        self.attempts[g] = self.attempts.get(g, 0) + 1
+        if self.attempts[g] < MAX_ATTEMPTS:
+            self.queue.requeue([groups], failed_on)
+            return
+        # imported here: pipeline imports this module (lazily) and is loaded by the time a group fails
+        from batchllm.pipeline import error_row
+
+        message = f"the request's prefix group failed on {MAX_ATTEMPTS} attempts on the replicas (last: {error})"
+        for i in self.groups[g].members.tolist():
+            r = self.requests[i]
+            self.recorder.error(error_row(RowError(r.input_file, r.input_index, ENGINE_ERROR, message, r.custom_id)))
+            self.summary.errors += 1
+            self.summary.errors_by_code[ENGINE_ERROR] = self.summary.errors_by_code.get(ENGINE_ERROR, 0) + 1
+        self.writer.flush()  # committed now: a later job failure must not lose the verdict
+        self._report(int(self.rows[g]), res_new_tokens=0)
+        self.emit("group_failed", {"group": g, "requests": len(self.groups[g].members), "error": error})
+
     def writer_discard(self, shard: str) -> None:
-        discard_shard(self.cfg.output, shard)
+        discard_shard(self.writer.storage, shard)
 
     # ----------------------------------------------------------------------------------- accounting
 

@@ -56,3 +56,4 @@ PROMPT_TOO_LONG = "prompt_too_long"
 TEMPLATE_ERROR = "template_error"
 UNSUPPORTED_ENDPOINT = "unsupported_endpoint"
 TOKENIZATION_ERROR = "tokenization_error"
+ENGINE_ERROR = "engine_error"  # scale-out: the request's group failed on every attempt (docs/scale-out.md)

@@ -24,13 +24,18 @@ Every row has the same schema (``OUTPUT_SCHEMA``): completions fill the result c
 (rows that could not run) fill ``error_code`` / ``error_message`` and leave the result columns null.
 ``request_type`` is "chat" or "completion" (how the prompt was given), used by the OpenAI export.
 
+The folder is a local path or any pyarrow filesystem URI (``s3://bucket/job``): every file goes through
+``batchllm.io.storage``, which says what is atomic where (temporary + fsync + rename on local disks; one
+write-once PUT per file on object stores) and how the folder is locked (``flock`` locally, a renewed
+lease object on object stores). The protocol above is the same on both: a shard is complete before the
+manifest lists it, and the manifest is replaced whole.
+
 Failures to write (disk full, a deleted or read-only folder) raise ``CommitError``, a BatchLLMError
 with one line; what was committed before stays valid and the job can resume.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +49,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
+from batchllm.io.storage import (
+    LOCK,
+    FolderLock,
+    Lease,
+    LocalStorage,
+    Storage,
+    open_storage,
+)
 from batchllm.jobs.completed import encode_done
 from batchllm.jobs.manifest import MANIFEST, MANIFEST_VERSION
 
@@ -68,7 +81,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 STATUS = "status.json"
-LOCK = ".batchllm.lock"
+_REEXPORTED = (LOCK, FolderLock)  # they lived here before batchllm.io.storage: existing imports keep working
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.parquet$")
 # Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
 # SIGKILL inside a commit. Read once per writer; unset in normal use.
@@ -79,73 +92,26 @@ class CommitError(BatchLLMError):
     """A shard or the manifest could not be written; committed shards are intact."""
 
 
+def storage_of(output_dir: str | Storage) -> Storage:
+    """The storage of a job folder given as a path, a URI or already a ``Storage``."""
+    if isinstance(output_dir, Storage):
+        return output_dir
+    # local files are opened through this module's ``open``, looked up at call time, so a test can
+    # simulate a full disk by patching ``batchllm.io.writer.open``
+    return open_storage(output_dir, opener=lambda path, mode: open(path, mode))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
+    """Write ``data`` to the local ``path`` so that a reader sees either the old file or the whole new one."""
+    LocalStorage(os.path.dirname(path)).replace(os.path.basename(path), data)
 
 
-def _fsync_dir(path: str) -> None:
-    # the rename itself is durable only once the directory entry is flushed
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-class FolderLock:
-    """An exclusive ``flock`` on ``DIR/.batchllm.lock``: one writer per job folder.
-
-    The kernel drops the lock when the process dies, however it dies, so a killed job never leaves a
-    stale lock behind.
-    """
-
-    def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, LOCK)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BatchLLMError(f"another batchllm process is writing to {os.path.dirname(self.path)}") from None
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def clear_job_files(output_dir: str) -> None:
+def clear_job_files(output_dir: str | Storage) -> None:
     """Delete a previous job's files (manifest, status, shards, temporaries); other files are left alone."""
-    for name in os.listdir(output_dir):
+    storage = storage_of(output_dir)
+    for name in storage.names():
         if name in (MANIFEST, STATUS) or _SHARD_RE.match(name) or (name.startswith(".") and name.endswith(".tmp")):
-            _remove_quietly(os.path.join(output_dir, name))
+            storage.remove(name)
 
 
 class ShardWriter:
@@ -154,28 +120,30 @@ class ShardWriter:
     ``manifest``: an existing manifest (``read_manifest``) to continue; its shards stay and numbering
     goes on after them. Without it a new job starts and any previous job's files in the folder are
     deleted. ``fingerprint`` and ``input_files`` (the file-id order) go into a new manifest. ``lock``:
-    the folder's ``FolderLock`` when the caller already holds it; the writer releases it on close.
+    the folder's lock (``FolderLock`` or ``Lease``) when the caller already holds it; the writer checks
+    it before every manifest write and releases it on close. ``output_dir``: a path or a URI.
     """
 
     def __init__(
         self,
-        output_dir: str,
+        output_dir: str | Storage,
         shard_rows: int = 10_000,
         job_spec: dict[str, Any] | None = None,
         *,
         manifest: dict[str, Any] | None = None,
         fingerprint: dict[str, Any] | None = None,
         input_files: list[str] | None = None,
-        lock: FolderLock | None = None,
+        lock: FolderLock | Lease | None = None,
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
-        self.output_dir = output_dir
+        self.storage = storage_of(output_dir)
+        self.output_dir = self.storage.location
         self.shard_rows = shard_rows
         try:
-            os.makedirs(output_dir, exist_ok=True)
+            self.storage.ensure_folder()
             if lock is None:  # a caller that already holds the folder's lock passes it in
-                lock = FolderLock(output_dir)
+                lock = self.storage.lock()
                 lock.acquire()
             self._lock = lock
         except OSError as e:
@@ -237,7 +205,7 @@ class ShardWriter:
         data, entry = encode_shard(self._buffer, self.file_id)
         entry["file"] = name
         try:
-            write_shard_file(self.output_dir, name, data, self._hook)
+            write_shard_file(self.storage, name, data, self._hook)
             self.manifest["shards"].append(entry)
             try:
                 self.write_manifest()
@@ -270,22 +238,30 @@ class ShardWriter:
         in the manifest: from this point they are done. The file must already be durable on disk."""
         if not entries:
             return
-        for e in entries:
-            if not os.path.isfile(os.path.join(self.output_dir, e["file"])):
-                raise CommitError(f"cannot commit {e['file']} to {self.output_dir}: the shard file is missing")
+        try:
+            for e in entries:
+                if not self.storage.exists(e["file"]):
+                    raise CommitError(f"cannot commit {e['file']} to {self.output_dir}: the shard file is missing")
+        except OSError as err:
+            raise CommitError(f"cannot commit to {self.output_dir}: {err.strerror or err}") from None
         self.manifest["shards"].extend(entries)
         try:
             self.write_manifest()
-        except OSError as err:
-            del self.manifest["shards"][-len(entries):]
-            raise CommitError(f"cannot write the manifest in {self.output_dir}: {err.strerror or err}") from None
+        except BaseException as err:
+            del self.manifest["shards"][-len(entries):]  # not listed: the files stay orphans, deleted later
+            if isinstance(err, OSError):
+                raise CommitError(f"cannot write the manifest in {self.output_dir}: {err.strerror or err}") from None
+            raise
         self.rows_written += sum(e["rows"] for e in entries)
 
     def write_manifest(self, **extra: Any) -> None:
+        """Replace manifest.json whole (raises OSError), after checking this process still holds the
+        folder (a lost lease raises BatchLLMError and writes nothing)."""
+        self._lock.check()
         self.manifest.update(extra)
         self.manifest["updated_at"] = time.time()
         data = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
-        atomic_write_bytes(os.path.join(self.output_dir, MANIFEST), data)
+        self.storage.replace(MANIFEST, data)
 
     def close(self, **summary: Any) -> None:
         """Commit what is buffered and record ``summary`` in the manifest; releases the folder lock."""
@@ -317,9 +293,9 @@ class ShardWriter:
     def _remove_orphans(self) -> None:
         """Delete temporaries and shard files the manifest does not list (left by a killed process)."""
         listed = {s["file"] for s in self.manifest["shards"]}
-        for name in os.listdir(self.output_dir):
+        for name in self.storage.names():
             if (_SHARD_RE.match(name) and name not in listed) or (name.startswith(".shard-") and name.endswith(".tmp")):
-                _remove_quietly(os.path.join(self.output_dir, name))
+                self.storage.remove(name)
 
 
 def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> tuple[bytes, dict[str, Any]]:
@@ -335,31 +311,19 @@ def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> t
     return data, entry
 
 
-def write_shard_file(output_dir: str, name: str, data: bytes, hook: Callable[[str], None] | None = None) -> None:
-    """Write shard bytes durably under ``name``: temporary file, fsync, rename, directory fsync. Not yet
-    committed: only a manifest entry makes a shard part of the job. Raises OSError."""
-    hook = hook or (lambda phase: None)
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".{name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        hook("shard-written")
-        os.replace(tmp, final)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(output_dir)
-    hook("shard-renamed")
+def write_shard_file(output_dir: str | Storage, name: str, data: bytes, hook: Callable[[str], None] | None = None) -> None:
+    """Write shard bytes under ``name``, whole or not at all (locally: temporary file, fsync, rename,
+    directory fsync; on an object store: one write-once PUT). Not yet committed: only a manifest entry
+    makes a shard part of the job. Raises OSError."""
+    storage_of(output_dir).write_new(name, data, hook)
 
 
-def discard_shard(output_dir: str, name: str) -> None:
+def discard_shard(output_dir: str | Storage, name: str) -> None:
     """Delete an uncommitted shard (and its temporary), e.g. one a failed process wrote; a no-op when
     absent. Never call it on a name the manifest lists."""
-    _remove_quietly(os.path.join(output_dir, name))
-    _remove_quietly(os.path.join(output_dir, f".{name}.tmp"))
+    storage = storage_of(output_dir)
+    storage.remove(name)
+    storage.remove(f".{name}.tmp")
 
 
 def shard_stats(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> dict[str, Any]:
@@ -430,32 +394,41 @@ def committed_totals(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_manifest_file(output_dir: str) -> dict[str, Any]:
-    with open(os.path.join(output_dir, MANIFEST)) as f:
-        return json.load(f)
+def read_manifest_file(output_dir: str | Storage) -> dict[str, Any]:
+    """The folder's manifest.json, parsed; FileNotFoundError when there is none."""
+    storage = storage_of(output_dir)
+    data = storage.read_bytes(MANIFEST)
+    if data is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {storage.location}")
+    return json.loads(data)
 
 
-def read_results(output_dir: str, verify: bool = False) -> pa.Table:
+def read_results(output_dir: str | Storage, verify: bool = False) -> pa.Table:
     """All committed rows of a job folder (shards listed in the manifest), in commit order.
 
     ``verify`` checks each shard's sha256 against the manifest (BatchLLMError on a mismatch).
     Shards written before ``request_type`` existed get it as a null column.
     """
-    manifest = read_manifest_file(output_dir)
-    tables = [_read_shard(output_dir, s, verify) for s in manifest["shards"]]
+    storage = storage_of(output_dir)
+    manifest = read_manifest_file(storage)
+    tables = [_read_shard(storage, s, verify) for s in manifest["shards"]]
     if not tables:
         return OUTPUT_SCHEMA.empty_table()
     return pa.concat_tables(tables)
 
 
-def _read_shard(output_dir: str, entry: dict[str, Any], verify: bool) -> pa.Table:
-    path = os.path.join(output_dir, entry["file"])
+def _read_shard(output_dir: str | Storage, entry: dict[str, Any], verify: bool) -> pa.Table:
+    storage = storage_of(output_dir)
     if verify:
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != entry.get("sha256"):
-            raise BatchLLMError(f"{path} does not match the checksum in the manifest")
-    table = pq.read_table(path)
+        data = storage.read_bytes(entry["file"])
+        if data is None:
+            raise FileNotFoundError(f"{storage.display(entry['file'])} is missing")
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BatchLLMError(f"{storage.display(entry['file'])} does not match the checksum in the manifest")
+        table = pq.read_table(pa.BufferReader(data))
+    else:
+        with storage.open_input(entry["file"]) as f:
+            table = pq.read_table(f)
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))

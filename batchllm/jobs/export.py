@@ -20,7 +20,9 @@ Formats:
   ``return_tokens_as_token_ids`` convention): the export has no tokenizer to spell them.
 
 Files are written to a temporary name and renamed, so an interrupted export never leaves a partial file
-under the requested name. The whole result is held in memory (Arrow columns) while exporting.
+under the requested name. The whole result is held in memory (Arrow columns) while exporting. The job
+folder may be a path or any pyarrow filesystem URI (``batchllm.io.storage``); so may ``to`` (a URI is
+written with one write-once PUT, whole or not at all on an object store).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import _read_shard
+from batchllm.io.storage import is_uri, open_storage
+from batchllm.io.writer import _read_shard, storage_of
 from batchllm.jobs.manifest import read_manifest
 
 FORMATS = ("parquet", "jsonl", "openai")
@@ -58,9 +61,10 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
     if manifest is None:
         raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
     table = load_table(output_dir, manifest, ordered)
-    folder = os.path.dirname(os.path.abspath(to))
-    if not os.path.isdir(folder):
-        raise BatchLLMError(f"cannot export to {to}: folder {folder} does not exist")
+    if not is_uri(to):
+        folder = os.path.dirname(os.path.abspath(to))
+        if not os.path.isdir(folder):
+            raise BatchLLMError(f"cannot export to {to}: folder {folder} does not exist")
     failed = _count_requests(table.filter(pc.is_valid(table["error_code"])))
     requests = _count_requests(table)
     try:
@@ -82,10 +86,11 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
 def load_table(output_dir: str, manifest: dict[str, Any], ordered: bool) -> pa.Table:
     """The committed rows plus ``_file_id`` (input file position) and ``_created`` (commit time)."""
     files = pa.array(manifest.get("input_files") or [], type=pa.string())
+    storage = storage_of(output_dir)
     parts = []
     for entry in manifest["shards"]:
         try:
-            t = _read_shard(output_dir, entry, verify=False)
+            t = _read_shard(storage, entry, verify=False)
         except (OSError, pa.ArrowException) as e:
             raise BatchLLMError(f"cannot read {entry['file']} in {output_dir}: {e}") from None
         t = t.append_column("_file_id", pc.index_in(t["input_file"], value_set=files))
@@ -238,6 +243,14 @@ def _write_lines(f, lines: Iterator[str]) -> None:
 
 
 def _atomic(path: str, write) -> None:
+    if is_uri(path):  # the file's folder as a storage: its write_new is whole-or-nothing there too
+        folder, _, name = path.rstrip("/").rpartition("/")
+        buf = pa.BufferOutputStream()
+        write(buf)
+        storage = open_storage(folder)
+        storage.ensure_folder()  # an object store has no folders; a mock or local one needs it
+        storage.write_new(name, buf.getvalue().to_pybytes())
+        return
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
     try:
         with open(tmp, "wb") as f:

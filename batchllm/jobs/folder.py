@@ -1,6 +1,7 @@
 """Opening a job's output folder: start fresh, resume, or refuse.
 
-``open_job_folder`` takes the folder's lock first (one writer per folder), then looks at the manifest:
+``open_job_folder`` takes the folder's lock first (one writer per folder: an ``flock`` on a local
+folder, a lease object on an object store; see ``batchllm.io.storage``), then looks at the manifest:
 - none: a new job;
 - present and ``overwrite``: the previous job's files are deleted, a new job starts;
 - present with the same fingerprint: the job resumes; ``done`` says which input rows are finished;
@@ -16,21 +17,21 @@ again and only filters finished rows out afterwards.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import FolderLock, clear_job_files
+from batchllm.io.storage import FolderLock, Lease
+from batchllm.io.writer import clear_job_files, storage_of
 from batchllm.jobs.completed import CompletedSet
 from batchllm.jobs.manifest import check_same_job, read_manifest
 
 
 @dataclasses.dataclass
 class JobFolder:
-    output_dir: str
-    lock: FolderLock
+    output_dir: str  # a path or a URI, as given
+    lock: FolderLock | Lease
     manifest: dict[str, Any] | None  # None: a new job
     done: CompletedSet
 
@@ -53,22 +54,24 @@ class JobFolder:
 
 
 def open_job_folder(output_dir: str, fingerprint: dict[str, Any], overwrite: bool = False) -> JobFolder:
+    """Lock the folder (a path or a URI) and decide: new job, resume, or refuse (BatchLLMError)."""
+    storage = storage_of(output_dir)
     try:
-        os.makedirs(output_dir, exist_ok=True)
+        storage.ensure_folder()
     except OSError as e:
         raise BatchLLMError(f"cannot create output folder {output_dir}: {e.strerror or e}") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
+    if not storage.writable():
         raise BatchLLMError(f"cannot write to output folder {output_dir}: permission denied")
-    lock = FolderLock(output_dir)
+    lock = storage.lock()
     try:
         lock.acquire()
     except OSError as e:
         raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
     try:
         if overwrite:
-            clear_job_files(output_dir)
+            clear_job_files(storage)
             return JobFolder(output_dir, lock, None, CompletedSet())
-        manifest = read_manifest(output_dir)
+        manifest = read_manifest(storage)
         if manifest is None:
             return JobFolder(output_dir, lock, None, CompletedSet())
         check_same_job(manifest, fingerprint, output_dir)

@@ -107,14 +107,18 @@ def check_same_job(manifest: Mapping[str, Any], fingerprint: Mapping[str, Any], 
         )
 
 
-def read_manifest(output_dir: str) -> dict[str, Any] | None:
-    """The folder's manifest, or None when there is none; BatchLLMError when it cannot be used."""
-    path = os.path.join(output_dir, MANIFEST)
+def read_manifest(output_dir: Any) -> dict[str, Any] | None:
+    """The folder's manifest, or None when there is none; BatchLLMError when it cannot be used.
+    ``output_dir``: a path, a URI or a ``batchllm.io.storage.Storage``."""
+    from batchllm.io.writer import storage_of  # the writer imports this module
+
+    storage = storage_of(output_dir)
+    path = storage.display(MANIFEST)
     try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        return None
+        data = storage.read_bytes(MANIFEST)
+        if data is None:
+            return None
+        manifest = json.loads(data)
     except (OSError, ValueError) as e:
         raise BatchLLMError(f"cannot read {path}: {e}; use --overwrite to start the job over") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):

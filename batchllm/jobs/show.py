@@ -3,38 +3,28 @@
 Reads only ``manifest.json`` (what is durably committed: shards, rows, tokens, errors by code, prefix
 reuse) and ``status.json`` (live progress, throughput, ETA), both rewritten atomically by the job, so it
 is safe to run while the job writes. Whether a job is still running is read from the folder lock (held by
-the writing process for as long as it lives), so a killed job shows as interrupted, not as running.
+the writing process for as long as it lives), so a killed job shows as interrupted, not as running. On an
+object store the lock is a lease (``batchllm.io.storage``): a killed job shows as running until its lease
+expires (``BATCHLLM_LEASE_TTL``, 60 s). The folder may be a path or any pyarrow filesystem URI.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import os
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import LOCK, committed_totals
+from batchllm.io.writer import committed_totals, storage_of
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.status import read_status
 
 
 def is_running(output_dir: str) -> bool:
-    """True while a batchllm process holds the folder's lock."""
-    try:
-        fd = os.open(os.path.join(output_dir, LOCK), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the shared lock we may have taken
-    return False
+    """True while a batchllm process holds the folder's lock (or, on an object store, its lease)."""
+    return storage_of(output_dir).locked()
 
 
 def job_state(output_dir: str) -> dict[str, Any]:

@@ -14,6 +14,8 @@ as completed as soon as its samples are done, committed or still buffered; ``bat
 counts what is durably on disk. Tokens and samples also cover earlier runs; throughput and the ETA
 count this run's generation phase only.
 
+The folder may be a path or a URI (``batchllm.io.storage``): the file is replaced whole either way.
+
 ``StatusFile.update`` is cheap to call every engine step: it rewrites the file at most every
 ``interval`` seconds (``force`` for state changes). A failure to write it (disk full) is ignored here:
 the next shard commit reports the problem with a clear message, and a status file is never worth
@@ -27,14 +29,16 @@ import os
 import time
 from typing import Any
 
-from batchllm.io.writer import STATUS, atomic_write_bytes
+from batchllm.errors import BatchLLMError
+from batchllm.io.writer import STATUS, storage_of
 
 IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "in_progress", "completed", "failed", "cancelled"
 
 
 class StatusFile:
     def __init__(self, output_dir: str, job_id: str, created_at: float, inputs: list[str], model: str, interval: float = 2.0):
-        self.path = os.path.join(output_dir, STATUS)
+        self.storage = storage_of(output_dir)
+        self.path = self.storage.display(STATUS)
         self.interval = interval
         self._last_write = 0.0
         now = time.time()
@@ -141,7 +145,7 @@ class StatusFile:
         self.obj["batchllm"]["updated_at"] = time.time()
         self._last_write = time.time()
         try:
-            atomic_write_bytes(self.path, json.dumps(self.obj, indent=1).encode())
+            self.storage.replace(STATUS, json.dumps(self.obj, indent=1).encode())
         except OSError:
             pass  # see the module docstring: the shard commits report disk problems
 
@@ -167,7 +171,7 @@ def read_status(output_dir: str) -> dict[str, Any] | None:
     """The folder's status.json, or None if absent or unreadable (it is rewritten atomically, so a
     partial file is never seen; a missing one means the job has not started)."""
     try:
-        with open(os.path.join(output_dir, STATUS), "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
+        data = storage_of(output_dir).read_bytes(STATUS)
+        return json.loads(data) if data is not None else None
+    except (OSError, ValueError, BatchLLMError):  # BatchLLMError: a URI naming no usable filesystem
         return None
