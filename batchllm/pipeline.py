@@ -243,7 +243,7 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
         raise BatchLLMError("no valid request in the input")
     expected = np.array([r.sampling.max_tokens * r.sampling.n for r in requests], dtype=np.float64)
     lens = np.array([len(r.token_ids) for r in requests], dtype=np.int64)
-    plan = build_plan([r.token_ids for r in requests], expected, policy="batchllm")
+    plan = build_plan([r.token_ids for r in requests], expected, policy="batchllm", page_size=cfg.page_size)
     out = plan_stats(plan, lens)
     kv = estimate_peak_kv_tokens(plan, lens, expected)
     out.update(
@@ -258,7 +258,7 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
     return out
 
 
-def make_plan(requests: list[Request], policy: str, max_model_len: int | None = None) -> Plan | None:
+def make_plan(requests: list[Request], policy: str, max_model_len: int | None = None, page_size: int = 16) -> Plan | None:
     """The BatchLLM plan (global prefix groups, decode-first DFS order), or None for the streaming
     baseline, which sees requests in input order and relies on its prefix cache instead.
 
@@ -269,7 +269,7 @@ def make_plan(requests: list[Request], policy: str, max_model_len: int | None = 
     expected = np.array(
         [min(r.sampling.max_tokens, max(1, cap - len(r.token_ids))) * r.sampling.n for r in requests], dtype=np.float64
     )
-    return build_plan([r.token_ids for r in requests], expected, policy="batchllm")
+    return build_plan([r.token_ids for r in requests], expected, policy="batchllm", page_size=page_size)
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -525,7 +525,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     summary.requests = recorder.done_before + len(requests) + summary.errors
     recorder.status.set_counts(total=summary.requests)
 
-    plan = make_plan(requests, cfg.policy, max_model_len)
+    plan = make_plan(requests, cfg.policy, max_model_len, cfg.page_size)
     if plan is not None:
         summary.planned_saving, summary.max_saving = plan.saving(), plan.max_saving()
     total_samples = sum(r.sampling.n for r in requests)
@@ -567,7 +567,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
                 "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
         if len(kept) < len(requests):
             requests = kept
-            plan = make_plan(requests, cfg.policy, engine.cfg.max_model_len)
+            plan = make_plan(requests, cfg.policy, engine.cfg.max_model_len, cfg.page_size)
             if not requests:
                 _close_run(writer, recorder, summary)
                 return
@@ -592,7 +592,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     recorder.update_status(stage="generating", force=True)
     stopped = False
     try:
-        engine.run(build_sources(requests, plan, eos, cfg.seed), on_finish, on_step)
+        engine.run(build_sources(requests, plan, eos, cfg.seed, cfg.page_size), on_finish, on_step)
     except _Stopped:
         stopped = True
     summary.wall_seconds = time.perf_counter() - t0

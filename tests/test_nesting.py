@@ -61,6 +61,14 @@ def test_outer_prefix_leaves_every_unit_an_own_token():
     assert n.outer_len.tolist() == [29] and n.unit_parent.tolist() == [0, 0, 0]
 
 
+def test_outer_prefixes_end_on_a_page_boundary():
+    s = np.arange(40)
+    n = nest([arr(s, [1, 2]), arr(s, [3, 4])], align=16)
+    assert n.outer_len.tolist() == [32]
+    assert nest([arr(s[:20], [1]), arr(s[:20], [2])], align=16).num_outer == 1  # 16 of the 20 shared tokens
+    assert nest([arr(s[:20], [1]), arr(s[:20], [2])], align=32).num_outer == 0
+
+
 def test_empty_prefixes_never_nest():
     assert nest([np.zeros(0, np.int32)] * 3).num_outer == 0
     assert nest([]).num_outer == 0
@@ -128,19 +136,19 @@ def run(requests, plan, *, num_pages=400, budget=64, reserve=1.0):
     sched = SchedulerConfig(page_size=4, max_num_batched_tokens=budget, max_model_len=cfg.max_position_embeddings, growth_reserve=reserve)
     engine = LLMEngine(m, FakeTokenizer(), kv, get_backend("torch"), sched, torch.device("cpu"), cfg.vocab_size)
     done = {}
-    engine.run(build_sources(requests, plan, frozenset(), 0), lambda s: done.setdefault((s.request_index, s.sample_index), s.output_ids))
+    engine.run(build_sources(requests, plan, frozenset(), 0, page_size=4), lambda s: done.setdefault((s.request_index, s.sample_index), s.output_ids))
     return done, engine
 
 
 def test_engine_computes_each_level_once_and_matches_unshared_outputs():
     reqs = nested_requests(0)
-    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0))
+    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0), page_size=4)
     assert plan.nesting.num_outer == 2 and all(g.outer >= 0 for g in plan.groups)
     plain, _ = run(reqs, None)
     got, engine = run(reqs, plan)
     assert got == plain
     assert engine.scheduler.prompt_tokens_computed == plan.planned_prompt_tokens
-    prefixes = [x for x in build_sources(reqs, plan, frozenset(), 0) if isinstance(x, SharedPrefix)]
+    prefixes = [x for x in build_sources(reqs, plan, frozenset(), 0, page_size=4) if isinstance(x, SharedPrefix)]
     outers = [p for p in prefixes if p.prefix is None]
     assert len(outers) == 2 and all(p.length == 20 for p in outers)
     assert all(p.prefix.length == 20 and p.length == 38 for p in prefixes if p.prefix is not None)
@@ -152,9 +160,36 @@ def test_nested_prefixes_under_any_memory(seed, num_pages, budget, reserve, n_la
     """Preemption, requeued prefixes and small budgets: the same greedy outputs as an unshared roomy
     run, and every page back in the pool."""
     reqs = nested_requests(seed, n_last)
-    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0))
+    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0), page_size=4)
     plain, _ = run(reqs, None)
     got, engine = run(reqs, plan, num_pages=num_pages, budget=budget, reserve=reserve)
     assert got == plain
     engine.pool.check_integrity()
     assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_nested_job_fits_a_pool_with_one_page_of_headroom(tmp_path):
+    """A 40-token system prompt over two 26-token blocks in a 6-page pool: the engine caps the context at
+    5 pages, and a sequence under two prefix levels must still fit (outer prefixes end on a page
+    boundary, so the chain copies one partial page, not one per level)."""
+    import json
+
+    from batchllm.config import JobConfig
+    from batchllm.io.writer import read_results
+    from batchllm.pipeline import run_job
+
+    r = random.Random(0)
+    system = [r.randrange(16, 4000) for _ in range(40)]
+    rows = []
+    for b in range(2):
+        block = [r.randrange(16, 4000) for _ in range(26)]
+        rows += [{"custom_id": f"b{b}r{i}", "prompt_token_ids": system + block + [r.randrange(16, 4000) for _ in range(4)],
+                  "max_tokens": 200, "ignore_eos": True} for i in range(3)]
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    cfg = JobConfig(inputs=[str(path)], output=str(tmp_path / "out"), model="dummy:tiny", device="cpu", dtype="float32",
+                    kv_cache_tokens=96, page_size=16, preview=0)
+    summary = run_job(cfg)
+    out = read_results(str(tmp_path / "out"), verify=True).to_pylist()
+    assert len(out) == 6 and all(x["error_code"] is None for x in out)
+    assert summary.errors == 0

@@ -50,10 +50,11 @@ def test_many_samples_with_long_own_prompts_leave_the_group():
     plan = build_plan([r.token_ids for r in rs], np.full(3, 8.0))
     assert [g.prefix_len for g in plan.groups] == [20]
     got = units(build_sources(rs, plan, frozenset(), 0))
-    # the 20-token group prefix becomes an outer prefix that the three requests' own prefixes extend
-    assert [(p, len(m)) for p, m in got] == [(20, 0), (219, 8), (219, 8), (219, 8)]
+    # the group prefix's first page (16 of its 20 tokens) becomes an outer prefix that the three
+    # requests' own prefixes extend
+    assert [(p, len(m)) for p, m in got] == [(16, 0), (219, 8), (219, 8), (219, 8)]
     prefixes = [it for it in build_sources(rs, plan, frozenset(), 0) if isinstance(it, SharedPrefix)]
     outer, own = prefixes[0], prefixes[1:]
     assert outer.prefix is None and outer.unfinished == 3 and all(p.prefix is outer and p.unfinished == 8 for p in own)
-    computed = 20 + sum(p.length - 20 for p in own) + 24  # each sample computes its last token
-    assert computed == 20 + 3 * 199 + 24  # instead of 20 + 24 * 200 = 4,820 with the group prefix only
+    computed = 16 + sum(p.length - 16 for p in own) + 24  # each sample computes its last token
+    assert computed == 16 + 3 * 203 + 24  # instead of 20 + 24 * 200 = 4,820 with the group prefix only

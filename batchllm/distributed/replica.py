@@ -187,7 +187,7 @@ class Replica:
         t0 = time.perf_counter()
         stopped = False
         try:
-            engine.run(build_sources(requests, plan, self.eos, cfg.seed), on_finish, on_step)
+            engine.run(build_sources(requests, plan, self.eos, cfg.seed, cfg.page_size), on_finish, on_step)
         except _Stopped:
             stopped = True
         seconds = time.perf_counter() - t0

@@ -15,7 +15,9 @@ changes between replays:
 * the Triton backend's work list (``decode_work``, ``kv_splits`` pieces per row, fixed per bucket) is
   a device section filled on the host each step (``TritonAttention.fill_static_decode_work``); its
   launch grid and merge lists depend on the bucket only;
-* the LM head runs on all B rows inside the graph; the caller keeps the first n.
+* the graph ends at the final hidden states of all B rows; the caller runs the LM head eagerly on the
+  first n. (Logits inside the graph would pin one B x vocab float32 output per bucket, all buckets
+  alive at once: gigabytes for a 128k vocabulary, none of it reusable.)
 
 Modes: ``cuda`` captures one graph per bucket (largest first, one shared memory pool) and replays it;
 ``static`` runs the same padded static-shape forward eagerly, so the bucketing, padding, buffer filling
@@ -127,14 +129,13 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def forward(self, b: int) -> torch.Tensor:
-        """The static forward of bucket ``b``: hidden states of all b rows, then their fp32 logits."""
+        """The static forward of bucket ``b``: the final hidden states of all b rows."""
         v, meta = self.views[b], self.metas[b]
         meta.prefix_groups = None  # a caller may have annotated the step's metadata; the graph has no groups
-        hidden = self.model(v["input_ids"], v["positions"], self.kv_layers, meta, self.backend)
-        return self.model.compute_logits(hidden)
+        return self.model(v["input_ids"], v["positions"], self.kv_layers, meta, self.backend)
 
     def run(self, b: int) -> torch.Tensor:
-        """Logits (b, vocab) of the step whose inputs were just uploaded into bucket ``b``'s layout.
+        """Hidden states (b, hidden) of the step whose inputs were just uploaded into bucket ``b``'s layout.
 
         In ``cuda`` mode the returned tensor is the graph's output buffer: consume it before the next step."""
         self.replays += 1

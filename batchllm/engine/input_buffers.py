@@ -30,6 +30,7 @@ forward of step k.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def step_layout(num_tokens: int, num_seqs: int, width: int, num_logits: int, wor
     for name, dt in _SECTIONS:
         shape = shapes[name]
         sections[name] = (off, shape, dt)
-        off += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        off += math.prod(shape) * np.dtype(dt).itemsize
         off = -(-off // _ALIGN) * _ALIGN
     return StepLayout(sections, max(off, _ALIGN))
 
@@ -126,7 +127,7 @@ class StepBuffers:
         buf = self._host_np[self._slot]
         out = {}
         for name, (off, shape, dt) in layout.sections.items():
-            n = int(np.prod(shape, dtype=np.int64))
+            n = math.prod(shape)
             out[name] = buf[off : off + n * np.dtype(dt).itemsize].view(dt).reshape(shape)
         return out
 
@@ -150,6 +151,6 @@ class StepBuffers:
         out = {}
         for name, (off, shape, dt) in layout.sections.items():
             itemsize = np.dtype(dt).itemsize
-            n = int(np.prod(shape, dtype=np.int64))
+            n = math.prod(shape)
             out[name] = self._dev[off : off + n * itemsize].view(_TORCH[dt]).view(shape)
         return out

@@ -9,7 +9,7 @@ Only the last token of each sequence that completes its pending tokens this step
 head: prefill chunks that stop mid-prompt and shared prefixes need no logits.
 
 Decode-only steps may run as CUDA graphs (``cuda_graphs.DecodeGraphs``): padded to a bucket size,
-on inputs at fixed addresses, with the LM head on every row of the bucket. Mixed and prefill steps,
+on inputs at fixed addresses; the LM head then runs eagerly on the real rows. Mixed and prefill steps,
 steps larger than the largest bucket, and decode steps that gain more from the prefix-shared path
 (``cuda_graphs.prefer_graph``) run eagerly.
 """
@@ -176,7 +176,8 @@ class ModelRunner:
         """Forward the step; returns (fp32 logits of the sampling rows or None, the sampling sequences)."""
         inp = self.prepare(step)
         if inp.bucket is not None:
-            return self.graphs.run(inp.bucket)[: len(inp.samplers)], inp.samplers
+            hidden = self.graphs.run(inp.bucket)[: len(inp.samplers)]
+            return self.model.compute_logits(hidden), inp.samplers
         hidden = self.model(inp.input_ids, inp.positions, self.kv.layers, inp.meta, self.backend)
         if not inp.samplers:
             return None, []

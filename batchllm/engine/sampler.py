@@ -413,7 +413,7 @@ def _top_k_top_p_sorted(x: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor
     x_sort = x.sort(dim=-1, descending=False).values
     cut = torch.full_like(x[:, :1], -math.inf)
     if k is not None:
-        cut = x_sort.gather(1, (x_sort.shape[-1] - k).unsqueeze(1))
+        cut = x_sort.gather(1, (x_sort.shape[-1] - k.clamp(max=x_sort.shape[-1])).unsqueeze(1))  # k >= V: no cut
         x_sort = x_sort.masked_fill(x_sort < cut, -math.inf)
     cum = x_sort.softmax(dim=-1).cumsum(dim=-1)
     drop = cum <= 1.0 - p.unsqueeze(1)

@@ -36,17 +36,19 @@ class _Unit(NamedTuple):
         return self.prefix_len > 0 and self.samples > 1
 
 
-def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
+def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int], job_seed: int,
+                  page_size: int = 16) -> Iterator[Sequence | SharedPrefix]:
     """Yield the engine's work in plan order: outer prefixes, each group's shared prefix, its members' samples.
 
     Without a plan (the streaming baseline), requests go in input order with no shared prefix across
     requests (a request's ``n > 1`` samples still share its prompt) and nothing nests. Every prefix is
     yielded before anything that extends it; ``SharedPrefix.unfinished`` counts its dependents exactly.
+    Outer prefixes end on a ``page_size`` boundary (the engine's), so extending them copies no page.
     """
     groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
     units = list(_units(requests, groups))
     heads = [requests[u.members[0]].token_ids[: u.prefix_len] for u in units]
-    nesting = nest(heads if plan is not None else [h[:0] for h in heads])
+    nesting = nest(heads if plan is not None else [h[:0] for h in heads], align=page_size)
 
     # dependents of each outer prefix: extending outer prefixes, unit prefixes, samples attached directly
     deps = np.bincount(nesting.outer_parent[nesting.outer_parent >= 0], minlength=nesting.num_outer)

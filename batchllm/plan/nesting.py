@@ -13,8 +13,10 @@ the intervals of the longest-common-prefix array of neighbouring units (the LCP-
 ``trie.py``, built here over units instead of prompts). Units that are not adjacent simply do not share
 an outer prefix: less saving, never a wrong result.
 
-An outer prefix is kept when it adds at least ``min_tokens`` tokens to its own parent: shorter levels
-save little and each costs a page copy per child and one more dependency to wait for.
+An outer prefix ends on a page boundary (``align``): the prefixes extending it then share all its
+pages and copy none, so a sequence needs at most one page more than its own tokens whatever the depth
+of nesting (the last, partial page of its group prefix, copied). It is kept when it adds at least
+``min_tokens`` tokens to its own parent: shorter levels save little and add a dependency to wait for.
 """
 
 from __future__ import annotations
@@ -69,14 +71,15 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS) -> Nesting:
+def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, align: int = 1) -> Nesting:
     """Outer prefixes for units whose shared prefixes (token arrays, execution order) are ``prefixes``.
 
-    A unit with an empty prefix never nests. The outer prefix of a run of units is at most one token
-    shorter than the shortest prefix in the run, so every unit's own prefix still adds a token.
+    A unit with an empty prefix never nests. The outer prefix of a run of units is shorter than the
+    shortest prefix in the run, so every unit's own prefix still adds a token, and its length is a
+    multiple of ``align`` (the KV page size).
     """
-    if min_tokens < 1:
-        raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+    if min_tokens < 1 or align < 1:
+        raise ValueError(f"min_tokens and align must be >= 1, got {min_tokens}, {align}")
     G = len(prefixes)
     plen = np.array([len(p) for p in prefixes], dtype=np.int64)
     lcp = [0] * (G + 1)  # lcp[i]: tokens units i-1 and i share; lcp[0] = lcp[G] = 0
@@ -106,7 +109,7 @@ def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS) -> 
     for d, s, e in intervals:
         while open_ and outer_last[open_[-1]] < s:
             open_.pop()
-        length = min(d, int(plen[s : e + 1].min()) - 1)
+        length = min(d, int(plen[s : e + 1].min()) - 1) // align * align
         base = outer_len[open_[-1]] if open_ else 0
         if length - base < min_tokens:
             continue  # too short a level: these units stay with the enclosing outer prefix

@@ -79,6 +79,7 @@ def build_plan(
     policy: str = "batchllm",
     min_prefix: int = 1,
     trie: PrefixTrie | None = None,
+    page_size: int = 16,
 ) -> Plan:
     """Plan a job.
 
@@ -87,6 +88,7 @@ def build_plan(
     ``policy``: ``"batchllm"`` (global prefix groups, decode-ratio DFS order) or ``"none"`` (identity).
     ``min_prefix``: a group sharing fewer tokens than this is split into singletons (prefix 0).
     ``trie``: the prompts' tree if already built (e.g. to plan both policies from one build).
+    ``page_size``: the engine's KV page size; outer prefixes end on a page boundary.
     Raises ``ValueError`` for bad input.
     """
     if policy not in POLICIES:
@@ -110,10 +112,10 @@ def build_plan(
     else:
         grouping = batchllm_groups(trie, min_prefix)
         group_order, order = order_groups(trie, grouping, out)
-    return _assemble(trie, grouping, group_order, order)
+    return _assemble(trie, grouping, group_order, order, page_size)
 
 
-def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, order: np.ndarray) -> Plan:
+def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, order: np.ndarray, page_size: int) -> Plan:
     G, n = grouping.num_groups, trie.num_requests
     rank = np.empty(G, dtype=np.int64)
     rank[group_order] = np.arange(G)
@@ -123,7 +125,7 @@ def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, ord
     bounds = np.concatenate([[0], np.cumsum(size)]).tolist()
     groups = [PrefixGroup(g, p, order[bounds[g] : bounds[g + 1]]) for g, p in enumerate(g_prefix.tolist())]
     heads = [trie.tokens[trie.offsets[g.members[0]] : trie.offsets[g.members[0]] + g.prefix_len] for g in groups]
-    nesting = nest(heads)
+    nesting = nest(heads, align=page_size)
     for g in groups:
         g.outer = int(nesting.unit_parent[g.group_id])
     logical = int(trie.lengths.sum())
