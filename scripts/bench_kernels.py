@@ -9,6 +9,7 @@ Cases:
   * a tile / split sweep of the prefix-shared kernels on 64 x 1024, then the three cases with the best.
   * a mixed step (decodes + prefill chunks), a long causal prefill chunk, and the elementwise kernels
     (KV store, RMSNorm + residual, rotary embedding, SiLU-and-multiply) at llama-3-8b shapes.
+  * sampling: the Triton sampling kernel against the torch sampler, 256 rows x 128,256 (Llama 3 vocab).
 
 Timing: CUDA events around a CUDA graph of ``inner`` back-to-back calls (so Python launch overhead is not
 counted; "eager" figures are also given where it matters), warm-up first, median of ``--reps``. Attention
@@ -367,6 +368,26 @@ def elementwise(reps: int, gen: torch.Generator) -> list[dict]:
     return rows
 
 
+def sampling(reps: int, gen: torch.Generator) -> list[dict]:
+    """The sampler's Triton kernel against its torch path (``sample(backend=...)``, whole calls with their
+    launch overhead, no graph) on one step's logits, and the share of rows where they pick the same token."""
+    from batchllm.engine.sampler import SamplingBatch, SamplingRow, sample
+    from batchllm.sampling_params import SamplingParams
+
+    V, B = (1000, 8) if SMOKE else (128256, 256)
+    logits = (torch.randn(B, V, generator=gen, device=DEV, dtype=torch.float32) * 3).to(DTYPE)
+    rows = []
+    for label, kw in (("temperature 0.8", {}), ("top-p 0.95", dict(top_p=0.95)), ("top-k 50 + top-p 0.9", dict(top_k=50, top_p=0.9)),
+                      ("min-p 0.05", dict(min_p=0.05))):
+        params = SamplingParams(temperature=0.8, **kw)
+        batch = SamplingBatch.build([SamplingRow(params=params, seed=i, step=0, prompt_ids=[1], output_ids=[]) for i in range(B)], V, logits.device)
+        t_us, _ = bench([lambda: sample(logits, batch, backend="triton")], reps=reps, graph=False)
+        r_us, _ = bench([lambda: sample(logits, batch, backend="torch")], reps=reps, graph=False)
+        same = float((sample(logits, batch, backend="triton").token_ids == sample(logits, batch, backend="torch").token_ids).float().mean())
+        rows.append({"case": f"sample {B}x{V} {label}", "triton_us": t_us, "torch_us": r_us, "same_tokens": same})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -416,7 +437,8 @@ def main() -> int:
         result["mixed"] = mixed_step(args.reps, gen)
         result["prefill"] = prefill(args.reps, gen)
         result["elementwise"] = elementwise(args.reps, gen)
-        for r in [result["mixed"], result["prefill"], *result["elementwise"]]:
+        result["sampling"] = sampling(args.reps, gen)
+        for r in [result["mixed"], result["prefill"], *result["elementwise"], *result["sampling"]]:
             print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     result["wall_s"] = time.time() - t0
     _dump(result, args.json)
