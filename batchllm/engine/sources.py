@@ -13,7 +13,7 @@ samples that leaves its group because its samples can share its whole prompt but
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -45,10 +45,14 @@ def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int
     yielded before anything that extends it; ``SharedPrefix.unfinished`` counts its dependents exactly.
     Outer prefixes end on a ``page_size`` boundary (the engine's), so extending them copies no page.
     """
-    groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
-    units = list(_units(requests, groups))
+    ids = itertools.count()
+    if plan is None:  # the baseline plans nothing: stream the requests as they come
+        for u in _units(requests, (PrefixGroup(i, 0, np.array([i])) for i in range(len(requests)))):
+            yield from _unit_sources(requests, u, None, ids, eos, job_seed)
+        return
+    units = list(_units(requests, plan.groups))
     heads = [requests[u.members[0]].token_ids[: u.prefix_len] for u in units]
-    nesting = nest(heads if plan is not None else [h[:0] for h in heads], align=page_size)
+    nesting = nest(heads, align=page_size)
 
     # dependents of each outer prefix: extending outer prefixes, unit prefixes, samples attached directly
     deps = np.bincount(nesting.outer_parent[nesting.outer_parent >= 0], minlength=nesting.num_outer)
@@ -57,7 +61,6 @@ def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int
         if o >= 0:
             deps[o] += 1 if u.has_prefix else u.samples
 
-    ids = itertools.count()
     outers: list[SharedPrefix | None] = [None] * nesting.num_outer
     next_outer = 0
     for ui, u in enumerate(units):
@@ -68,26 +71,32 @@ def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int
             yield outers[o]
             next_outer += 1
         o = int(nesting.unit_parent[ui])
-        parent = outers[o] if o >= 0 else None
-        if u.has_prefix:
-            parent = SharedPrefix(next(ids), np.ascontiguousarray(heads[ui]), unfinished=u.samples, prefix=parent)
-            yield parent
-        for ri in u.members:
-            r = requests[ri]
-            for sample in range(r.sampling.n):
-                yield Sequence(
-                    seq_id=next(ids),
-                    request_index=ri,
-                    sample_index=sample,
-                    prompt_ids=r.token_ids,
-                    params=r.sampling,
-                    seed=derive_seed(job_seed, r.custom_id, sample, r.sampling.seed),
-                    eos_ids=eos,
-                    prefix=parent,
-                )
+        yield from _unit_sources(requests, u, outers[o] if o >= 0 else None, ids, eos, job_seed)
 
 
-def _units(requests: list[Request], groups: list[PrefixGroup]) -> Iterator[_Unit]:
+def _unit_sources(requests, u: _Unit, outer: SharedPrefix | None, ids, eos, job_seed) -> Iterator[Sequence | SharedPrefix]:
+    """A unit's own shared prefix (extending ``outer``), when it has one, then its members' samples."""
+    parent = outer
+    if u.has_prefix:
+        head = requests[u.members[0]].token_ids[: u.prefix_len]
+        parent = SharedPrefix(next(ids), np.ascontiguousarray(head), unfinished=u.samples, prefix=outer)
+        yield parent
+    for ri in u.members:
+        r = requests[ri]
+        for sample in range(r.sampling.n):
+            yield Sequence(
+                seq_id=next(ids),
+                request_index=ri,
+                sample_index=sample,
+                prompt_ids=r.token_ids,
+                params=r.sampling,
+                seed=derive_seed(job_seed, r.custom_id, sample, r.sampling.seed),
+                eos_ids=eos,
+                prefix=parent,
+            )
+
+
+def _units(requests: list[Request], groups: Iterable[PrefixGroup]) -> Iterator[_Unit]:
     """Each group as a unit, minus its requests whose samples are better off sharing their own prompt:
     those follow as units of their own (prefix = all but the last prompt token)."""
     for g in groups:

@@ -83,8 +83,9 @@ def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, ali
     G = len(prefixes)
     plen = np.array([len(p) for p in prefixes], dtype=np.int64)
     lcp = [0] * (G + 1)  # lcp[i]: tokens units i-1 and i share; lcp[0] = lcp[G] = 0
+    pl = plen.tolist()
     for i in range(1, G):
-        if plen[i - 1] and plen[i]:
+        if pl[i - 1] and pl[i]:
             lcp[i] = _lcp(prefixes[i - 1], prefixes[i])
 
     # LCP intervals: (depth, first unit, last unit) for every run of >= 2 units sharing `depth` tokens
