@@ -108,14 +108,17 @@ def test_writer_on_object_store_commits_and_cleans_orphans(memfs):
     wr.close()
     assert not is_running(uri) and not memfs.get_file_info(f"bucket/job/{st.LOCK}").is_file  # lease released
     m = read_manifest_file(uri)
-    assert [s["file"] for s in m["shards"]] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    # under a lease each run tags its shard names: a run that lost the folder cannot overwrite them
+    names = [s["file"] for s in m["shards"]]
+    tag = names[0].split("-")[2].split(".")[0]
+    assert len(tag) == 8 and names == [f"shard-0000{i}-{tag}.parquet" for i in range(3)]
     assert read_results(uri, verify=True)["input_index"].to_pylist() == [0, 1, 2, 3, 4]
     # a killed run's leftovers: a shard written but never listed, and a temporary
     s = st.open_storage(uri)
     s.write_new("shard-00007.parquet", b"partial")
     s.write_new(".shard-00008.parquet.tmp", b"partial")
     wr = ShardWriter(uri, 2, manifest=read_manifest(uri))
-    assert sorted(n for n in s.names() if "shard" in n) == [f"shard-0000{i}.parquet" for i in range(3)]
+    assert sorted(n for n in s.names() if "shard" in n) == names
     wr.add(row(5))
     wr.close()
     assert read_results(uri, verify=True).num_rows == 6
@@ -252,3 +255,68 @@ def test_job_on_file_uri_is_the_local_folder(uri_outputs, tiny, job, tmp_path):
     out = CliRunner().invoke(app, ["export", uri, "--to", f"file://{tmp_path}/x.parquet"])
     assert out.exit_code == 0, out.output
     assert pq.read_table(tmp_path / "x.parquet").num_rows == len(ref)
+
+
+# -- review findings: a stale holder, read blips, a stalled renewal ---------------------------------
+
+
+class _FlakyLeaseReads(st.ArrowStorage):
+    """Fails the next ``fail`` reads of the lease object with an OSError (a network blip)."""
+
+    fail = 0
+
+    def read_bytes(self, name):
+        if name == st.LOCK and _FlakyLeaseReads.fail:
+            _FlakyLeaseReads.fail -= 1
+            raise OSError("connection reset (simulated)")
+        return super().read_bytes(name)
+
+
+def test_a_read_blip_neither_loses_the_lease_nor_lets_another_process_take_it(memfs):
+    s = _FlakyLeaseReads(memfs, "bucket/job", "memtest://bucket/job")
+    s.ensure_folder()
+    lease = st.Lease(s, ttl=0.4, settle=0.01)
+    lease.acquire()
+    wr = ShardWriter(s, 1, lock=lease)
+    _FlakyLeaseReads.fail = 1  # one failed GET during the next renewal
+    time.sleep(0.25)
+    assert lease._lost is None and lease._thread.is_alive()
+    wr.add(row(0))  # commits (shard_rows 1)
+    wr.close()
+    other = st.Lease(s, ttl=60, settle=0.01)
+    first = st.Lease(s, ttl=60, settle=0.01)
+    first.acquire()
+    _FlakyLeaseReads.fail = 1
+    with pytest.raises(BatchLLMError, match="cannot read the lease"):
+        other.acquire()  # an unreadable lease is not a free one
+    first.check()
+    first.release()
+
+
+def test_a_stalled_holder_loses_the_folder_and_never_overwrites_the_new_holders_work(memfs):
+    uri = "memtest://bucket/job"
+    s = st.open_storage(uri)
+    s.ensure_folder()
+    stale = st.Lease(s, ttl=0.4, settle=0.01)
+    stale.acquire()
+    stale._stop.set()  # its renewal thread "froze"
+    wr = ShardWriter(s, 1, lock=stale)
+    wr.add(row(0))
+    time.sleep(0.5)  # the lease expired
+    new = st.Lease(s, ttl=60, settle=0.01)
+    new.acquire()
+    wr2 = ShardWriter(s, 1, lock=new, manifest=read_manifest(uri))
+    wr2.add(row(1))
+    with pytest.raises(BatchLLMError, match="no longer holds"):
+        wr.add(row(2))  # the stale run writes nothing more: no shard, no manifest
+    m = read_manifest_file(uri)
+    assert [s_["rows"] for s_ in m["shards"]] == [1, 1]
+    assert read_results(uri, verify=True)["input_index"].to_pylist() == [0, 1]
+    assert len({n.split("-")[2] for n in (x["file"] for x in m["shards"])}) == 2  # one tag per run
+    wr2.close()
+    stale._held = False  # its lease object belongs to the new holder now
+
+
+def test_hdfs_folders_are_refused():
+    with pytest.raises(BatchLLMError, match="no atomic replace"):
+        st.open_storage("hdfs://namenode:8020/jobs/x")

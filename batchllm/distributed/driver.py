@@ -299,6 +299,9 @@ class _Driver:
                 raise cause from None
             self.unit_failed(run, cause, lost=False)
             return
+        except self.ray.exceptions.RayError as e:  # out of memory, cancelled, system errors: the replica is unusable
+            self.unit_failed(run, e, lost=True)
+            return
         rs.failures_in_a_row = 0
         entry = res["entry"]
         if entry is not None:
@@ -344,7 +347,7 @@ class _Driver:
             rs.failures_in_a_row += 1
             if rs.failures_in_a_row >= RETIRE_AFTER and [r for r in self.live() if r != run.replica]:
                 self._drop_replica(rs, f"retired after {rs.failures_in_a_row} failed units in a row (last: {msg})")
-        self._retry(run.groups, run.replica, msg)
+        self._retry(run.groups, run.replica, msg, lost)
         for r in self.live():  # idle replicas (the failed one too, if it stays) take the retried work now
             if self.replicas[r].state == "idle" or (r == run.replica and not lost and rs.state == "running"):
                 self.dispatch(r)
@@ -364,14 +367,18 @@ class _Driver:
                                 f"batchllm resume {self.cfg.output}")
         self.queue.remove_replica(rs.replica)
 
-    def _retry(self, groups: np.ndarray, failed_on: int, error: str) -> None:
+    def _retry(self, groups: np.ndarray, failed_on: int, error: str, lost: bool = False) -> None:
         """Requeue failed work: halves of a multi-group unit; a single group until MAX_ATTEMPTS, then its
-        requests become ENGINE_ERROR rows, committed now."""
+        requests become ENGINE_ERROR rows, committed now. Only failures of the work itself count: a lost
+        replica (node loss, spot preemption) says nothing about the requests."""
         if len(groups) > 1:
             halves = [h for h in np.array_split(groups, 2) if len(h)]
             self.queue.requeue(halves, failed_on, parent=groups)
             return
         g = int(groups[0])
+        if lost:
+            self.queue.requeue([groups], failed_on)
+            return
         self.attempts[g] = self.attempts.get(g, 0) + 1
         if self.attempts[g] < MAX_ATTEMPTS:
             self.queue.requeue([groups], failed_on)

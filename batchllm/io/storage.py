@@ -19,8 +19,8 @@ honest: (1) an upload that fails part-way through a multi-part shard may still c
 content when the stream is closed; that shard is not listed in the manifest, so it is an orphan that is
 never read and is deleted by the next writer (only the manifest decides what is committed, and the
 manifest is small: one part, one PUT). (2) There is no fsync: durability is the store's once the PUT
-returns. On filesystems whose rename is atomic (``local``, ``hdfs``) ArrowStorage writes a temporary
-and renames it, as LocalStorage does.
+returns. On filesystems whose rename is atomic (``local``) ArrowStorage writes a temporary and
+renames it, as LocalStorage does. HDFS is refused: its move deletes the target before renaming.
 
 The lock of an ArrowStorage folder is a lease (``Lease``): an object ``.batchllm.lock`` naming its
 holder, renewed every ``ttl / 4`` seconds by a background thread, taken over by another process only
@@ -29,8 +29,12 @@ nothing on the store stops a process that ignores it, and mutual exclusion rests
 strongly consistent (S3, GCS and Azure are), (b) an acquirer re-reading the lease ``settle`` seconds
 after writing it (two processes racing for a free lease: the one whose write landed last wins, the
 other sees it and refuses), (c) host clocks agreeing to well within ``ttl``, and (d) a holder never
-stalling longer than ``ttl`` between its check and its next manifest write (``Lease.check`` before
-every manifest write notices a lost lease and stops the job). After a process is killed, its folder
+stalling longer than ``ttl`` between its check and its next write (``Lease.check`` before every
+shard and manifest write notices a lost lease and stops the job). A holder also counts its lease lost
+once it has gone ``ttl - ttl/4`` seconds (monotonic clock) without a confirmed renewal, so a renewal
+thread that stalled or kept failing never writes over a newer holder's lease. Shards written under a
+lease carry a per-run tag in their names, so a run that lost its lease and still writes late can
+never replace a shard the new holder committed. After a process is killed, its folder
 stays locked until its lease expires: a resume within ``ttl`` seconds of the kill is refused.
 """
 
@@ -58,7 +62,10 @@ LEASE_SETTLE_S = 1.0  # wait between writing a lease and re-reading it (see the 
 OBJECT_STORE_FILE_URI_ENV = "BATCHLLM_TEST_FILE_URI_AS_OBJECT_STORE"
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_RENAME_IS_ATOMIC = {"local", "hdfs"}  # pyarrow filesystem type names whose move() is a rename
+_RENAME_IS_ATOMIC = {"local"}  # pyarrow filesystem type names whose move() is a rename
+# HDFS: pyarrow's move deletes the target and then renames (not atomic), and an overwrite truncates
+# first: neither way replaces the manifest atomically, so such folders are refused.
+_REFUSED_SCHEMES = {"hdfs", "viewfs"}
 _FACTORIES: dict[str, Callable[[str], tuple[Any, str]]] = {}
 
 Hook = Callable[[str], None]
@@ -86,6 +93,10 @@ def open_storage(location: str, opener: Callable[..., IO[bytes]] = open) -> Stor
     if not is_uri(location):
         return LocalStorage(location, opener)
     scheme = location.split("://", 1)[0].lower()
+    if scheme in _REFUSED_SCHEMES:
+        raise BatchLLMError(f"cannot use {location} as an output folder: HDFS has no atomic replace (its move "
+                            "deletes the target first), so a crash could lose the manifest; use a local or "
+                            "mounted folder, or an object store")
     if scheme in _FACTORIES:
         fs, path = _FACTORIES[scheme](location)
         return ArrowStorage(fs, path, location)
@@ -400,17 +411,18 @@ class Lease:
         self._acquired_at = 0.0
         self._held = False
         self._lost: str | None = None
+        self._renewed = 0.0  # time.monotonic() of the last confirmed write of our lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------------------------------- reading
 
     def holder(self) -> dict[str, Any] | None:
-        """The lease object's content, or None when there is none (an unreadable one counts as none:
-        a lease is only ever written whole)."""
+        """The lease object's content, or None when there is none (an unparsable one counts as none: a
+        lease is only ever written whole). A failed read raises OSError: it says nothing about the lease."""
         try:
             data = self.storage.read_bytes(LOCK)
-        except OSError:
+        except FileNotFoundError:
             return None
         if not data:
             return None
@@ -439,16 +451,27 @@ class Lease:
         obj = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                "acquired_at": self._acquired_at or now, "renewed_at": now, "ttl": self.ttl}
         self.storage.replace(LOCK, json.dumps(obj).encode())
+        self._renewed = time.monotonic()
+
+    def _fresh(self) -> bool:
+        """Whether our last confirmed renewal is recent enough that nobody can have taken the lease over."""
+        return time.monotonic() - self._renewed < self.ttl - self.ttl / 4
 
     def acquire(self) -> None:
-        holder = self.holder()
+        try:
+            holder = self.holder()
+        except OSError as e:
+            raise BatchLLMError(f"cannot read the lease of {self.storage.location}: {e}") from None
         if holder is not None and holder.get("token") != self.token and not self.expired(holder):
             raise self._busy(holder)
         self._acquired_at = time.time()
         self._write()
         if self.settle > 0:
             time.sleep(self.settle)
-        holder = self.holder()
+        try:
+            holder = self.holder()
+        except OSError as e:
+            raise BatchLLMError(f"cannot read the lease of {self.storage.location}: {e}") from None
         if holder is None or holder.get("token") != self.token:  # another acquirer's write landed after ours
             raise self._busy(holder or {})
         self._held = True
@@ -462,17 +485,27 @@ class Lease:
                 if holder is None or holder.get("token") != self.token:
                     self._lost = "its lease was taken over" if holder else "its lease was deleted"
                     return
+                if not self._fresh():  # stalled (or failing) too long: another run may hold it now
+                    self._lost = "it could not renew its lease in time"
+                    return
                 self._write()
-            except OSError:  # a network blip: the next renewal (or the next manifest write) tells
-                pass
+            except Exception:  # noqa: BLE001  (a blip: retried next tick; _fresh() bounds how long)
+                if not self._fresh():
+                    self._lost = "it could not renew its lease in time"
+                    return
 
     def check(self) -> None:
         """Before a manifest write: raise BatchLLMError when this process no longer holds the lease
         (taken over after a stall longer than ``ttl``, or deleted), so two writers never interleave."""
         if not self._held:
             return
+        if self._lost is None and not self._fresh():
+            self._lost = "it could not renew its lease in time"
         if self._lost is None:
-            holder = self.holder()
+            try:
+                holder = self.holder()
+            except OSError:  # unreadable now, but renewed recently enough that nobody can have taken it
+                holder = {"token": self.token}
             if holder is None or holder.get("token") != self.token:
                 self._lost = "its lease was taken over" if holder else "its lease was deleted"
         if self._lost:
@@ -487,6 +520,9 @@ class Lease:
         self._thread = None
         if self._held:
             self._held = False
-            holder = self.holder()
+            try:
+                holder = self.holder()
+            except OSError:
+                return  # left to expire
             if holder is not None and holder.get("token") == self.token:
                 self.storage.remove(LOCK)

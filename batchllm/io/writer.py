@@ -82,7 +82,7 @@ OUTPUT_SCHEMA = pa.schema(
 
 STATUS = "status.json"
 _REEXPORTED = (LOCK, FolderLock)  # they lived here before batchllm.io.storage: existing imports keep working
-_SHARD_RE = re.compile(r"^shard-\d{5,}\.parquet$")
+_SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
 # Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
 # SIGKILL inside a commit. Read once per writer; unset in normal use.
 COMMIT_HOOK_ENV = "BATCHLLM_TEST_COMMIT_HOOK"
@@ -168,6 +168,10 @@ class ShardWriter:
             }
         self._file_ids = {p: i for i, p in enumerate(self.manifest.setdefault("input_files", []))}
         self._next_index = 1 + max((_shard_number(s["file"]) for s in self.manifest["shards"]), default=-1)
+        # Under a lease (object stores) a run whose lease was taken over may still write late; names of
+        # its own keep it from replacing (or deleting) a shard the new holder committed under the same
+        # number. A local folder's flock cannot be lost, so local names stay plain.
+        self._run_tag = f"-{uuid.uuid4().hex[:8]}" if isinstance(lock, Lease) else ""
         self._buffer: list[dict[str, Any]] = []
         self._buffer_requests = 0
         self.rows_written = 0  # rows committed by this writer (this run)
@@ -201,9 +205,10 @@ class ShardWriter:
         """Commit the buffered rows as one shard (no-op when empty), then the manifest."""
         if not self._buffer:
             return
-        name = f"shard-{self._next_index:05d}.parquet"
+        name = f"shard-{self._next_index:05d}{self._run_tag}.parquet"
         data, entry = encode_shard(self._buffer, self.file_id)
         entry["file"] = name
+        self._lock.check()  # a run that lost its folder writes nothing more into it
         try:
             write_shard_file(self.storage, name, data, self._hook)
             self.manifest["shards"].append(entry)
@@ -229,9 +234,13 @@ class ShardWriter:
         """A shard name no other shard of this job uses, for another process to write
         (``write_shard_file``) and this writer to commit (``commit_entries``) or discard
         (``discard_shard``). Reserved names are never handed out twice, committed or not."""
-        name = f"shard-{self._next_index:05d}.parquet"
+        name = f"shard-{self._next_index:05d}{self._run_tag}.parquet"
         self._next_index += 1
         return name
+
+    def check_lock(self) -> None:
+        """Raise BatchLLMError when this process no longer holds the folder (a lost lease)."""
+        self._lock.check()
 
     def commit_entries(self, entries: list[dict[str, Any]]) -> None:
         """List shards another process wrote (``encode_shard`` entries, ``file`` set to a reserved name)
@@ -356,7 +365,7 @@ def shard_stats(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> di
 
 
 def _shard_number(name: str) -> int:
-    return int(name.removeprefix("shard-").split(".")[0])
+    return int(name.removeprefix("shard-").split(".")[0].split("-")[0])
 
 
 def _commit_hook():
