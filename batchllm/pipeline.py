@@ -484,12 +484,16 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster) -> JobSummary:
         status.finish(CANCELLED)
         raise
     except CommitError as e:
+        owned = writer.holds_folder()  # a run that lost the folder leaves its status to the new holder
         writer.abandon()
-        status.finish(FAILED, str(e))
+        if owned:
+            status.finish(FAILED, str(e))
         raise CommitError(f"{e}; fix that, then resume with: batchllm resume {cfg.output}") from None
     except BaseException as e:
+        owned = writer.holds_folder()
         writer.abandon()
-        status.finish(FAILED, str(e) or type(e).__name__)
+        if owned:
+            status.finish(FAILED, str(e) or type(e).__name__)
         raise
     status.finish(COMPLETED)
     emit("done", {})

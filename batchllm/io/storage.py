@@ -294,6 +294,10 @@ class FolderLock:
             raise BatchLLMError(f"another batchllm process is writing to {os.path.dirname(self.path)}") from None
         self._fd = fd
 
+    def holds(self) -> bool:
+        """An flock is held until released: the kernel never takes it from a live process."""
+        return True
+
     def check(self) -> None:
         """Nothing to check: an flock cannot be lost while its process lives."""
 
@@ -493,6 +497,10 @@ class Lease:
                 if not self._fresh():
                     self._lost = "it could not renew its lease in time"
                     return
+
+    def holds(self) -> bool:
+        """Whether this process still holds the folder, as far as it knows without reading the store."""
+        return self._held and self._lost is None and self._fresh()
 
     def check(self) -> None:
         """Before a manifest write: raise BatchLLMError when this process no longer holds the lease

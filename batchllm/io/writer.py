@@ -285,6 +285,10 @@ class ShardWriter:
         finally:
             self._lock.release()
 
+    def holds_folder(self) -> bool:
+        """False once this process has lost the folder's lease (object stores): it must write nothing more."""
+        return self._lock.holds()
+
     def abandon(self) -> None:
         """Drop buffered rows without committing (they will be redone) and release the folder lock."""
         self._buffer = []
