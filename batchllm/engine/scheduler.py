@@ -263,8 +263,7 @@ class Scheduler:
             if isinstance(s, Sequence) and s.num_pending == 1:
                 if not self._grow_or_preempt(s, s.total_len, scheduled):
                     break  # s itself was the latest admitted; everything after it is gone too
-                items.append(s)
-                counts.append(1)
+                self._take(items, counts, s, 1)
                 scheduled.add(id(s))
                 budget -= 1
             i += 1
@@ -281,8 +280,7 @@ class Scheduler:
             q = min(s.num_pending, budget)
             if not self._grow_or_preempt(s, s.num_computed + q, scheduled):
                 continue
-            items.append(s)
-            counts.append(q)
+            self._take(items, counts, s, q)
             scheduled.add(id(s))
             budget -= q
 
@@ -303,8 +301,7 @@ class Scheduler:
             q = min(s.num_pending, budget)
             if not self._grow(s, s.num_computed + q):  # _can_admit checked the whole prompt fits
                 raise RuntimeError("admission check passed but allocation failed")
-            items.append(s)
-            counts.append(q)
+            self._take(items, counts, s, q)
             budget -= q
 
         if self._copies:  # partial prefix pages of new members, one batched copy per layer
@@ -316,6 +313,16 @@ class Scheduler:
             return None
         self.peak_pages_in_use = max(self.peak_pages_in_use, self.pool.num_pages - self.pool.num_free)
         return ScheduledStep(items, counts, num_decodes)
+
+    def _take(self, items: list[Schedulable], counts: list[int], s: Schedulable, q: int) -> None:
+        """Put ``q`` tokens of ``s`` into the step. With a prefix-caching pool its full pages up to
+        ``num_computed + q`` are registered now, at scheduling time, as vLLM v1 does: a request admitted
+        later in the same step already hits them (each layer stores the step's K/V before attending, so
+        the pages are filled by the time anyone reads them)."""
+        items.append(s)
+        counts.append(q)
+        if isinstance(s, Sequence) and isinstance(self.pool, PrefixCachingPool):
+            self.pool.register(s.pages, s.page_hashes, s.token_slice, s.num_computed + q)
 
     def _cache_lookup(self, s: Schedulable) -> tuple[list[int], list[bytes]] | None:
         """With a prefix-caching pool (streaming baseline): the cached pages a new sequence can reuse."""
@@ -390,15 +397,12 @@ class Scheduler:
     # -- after the forward pass --------------------------------------------------------------------
     def advance(self, step: ScheduledStep) -> None:
         """Record that the step's tokens are now in the cache; completed prefixes leave the running list."""
-        caching = isinstance(self.pool, PrefixCachingPool)
         for item, q in zip(step.items, step.num_tokens):
             if isinstance(item, Sequence):  # prompt tokens computed (recomputation after preemption counts)
                 self.prompt_tokens_computed += max(0, min(item.num_computed + q, item.prompt_len) - item.num_computed)
             else:
                 self.prompt_tokens_computed += q
             item.num_computed += q
-            if caching and isinstance(item, Sequence):
-                self.pool.register(item.pages, item.page_hashes, item.token_slice, item.num_computed)
             if isinstance(item, SharedPrefix) and item.ready:
                 item.status = SeqStatus.FINISHED  # computed; leaves running, pages held until its members finish
                 self._stale = True
