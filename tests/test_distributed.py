@@ -111,14 +111,6 @@ def test_replicas_option_validation_and_missing_ray(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny():
     return load_model(JobConfig(**BASE))
 

@@ -238,10 +238,6 @@ class ShardWriter:
         self._next_index += 1
         return name
 
-    def check_lock(self) -> None:
-        """Raise BatchLLMError when this process no longer holds the folder (a lost lease)."""
-        self._lock.check()
-
     def commit_entries(self, entries: list[dict[str, Any]]) -> None:
         """List shards another process wrote (``encode_shard`` entries, ``file`` set to a reserved name)
         in the manifest: from this point they are done. The file must already be durable on disk."""
