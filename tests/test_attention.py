@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from batchllm.engine import attention
 from batchllm.engine.attention import AttentionMetadata, PrefixGroupDescriptor, TorchAttention
 
 
@@ -149,3 +150,90 @@ def test_store_kv_writes_slots_and_skips_padding():
     flat = kv.view(2, 12, 1, 2)
     assert torch.equal(flat[0, 5], k[0]) and torch.equal(flat[0, 0], k[2]) and torch.equal(flat[1, 0], -k[2])
     assert int((flat[0] != 0).any(-1).sum()) == 2  # the padded row wrote nothing
+
+
+def _random_step(seed: int, page_size: int = 4, h: int = 6, kvh: int = 2, d: int = 8):
+    """A random step: decodes then prefill chunks, several prefix groups of different prefix lengths and
+    sizes (some prefixes ending inside a page), plain sequences in between; every sequence's K/V laid out
+    in pages as the engine does (shared full prefix pages, a private copy of the partial one)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    kv = torch.randn(2, 512, page_size, kvh, d, generator=gen)
+    nxt = 0
+    seqs = []  # (pages, seq_len, qlen, group id or None)
+    groups = []
+    for phase in ("decode", "prefill"):
+        first = len(seqs)
+        for _ in range(rint(2, 4)):
+            if rint(0, 2):  # a group
+                plen, members = rint(1, 13), rint(2, 5)
+                full, part = divmod(plen, page_size)
+                shared = list(range(nxt, nxt + full))
+                nxt += full
+                if part:
+                    kv[:, nxt] = torch.randn(2, page_size, kvh, d, generator=gen)
+                    partial_src = nxt
+                    nxt += 1
+                start = len(seqs)
+                for _ in range(members):
+                    pages = list(shared)
+                    if part:
+                        kv[:, nxt] = kv[:, partial_src]
+                        pages.append(nxt)
+                        nxt += 1
+                    own = rint(1, 9)
+                    qlen = 1 if phase == "decode" else rint(1, own)
+                    seq_len = plen + own
+                    while len(pages) * page_size < seq_len:
+                        pages.append(nxt)
+                        nxt += 1
+                    seqs.append((pages, seq_len, qlen))
+                groups.append(PrefixGroupDescriptor(start, len(seqs), plen))
+            else:
+                seq_len = rint(1, 20)
+                qlen = 1 if phase == "decode" else rint(1, seq_len)
+                pages = list(range(nxt, nxt + -(-seq_len // page_size)))
+                nxt += len(pages)
+                seqs.append((pages, seq_len, qlen))
+        if phase == "decode":
+            num_decodes = len(seqs) - first
+    width = max(len(p) for p, _, _ in seqs)
+    qlens = [q for _, _, q in seqs]
+    lens = [s for _, s, _ in seqs]
+    q = torch.randn(sum(qlens), h, d, generator=gen)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=torch.tensor([p + [0] * (width - len(p)) for p, _, _ in seqs], dtype=torch.int32),
+        slot_mapping=torch.zeros(sum(qlens), dtype=torch.int64),
+        num_decodes=num_decodes, query_lens_host=qlens, seq_lens_host=lens, prefix_groups=groups,
+    )
+    return q, kv, meta, seqs
+
+
+@pytest.mark.parametrize("seed,variant", [(s, "flash") for s in range(8)] + [(8, "portable"), (9, "portable"), (10, "pieces"), (11, "pieces")])
+def test_many_groups_mixed_step_matches_dense(seed, variant, monkeypatch):
+    """Several groups at once (batched prefix parts, differing prefix lengths and sizes, padded own-part
+    batches with differing query lengths) equal a dense per-sequence causal reference. ``portable``: the
+    matmul path other devices take; ``pieces``: batches cut into one-sequence chunks and one-token pieces."""
+    if variant == "portable":
+        monkeypatch.setattr(attention, "_CPU_FLASH", None)
+    if variant == "pieces":
+        monkeypatch.setattr(attention, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(attention, "_MAX_BLOCK", 1)
+    q, kv, meta, seqs = _random_step(seed)
+    scale = q.shape[2] ** -0.5
+    got = TorchAttention().forward(q, kv, meta, scale)
+    meta.prefix_groups = None
+    plain = TorchAttention().forward(q, kv, meta, scale)
+    r = 0
+    for pages, seq_len, qlen in seqs:
+        k = kv[0][pages].reshape(-1, kv.shape[3], kv.shape[4])[:seq_len]
+        v = kv[1][pages].reshape(-1, kv.shape[3], kv.shape[4])[:seq_len]
+        ref = dense_causal(q[r : r + qlen], k, v, scale)
+        torch.testing.assert_close(got[r : r + qlen], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(plain[r : r + qlen], ref, atol=2e-5, rtol=1e-4)
+        r += qlen

@@ -15,8 +15,8 @@ KV cache layout, one tensor per layer::
 A sequence's tokens ``[0, seq_len)`` live at ``block_tables[i][t // page_size]``, offset
 ``t % page_size``. Pages may be shared between sequences (a prefix group's prefix); sharing is visible
 only through the page tables, so a backend needs no extra information to be correct.
-``prefix_groups`` lets a backend that can exploit sharing (prefix-shared attention) read a shared prefix
-once for all members; the torch backend ignores it.
+``prefix_groups`` lets a backend exploit sharing (prefix-shared attention): read a shared prefix once for
+all members. Both backends do.
 """
 
 from __future__ import annotations
@@ -80,12 +80,72 @@ class AttentionBackend(abc.ABC):
         """
 
 
-class TorchAttention(AttentionBackend):
-    """Reference backend in plain torch; runs on CPU and GPU.
+# torch's fused CPU flash-attention kernel: blocked (no score matrix in memory) and it returns the
+# log-sum-exp the prefix split needs; about twice the speed of matmul + softmax on the shapes here.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-    Decodes are batched: their pages are gathered into a padded (S, L, kv_heads, d) tensor and masked
-    by length. Each prefill chunk runs as one SDPA call over its gathered history. Clear rather than
-    fast: it materialises every sequence's KV, which the Triton backend avoids.
+# Largest padded score block (query rows x keys) one call builds a mask for; bigger work is cut by query.
+_MAX_BLOCK = 1 << 22
+# K/V gathered per piece of a batch: small enough to stay in cache until attention reads it.
+_CHUNK_BYTES = 8 << 20
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: the one primitive every torch path is built from.
+
+    ``q`` (B, H, M, d); ``k``, ``v`` (B, H, N, d), any strides with a contiguous last dimension;
+    ``visible`` None or bool broadcastable to (B, 1, M, N), True where a query row may see a key. Every
+    row must see at least one key. Returns o (B, H, M, d) in q's dtype and lse (B, H, M) float32.
+    """
+    if q.device.type == "cpu" and _CPU_FLASH is not None and q.dtype in (torch.float32, torch.bfloat16):
+        bias = None
+        if visible is not None:
+            bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+        o, lse = _CPU_FLASH(q, k, v, attn_mask=bias, scale=scale)
+        return o, lse
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    if visible is not None:
+        s.masked_fill_(~visible, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    l = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, v.float()).div_(l)
+    return o.to(q.dtype), (m + l.log()).squeeze(-1)
+
+
+def _fold(x: torch.Tensor, kvh: int) -> torch.Tensor:
+    """(B, t, h, d) queries -> (B, kvh, t*g, d): the g query heads of a KV head become rows (GQA without
+    copying K/V per query head). Row r is token r // g."""
+    b, t, h, d = x.shape
+    return x.view(b, t, kvh, h // kvh, d).transpose(1, 2).reshape(b, kvh, t * (h // kvh), d)
+
+
+def _unfold(o: torch.Tensor, lse: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_fold`` for attention output (B, kvh, t*g, d) and lse (B, kvh, t*g)."""
+    b, kvh, tg, d = o.shape
+    g = tg // t
+    o = o.view(b, kvh, t, g, d).transpose(1, 2).reshape(b, t, kvh * g, d)
+    return o, lse.reshape(b, kvh, t, g).transpose(1, 2).reshape(b, t, kvh * g)
+
+
+def merge(o_a, lse_a, o_b, lse_b):
+    """Exact combination of two partial attentions over disjoint key sets (fp32 result)."""
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - top).unsqueeze(-1), torch.exp(lse_b - top).unsqueeze(-1)
+    return (o_a.float() * wa + o_b.float() * wb) / (wa + wb)
+
+
+class TorchAttention(AttentionBackend):
+    """The torch backend: the reference the Triton kernels are tested against, and the CPU engine's path.
+
+    Every query token attends to its sequence's keys ``[kv_lo, seq_len)`` causally, where ``kv_lo`` is
+    the prefix length for members of a prefix group (>= 2 members, every query past the prefix) and 0
+    otherwise; sequences of similar shape run as one padded batch (all decodes together; prefill chunks
+    bucketed so padding at most doubles the work). A group's prefix is then attended once for all its
+    members' query rows stacked together (Hydragen's split: the prefix read once) and merged exactly.
+    K/V pages are gathered into padded tensors (``index_select``: 2-3x faster than fancy indexing here);
+    the Triton backend reads pages in place instead.
     """
 
     name = "torch"
@@ -101,138 +161,168 @@ class TorchAttention(AttentionBackend):
         flat[1].index_copy_(0, slots, v)
 
     def forward(self, q, kv_cache, meta, scale):
+        nd, n = meta.num_decodes, meta.num_seqs
+        qlens, slens = meta.query_lens_host, meta.seq_lens_host
+        row = [0] * (n + 1)
+        for i in range(n):
+            row[i + 1] = row[i] + qlens[i]
+        groups = self._usable_groups(meta, nd)
+        kv_lo = [0] * n
+        for start, end, plen in groups:
+            kv_lo[start:end] = [plen] * (end - start)
         out = torch.empty_like(q)
-        nd = meta.num_decodes
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if groups else None
         if nd:
-            # decodes of a prefix group read the shared prefix once for all members (Hydragen split);
-            # the others are batched plainly. Both are exact; the split only changes float rounding.
-            # Contiguous runs are sliced, never indexed: no index tensor crosses to the device (a sync).
-            start = 0
-            for g in sorted((g for g in meta.prefix_groups or () if g.seq_end <= nd and g.seq_end - g.seq_start >= 2), key=lambda g: g.seq_start):
-                if g.seq_start > start:
-                    out[start : g.seq_start] = self._decode(q[start : g.seq_start], kv_cache, meta, start, g.seq_start, scale)
-                out[g.seq_start : g.seq_end] = self._decode_group(q[g.seq_start : g.seq_end], kv_cache, meta, g, scale)
-                start = g.seq_end
-            if start < nd:
-                out[start:nd] = self._decode(q[start:nd], kv_cache, meta, start, nd, scale)
-        # prefill chunks: a run of group members shares one pass over the prefix; others go one by one
-        starts = [nd]
-        for i in range(nd, meta.num_seqs):
-            starts.append(starts[-1] + meta.query_lens_host[i])
-        grouped = {g.seq_start: g for g in meta.prefix_groups or () if g.seq_start >= nd and g.seq_end - g.seq_start >= 2}
-        i = nd
-        while i < meta.num_seqs:
-            g = grouped.get(i)
-            if g is not None:
-                r0, r1 = starts[g.seq_start - nd], starts[g.seq_end - nd]
-                out[r0:r1] = self._prefill_group(q[r0:r1], kv_cache, meta, g, scale)
-                i = g.seq_end
+            self._run_batch(q, kv_cache, meta, list(range(nd)), row, kv_lo, scale, out, lse)
+        for batch in _prefill_batches(range(nd, n), qlens, slens, kv_lo, kv_cache.shape[2]):
+            if len(batch) == 1 and not kv_lo[batch[0]]:
+                i = batch[0]
+                out[row[i] : row[i + 1]] = self._prefill(q[row[i] : row[i + 1]], kv_cache, meta.block_tables[i], slens[i], scale)
+            else:
+                self._run_batch(q, kv_cache, meta, batch, row, kv_lo, scale, out, lse)
+        if groups:
+            self._prefix_parts(q, kv_cache, meta, groups, row, scale, out, lse)
+        return out
+
+    @staticmethod
+    def _usable_groups(meta, nd: int) -> list[tuple[int, int, int]]:
+        """The groups worth the prefix split: all-decode or all-prefill runs of >= 2 members whose queries
+        all sit past the prefix (so the prefix part needs no mask)."""
+        out = []
+        for g in meta.prefix_groups or ():
+            start, end, plen = g.seq_start, g.seq_end, g.prefix_len
+            if end - start < 2 or plen <= 0 or (start < nd < end):
                 continue
-            r0, r1 = starts[i - nd], starts[i - nd + 1]
-            out[r0:r1] = self._prefill(q[r0:r1], kv_cache, meta.block_tables[i], meta.seq_lens_host[i], scale)
-            i += 1
+            if all(meta.seq_lens_host[i] - meta.query_lens_host[i] >= plen for i in range(start, end)):
+                out.append((start, end, plen))
         return out
 
-    @staticmethod
-    def _gather(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one or more sequences: pages (..., n) -> (..., n*page_size, kv_heads, d), cut to length."""
-        page_size = kv_cache.shape[2]
-        n = (length + page_size - 1) // page_size
-        pages = pages[..., :n].long()
-        k = kv_cache[0][pages].flatten(-4, -3)[..., :length, :, :]
-        v = kv_cache[1][pages].flatten(-4, -3)[..., :length, :, :]
-        return k, v
+    def _gather(self, kv_cache: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole pages: pages (..., n) -> (..., n * page_size, kv_heads, d).
 
-    def _decode(self, q, kv_cache, meta, first: int, end: int, scale):
-        """Decode queries of sequences ``first:end``, batched with a length mask."""
-        max_len = max(meta.seq_lens_host[first:end])
-        k, v = self._gather(kv_cache, meta.block_tables[first:end], max_len)  # (n, L, kvh, d)
-        valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[first:end].to(torch.long)[:, None]
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # (n, h, 1, d)
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=valid[:, None, None, :],
-            scale=scale,
-            enable_gqa=True,
-        )
-        return o.squeeze(2)
+        The result lives in a scratch buffer reused by the next call (a fresh allocation of this size
+        costs page faults: 3x the copy itself on a CPU); callers use it before gathering again."""
+        _, _, ps, kvh, d = kv_cache.shape
+        idx = pages.reshape(-1).long()
+        n = idx.numel() * ps * kvh * d
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.numel() < 2 * n or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
+            buf = self._scratch = torch.empty(2 * n, dtype=kv_cache.dtype, device=kv_cache.device)
+        shape = (*pages.shape[:-1], pages.shape[-1] * ps, kvh, d)
+        k = torch.index_select(kv_cache[0], 0, idx, out=buf[:n].view(-1, ps, kvh, d))
+        v = torch.index_select(kv_cache[1], 0, idx, out=buf[n : 2 * n].view(-1, ps, kvh, d))
+        return k.view(shape), v.view(shape)
 
-    def _prefix_part(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
-        """All query rows of a group against the shared prefix, read once: (kvh, rows*g, d) x (kvh, d, P).
+    def _run_batch(self, q, kv_cache, meta, seqs: list[int], row: list[int], kv_lo: list[int], scale, out, lse) -> None:
+        """Sequences ``seqs`` as one padded batch over their keys ``[kv_lo, seq_len)``, causal; writes
+        their query rows of ``out`` (and of ``lse`` when given).
 
-        Every query sits at a position >= prefix_len, so no mask is needed. Returns fp32 output
-        (rows, kvh, g, d) and log-sum-exp (rows, kvh, g)."""
-        rows, h, d = q.shape
-        kvh = kv_cache.shape[3]
-        kp, vp = self._gather(kv_cache, meta.block_tables[g.seq_start], g.prefix_len)
-        qs = q.float().view(rows, kvh, h // kvh, d).permute(1, 0, 2, 3).reshape(kvh, -1, d)
-        sp = torch.bmm(qs, kp.float().permute(1, 2, 0)) * scale
-        lse = torch.logsumexp(sp, dim=-1)
-        o = torch.bmm(torch.softmax(sp, dim=-1), vp.float().transpose(0, 1))
-        return o.view(kvh, rows, h // kvh, d).permute(1, 0, 2, 3), lse.view(kvh, rows, h // kvh).permute(1, 0, 2)
+        The batch is gathered and attended a few sequences at a time (about ``_CHUNK_BYTES`` of K/V), so
+        the gathered K/V is still in cache when attention reads it: twice the speed of one big gather."""
+        ps, kvh = kv_cache.shape[2], kv_cache.shape[3]
+        dev, h, d = q.device, q.shape[1], q.shape[2]
+        b = len(seqs)
+        qlens = [meta.query_lens_host[i] for i in seqs]
+        t = max(qlens)
+        first = [kv_lo[i] // ps for i in seqs]
+        width = max(-(-meta.seq_lens_host[i] // ps) - f for i, f in zip(seqs, first))
+        contiguous = seqs[-1] - seqs[0] == b - 1
+        sel = slice(seqs[0], seqs[-1] + 1) if contiguous else torch.tensor(seqs, device=dev)
+        tables = meta.block_tables[sel]
+        first_t = torch.tensor(first, device=dev)
+        cols = (first_t[:, None] + torch.arange(width, device=dev)[None, :]).clamp_(max=tables.shape[1] - 1)
+        pages = tables.gather(1, cols)
+        uniform = contiguous and all(x == t for x in qlens)
+        if uniform:  # the rows are one block: no index
+            qb = q[row[seqs[0]] : row[seqs[-1] + 1]].view(b, t, h, d)
+        else:  # padded token rows repeat the sequence's last row (they see every key; discarded)
+            src = torch.tensor([[row[i] + min(j, ql - 1) for j in range(t)] for i, ql in zip(seqs, qlens)], device=dev)
+            qb = q[src.view(-1)].view(b, t, h, d)
+        seq_len = meta.seq_lens[sel].long()
+        lo = torch.tensor([kv_lo[i] for i in seqs], device=dev)
+        pos = first_t[:, None] * ps + torch.arange(width * ps, device=dev)[None, :]  # (b, N) key positions
+        in_range = (pos >= lo[:, None]) & (pos < seq_len[:, None])
+        qpos0 = seq_len - torch.tensor(qlens, device=dev)  # position of each sequence's first query
+        g = h // kvh
+        seq_bytes = 2 * width * ps * kvh * d * kv_cache.element_size()
+        per_chunk = max(1, _CHUNK_BYTES // seq_bytes)
+        o_rows, l_rows = [], []
+        for c0 in range(0, b, per_chunk):
+            c1 = min(b, c0 + per_chunk)
+            k, v = self._gather(kv_cache, pages[c0:c1])
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (c, kvh, N, d)
+            step = max(1, _MAX_BLOCK // ((c1 - c0) * g * width * ps))  # query tokens per piece: bounds the mask
+            for t0 in range(0, t, step):
+                t1 = min(t, t0 + step)
+                qp = qpos0[c0:c1, None] + torch.arange(t0, t1, device=dev)[None, :]
+                vis = in_range[c0:c1, None, :] & (pos[c0:c1, None, :] <= qp[:, :, None])
+                vis = vis.repeat_interleave(g, dim=1).unsqueeze(1)  # (c, 1, rows * g, N)
+                o, l = attend(_fold(qb[c0:c1, t0:t1], kvh), k, v, vis, scale)
+                o, l = _unfold(o, l, t1 - t0)
+                o_rows.append((c0, c1, t0, t1, o))
+                l_rows.append(l)
+        if len(o_rows) == 1:
+            o, l = o_rows[0][4], l_rows[0]
+        else:
+            o = torch.empty(b, t, h, d, dtype=q.dtype, device=dev)
+            l = torch.empty(b, t, h, dtype=torch.float32, device=dev)
+            for (c0, c1, t0, t1, oc), lc in zip(o_rows, l_rows):
+                o[c0:c1, t0:t1], l[c0:c1, t0:t1] = oc, lc
+        if uniform:
+            r0, r1 = row[seqs[0]], row[seqs[-1] + 1]
+            out[r0:r1] = o.reshape(r1 - r0, h, d)
+            if lse is not None:
+                lse[r0:r1] = l.reshape(r1 - r0, h)
+            return
+        dst = torch.tensor([r for i in seqs for r in range(row[i], row[i + 1])], device=dev)
+        keep = torch.tensor([j * t + x for j, ql in enumerate(qlens) for x in range(ql)], device=dev)
+        out.index_copy_(0, dst, o.reshape(b * t, h, d).index_select(0, keep))
+        if lse is not None:
+            lse.index_copy_(0, dst, l.reshape(b * t, h).index_select(0, keep))
 
-    @staticmethod
-    def _merge(o_a, lse_a, o_b, lse_b):
-        """Exact combination of two partial attentions over disjoint key sets."""
-        top = torch.maximum(lse_a, lse_b)
-        wa, wb = torch.exp(lse_a - top).unsqueeze(-1), torch.exp(lse_b - top).unsqueeze(-1)
-        return (o_a * wa + o_b * wb) / (wa + wb)
-
-    def _prefill_group(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
-        """Prefill chunks of consecutive group members: the prefix part for all their rows at once, then
-        each member's own tokens (causal), merged exactly."""
-        rows, h, d = q.shape
-        kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
-        P = g.prefix_len
-        op, lse_p = self._prefix_part(q, kv_cache, meta, g, scale)
-        out = torch.empty_like(q)
-        first_page, offset = P // ps, P % ps
-        r = 0
-        for i in range(g.seq_start, g.seq_end):
-            qlen, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
-            own = seq_len - P
-            ko, vo = self._gather(kv_cache, meta.block_tables[i, first_page:], offset + own)
-            ko, vo = ko[offset:].float(), vo[offset:].float()  # (own, kvh, d)
-            qi = q[r : r + qlen].float().view(qlen, kvh, h // kvh, d)
-            so = torch.einsum("qkgd,lkd->qkgl", qi, ko) * scale
-            # query row t sits at position seq_len - qlen + t; own key j at position P + j
-            qpos = torch.arange(qlen, device=q.device) + (seq_len - qlen - P)
-            so.masked_fill_((torch.arange(own, device=q.device)[None, :] > qpos[:, None])[:, None, None, :], float("-inf"))
-            lse_o = torch.logsumexp(so, dim=-1)
-            oo = torch.einsum("qkgl,lkd->qkgd", torch.softmax(so, dim=-1), vo)
-            merged = self._merge(op[r : r + qlen], lse_p[r : r + qlen], oo, lse_o)
-            out[r : r + qlen] = merged.reshape(qlen, h, d).to(q.dtype)
-            r += qlen
-        return out
-
-    def _decode_group(self, q, kv_cache, meta, g: PrefixGroupDescriptor, scale):
-        """Decodes of one prefix group: all members' queries against the prefix (one matrix product,
-        the prefix read once), each member against its own tokens, then the exact log-sum-exp merge."""
-        m, h, d = q.shape
-        kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
-        P = g.prefix_len
-        qf = q.float().view(m, kvh, h // kvh, d)
-        op, lse_p = self._prefix_part(q, kv_cache, meta, g, scale)
-        # own tokens: positions [P, seq_len) of each member, from the page holding position P on
-        lens = meta.seq_lens[g.seq_start : g.seq_end].to(torch.long) - P
-        max_own = max(meta.seq_lens_host[g.seq_start : g.seq_end]) - P
-        first_page, offset = P // ps, P % ps
-        ko, vo = self._gather(kv_cache, meta.block_tables[g.seq_start : g.seq_end, first_page:], offset + max_own)
-        ko, vo = ko[:, offset:].float(), vo[:, offset:].float()  # (m, Lo, kvh, d)
-        so = torch.einsum("mkgd,mlkd->mkgl", qf, ko) * scale
-        invalid = torch.arange(max_own, device=q.device)[None, :] >= lens[:, None]
-        so.masked_fill_(invalid[:, None, None, :], float("-inf"))
-        lse_o = torch.logsumexp(so, dim=-1)
-        oo = torch.einsum("mkgl,mlkd->mkgd", torch.softmax(so, dim=-1), vo)
-        return self._merge(op, lse_p, oo, lse_o).reshape(m, h, d).to(q.dtype)
+    def _prefix_parts(self, q, kv_cache, meta, groups: list[tuple[int, int, int]], row: list[int], scale, out, lse) -> None:
+        """Each group's query rows, stacked, against its shared prefix ``[0, plen)`` read once (through the
+        first member's pages), merged exactly into ``out`` / ``lse`` (the members' own parts). All the
+        step's groups run as one padded batch; every query sits past its prefix, so only differing
+        prefix lengths need a mask."""
+        ps, kvh = kv_cache.shape[2], kv_cache.shape[3]
+        dev, h, d = q.device, q.shape[1], q.shape[2]
+        b = len(groups)
+        spans = [(row[s0], row[s1]) for s0, s1, _ in groups]
+        m = max(r1 - r0 for r0, r1 in spans)
+        plens = [p for _, _, p in groups]
+        width = -(-max(plens) // ps)
+        tables = meta.block_tables[torch.tensor([s0 for s0, _, _ in groups], device=dev)] if b > 1 else meta.block_tables[groups[0][0]][None]
+        k, v = self._gather(kv_cache, tables[:, :width])  # (b, width * ps, kvh, d)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        vis = None
+        if min(plens) != width * ps:
+            vis = (torch.arange(width * ps, device=dev)[None, :] < torch.tensor(plens, device=dev)[:, None])[:, None, None, :]
+        block = all(r1 - r0 == m for r0, r1 in spans) and all(spans[j][1] == spans[j + 1][0] for j in range(b - 1))
+        if block:  # the groups' rows are one contiguous block of equal parts: no index
+            rows = slice(spans[0][0], spans[-1][1])
+            qb = q[rows].view(b, m, h, d)
+        else:  # padded rows repeat a group's last row (discarded)
+            src = torch.tensor([r0 + min(j, r1 - r0 - 1) for r0, r1 in spans for j in range(m)], device=dev)
+            rows = torch.tensor([r for r0, r1 in spans for r in range(r0, r1)], device=dev)
+            keep = torch.tensor([i * m + j for i, (r0, r1) in enumerate(spans) for j in range(r1 - r0)], device=dev)
+            qb = q[src].view(b, m, h, d)
+        o, l = attend(_fold(qb, kvh), k, v, vis, scale)
+        o, l = _unfold(o, l, m)
+        o, l = o.reshape(b * m, h, d), l.reshape(b * m, h)
+        if block:
+            out[rows] = merge(o, l, out[rows], lse[rows]).to(q.dtype)
+        else:
+            o, l = o.index_select(0, keep), l.index_select(0, keep)
+            out.index_copy_(0, rows, merge(o, l, out[rows], lse[rows]).to(q.dtype))
 
     def _prefill(self, q, kv_cache, pages, seq_len, scale):
-        qlen = q.shape[0]
-        k, v = self._gather(kv_cache, pages, seq_len)  # (seq_len, kvh, d)
+        """One prefill chunk outside any group: SDPA over its gathered history (no log-sum-exp needed)."""
+        qlen, ps = q.shape[0], kv_cache.shape[2]
+        k, v = self._gather(kv_cache, pages[: -(-seq_len // ps)])
         qt = q.transpose(0, 1).unsqueeze(0)  # (1, h, qlen, d)
-        kt = k.transpose(0, 1).unsqueeze(0)
-        vt = v.transpose(0, 1).unsqueeze(0)
+        kt = k[:seq_len].transpose(0, 1).unsqueeze(0)
+        vt = v[:seq_len].transpose(0, 1).unsqueeze(0)
         ctx = seq_len - qlen
         if ctx == 0:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
@@ -242,6 +332,29 @@ class TorchAttention(AttentionBackend):
             mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.squeeze(0).transpose(0, 1)
+
+
+def _prefill_batches(seqs, qlens, slens, kv_lo, page_size: int) -> list[list[int]]:
+    """Prefill sequences bucketed into padded batches: sorted by query length, a batch grows while its
+    padded work (sequences x longest query x widest key span) stays within twice its real work and the
+    mask bound. Sequences keep their order inside a batch (so runs stay contiguous slices)."""
+    items = sorted(seqs, key=lambda i: (qlens[i], slens[i] - kv_lo[i]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    real = t = span = 0
+    for i in items:
+        s = slens[i] - kv_lo[i] // page_size * page_size
+        nt, nspan = max(t, qlens[i]), max(span, s)
+        padded = (len(cur) + 1) * nt * nspan
+        if cur and (padded > 2 * (real + qlens[i] * s) or padded > _MAX_BLOCK):
+            batches.append(sorted(cur))
+            cur, real, nt, nspan = [], 0, qlens[i], s
+        cur.append(i)
+        real += qlens[i] * s
+        t, span = nt, nspan
+    if cur:
+        batches.append(sorted(cur))
+    return batches
 
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttention}
