@@ -58,3 +58,39 @@ def test_many_samples_with_long_own_prompts_leave_the_group():
     assert outer.prefix is None and outer.unfinished == 3 and all(p.prefix is outer and p.unfinished == 8 for p in own)
     computed = 16 + sum(p.length - 16 for p in own) + 24  # each sample computes its last token
     assert computed == 16 + 3 * 203 + 24  # instead of 20 + 24 * 200 = 4,820 with the group prefix only
+
+
+def test_baseline_fans_samples_out_as_independent_sequences():
+    """Without a plan (fcfs-lru) a request's n samples are n plain sequences in input order, sharing its
+    prompt only through the page cache, as vLLM fans a request out into n child requests."""
+    rs = [req(0, [1, 2, 3, 4, 5], n=3), req(1, [1, 2, 3, 9])]
+    items = list(build_sources(rs, None, frozenset(), 0))
+    assert all(isinstance(it, Sequence) and it.prefix is None for it in items)
+    assert [(it.request_index, it.sample_index) for it in items] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert len({it.seed for it in items[:3]}) == 3  # each sample keeps its own seed
+
+
+def test_baseline_samples_reuse_the_prompt_pages_through_the_cache():
+    import torch
+
+    from batchllm.engine.attention import get_backend
+    from batchllm.engine.engine import LLMEngine
+    from batchllm.engine.kv_cache import KVCache
+    from batchllm.engine.scheduler import SchedulerConfig
+    from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
+
+    cfg = tiny_config(num_layers=1)
+    model = build(cfg, random_state_dict(cfg, seed=5))
+    prompt = list(range(3, 14))  # 11 tokens: 2 full pages of 4 and a partial one
+    rs = [req(0, prompt, n=3)]
+    rs[0].sampling = SamplingParams(n=3, max_tokens=3, temperature=0.0)
+    sched = SchedulerConfig(page_size=4, max_num_batched_tokens=64, max_model_len=cfg.max_position_embeddings)
+    engine = LLMEngine(model, FakeTokenizer(), KVCache(cfg, 64, 4, torch.float32, "cpu"), get_backend("torch"), sched,
+                       torch.device("cpu"), cfg.vocab_size, prefix_caching=True)
+    done = []
+    engine.run(build_sources(rs, None, frozenset(), 0, page_size=4), done.append)
+    done.sort(key=lambda s: s.sample_index)
+    # the first sample computes the prompt; the others hit its 2 full pages in the same step
+    assert [s.num_cached for s in done] == [0, 8, 8]
+    assert len({tuple(s.output_ids) for s in done}) == 1  # greedy: the same tokens
+    engine.pool.check_integrity()

@@ -40,15 +40,16 @@ def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int
                   page_size: int = 16) -> Iterator[Sequence | SharedPrefix]:
     """Yield the engine's work in plan order: outer prefixes, each group's shared prefix, its members' samples.
 
-    Without a plan (the streaming baseline), requests go in input order with no shared prefix across
-    requests (a request's ``n > 1`` samples still share its prompt) and nothing nests. Every prefix is
+    Without a plan (the streaming baseline), requests go in input order as independent samples, and a
+    request's ``n > 1`` samples are n sequences that share its prompt only through the page cache, as
+    vLLM fans such a request out into n child requests. Every prefix is
     yielded before anything that extends it; ``SharedPrefix.unfinished`` counts its dependents exactly.
     Outer prefixes end on a ``page_size`` boundary (the engine's), so extending them copies no page.
     """
     ids = itertools.count()
     if plan is None:  # the baseline plans nothing: stream the requests as they come
-        for u in _units(requests, (PrefixGroup(i, 0, np.array([i])) for i in range(len(requests)))):
-            yield from _unit_sources(requests, u, None, ids, eos, job_seed)
+        for i, r in enumerate(requests):
+            yield from _unit_sources(requests, _Unit(0, [i], r.sampling.n), None, ids, eos, job_seed)
         return
     units = list(_units(requests, plan.groups))
     heads = [requests[u.members[0]].token_ids[: u.prefix_len] for u in units]
