@@ -403,6 +403,22 @@ def test_kv_estimate_hand_computed():
     assert estimate_peak_kv_tokens(plan, lens, [3, 5, 2], kv_budget=5).peak_running == 1
 
 
+def test_kv_estimate_counts_an_outer_prefix_once():
+    # Two groups of 4 whose 64-token prefixes share a 32-token head: an outer prefix of 32 tokens.
+    head = list(range(32))
+    prompts = [head + [1000 + j for j in range(32)] + [5000 + i] for i in range(4)]
+    prompts += [head + [2000 + j for j in range(32)] + [6000 + i] for i in range(4)]
+    plan = build_plan(prompts, [3] * 8, page_size=16)
+    assert [(g.prefix_len, g.outer) for g in plan.groups] == [(64, 0), (64, 0)]
+    assert plan.nesting.outer_len.tolist() == [32]
+    lens = [65] * 8
+    # Unbounded, all at t=0, peak just before t=3: outer 32 + 2 x 32 beyond it + 8 x (1 own + 3 out).
+    assert estimate_peak_kv_tokens(plan, lens, [3] * 8) == (128, 8, 3, 68)
+    # Budget 100: the first group reserves 32 + 32 + 4 x 4 = 80; the second's first member needs 32 + 4
+    # more (the outer prefix is resident) and waits for the first group to finish.
+    assert estimate_peak_kv_tokens(plan, lens, [3] * 8, kv_budget=100) == (80, 4, 6, 68)
+
+
 @settings(max_examples=100, deadline=None)
 @given(prompt_lists.filter(len), st.integers(1, 60), st.randoms(use_true_random=False))
 def test_kv_estimate_respects_budget(prompts, budget, rnd):

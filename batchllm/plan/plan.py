@@ -209,8 +209,9 @@ def estimate_peak_kv_tokens(
     - prefill takes no time; each decode step every running request emits one token and then holds
       ``own prompt + tokens emitted`` KV tokens; it finishes after ``round(expected_output)`` steps.
     Since reservations are worst case, ``peak_kv_tokens <= kv_budget`` whenever
-    ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full. Outer
-    prefixes are not modelled: each group's prefix counts in full (an over-estimate).
+    ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full. An outer
+    prefix (``plan.nesting``) is held, and reserved, once while any group below it is resident; a group
+    then adds only its tokens beyond its outer prefix.
     """
     lens = np.asarray(prompt_lens, dtype=np.int64)
     outs = np.rint(np.asarray(expected_output, dtype=np.float64)).astype(np.int64)
@@ -227,8 +228,34 @@ def estimate_peak_kv_tokens(
     out_l = outs.tolist()
     grp = plan.group_of.tolist()
     gpre = [g.prefix_len for g in plan.groups]
+    nst = plan.nesting
+    o_parent = nst.outer_parent.tolist() if nst is not None else []
+    o_len = nst.outer_len.tolist() if nst is not None else []
+    o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(o_parent)]  # tokens each level adds
+    g_outer = [g.outer if nst is not None else -1 for g in plan.groups]
+    gpre = [p - (o_len[o] if o >= 0 else 0) for p, o in zip(gpre, g_outer)]  # beyond the outer prefix
+    o_refs = [0] * len(o_len)
     min_budget = int((lens + outs).max())  # = prefix + own + output of the largest request
     budget = float("inf") if kv_budget is None else kv_budget
+
+    def outers_to_add(o: int) -> int:
+        """Tokens of the not-yet-resident outer prefixes on the chain from ``o`` up."""
+        add = 0
+        while o >= 0 and o_refs[o] == 0:
+            add += o_own[o]
+            o = o_parent[o]
+        return add
+
+    def outer_refs(o: int, delta: int) -> int:
+        """Add ``delta`` (+1 / -1) to the chain from ``o`` up; returns the tokens that became (non-)resident."""
+        changed = 0
+        while o >= 0:
+            o_refs[o] += delta
+            if o_refs[o] != (1 if delta > 0 else 0):
+                break
+            changed += o_own[o]
+            o = o_parent[o]
+        return changed
 
     refs = [0] * len(gpre)
     reserved = 0  # prefixes of resident groups + (own + output) of running requests
@@ -244,11 +271,11 @@ def estimate_peak_kv_tokens(
         while nxt < n:
             i = order[nxt]
             g = grp[i]
-            need = own[i] + out_l[i] + (gpre[g] if refs[g] == 0 else 0)
+            need = own[i] + out_l[i] + (gpre[g] + outers_to_add(g_outer[g]) if refs[g] == 0 else 0)
             if running and reserved + need > budget:
                 break
             if refs[g] == 0:
-                held_fixed += gpre[g]
+                held_fixed += gpre[g] + outer_refs(g_outer[g], +1)
             refs[g] += 1
             reserved += need
             held_fixed += own[i]
@@ -267,8 +294,9 @@ def estimate_peak_kv_tokens(
             reserved -= own[i] + out_l[i]
             held_fixed -= own[i]
             if refs[g] == 0:
-                reserved -= gpre[g]
-                held_fixed -= gpre[g]
+                gone = gpre[g] + outer_refs(g_outer[g], -1)
+                reserved -= gone
+                held_fixed -= gone
             running -= 1
             sum_start -= t - out_l[i]
     return KVEstimate(int(peak), peak_running, int(t), min_budget)
