@@ -96,6 +96,19 @@ def test_work_queue_steals_from_most_loaded_and_reassigns_failed_work():
         q.remove_replica(1)
 
 
+def test_removed_replica_hands_work_to_replicas_it_has_not_failed_on():
+    costs = np.array([5.0, 1, 1])
+    u = [np.array([g]) for g in range(3)]
+    q = assign.WorkQueue([[u[0]], [], [u[1], u[2]]], costs)
+    q.requeue([q.next_for(0)], failed_on=1)  # unit 0 failed on replica 1; it goes back to replica 0's queue
+    assert [x.tolist() for x in q.queues[0]] == [[0]]
+    q.remove_replica(0)  # replica 0 dies: unit 0 must not go to the emptiest (1), where it failed before
+    assert [x.tolist() for x in q.queues[2]] == [[1], [2], [0]] and not q.queues[1]
+    q.queues[2].pop()
+    q.requeue([u[0]], failed_on=2)  # failed on every live replica: the least loaded live one takes it
+    assert [x.tolist() for x in q.queues[1]] == [[0]]
+
+
 def test_replicas_option_validation_and_missing_ray(monkeypatch):
     with pytest.raises(BatchLLMError, match="replicas must be at least 1"):
         JobConfig(inputs=["x"], output="y", replicas=0).validate()

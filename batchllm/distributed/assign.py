@@ -158,13 +158,15 @@ class WorkQueue:
 
     def remove_replica(self, replica: int, running: list[np.ndarray] = ()) -> None:
         """A replica failed: its queued units and ``running`` (the units it had not finished) go to the
-        live replicas, each unit (heaviest first) to the one with the least queued cost."""
+        live replicas, each unit (heaviest first) to the one with the least queued cost among those it has
+        not failed on (any live one if it failed on all)."""
         orphans = list(running) + list(self.queues.pop(replica, ()))
         if not self.queues:
             raise RuntimeError("no live replica left to take the work")
         loads = {r: self.queued_cost(r) for r in self.queues}
         for unit in sorted(orphans, key=self.cost_of, reverse=True):
-            r = min(loads, key=lambda k: (loads[k], k))
+            seen = self.failed_on.get(self.key(unit), ())
+            r = min([k for k in loads if k not in seen] or loads, key=lambda k: (loads[k], k))
             self.queues[r].append(unit)
             loads[r] += self.cost_of(unit)
 
