@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from batchllm.engine import attention
-from batchllm.engine.attention import AttentionMetadata, PrefixGroupDescriptor, TorchAttention
+from batchllm.engine.attention import (
+    AttentionMetadata,
+    PrefixGroupDescriptor,
+    TorchAttention,
+)
 
 
 def dense_reference(q, k_seqs, v_seqs, scale):
