@@ -152,12 +152,35 @@ def test_members_wait_for_their_prefix_and_share_its_pages():
     fake_decode(sched, step)
     step = sched.schedule()
     assert step.items[0] is prefix and step.num_tokens[0] == 2
-    assert len(step.items) == 1  # m1 waits: its prefix completes only with this step
+    # m1 waits although the prefix completes in this step: it ends inside a page, whose copy is taken
+    # before the forward pass
+    assert len(step.items) == 1
     fake_decode(sched, step)
     step = sched.schedule()
     assert [it.seq_id for it in step.items] == [1, 2]
     assert m1.num_cached == 6 and m1.pages[0] == prefix.pages[0]  # full page shared
     assert m1.pages[1] != prefix.pages[1]  # partial page copied
+    assert pool.refcount[prefix.pages[0]] == 3
+    fake_decode(sched, step)
+    while sched.has_work():
+        step = sched.schedule()
+        fake_decode(sched, step)
+    sched.check_idle_integrity()
+
+
+def test_members_of_a_page_aligned_prefix_start_in_its_last_chunk():
+    prefix = SharedPrefix(0, np.arange(8, dtype=np.int32), unfinished=2)
+    m1 = Sequence(1, 0, 0, np.arange(10, dtype=np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
+    m2 = Sequence(2, 1, 0, np.concatenate([np.arange(8), [50, 51, 52]]).astype(np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
+    sched, pool = make_scheduler([prefix, m1, m2], budget=6, page_size=4)
+    step = sched.schedule()
+    assert step.items == [prefix] and step.num_tokens == [6]  # 2 prefix tokens left: nobody may start
+    fake_decode(sched, step)
+    step = sched.schedule()
+    # the prefix's last chunk is in this step and it ends on a page boundary: its members start in the
+    # same step (as vLLM's same-step cache hits), sharing both full pages, nothing copied or recomputed
+    assert step.items == [prefix, m1, m2] and step.num_tokens == [2, 2, 2]
+    assert m1.num_cached == 8 and m1.pages[:2] == prefix.pages and not sched._copies
     assert pool.refcount[prefix.pages[0]] == 3
     fake_decode(sched, step)
     while sched.has_work():

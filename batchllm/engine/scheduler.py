@@ -16,7 +16,11 @@ shared) and it goes back to the front of the queue.
 
 Shared prefixes (``SharedPrefix``) are scheduled like prefill-only sequences: the plan puts a group's
 prefix right before its members in the queue; a member is admitted once its prefix is fully computed,
-and starts with the prefix's full pages shared plus a private copy of the prefix's last partial page.
+or, when the prefix ends on a page boundary, in the step that computes the prefix's last chunk (each
+layer stores the step's K/V before it attends, as for vLLM's same-step cache hits), so the group's
+prefill does not wait a step for its prefix. A member starts with the prefix's full pages shared plus
+a private copy of the prefix's last partial page (which is why a prefix that ends inside a page must
+be computed first: its copy is taken before the forward pass).
 A prefix that extends an outer prefix (multi-level sharing) attaches to it the same way, as if it were
 one of its members; the outer prefix is held until every prefix extending it has been released.
 """
@@ -103,6 +107,7 @@ class Scheduler:
         self._stale = False  # running holds finished items / completed prefixes: compact before use
         self._held_prefixes: dict[int, SharedPrefix] = {}  # computed prefixes whose pages are still held
         self._copies: list[tuple[int, int]] = []  # partial prefix pages to copy before the next forward
+        self._completing: set[int] = set()  # ids of prefixes whose last chunk is in the step being built
 
     # -- queue -------------------------------------------------------------------------------------
     def _peek_waiting(self) -> Schedulable | None:
@@ -255,6 +260,7 @@ class Scheduler:
         items: list[Schedulable] = []
         counts: list[int] = []
         scheduled: set[int] = set()
+        self._completing.clear()
 
         # 1. decodes
         i = 0
@@ -321,6 +327,8 @@ class Scheduler:
         the pages are filled by the time anyone reads them)."""
         items.append(s)
         counts.append(q)
+        if isinstance(s, SharedPrefix) and s.num_computed + q == s.length:
+            self._completing.add(id(s))
         if isinstance(s, Sequence) and isinstance(self.pool, PrefixCachingPool):
             self.pool.register(s.pages, s.page_hashes, s.token_slice, s.num_computed + q)
 
@@ -339,7 +347,7 @@ class Scheduler:
         """
         row = True
         if isinstance(s, Sequence):
-            if s.prefix is not None and not s.prefix.ready:
+            if s.prefix is not None and not self._available(s.prefix):
                 return None  # its prefix is still being computed (or waiting)
             if self.cfg.max_num_seqs is not None and self._num_seqs_running >= self.cfg.max_num_seqs:
                 return None
@@ -350,7 +358,7 @@ class Scheduler:
             if self.cfg.growth_reserve > 0:
                 row = self._growth_row(s, need + shared)
         else:
-            if s.prefix is not None and not s.prefix.ready:
+            if s.prefix is not None and not self._available(s.prefix):
                 return None  # the outer prefix it extends is still being computed (or waiting)
             need = self._pages_for(s.length) - (s.prefix.length // self.cfg.page_size if s.prefix is not None else 0)
         if self.pool.num_free < need:
@@ -380,8 +388,14 @@ class Scheduler:
             self._attach(s, s.prefix)
             s.num_cached = s.prefix.length
 
+    def _available(self, p: SharedPrefix) -> bool:
+        """Whether dependents of ``p`` may start now: it is computed, or it ends on a page boundary and
+        its last chunk is in this step (then they share only full pages, all filled by this forward)."""
+        return p.ready or (id(p) in self._completing and p.length % self.cfg.page_size == 0)
+
     def _attach(self, s: Schedulable, p: SharedPrefix) -> None:
-        """Start ``s`` after its computed prefix ``p``: p's full pages shared, its partial last page copied."""
+        """Start ``s`` after its prefix ``p`` (``_available``): p's full pages shared, its partial last
+        page copied."""
         full = p.length // self.cfg.page_size
         shared = p.pages[:full]
         self.pool.share(shared)
