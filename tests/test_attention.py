@@ -16,6 +16,13 @@ from batchllm.engine.attention import (
 )
 
 
+def split_backend() -> TorchAttention:
+    """The torch backend with the prefix split on for prefill chunks too (off by default on the CPU)."""
+    backend = TorchAttention()
+    backend.split_prefill = True
+    return backend
+
+
 def dense_reference(q, k_seqs, v_seqs, scale):
     """Decode attention, one sequence at a time, from the sequences' full K/V."""
     outs = []
@@ -131,9 +138,11 @@ def test_group_prefill_matches_dense(prefix_len, page_size):
         prefix_groups=[PrefixGroupDescriptor(0, 3, prefix_len)],
     )
     scale = d**-0.5
-    got = TorchAttention().forward(q, kv, meta, scale)
+    got = split_backend().forward(q, kv, meta, scale)
+    default = TorchAttention().forward(q, kv, meta, scale)  # prefill groups run plainly by default
     meta.prefix_groups = None
     plain = TorchAttention().forward(q, kv, meta, scale)
+    torch.testing.assert_close(default, plain, atol=0, rtol=0)
     r = 0
     for i, n in enumerate(qlens):
         ref = dense_causal(q[r : r + n], ks[i], vs[i], scale)
@@ -230,7 +239,8 @@ def test_many_groups_mixed_step_matches_dense(seed, variant, monkeypatch):
         monkeypatch.setattr(attention, "_MAX_BLOCK", 1)
     q, kv, meta, seqs = _random_step(seed)
     scale = q.shape[2] ** -0.5
-    got = TorchAttention().forward(q, kv, meta, scale)
+    got = split_backend().forward(q, kv, meta, scale)
+    default = TorchAttention().forward(q, kv, meta, scale)
     meta.prefix_groups = None
     plain = TorchAttention().forward(q, kv, meta, scale)
     r = 0
@@ -239,5 +249,6 @@ def test_many_groups_mixed_step_matches_dense(seed, variant, monkeypatch):
         v = kv[1][pages].reshape(-1, kv.shape[3], kv.shape[4])[:seq_len]
         ref = dense_causal(q[r : r + qlen], k, v, scale)
         torch.testing.assert_close(got[r : r + qlen], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(default[r : r + qlen], ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(plain[r : r + qlen], ref, atol=2e-5, rtol=1e-4)
         r += qlen
