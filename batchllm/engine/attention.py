@@ -141,9 +141,10 @@ class TorchAttention(AttentionBackend):
 
     Every query token attends to its sequence's keys ``[kv_lo, seq_len)`` causally, where ``kv_lo`` is
     the prefix length for members of a prefix group (>= 2 decoding members, or prefilling ones with
-    ``split_prefill``) and 0 otherwise; sequences of similar shape run as one padded batch (all decodes together; prefill chunks
-    bucketed so padding at most doubles the work). A group's prefix is then attended once for all its
-    members' query rows stacked together (Hydragen's split: the prefix read once) and merged exactly.
+    ``split_prefill``) and 0 otherwise; sequences of similar shape run as one padded batch (all decodes
+    together; prefill chunks bucketed so padding at most doubles the work). A group's prefix is then
+    attended once for all its members' query rows stacked together (Hydragen's split: the prefix read
+    once) and merged exactly.
     K/V pages are gathered into padded tensors (``index_select``: 2-3x faster than fancy indexing here);
     the Triton backend reads pages in place instead.
     """
