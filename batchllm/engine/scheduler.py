@@ -134,10 +134,14 @@ class Scheduler:
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
+    def _shared_pages(self, s: Schedulable) -> int:
+        """Full pages ``s`` shares with the prefix it extends (0 without one): pages it does not allocate."""
+        return s.prefix.length // self.cfg.page_size if s.prefix is not None else 0
+
     def _growth_row(self, x: Sequence, held_pages: int) -> tuple[float, float, float]:
         """(pages held, tokens, expected remaining tokens) of a sequence for the projection, not counting
         the full pages it shares with its group's prefix (those stay until the whole group ends)."""
-        shared = x.prefix.length // self.cfg.page_size if x.prefix is not None else 0
+        shared = self._shared_pages(x)
         left = self.estimator.expected(x, self.cfg.max_model_len) - len(x.output_ids)
         remaining = max(1, int(left * self.cfg.growth_reserve + 0.999))
         return held_pages - shared, x.total_len - shared * self.cfg.page_size, remaining
@@ -210,7 +214,7 @@ class Scheduler:
         length = s.length if isinstance(s, SharedPrefix) else s.total_len
         if s.prefix is None:
             return self._pages_for(length)
-        return self._chain_pages(s.prefix) + self._pages_for(length) - s.prefix.length // self.cfg.page_size
+        return self._chain_pages(s.prefix) + self._pages_for(length) - self._shared_pages(s)
 
     def _fits_alone(self, s: Schedulable | None) -> bool:
         """Whether ``s`` (with its prefixes) fits an otherwise empty pool: only then can freeing help."""
@@ -351,7 +355,7 @@ class Scheduler:
                 return None  # its prefix is still being computed (or waiting)
             if self.cfg.max_num_seqs is not None and self._num_seqs_running >= self.cfg.max_num_seqs:
                 return None
-            shared = (s.prefix.length // self.cfg.page_size) if s.prefix is not None else 0
+            shared = self._shared_pages(s)
             need = self._pages_for(s.total_len) - shared
             if hit is not None:  # reused pages need no allocation, but reviving evictable ones uses free slots
                 need += self.pool.num_evictable(hit[0]) - len(hit[0])
@@ -360,7 +364,7 @@ class Scheduler:
         else:
             if s.prefix is not None and not self._available(s.prefix):
                 return None  # the outer prefix it extends is still being computed (or waiting)
-            need = self._pages_for(s.length) - (s.prefix.length // self.cfg.page_size if s.prefix is not None else 0)
+            need = self._pages_for(s.length) - self._shared_pages(s)
         if self.pool.num_free < need:
             return None
         if not self.running or self.cfg.growth_reserve <= 0:
