@@ -104,7 +104,8 @@ def _units(requests: list[Request], groups: Iterable[PrefixGroup]) -> Iterator[_
         members = [int(i) for i in g.members]
         alone = [i for i in members if _own_unit_pays(requests[i], g.prefix_len)] if len(members) > 1 else []
         if alone:
-            members = [i for i in members if i not in set(alone)]
+            leaving = set(alone)
+            members = [i for i in members if i not in leaving]
         if members:
             plen, samples = g.prefix_len, sum(requests[i].sampling.n for i in members)
             if plen == 0 and len(members) == 1 and samples > 1:

@@ -232,7 +232,7 @@ def estimate_peak_kv_tokens(
     o_parent = nst.outer_parent.tolist() if nst is not None else []
     o_len = nst.outer_len.tolist() if nst is not None else []
     o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(o_parent)]  # tokens each level adds
-    g_outer = [g.outer if nst is not None else -1 for g in plan.groups]
+    g_outer = [g.outer for g in plan.groups]  # -1 without nesting
     gpre = [p - (o_len[o] if o >= 0 else 0) for p, o in zip(gpre, g_outer)]  # beyond the outer prefix
     o_refs = [0] * len(o_len)
     min_budget = int((lens + outs).max())  # = prefix + own + output of the largest request

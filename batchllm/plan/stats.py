@@ -42,7 +42,8 @@ def plan_stats(plan: Plan, prompt_lens: np.ndarray | Sequence[int]) -> dict:
     Keys: ``requests``, ``num_groups``, ``shared_groups`` (prefix > 0), ``requests_in_shared_groups``,
     ``logical_prompt_tokens``, ``unique_prompt_tokens``, ``planned_prompt_tokens``, ``saving``,
     ``max_saving``, ``saving_of_max`` (saving / max_saving), ``avg_sharing_degree`` (requests per
-    shared group), ``outer_prefixes`` (shared heads of neighbouring groups' prefixes, computed once); ``group_size`` / ``prefix_len`` / ``distinct_len`` as {min, p50, p90, max, mean}
+    shared group), ``outer_prefixes`` (shared heads of neighbouring groups' prefixes, computed once);
+    ``group_size`` / ``prefix_len`` / ``distinct_len`` as {min, p50, p90, max, mean}
     (prefix over shared groups, distinct = own tokens per request) and ``group_size_hist`` /
     ``prefix_len_hist`` as power-of-two histograms {edges, counts}.
     """
