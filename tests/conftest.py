@@ -31,3 +31,12 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The dummy:tiny model on the CPU in float32, loaded once per test module (jobs take it via ``loaded=``)."""
+    from batchllm.config import JobConfig
+    from batchllm.pipeline import load_model
+
+    return load_model(JobConfig(model="dummy:tiny", device="cpu", dtype="float32"))

@@ -21,7 +21,7 @@ from batchllm.errors import BatchLLMError
 from batchllm.io.writer import read_manifest_file, read_results
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.jobs.status import read_status
-from batchllm.pipeline import load_model, run_job
+from batchllm.pipeline import run_job
 from batchllm.plan.plan import build_plan
 
 BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=6, temperature=0.9, preview=0)
@@ -123,11 +123,6 @@ def test_replicas_option_validation_and_missing_ray(monkeypatch):
 # ----------------------------------------------------------------------------------- jobs on Ray
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(JobConfig(**BASE))
-
-
 def rows_spec() -> list:
     """Six prompt families sharing 6-token prefixes (prefix groups), singletons, n=2 rows, one bad line."""
     rows: list = []
@@ -147,14 +142,18 @@ def rows_spec() -> list:
     return rows
 
 
+def reference_job(d, model) -> tuple[str, list[dict]]:
+    """Write the ``rows_spec`` input file into folder ``d``; return its path and single-process results."""
+    inp = d / "in.jsonl"
+    inp.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows_spec()) + "\n")
+    run_job(JobConfig(inputs=[str(inp)], output=str(d / "ref"), **BASE), loaded=model)
+    return str(inp), read_results(str(d / "ref"), verify=True).to_pylist()
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny):
     """The input file and its single-process reference results."""
-    d = tmp_path_factory.mktemp("dist")
-    inp = d / "in.jsonl"
-    inp.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows_spec()) + "\n")
-    run_job(JobConfig(inputs=[str(inp)], output=str(d / "ref"), **BASE), loaded=tiny)
-    return str(inp), read_results(str(d / "ref"), verify=True).to_pylist()
+    return reference_job(tmp_path_factory.mktemp("dist"), tiny)
 
 
 def keyed(rows) -> dict:

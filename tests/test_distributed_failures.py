@@ -21,30 +21,22 @@ from batchllm.errors import BatchLLMError
 from batchllm.io.writer import read_manifest_file, read_results
 from batchllm.jobs.show import job_state
 from batchllm.jobs.status import read_status
-from batchllm.pipeline import load_model, run_job
+from batchllm.pipeline import run_job
 from batchllm.plan.plan import build_plan
 from tests.test_distributed import (
     BASE,
     assert_exactly_once_and_same,
     dist_cfg,
     keyed,
+    reference_job,
     replica_of_rows,
     rows_spec,
 )
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model(JobConfig(**BASE))
-
-
-@pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny):
-    d = tmp_path_factory.mktemp("faults")
-    inp = d / "in.jsonl"
-    inp.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows_spec()) + "\n")
-    run_job(JobConfig(inputs=[str(inp)], output=str(d / "ref"), **BASE), loaded=tiny)
-    return str(inp), read_results(str(d / "ref"), verify=True).to_pylist()
+    return reference_job(tmp_path_factory.mktemp("faults"), tiny)
 
 
 def run_with_faults(monkeypatch, faults: str, cfg: JobConfig):

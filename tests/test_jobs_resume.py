@@ -17,14 +17,9 @@ from batchllm.io import writer as w
 from batchllm.io.writer import CommitError, read_results
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.status import read_status
-from batchllm.pipeline import load_model, run_job
+from batchllm.pipeline import run_job
 
 BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=6, temperature=0.9, preview=0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(JobConfig(**BASE))
 
 
 def write_jsonl(path, rows) -> str:

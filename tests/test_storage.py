@@ -22,7 +22,7 @@ from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.show import is_running, job_state
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.jobs.status import read_status
-from batchllm.pipeline import load_model, run_job
+from batchllm.pipeline import run_job
 from tests.job_utils import SigintAt
 
 BASE = {"model": "dummy:tiny", "device": "cpu", "dtype": "float32", "max_tokens": 5, "temperature": 0.8, "preview": 0}
@@ -168,11 +168,6 @@ def test_lease_renewed_and_a_lost_lease_stops_manifest_writes(memfs):
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(JobConfig(**BASE))
 
 
 @pytest.fixture(scope="module")
