@@ -153,7 +153,8 @@ class Storage:
         raise NotImplementedError
 
     def replace(self, name: str, data: bytes) -> None:
-        raise NotImplementedError
+        """Write ``name`` whole, over an existing object (a reader sees the old or the new bytes)."""
+        self.write_new(name, data)
 
     def write_new(self, name: str, data: bytes, hook: Hook | None = None) -> None:
         raise NotImplementedError
@@ -208,9 +209,6 @@ class LocalStorage(Storage):
 
     def open_input(self, name: str) -> Any:
         return open(self._path(name), "rb")
-
-    def replace(self, name: str, data: bytes) -> None:
-        self.write_new(name, data)
 
     def write_new(self, name: str, data: bytes, hook: Hook | None = None) -> None:
         """Temporary file, fsync, rename, directory fsync: the name appears whole or not at all."""
@@ -362,9 +360,6 @@ class ArrowStorage(Storage):
         # docstring for what a failure part-way through a multi-part upload can leave)
         with self.fs.open_output_stream(path) as f:
             f.write(data)
-
-    def replace(self, name: str, data: bytes) -> None:
-        self.write_new(name, data)
 
     def write_new(self, name: str, data: bytes, hook: Hook | None = None) -> None:
         hook = hook or _no_hook

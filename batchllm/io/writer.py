@@ -50,10 +50,8 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import (
-    LOCK,
     FolderLock,
     Lease,
-    LocalStorage,
     Storage,
     open_storage,
 )
@@ -81,7 +79,6 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 STATUS = "status.json"
-_REEXPORTED = (LOCK, FolderLock)  # they lived here before batchllm.io.storage: existing imports keep working
 _SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
 # Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
 # SIGKILL inside a commit. Read once per writer; unset in normal use.
@@ -99,11 +96,6 @@ def storage_of(output_dir: str | Storage) -> Storage:
     # local files are opened through this module's ``open``, looked up at call time, so a test can
     # simulate a full disk by patching ``batchllm.io.writer.open``
     return open_storage(output_dir, opener=lambda path, mode: open(path, mode))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to the local ``path`` so that a reader sees either the old file or the whole new one."""
-    LocalStorage(os.path.dirname(path)).replace(os.path.basename(path), data)
 
 
 def clear_job_files(output_dir: str | Storage) -> None:
