@@ -300,7 +300,7 @@ def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype
     if device.type == "cuda":
         from batchllm.engine import memory
 
-        u = memory.check_utilization(cfg.gpu_memory_utilization)
+        u = float(cfg.gpu_memory_utilization)  # validated by JobConfig.validate
         prof = None
         if model is not None and backend is not None:
             try:
@@ -519,7 +519,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     max_model_len = model_max_len(cfg, mcfg)
     t0 = time.perf_counter()
     recorder.update_status(stage="reading", force=True)
-    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: _record_error(summary, recorder, e), folder, stop)
+    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: record_error(summary, recorder, e), folder, stop)
     read_seconds = time.perf_counter() - t0
     _check_stop(stop, cfg, writer)
     # Commit the read phase's error records now: from here on a resume may skip finished rows unread
@@ -565,7 +565,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
             if len(r.token_ids) < fits:
                 kept.append(r)
                 continue
-            _record_error(summary, recorder, RowError(
+            record_error(summary, recorder, RowError(
                 r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
                 f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
                 "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
@@ -626,7 +626,7 @@ def _check_stop(stop: StopFlag, cfg: JobConfig, writer: ShardWriter) -> None:
         raise JobInterrupted(stop.signum, cfg.output, writer.rows_written)
 
 
-def _record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
+def record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
     summary.errors += 1
     summary.errors_by_code[err.error_code] = summary.errors_by_code.get(err.error_code, 0) + 1
     recorder.error(error_row(err))

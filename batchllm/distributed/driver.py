@@ -376,22 +376,18 @@ class _Driver:
             self.queue.requeue(halves, failed_on, parent=groups)
             return
         g = int(groups[0])
-        if lost:
-            self.queue.requeue([groups], failed_on)
-            return
-        self.attempts[g] = self.attempts.get(g, 0) + 1
-        if self.attempts[g] < MAX_ATTEMPTS:
+        if not lost:
+            self.attempts[g] = self.attempts.get(g, 0) + 1
+        if lost or self.attempts[g] < MAX_ATTEMPTS:
             self.queue.requeue([groups], failed_on)
             return
         # imported here: pipeline imports this module (lazily) and is loaded by the time a group fails
-        from batchllm.pipeline import error_row
+        from batchllm.pipeline import record_error
 
         message = f"the request's prefix group failed on {MAX_ATTEMPTS} attempts on the replicas (last: {error})"
         for i in self.groups[g].members.tolist():
             r = self.requests[i]
-            self.recorder.error(error_row(RowError(r.input_file, r.input_index, ENGINE_ERROR, message, r.custom_id)))
-            self.summary.errors += 1
-            self.summary.errors_by_code[ENGINE_ERROR] = self.summary.errors_by_code.get(ENGINE_ERROR, 0) + 1
+            record_error(self.summary, self.recorder, RowError(r.input_file, r.input_index, ENGINE_ERROR, message, r.custom_id))
         self.writer.flush()  # committed now: a later job failure must not lose the verdict
         self._report(int(self.rows[g]), res_new_tokens=0)
         self.emit("group_failed", {"group": g, "requests": len(self.groups[g].members), "error": error})
