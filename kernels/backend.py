@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
 from batchllm.kernels.kv_store import store_kv
 from batchllm.kernels.paged_attention import (
     WORK_FIELDS,
@@ -25,8 +24,8 @@ from batchllm.kernels.paged_attention import (
     AttentionTuning,
     WorkLaunch,
     check_heads,
-    interpreting,
     num_sms,
+    resolve_merge_heads,
     resolve_tiles,
     run_plan,
 )
@@ -144,10 +143,9 @@ class TritonAttention(AttentionBackend):
             merge_dst = torch.arange(b, dtype=torch.int32, device=device)
             merge_start = torch.arange(0, b * splits + 1, splits, dtype=torch.int32, device=device)
             merge_src = torch.arange(b * splits, dtype=torch.int32, device=device)
-        merge_heads = self.tuning.merge_heads or (triton.next_power_of_2(num_heads) if interpreting() else 8)
-        merge_heads = min(merge_heads, triton.next_power_of_2(num_heads))
         plan = AttentionPlan(b, num_heads, num_kv_heads, meta.positions, [WorkLaunch(meta.decode_work, narrow)],
-                             b * splits if splits > 1 else 0, merge_dst, merge_start, merge_src, merge_heads)
+                             b * splits if splits > 1 else 0, merge_dst, merge_start, merge_src,
+                             resolve_merge_heads(num_heads, self.tuning))
         self._static_plans[key] = plan
         return plan
 

@@ -380,12 +380,17 @@ def finish_plan(items: WorkItems, tok_pos: np.ndarray, num_heads: int, kvh: int,
     tok_pos_dev = views.pop(0)
     launches = [WorkLaunch(views.pop(0).view(-1, WORK_FIELDS), tile) for _, tile in classes]
     merge_dst, merge_start, merge_src = views if merge else (None, None, None)
+    return AttentionPlan(T, num_heads, kvh, tok_pos_dev, launches, num_partials, merge_dst, merge_start, merge_src,
+                         resolve_merge_heads(num_heads, tuning), [sel for sel, _ in classes])
+
+
+def resolve_merge_heads(num_heads: int, tuning: AttentionTuning) -> int:
+    """Heads per program of the merge kernel: ``tuning.merge_heads`` (a power of two) or the default,
+    at most the next power of two of ``num_heads``."""
     merge_heads = tuning.merge_heads or (triton.next_power_of_2(num_heads) if interpreting() else 8)
     if merge_heads & (merge_heads - 1):
         raise ValueError(f"merge_heads must be a power of two, got {merge_heads}")
-    merge_heads = min(merge_heads, triton.next_power_of_2(num_heads))
-    return AttentionPlan(T, num_heads, kvh, tok_pos_dev, launches, num_partials, merge_dst, merge_start, merge_src,
-                         merge_heads, [sel for sel, _ in classes])
+    return min(merge_heads, triton.next_power_of_2(num_heads))
 
 
 def resolve_tiles(head_dim: int, group_size: int, tuning: AttentionTuning) -> tuple[TileConfig, TileConfig]:

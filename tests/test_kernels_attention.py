@@ -21,6 +21,7 @@ from batchllm.kernels.paged_attention import (
     paged_attention,
     paged_attention_ref,
     plan_paged_attention,
+    resolve_merge_heads,
 )
 from batchllm.kernels.prefix_attention import (
     merge_attn_states,
@@ -288,3 +289,10 @@ def test_gpu_prefix_shared_mixed_step():
     q, kv, bt = make_step(ql, sl, groups, heads=32, kv_heads=8, head_dim=128, page_size=16, dtype=torch.bfloat16)
     out, _ = prefix_shared_attention(q, kv, bt, ql, sl, groups, 128**-0.5)
     close(out, paged_attention_ref(q, kv, bt, ql, sl, 128**-0.5)[0], torch.bfloat16)
+
+
+def test_merge_heads_must_be_a_power_of_two_on_every_plan_path():
+    """One rule for the eager plans and the graphed decode's static plan (``TritonAttention.static_plan``)."""
+    with pytest.raises(ValueError, match="power of two"):
+        resolve_merge_heads(8, AttentionTuning(merge_heads=3))
+    assert resolve_merge_heads(9, AttentionTuning(merge_heads=64)) == 16  # at most next_power_of_2(heads)
