@@ -39,6 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
+# Without a CUDA device the kernels below can only run in Triton's interpreter, which Triton selects
+# when a kernel is defined; every kernel module imports this one before defining its own kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 WORK_FIELDS = 6
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
