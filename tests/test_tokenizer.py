@@ -1,12 +1,15 @@
-"""Tokenization helpers, on the SmolLM2 tokenizer (which dummy models also use)."""
+"""Tokenization helpers, on the SmolLM2 tokenizer; the dummy presets' built-in byte-level tokenizer."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from batchllm.models import loader
+from batchllm.models import default_model, dummy, loader
+from batchllm.models.dummy_tokenizer import build_tokenizer
 from batchllm.models.tokenizer import (
     batch_encode_prompts,
     encode_chat,
@@ -20,14 +23,13 @@ from batchllm.models.tokenizer import (
 def tok(smollm2_gguf_path, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BATCHLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        # A dummy model gets the default model's tokenizer.
-        yield loader.load_tokenizer(loader.resolve_model("dummy:tiny"))
+        yield loader.load_tokenizer(loader.resolve_model("default"))
 
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
 
 
-def test_dummy_gets_default_tokenizer(tok):
+def test_default_tokenizer(tok):
     assert len(tok) == 49152 and tok.eos_token_id == 2
 
 
@@ -65,3 +67,54 @@ def test_eos_token_ids(tok):
     cfg = loader.load_config(loader.resolve_model("dummy:llama-3-8b"))
     assert eos_token_ids(tok, cfg) == {2, 128001, 128008, 128009}
     assert eos_token_ids(tok, loader.load_config(loader.resolve_model("dummy:tiny"))) == {2}
+
+
+# ------------------------------------------------------------------------------ dummy presets' tokenizer
+
+
+def test_dummy_tokenizer_needs_no_file_and_no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a dummy model's tokenizer must not look for the default model")
+
+    for name in ("locate_default_gguf", "cache_dir", "_fetch_into_cache", "_installed_package_gguf"):
+        monkeypatch.setattr(default_model, name, refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = loader.load_tokenizer(loader.resolve_model("dummy:llama-3-8b"))
+    assert len(tok) == 128256
+
+
+@pytest.mark.parametrize("preset", sorted(dummy.PRESETS))
+def test_dummy_tokenizer_fits_the_preset(preset):
+    cfg = dummy.PRESETS[preset]
+    tok = build_tokenizer(cfg)
+    assert len(tok) == cfg.vocab_size
+    assert tok.bos_token_id == cfg.bos_token_id and tok.eos_token_id == cfg.eos_token_ids[0]
+    assert eos_token_ids(tok, cfg) == set(cfg.eos_token_ids)
+    ids = encode_prompt(tok, "ab")
+    assert ids[0] == cfg.bos_token_id and len(ids) == 3  # bos + one token per byte
+    # every id the model can sample decodes to text; special ids are skipped on request
+    top = cfg.vocab_size - 1
+    assert tok.decode([top]) == f"<|{top}|>" or top in tok.all_special_ids
+    assert tok.decode(list(cfg.eos_token_ids), skip_special_tokens=True) == ""
+    assert build_tokenizer(cfg) is tok  # built once per process
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40).filter(lambda t: "<|" not in t))
+def test_dummy_tokenizer_round_trips_any_text(text):
+    tok = build_tokenizer(dummy.PRESETS["tiny"])
+    ids = encode_prompt(tok, text)
+    assert len(ids) == 1 + len(text.encode("utf-8"))
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_dummy_tokenizer_shared_text_prefix_is_a_shared_token_prefix():
+    tok = build_tokenizer(dummy.PRESETS["tiny"])
+    a, b = encode_prompt(tok, "System: be brief. Q1"), encode_prompt(tok, "System: be brief. Q2")
+    assert a[:-1] == b[:-1] and a[-1] != b[-1]
+
+
+def test_dummy_tokenizer_chat_template():
+    tok = build_tokenizer(dummy.PRESETS["tiny"])
+    assert render_chat(tok, MESSAGES) == (
+        "<|system|>\nYou are terse.<|end|>\n<|user|>\nName a prime.<|end|>\n<|assistant|>\n")

@@ -1,9 +1,9 @@
 """Dummy models: real architectures' exact shapes with seeded random weights, for benchmarks and tests.
 
 ``--model dummy:NAME`` (or ``dummy:NAME@SEED``) runs a preset without downloading weights: throughput
-and memory behave like the real model, the text is gibberish. Dummy models have no tokenizer of their own;
-the loader gives them the built-in default model's (SmolLM2) tokenizer, whose ids (< 49152) fit every
-preset's vocabulary. bos/eos ids are the real models' ones.
+and memory behave like the real model, the text is gibberish. Their tokenizer is built in code for the
+preset's vocabulary (``dummy_tokenizer``: byte-level, no file, no download); bos/eos ids are the real
+models' ones.
 
 Weights are generated directly on the target device in the target dtype, one tensor at a time. Each
 tensor has its own generator seeded from (seed, name), so a tensor does not depend on iteration order; the
@@ -45,7 +45,7 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=32768, tie_word_embeddings=False, attention_bias=True,
         bos_token_id=151643, eos_token_ids=(151645, 151643),
     ),
-    # Small enough for CPU tests; vocab matches the SmolLM2 tokenizer (bos 1, eos 2).
+    # Small enough for CPU tests (SmolLM2's vocabulary size and bos 1 / eos 2).
     "tiny": ModelConfig(
         model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,

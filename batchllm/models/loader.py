@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from batchllm.errors import BatchLLMError
-from batchllm.models import default_model, dummy, gguf_file, hf_folder
+from batchllm.models import default_model, dummy, dummy_tokenizer, gguf_file, hf_folder
 from batchllm.models.config import ModelConfig
 
 DEFAULT_SPECS = ("default", "smollm2")
@@ -111,14 +111,15 @@ def iter_weights(
 def load_tokenizer(src: ModelSource):
     """The model's tokenizer (a transformers PreTrainedTokenizerBase).
 
-    Dummy models have none of their own and get the built-in default model's (SmolLM2) tokenizer.
+    Dummy models get a byte-level tokenizer built in code for their vocabulary (``dummy_tokenizer``):
+    no file, no download.
     """
     if src.kind == "hf":
         return hf_folder.load_tokenizer(Path(src.path))
     if src.kind == "gguf":
         return gguf_file.load_tokenizer(Path(src.path), weights_fingerprint(src), default_model.cache_dir())
     if src.kind == "dummy":
-        return load_tokenizer(resolve_model("default"))
+        return dummy_tokenizer.build_tokenizer(dummy.preset_config(src.preset))
     raise ValueError(f"unknown model source kind {src.kind!r}")
 
 
