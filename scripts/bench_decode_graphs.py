@@ -15,6 +15,8 @@ Then a whole engine run (greedy, ignore_eos) eager vs graphs: output tokens/s an
     python scripts/bench_decode_graphs.py --json out.json [--preset llama-3.2-1b] [--smoke]
 
 ``--smoke`` runs the same code on the CPU (tiny model, graphs in ``static`` mode) to check the script.
+The JSON is rewritten (atomically) after every batch size and engine run, so a run cut off by a deadline
+keeps what it finished; ``"complete"`` turns true at the end.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main() -> int:
     }
     results: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "preset": preset,
                      "context": ctx, "captured": bool(runners["graph"].graphs and runners["graph"].graphs.captured),
-                     "steps": []}
+                     "steps": [], "complete": False}
     rng = np.random.default_rng(0)
     for b in batches:
         seqs = []
@@ -114,6 +116,7 @@ def main() -> int:
             row["outside_eager"] = 1 - row["kernel_ms"] / row["eager_ms"]
             row["outside_graph"] = 1 - row["kernel_ms"] / row["graph_ms"]
         results["steps"].append(row)
+        _dump(results, args.json)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     # whole engine, decode-heavy: eager vs graphs, same tokens?
@@ -137,15 +140,24 @@ def main() -> int:
         dec = [s for s in eng.step_stats if s.num_decodes == s.num_seqs]
         results[f"engine_{name}"] = {"seconds": wall, "tok_s": sum(len(v) for v in done.values()) / wall,
                                      "decode_steps": len(dec), "decode_step_ms": 1e3 * statistics.median(s.seconds for s in dec) if dec else None}
+        _dump(results, args.json)
         print(name, results[f"engine_{name}"], flush=True)
         del eng, kv2
     same = sum(outs["eager"][i] == outs["graph"][i] for i in outs["eager"])
     results["engine_same_tokens"] = f"{same}/{len(outs['eager'])}"
     print("engine outputs identical (eager vs graphs):", results["engine_same_tokens"], flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results["complete"] = True
+    _dump(results, args.json)
     return 0
+
+
+def _dump(results: dict, path: str | None) -> None:
+    """Rewrite the JSON report atomically (a reader or a kill never sees half a file)."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
