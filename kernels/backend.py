@@ -67,13 +67,13 @@ class TritonAttention(AttentionBackend):
         store_kv(k, v, kv_cache, meta.slot_mapping)
 
     def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
-             device: torch.device) -> AttentionPlan:
-        key = (num_heads, num_kv_heads, head_dim, device)
+             device: torch.device, dtype: torch.dtype | None = None) -> AttentionPlan:
+        key = (num_heads, num_kv_heads, head_dim, device, dtype)
         if self._meta is not meta or self._key != key:
             self._plan = plan_prefix_shared_attention(
                 meta.query_lens_host, meta.seq_lens_host, meta.prefix_groups,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, device=device,
-                tuning=self.tuning, min_group_size=self.min_group_size,
+                tuning=self.tuning, min_group_size=self.min_group_size, dtype=dtype,
             )
             self._meta, self._key = meta, key
         return self._plan
@@ -83,9 +83,9 @@ class TritonAttention(AttentionBackend):
             raise ValueError(f"q must be (T, heads, d) and kv_cache (2, pages, page_size, kv_heads, d); got "
                              f"{tuple(q.shape)}, {tuple(kv_cache.shape)}")
         if isinstance(meta, StaticDecodeMetadata):
-            plan = self.static_plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device)
+            plan = self.static_plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device, q.dtype)
         else:
-            plan = self.plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device)
+            plan = self.plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device, q.dtype)
         out, _ = run_plan(q, kv_cache, meta.block_tables, plan, scale)
         return out
 
@@ -126,18 +126,19 @@ class TritonAttention(AttentionBackend):
         work[:, 5] = row * splits + piece
 
     def static_plan(self, meta: StaticDecodeMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
-                    device: torch.device) -> AttentionPlan:
+                    device: torch.device, dtype: torch.dtype | None = None) -> AttentionPlan:
         """The plan of a graphed decode step: views of the metadata's device sections plus merge lists that
         depend on the bucket only. Built once per bucket (before capture) and reused by every replay."""
         if meta.decode_work is None or meta.positions is None:
             raise ValueError("a static decode step needs decode_work and positions (see static_decode_splits)")
         b, splits = meta.num_seqs, meta.kv_splits
-        key = (meta.decode_work.data_ptr(), meta.positions.data_ptr(), b, splits, num_heads, num_kv_heads, head_dim, device)
+        key = (meta.decode_work.data_ptr(), meta.positions.data_ptr(), b, splits, num_heads, num_kv_heads, head_dim,
+               device, dtype)
         plan = self._static_plans.get(key)
         if plan is not None:
             return plan
         g = check_heads(num_heads, num_kv_heads)
-        _, narrow = resolve_tiles(head_dim, g, self.tuning)
+        _, narrow = resolve_tiles(head_dim, g, self.tuning, dtype)
         merge_dst = merge_start = merge_src = None
         if splits > 1:  # made on the device: no host copy, and fixed for the bucket
             merge_dst = torch.arange(b, dtype=torch.int32, device=device)

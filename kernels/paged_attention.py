@@ -54,7 +54,9 @@ _LOG2E = 1.0 / _LN2
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# stride_bt is the block-table width, which changes from one eager step to the next: left unspecialised, or
+# Triton would compile a variant for width 1, one for widths divisible by 16 and one for the rest.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _attn_tiles_kernel(
     q_ptr, stride_qt, stride_qh,
     k_ptr, v_ptr, stride_kp, stride_ks, stride_kh,
@@ -220,12 +222,20 @@ class AttentionTuning:
     merge_heads: int | None = None
 
 
-def default_tiles(head_dim: int, group_size: int, interpret: bool) -> tuple[TileConfig, TileConfig]:
-    """(wide, narrow) tiles. Rows must hold at least one token's G heads; tl.dot needs 16 or more."""
+def default_tiles(head_dim: int, group_size: int, interpret: bool,
+                  dtype: torch.dtype | None = None) -> tuple[TileConfig, TileConfig]:
+    """(wide, narrow) tiles for ``dtype`` (None: 16-bit). Rows must hold at least one token's G heads;
+    tl.dot needs 16 or more. Registers and spills per tile on sm_90: docs/kernels.md."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     g = triton.next_power_of_2(group_size)
     if interpret:  # small tiles keep the CPU interpreter fast
         return TileConfig(max(16, g), 16), TileConfig(max(16, g), 16)
+    if dtype == torch.float32:
+        # float32 runs tl.dot as IEEE FMAs (no tensor cores): the 16-bit tiles below spill heavily there
+        # (64x64 at d 128: ~70 KB of spills, 25-30 s of ptxas per variant). 16-key tiles do not spill
+        # up to 32 rows at d 128, compile in 2-3 s, and one shape for both classes means one variant.
+        tile = TileConfig(max(16, g), 16, num_warps=8 if max(16, g) >= 64 else 4)
+        return tile, tile
     wide_m = max(64 if block_d >= 128 else 128, g)
     wide = TileConfig(wide_m, 64 if block_d <= 128 else 32, num_warps=8 if wide_m * block_d >= 128 * 128 else 4)
     narrow = TileConfig(max(16, g), 64 if block_d <= 128 else 32, num_warps=4)
@@ -375,13 +385,19 @@ def finish_plan(items: WorkItems, tok_pos: np.ndarray, num_heads: int, kvh: int,
         dst, first = np.unique(toks, return_index=True)
         merge = [dst, np.append(first, toks.size), rows]
     arrays += merge
+    # each array starts on a 16-byte boundary (4 int32): Triton specialises pointer arguments on 16-byte
+    # alignment, so views at offsets that change with the step's sizes would compile a second variant
     sizes = [a.size for a in arrays]
-    packed = torch.from_numpy(np.concatenate(arrays).astype(np.int32))
+    padded = [-(-n // 4) * 4 for n in sizes]
+    flat = np.zeros(sum(padded), dtype=np.int32)
+    for a, start in zip(arrays, np.cumsum(padded) - padded):
+        flat[start : start + a.size] = a
+    packed = torch.from_numpy(flat)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     else:
         packed = packed.to(device)
-    views = list(torch.split(packed, sizes))
+    views = [v[:n] for v, n in zip(torch.split(packed, padded), sizes)]
     tok_pos_dev = views.pop(0)
     launches = [WorkLaunch(views.pop(0).view(-1, WORK_FIELDS), tile) for _, tile in classes]
     merge_dst, merge_start, merge_src = views if merge else (None, None, None)
@@ -398,8 +414,9 @@ def resolve_merge_heads(num_heads: int, tuning: AttentionTuning) -> int:
     return min(merge_heads, triton.next_power_of_2(num_heads))
 
 
-def resolve_tiles(head_dim: int, group_size: int, tuning: AttentionTuning) -> tuple[TileConfig, TileConfig]:
-    wide, narrow = default_tiles(head_dim, group_size, interpreting())
+def resolve_tiles(head_dim: int, group_size: int, tuning: AttentionTuning,
+                  dtype: torch.dtype | None = None) -> tuple[TileConfig, TileConfig]:
+    wide, narrow = default_tiles(head_dim, group_size, interpreting(), dtype)
     wide, narrow = tuning.wide or wide, tuning.narrow or narrow
     for tile in (wide, narrow):
         if tile.block_m < max(16, group_size) or tile.block_n < 16:
@@ -420,17 +437,18 @@ def plan_paged_attention(
     head_dim: int,
     device: torch.device | str,
     tuning: AttentionTuning | None = None,
+    dtype: torch.dtype | None = None,
 ) -> AttentionPlan:
     """Plan ordinary paged attention for sequences with ``query_lens[i]`` new tokens, ``seq_lens[i]`` total.
 
     Query rows are the sequences' tokens in order (decodes and prefill chunks mixed in any order); the
-    block-table row of sequence i is i.
+    block-table row of sequence i is i. ``dtype``: of q and the cache, picks the default tiles (None: 16-bit).
     """
     tuning = tuning or AttentionTuning()
     device = torch.device(device)
     g = check_heads(num_heads, num_kv_heads)
     ql, sl = check_lens(query_lens, seq_lens)
-    wide, narrow = resolve_tiles(head_dim, g, tuning)
+    wide, narrow = resolve_tiles(head_dim, g, tuning, dtype)
     tok_pos = token_positions(ql, sl)
     narrow_tokens = 0 if tuning.one_launch else narrow.block_m // g
     items = own_items(ql, sl, np.zeros_like(ql), np.zeros(ql.size, dtype=bool), wide.block_m // g, narrow_tokens)
@@ -547,7 +565,7 @@ def paged_attention(
     if kv_cache.dim() != 5:
         raise ValueError(f"kv_cache must be (2, pages, page_size, kv_heads, d), got {tuple(kv_cache.shape)}")
     plan = plan_paged_attention(query_lens, seq_lens, num_heads=q.shape[1], num_kv_heads=kv_cache.shape[3],
-                                head_dim=q.shape[2], device=q.device, tuning=tuning)
+                                head_dim=q.shape[2], device=q.device, tuning=tuning, dtype=q.dtype)
     return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse)
 
 

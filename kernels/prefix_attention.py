@@ -91,19 +91,20 @@ def plan_prefix_shared_attention(
     device: torch.device | str,
     tuning: AttentionTuning | None = None,
     min_group_size: int = 2,
+    dtype: torch.dtype | None = None,
 ) -> AttentionPlan:
     """Plan a step in which the groups' members read their shared prefix once per stacked tile.
 
     A group of one gains nothing from stacking (its prefix is read once anyway) and costs a merge, so it
     runs as ordinary paged attention unless ``min_group_size`` is 1. Sequences outside every group run
-    as ordinary paged attention in the same launches.
+    as ordinary paged attention in the same launches. ``dtype``: of q and the cache (default tiles).
     """
     tuning = tuning or AttentionTuning()
     device = torch.device(device)
     g = check_heads(num_heads, num_kv_heads)
     ql, sl = check_lens(query_lens, seq_lens)
     groups = check_groups(prefix_groups or (), ql, sl, max(1, min_group_size))
-    wide, narrow = resolve_tiles(head_dim, g, tuning)
+    wide, narrow = resolve_tiles(head_dim, g, tuning, dtype)
     tok_pos = token_positions(ql, sl)
     wide_tokens = wide.block_m // g
     narrow_tokens = 0 if tuning.one_launch else narrow.block_m // g
@@ -149,7 +150,7 @@ def prefix_shared_attention(
                          f"{tuple(q.shape)}, {tuple(kv_cache.shape)}")
     plan = plan_prefix_shared_attention(query_lens, seq_lens, prefix_groups, num_heads=q.shape[1],
                                         num_kv_heads=kv_cache.shape[3], head_dim=q.shape[2], device=q.device,
-                                        tuning=tuning, min_group_size=min_group_size)
+                                        tuning=tuning, min_group_size=min_group_size, dtype=q.dtype)
     return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse)
 
 

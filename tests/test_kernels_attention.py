@@ -296,3 +296,40 @@ def test_merge_heads_must_be_a_power_of_two_on_every_plan_path():
     with pytest.raises(ValueError, match="power of two"):
         resolve_merge_heads(8, AttentionTuning(merge_heads=3))
     assert resolve_merge_heads(9, AttentionTuning(merge_heads=64)) == 16  # at most next_power_of_2(heads)
+
+
+def test_plan_sections_start_on_16_byte_boundaries():
+    """Triton specialises pointers on 16-byte alignment: the plan's views of its one packed upload must
+    not change alignment with the step's sizes (a second compiled variant inside a timed run)."""
+    from batchllm.kernels.paged_attention import WORK_FIELDS
+
+    for ql, sl in (([1], [9]), ([1, 5, 3], [9, 14, 3]), ([1, 1, 2, 7, 1], [5, 30, 2, 9, 40])):
+        plan = plan_paged_attention(ql, sl, num_heads=4, num_kv_heads=1, head_dim=16, device=DEVICE,
+                                    tuning=AttentionTuning(kv_chunk=4, wide=TileConfig(16, 16), narrow=TileConfig(16, 16)))
+        views = [plan.tok_pos, *(l.work for l in plan.launches), plan.merge_dst, plan.merge_start, plan.merge_src]
+        assert all(v.data_ptr() % 16 == 0 for v in views if v is not None), (ql, sl)
+        assert plan.tok_pos.shape == (sum(ql),) and all(l.work.shape[1] == WORK_FIELDS for l in plan.launches)
+
+
+def test_default_tiles_per_dtype():
+    """16-bit: the Llama-3-8B tiles (64x64 wide, 16x64 narrow); float32 (IEEE dot, no tensor cores): one
+    16-key tile for both classes, which neither spills nor takes long to compile on sm_90 (docs/kernels.md)."""
+    from batchllm.kernels.paged_attention import default_tiles
+
+    wide, narrow = default_tiles(128, 4, False, torch.bfloat16)
+    assert (wide.block_m, wide.block_n, narrow.block_m, narrow.block_n) == (64, 64, 16, 64)
+    assert default_tiles(128, 4, False) == (wide, narrow)
+    for head_dim, g in ((64, 1), (128, 4), (128, 8), (128, 3)):
+        w32, n32 = default_tiles(head_dim, g, False, torch.float32)
+        assert w32 == n32 and w32.block_n == 16 and w32.block_m == 16
+    plan = plan_paged_attention([1, 40], [9, 40], num_heads=8, num_kv_heads=1, head_dim=128, device=DEVICE, dtype=torch.float32)
+    assert all(l.tile.block_n == 16 for l in plan.launches) or plan.launches[0].tile.block_m == 16  # interpreter: 16x16 too
+
+
+def test_block_table_width_is_not_specialised():
+    """The block-table width changes every eager step: Triton must not compile a variant per width class."""
+    from batchllm.kernels.paged_attention import _attn_tiles_kernel
+
+    if not hasattr(_attn_tiles_kernel, "params"):  # the interpreter keeps no specialisation settings
+        pytest.skip("interpreted kernel; tests/test_kernels_sm90_compile.py checks the compiled one")
+    assert {p.name for p in _attn_tiles_kernel.params if p.do_not_specialize} == {"stride_bt"}
