@@ -23,7 +23,9 @@ def _store_kv_kernel(
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t)
+    # int64 before any multiplication: slot * page stride passes 2**31 elements in a pool over 2**31
+    # elements per layer (an int32 slot_mapping would otherwise keep the whole offset in 32 bits)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     # padding rows (slot -1) fold into the mask: no branch, nothing written. The slot is broadcast to
@@ -33,7 +35,7 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     page = slot // PAGE_SIZE
-    dst = page * stride_cp + (slot % PAGE_SIZE) * stride_cs + h[:, None] * stride_ch + d[None, :]
+    dst = page * stride_cp + (slot % PAGE_SIZE) * stride_cs + h[:, None].to(tl.int64) * stride_ch + d[None, :]
     tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(cache_ptr + stride_c + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
