@@ -1,21 +1,30 @@
 """Benchmark the Triton kernels against their torch references and SDPA on one GPU (docs/benchmarks.md).
 
-Cases:
-  * shared-prefix decode attention for one group (32 query heads, 8 KV heads, head dim 128, bf16, 128 own
-    tokens per request): 64 x 1024, 64 x 4096, 256 x 1024 (requests x shared prefix). Measured: the
-    prefix-shared Triton path, the same kernels without sharing (plain paged), the torch backend, SDPA
-    with KV expanded to 32 heads, SDPA ``enable_gqa=True`` with KV per request, and the memory bound of
-    reading the prefix once (bytes / the device copy bandwidth measured in the same run).
-  * a tile / split sweep of the prefix-shared kernels on 64 x 1024, then the three cases with the best.
-  * a mixed step (decodes + prefill chunks), a long causal prefill chunk, and the elementwise kernels
-    (KV store, RMSNorm + residual, rotary embedding, SiLU-and-multiply) at llama-3-8b shapes.
-  * sampling: the Triton sampling kernel against the torch sampler, 256 rows x 128,256 (Llama 3 vocab).
+Sections (each written to the JSON as soon as it finishes, so a run killed at a deadline keeps them):
+  * ``decode_default``: shared-prefix decode attention for one group (32 query heads, 8 KV heads, head dim
+    128, bf16, 128 own tokens per request): 64 x 1024, 64 x 4096, 256 x 1024 (requests x shared prefix).
+    Measured: the prefix-shared Triton path, the same kernels without sharing (plain paged), the torch
+    backend, SDPA with KV expanded to 32 heads, SDPA ``enable_gqa=True`` with KV per request, and the
+    memory bound of reading the prefix once (bytes / the device copy bandwidth measured in the same run).
+  * ``mixed``: a mixed step (decodes + prefill chunks); ``prefill``: a long causal prefill chunk against
+    SDPA; ``kv_store``: the KV store kernel against index_copy_; ``sampling``: the Triton sampling kernel
+    against the torch sampler, 256 rows x 128,256 (Llama 3 vocab).
+  * without ``--quick``: ``sweep`` (tile / split search on 64 x 1024) and ``decode_best`` (the three decode
+    cases with the best tuning found).
 
-Timing: CUDA events around a CUDA graph of ``inner`` back-to-back calls (so Python launch overhead is not
-counted; "eager" figures are also given where it matters), warm-up first, median of ``--reps``. Attention
-inputs rotate over enough copies of the KV cache that each call reads from HBM, not from L2.
+``--budget-s N``: sections that would start after N seconds are skipped and recorded as such
+(``sections[name].status == "skipped"``); a section that fails is recorded as "error" and the others
+still run (exit status 1). Timing: CUDA events around a CUDA graph of ``inner`` back-to-back calls (so
+Python launch overhead is not counted; "eager" figures are also given where it matters), warm-up first,
+median of ``--reps``. Attention inputs rotate over enough copies of the KV cache that each call reads
+from HBM, not from L2. Random tensors are drawn on the device from a generator of the
+device; permutations for host-built block tables from a CPU generator (a CUDA generator cannot drive
+``randperm`` on the host).
 
-    python scripts/bench_kernels.py --json out.json [--quick]
+    python scripts/bench_kernels.py --json out.json [--smoke] [--quick] [--budget-s SECONDS]
+
+``--smoke`` runs every section on the CPU through Triton's interpreter at toy sizes (same code, same
+JSON layout), to check the script itself.
 """
 
 from __future__ import annotations
@@ -37,6 +46,22 @@ DTYPE = torch.bfloat16
 DEV = "cuda"
 # --smoke: the whole script on the CPU through Triton's interpreter at toy sizes, to check the script itself
 SMOKE = False
+# Random numbers: tensors are drawn on DEV from a generator of DEV (DEV_GEN, made in main; the big KV
+# caches never pass through the host), permutations that index host-side tables on the CPU from CPU_GEN.
+# A generator only drives ops of its own device: torch.randperm(n, generator=<cuda>) without a CUDA
+# device= raises, which is what the smoke run (CPU generator) used to hide.
+CPU_GEN = torch.Generator()
+DEV_GEN: torch.Generator = CPU_GEN
+
+
+def randn(*shape, scale: float = 1.0) -> torch.Tensor:
+    """Normal samples in DTYPE on DEV (drawn in float32 on DEV)."""
+    return (torch.randn(*shape, generator=DEV_GEN, device=DEV, dtype=torch.float32) * scale).to(DTYPE)
+
+
+def randperm(n: int) -> torch.Tensor:
+    """A permutation of range(n) as int64 on the CPU (callers build host tables with it, then move them)."""
+    return torch.randperm(n, generator=CPU_GEN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +150,7 @@ class GroupCase:
         return f"{self.requests}x{self.prefix}"
 
 
-def build_group(case: GroupCase, gen: torch.Generator):
+def build_group(case: GroupCase):
     """A paged cache where every request's table starts with the shared prefix pages, then its own pages."""
     from batchllm.engine.attention import AttentionMetadata, PrefixGroupDescriptor
 
@@ -134,12 +159,13 @@ def build_group(case: GroupCase, gen: torch.Generator):
         raise ValueError("bench cases use page-aligned lengths")
     n_prefix, n_own = P // PAGE, own // PAGE
     num_pages = n_prefix + B * n_own
-    kv = torch.randn(2, num_pages, PAGE, KVH, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
-    perm = torch.randperm(num_pages, generator=gen, device=DEV).to(torch.int32)
-    bt = torch.empty(B, n_prefix + n_own, dtype=torch.int32, device=DEV)
+    kv = randn(2, num_pages, PAGE, KVH, D)
+    perm = randperm(num_pages).to(torch.int32)
+    bt = torch.empty(B, n_prefix + n_own, dtype=torch.int32)
     bt[:, :n_prefix] = perm[:n_prefix]
     bt[:, n_prefix:] = perm[n_prefix:].view(B, n_own)
-    q = torch.randn(B, H, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
+    bt = bt.to(DEV)
+    q = randn(B, H, D)
     L = P + own
     meta = AttentionMetadata(
         query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=DEV),
@@ -161,13 +187,13 @@ def gathered_kv(kv, bt, L):
     return k, v
 
 
-def group_case(case: GroupCase, tuning, reps: int, bw: float, gen: torch.Generator, full: bool) -> dict:
+def group_case(case: GroupCase, tuning, reps: int, bw: float, full: bool) -> dict:
     from batchllm.kernels.paged_attention import plan_paged_attention, run_plan
     from batchllm.kernels.prefix_attention import plan_prefix_shared_attention
 
     from batchllm.engine.attention import TorchAttention
 
-    q, kv, bt, meta = build_group(case, gen)
+    q, kv, bt, meta = build_group(case)
     scale = D**-0.5
     B, L = case.requests, case.prefix + case.own
     kv_bytes_once = (case.prefix + B * case.own) * KVH * D * 2 * kv.element_size()
@@ -206,12 +232,14 @@ def group_case(case: GroupCase, tuning, reps: int, bw: float, gen: torch.Generat
         del ke, ve
         torch_be = TorchAttention()
         row["torch_backend_us"], _ = bench([lambda: torch_be.forward(q, kv, meta, scale)], reps=max(3, reps // 4), graph=False, min_inner=3)
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
-def sweep(reps: int, gen: torch.Generator) -> tuple[list[dict], object]:
-    """Coordinate search over tile shapes and split size on 64 x 1024; returns (rows, best tuning)."""
+def sweep(reps: int, deadline: float) -> tuple[list[dict], object]:
+    """Coordinate search over tile shapes and split size on 64 x 1024; returns (rows, best tuning).
+    Stops measuring at ``deadline`` (time.time()) and says so in the rows."""
     from batchllm.kernels.paged_attention import (
         AttentionTuning,
         TileConfig,
@@ -221,13 +249,16 @@ def sweep(reps: int, gen: torch.Generator) -> tuple[list[dict], object]:
     from batchllm.kernels.prefix_attention import plan_prefix_shared_attention
 
     case = GroupCase(4, 32, 16) if SMOKE else GroupCase(64, 1024)
-    q, kv, bt, meta = build_group(case, gen)
+    q, kv, bt, meta = build_group(case)
     n = copies_for(kv.numel() * kv.element_size())
     kvs = [kv] + [kv.clone() for _ in range(n - 1)]
     B, L = case.requests, case.prefix + case.own
     rows = []
 
     def measure(t: AttentionTuning) -> float:
+        if time.time() > deadline:
+            rows.append({"tuning": repr(t), "skipped": "budget"})
+            return float("inf")
         try:
             plan = plan_prefix_shared_attention([1] * B, [L] * B, meta.prefix_groups, num_heads=H, num_kv_heads=KVH,
                                                 head_dim=D, device=DEV, tuning=t)
@@ -262,7 +293,7 @@ def sweep(reps: int, gen: torch.Generator) -> tuple[list[dict], object]:
 # --------------------------------------------------------------------------------------------------
 
 
-def mixed_step(reps: int, gen: torch.Generator) -> dict:
+def mixed_step(reps: int) -> dict:
     """256 decodes (context 512..2048) and 4 prefill chunks of 256 tokens after 1024 cached tokens."""
     from batchllm.kernels.paged_attention import (
         AttentionTuning,
@@ -277,15 +308,15 @@ def mixed_step(reps: int, gen: torch.Generator) -> dict:
     ql = [1] * n_dec + [chunk] * 4
     sl = rng.integers(ctx[0], ctx[1] + 1, n_dec).tolist() + [hist + chunk] * 4
     pages = [(s + PAGE - 1) // PAGE for s in sl]
-    kv = torch.randn(2, sum(pages), PAGE, KVH, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
-    perm = torch.randperm(sum(pages), generator=gen).to(torch.int32)
+    kv = randn(2, sum(pages), PAGE, KVH, D)
+    perm = randperm(sum(pages)).to(torch.int32)
     bt = torch.zeros(len(sl), max(pages), dtype=torch.int32)
     off = 0
     for i, p in enumerate(pages):
         bt[i, :p] = perm[off : off + p]
         off += p
     bt = bt.to(DEV)
-    q = torch.randn(sum(ql), H, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
+    q = randn(sum(ql), H, D)
     meta = AttentionMetadata(torch.tensor(np.concatenate([[0], np.cumsum(ql)]), dtype=torch.int32, device=DEV),
                              torch.tensor(sl, dtype=torch.int32, device=DEV), bt,
                              torch.full((sum(ql),), -1, dtype=torch.int64, device=DEV), n_dec, ql, sl)
@@ -304,14 +335,14 @@ def mixed_step(reps: int, gen: torch.Generator) -> dict:
     return row
 
 
-def prefill(reps: int, gen: torch.Generator) -> dict:
+def prefill(reps: int) -> dict:
     """One 4096-token first chunk (causal, no history) against SDPA is_causal on contiguous K/V."""
     from batchllm.kernels.paged_attention import plan_paged_attention, run_plan
 
     T = 64 if SMOKE else 4096
-    kv = torch.randn(2, T // PAGE, PAGE, KVH, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
-    bt = torch.randperm(T // PAGE, generator=gen).to(torch.int32).view(1, -1).to(DEV)
-    q = torch.randn(T, H, D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
+    kv = randn(2, T // PAGE, PAGE, KVH, D)
+    bt = randperm(T // PAGE).to(torch.int32).view(1, -1).to(DEV)
+    q = randn(T, H, D)
     plan = plan_paged_attention([T], [T], num_heads=H, num_kv_heads=KVH, head_dim=D, device=DEV)
     k = kv[0][bt[0].long()].reshape(T, KVH, D).transpose(0, 1)[None].contiguous()
     v = kv[1][bt[0].long()].reshape(T, KVH, D).transpose(0, 1)[None].contiguous()
@@ -324,58 +355,33 @@ def prefill(reps: int, gen: torch.Generator) -> dict:
     return row
 
 
-def elementwise(reps: int, gen: torch.Generator) -> list[dict]:
-    from batchllm.kernels.activation import silu_and_mul, silu_and_mul_ref
+def kv_store(reps: int) -> dict:
+    """The KV store kernel (one step's new K/V into the paged cache) against the torch reference."""
     from batchllm.kernels.kv_store import store_kv, store_kv_ref
-    from batchllm.kernels.rmsnorm import rms_norm, rms_norm_ref
-    from batchllm.kernels.rope import rotary_embedding, rotary_embedding_ref
 
-    from batchllm.models.layers import rope_inv_freq
-
-    T, hidden, inter = (32, 64, 96) if SMOKE else (4096, 4096, 14336)
-    rows = []
-
-    def add(name, bytes_moved, triton_fn, torch_fn, check):
-        t_us, _ = bench([triton_fn], reps=reps)
-        r_us, _ = bench([torch_fn], reps=reps)
-        rows.append({"case": name, "triton_us": t_us, "torch_us": r_us, "triton_GBps": bytes_moved / t_us / 1e3,
-                     "max_abs_err": check()})
-
-    x = torch.randn(T, hidden, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
-    res = torch.randn_like(x)
-    w = torch.ones(hidden, device=DEV, dtype=DTYPE)
-    add(f"rmsnorm+residual {T}x{hidden}", 5 * x.numel() * 2,
-        lambda: rms_norm(x, w, 1e-5, res), lambda: rms_norm_ref(x, w, 1e-5, res),
-        lambda: float((rms_norm(x, w, 1e-5, res)[0].float() - rms_norm_ref(x, w, 1e-5, res)[0].float()).abs().max()))
-    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE).view(T, H + 2 * KVH, D)
-    qv, kv_ = qkv[:, :H], qkv[:, H : H + KVH]
-    pos = torch.arange(T, device=DEV)
-    inv = rope_inv_freq(D, 500000.0, {"rope_type": "llama3", "factor": 8.0}).to(DEV)
-    add(f"rope q{H}/k{KVH} x{D}, {T} tokens", 2 * (H + KVH) * D * T * 2,
-        lambda: rotary_embedding(qv, kv_, pos, inv), lambda: rotary_embedding_ref(qv, kv_, pos, inv),
-        lambda: float((rotary_embedding(qv, kv_, pos, inv)[0].float() - rotary_embedding_ref(qv, kv_, pos, inv)[0].float()).abs().max()))
-    gu = torch.randn(T, 2 * inter, generator=gen, device=DEV, dtype=torch.float32).to(DTYPE)
-    add(f"silu_and_mul {T}x{inter}", 3 * T * inter * 2,
-        lambda: silu_and_mul(gu), lambda: silu_and_mul_ref(gu),
-        lambda: float((silu_and_mul(gu).float() - silu_and_mul_ref(gu).float()).abs().max()))
+    T = 32 if SMOKE else 4096
+    qkv = randn(T, H + 2 * KVH, D)  # k and v are strided views of a fused projection, as in the model
+    kk, vv = qkv[:, H : H + KVH], qkv[:, H + KVH :]
     cache = torch.zeros(2, T // PAGE + 8, PAGE, KVH, D, device=DEV, dtype=DTYPE)
     cache_ref = cache.clone()
-    slots = torch.randperm(T, device=DEV)
-    kk, vv = qkv[:, H : H + KVH], qkv[:, H + KVH :]
-    add(f"store_kv {T} tokens x{KVH}x{D}", 4 * T * KVH * D * 2,
-        lambda: store_kv(kk, vv, cache, slots), lambda: store_kv_ref(kk, vv, cache_ref, slots),
-        lambda: float((cache.float() - cache_ref.float()).abs().max()))
-    return rows
+    slots = randperm(T).to(DEV)
+    row = {"case": f"store_kv {T} tokens x{KVH}x{D}", "bytes": 4 * T * KVH * D * 2}
+    row["triton_us"], _ = bench([lambda: store_kv(kk, vv, cache, slots)], reps=reps)
+    row["torch_us"], _ = bench([lambda: store_kv_ref(kk, vv, cache_ref, slots)], reps=reps)
+    row["triton_GBps"] = row["bytes"] / row["triton_us"] / 1e3
+    row["max_abs_err"] = float((cache.float() - cache_ref.float()).abs().max())
+    return row
 
 
-def sampling(reps: int, gen: torch.Generator) -> list[dict]:
+def sampling(reps: int) -> list[dict]:
     """The sampler's Triton kernel against its torch path (``sample(backend=...)``, whole calls with their
     launch overhead, no graph) on one step's logits, and the share of rows where they pick the same token."""
     from batchllm.engine.sampler import SamplingBatch, SamplingRow, sample
     from batchllm.sampling_params import SamplingParams
 
     V, B = (1000, 8) if SMOKE else (128256, 256)
-    logits = (torch.randn(B, V, generator=gen, device=DEV, dtype=torch.float32) * 3).to(DTYPE)
+    # float32, as the engine hands the sampler its (penalised) logits
+    logits = torch.randn(B, V, generator=DEV_GEN, device=DEV, dtype=torch.float32) * 3
     rows = []
     for label, kw in (("temperature 0.8", {}), ("top-p 0.95", dict(top_p=0.95)), ("top-k 50 + top-p 0.9", dict(top_k=50, top_p=0.9)),
                       ("min-p 0.05", dict(min_p=0.05))):
@@ -392,12 +398,14 @@ def sampling(reps: int, gen: torch.Generator) -> list[dict]:
 
 
 def main() -> int:
-    global DEV, SMOKE, H, KVH, D
+    global DEV, SMOKE, H, KVH, D, DEV_GEN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--json", help="write all results here (rewritten after every section)")
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="skip the sweep and the non-attention sections")
+    ap.add_argument("--quick", action="store_true", help="skip the sweep and the decode cases with its best tuning")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (Triton interpreter): checks the script")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip the sections that would start after this many seconds (recorded as skipped)")
     args = ap.parse_args()
     if args.smoke:
         import os
@@ -411,44 +419,97 @@ def main() -> int:
     from batchllm.kernels.paged_attention import AttentionTuning
 
     t0 = time.time()
-    gen = torch.Generator(device=DEV).manual_seed(0)
+    deadline = t0 + args.budget_s if args.budget_s is not None else float("inf")
+    CPU_GEN.manual_seed(0)
+    DEV_GEN = CPU_GEN if DEV == "cpu" else torch.Generator(device=DEV).manual_seed(0)
     bw = copy_bandwidth(args.reps)
     name, sms = ("cpu (smoke)", 0) if SMOKE else (torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count)
     result = {"device": name, "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_TBps": bw / 1e12}
+              "copy_bandwidth_TBps": bw / 1e12, "smoke": SMOKE, "budget_s": args.budget_s, "sections": {}}
     print(f"{name}: {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy {bw / 1e12:.2f} TB/s (read + write)")
+    _dump(result, args.json)
 
     cases = [GroupCase(4, 32, 16), GroupCase(3, 48, 32)] if SMOKE else [GroupCase(64, 1024), GroupCase(64, 4096), GroupCase(256, 1024)]
-    print("\nshared-prefix decode, default tuning")
-    result["decode_default"] = [group_case(c, AttentionTuning(), args.reps, bw, gen, full=True) for c in cases]
-    _print_decode(result["decode_default"], full=True)
-    _dump(result, args.json)  # after every section: a run cut short by a time limit still leaves its figures
+    best: list = [None]
 
+    def decode_default(save):
+        rows = []
+        for c in cases:  # each case saved as it finishes
+            rows.append(group_case(c, AttentionTuning(), args.reps, bw, full=True))
+            save(rows)
+        _print_decode(rows, full=True)
+        return rows
+
+    def run_sweep(save):
+        rows, best[0] = sweep(args.reps, deadline)
+        result["best_tuning"] = repr(best[0])
+        print(f"best: {best[0]}")
+        return rows
+
+    def decode_best(save):
+        rows = []
+        for c in cases:
+            rows.append(group_case(c, best[0], args.reps, bw, full=False))
+            save(rows)
+        _print_decode(rows, full=False)
+        return rows
+
+    sections = [("decode_default", decode_default),
+                ("mixed", lambda save: mixed_step(args.reps)),
+                ("prefill", lambda save: prefill(args.reps)),
+                ("kv_store", lambda save: kv_store(args.reps)),
+                ("sampling", lambda save: sampling(args.reps))]
     if not args.quick:
-        print("\nsweep on 4x32 (smoke)" if SMOKE else "\nsweep on 64x1024")
-        result["sweep"], best = sweep(args.reps, gen)
+        sections += [("sweep", run_sweep), ("decode_best", decode_best)]
+    failed = False
+    for key, fn in sections:
+        status = result["sections"][key] = {"status": "running", "start_s": round(time.time() - t0, 2)}
+        if time.time() > deadline or (key == "decode_best" and best[0] is None):
+            status["status"] = "skipped"
+            status["reason"] = "budget spent" if time.time() > deadline else "no sweep result"
+            print(f"\n{key}: skipped ({status['reason']})")
+            _dump(result, args.json)
+            continue
+        print(f"\n{key}")
+        t = time.time()
+
+        def save(value, key=key):
+            result[key] = value
+            _dump(result, args.json)
+
+        try:
+            result[key] = fn(save)
+            status["status"] = "done"
+        except Exception as e:  # noqa: BLE001 - one broken section must not cost the others their figures
+            import traceback
+
+            traceback.print_exc()
+            status["status"] = "error"
+            status["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            failed = True
+        status["wall_s"] = round(time.time() - t, 2)
+        if key in ("mixed", "prefill", "kv_store", "sampling") and key in result:
+            for r in result[key] if isinstance(result[key], list) else [result[key]]:
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         _dump(result, args.json)
-        result["best_tuning"] = repr(best)
-        print(f"best: {best}")
-        result["decode_best"] = [group_case(c, best, args.reps, bw, gen, full=False) for c in cases]
-        _print_decode(result["decode_best"], full=False)
-        _dump(result, args.json)
-        result["mixed"] = mixed_step(args.reps, gen)
-        result["prefill"] = prefill(args.reps, gen)
-        result["elementwise"] = elementwise(args.reps, gen)
-        result["sampling"] = sampling(args.reps, gen)
-        for r in [result["mixed"], result["prefill"], *result["elementwise"], *result["sampling"]]:
-            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    result["skipped"] = [k for k, v in result["sections"].items() if v["status"] == "skipped"]
     result["wall_s"] = time.time() - t0
     _dump(result, args.json)
-    return 0
+    return 1 if failed else 0
 
 
 def _dump(result: dict, path: str | None) -> None:
+    """Write the results so far, atomically (a kill mid-write leaves the previous complete file)."""
     if path:
-        with open(path, "w") as f:
+        import os
+
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, path)
 
 
 def _print_decode(rows, full: bool) -> None:
