@@ -116,5 +116,8 @@ def test_dummy_tokenizer_shared_text_prefix_is_a_shared_token_prefix():
 
 def test_dummy_tokenizer_chat_template():
     tok = build_tokenizer(dummy.PRESETS["tiny"])
-    assert render_chat(tok, MESSAGES) == (
-        "<|system|>\nYou are terse.<|end|>\n<|user|>\nName a prime.<|end|>\n<|assistant|>\n")
+    text = "<|system|>\nYou are terse.<|end|>\n<|user|>\nName a prime.<|end|>\n<|assistant|>\n"
+    assert render_chat(tok, MESSAGES) == text
+    ids = encode_chat(tok, [{"role": "user", "content": "Hi"}])
+    assert len(ids) == 8 and tok.decode(ids) == "<|user|>\nHi<|end|>\n<|assistant|>\n"  # one token per marker
+    assert tok.decode(ids, skip_special_tokens=True) == "\nHi\n\n"

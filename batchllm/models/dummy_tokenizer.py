@@ -7,10 +7,11 @@ vocabulary has exactly the preset's ``vocab_size`` ids, so every id the model ca
 
     the preset's bos id -> "<|bos|>", its eos ids -> "<|eos|>", "<|eos_1|>", ... (special tokens)
     the first 256 other ids -> the bytes 0..255 in order
+    the next ones -> the chat template's markers (``CHAT_MARKERS``, special tokens)
     every remaining id i -> the text "<|i|>"
 
-A raw prompt gets the bos token in front (as Llama 3 does); a tiny chat template renders messages as
-``<|role|>`` blocks. The same preset always builds the same tokenizer (its hash is part of a job's
+A raw prompt gets the bos token in front (as Llama 3 does); a small chat template renders messages as
+``<|role|>`` blocks, one token per marker, as real chat tokenizers do. The same preset always builds the same tokenizer (its hash is part of a job's
 fingerprint).
 """
 
@@ -24,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 from batchllm.models.config import ModelConfig
 
 BOS = "<|bos|>"
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -53,13 +55,13 @@ def _build(vocab_size: int, bos_id: int | None, eos_ids: tuple[int, ...]) -> Pre
     specials = {i: "<|eos|>" if k == 0 else f"<|eos_{k}|>" for k, i in enumerate(eos_ids)}
     if bos_id is not None:
         specials[bos_id] = BOS
-    if any(not 0 <= i < vocab_size for i in specials) or vocab_size < 256 + len(specials):
+    if any(not 0 <= i < vocab_size for i in specials) or vocab_size < 256 + len(CHAT_MARKERS) + len(specials):
         raise ValueError(f"dummy preset's special ids {sorted(specials)} do not fit a byte-level vocabulary "
                          f"of {vocab_size}")
-    byte_chars = iter(_byte_chars())
+    ordinary = iter([*_byte_chars(), *CHAT_MARKERS])
     vocab: dict[str, int] = {}
     for i in range(vocab_size):
-        vocab[specials[i] if i in specials else next(byte_chars, None) or f"<|{i}|>"] = i
+        vocab[specials[i] if i in specials else next(ordinary, None) or f"<|{i}|>"] = i
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -69,5 +71,6 @@ def _build(vocab_size: int, bos_id: int | None, eos_ids: tuple[int, ...]) -> Pre
     eos = specials[eos_ids[0]] if eos_ids else None
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS if bos_id is not None else None,
                                   eos_token=eos, chat_template=CHAT_TEMPLATE)
-    tok.add_special_tokens({"additional_special_tokens": [s for s in specials.values() if s not in (BOS, eos)]})
+    extra = [s for s in specials.values() if s not in (BOS, eos)] + list(CHAT_MARKERS)
+    tok.add_special_tokens({"additional_special_tokens": extra})
     return tok
