@@ -187,4 +187,158 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(BatchLLMError, match="policy"):
         harness.run_bench("nested", policies=["lifo"], model="dummy:tiny")
     with pytest.raises(BatchLLMError, match="peer"):
-        harness.run_bench("nested", peers=["vllm"], model="dummy:tiny")
+        harness.run_bench("nested", peers=["tgi"], model="dummy:tiny")
+
+
+# -- engine reuse across runs (issue 12, item 7) -------------------------------------------------------
+
+def test_reachable_graph_batch_keeps_every_reachable_bucket():
+    from batchllm.engine.cuda_graphs import bucket_for, capture_sizes, reachable_graph_batch
+
+    full = capture_sizes(512)
+    assert len(full) == 67
+    for reach in (1, 3, 5, 8, 60, 64, 65, 300, 512, 4000):
+        b = reachable_graph_batch(512, reach)
+        sizes = capture_sizes(b)
+        assert sizes == full[: len(sizes)]  # a prefix of the full list: no new bucket
+        for n in range(1, min(reach, 512) + 1):  # every reachable step keeps its bucket
+            assert bucket_for(sizes, n) == bucket_for(full, n)
+    assert reachable_graph_batch(512, 60) == 64 and reachable_graph_batch(300, 299) == 300
+    assert reachable_graph_batch(0, 5) == 0 and reachable_graph_batch(8, 0) == 0
+
+
+def _rows(out_dir):
+    from batchllm.io.writer import read_results
+
+    return sorted(((r["custom_id"], r["token_ids"], r["cached_tokens"], r["finish_reason"]) for r in read_results(out_dir).to_pylist()))
+
+
+STAT_FIELDS = ("samples", "prompt_tokens", "cached_tokens", "output_tokens", "prompt_tokens_computed", "num_steps",
+               "num_preemptions", "batch_seqs", "batch_tokens", "errors")
+
+
+@pytest.mark.parametrize("kv_tokens", [4096, 160])  # 160: memory pressure (preemption, prefix cache eviction)
+def test_reused_engine_runs_equal_fresh_engine_runs(tiny, tmp_path, kv_tokens):
+    """A run on the bench's shared engine gives exactly the tokens, cached tokens and statistics of a
+    run on a fresh engine, for both policies, in any order and repeated (clean pool and prefix cache)."""
+    from batchllm.bench.engines import BenchEngines
+    from batchllm.config import JobConfig
+    from batchllm.pipeline import make_engine, model_max_len, run_job
+
+    rows = workloads.make_workload("shared-prefix", dict(groups=2, per_group=4, prefix_len=40, suffix_len=8, output_len=5)).cells[0].rows
+    path = tmp_path / "in.jsonl"
+    workloads.write_jsonl(rows, str(path))
+    base = JobConfig(model="dummy:tiny", device="cpu", dtype="float32", temperature=0.0, preview=0, kv_cache_tokens=kv_tokens)
+    n = [0]
+
+    def job(policy):
+        n[0] += 1
+        return JobConfig(**{**base.to_dict(), "inputs": [str(path)], "output": str(tmp_path / f"o{n[0]}"), "policy": policy})
+
+    fresh = {}
+    for policy in harness.POLICIES:
+        cfg = job(policy)
+        s = run_job(cfg, loaded=tiny)
+        fresh[policy] = (_rows(cfg.output), {f: getattr(s, f) for f in STAT_FIELDS})
+    if kv_tokens == 160:
+        assert fresh["fcfs-lru"][1]["num_preemptions"] > 0  # the pressure case does exercise preemption
+
+    engines = BenchEngines(base, tiny, harness.POLICIES, max_seqs=len(rows))
+    for policy in harness.POLICIES:  # the engine the shared parts give is configured as make_engine's
+        mine, _ = engines(job(policy), tiny, model_max_len(base, tiny.config))
+        ref, _ = make_engine(job(policy), tiny, model_max_len(base, tiny.config))
+        assert (mine.cfg, mine.prefix_caching, mine.kv.num_pages) == (ref.cfg, ref.prefix_caching, ref.kv.num_pages)
+    with engines.installed():
+        for policy in ("fcfs-lru", "batchllm", "fcfs-lru", "batchllm"):
+            cfg = job(policy)
+            s = run_job(cfg, loaded=tiny)
+            engines.release()
+            assert (_rows(cfg.output), {f: getattr(s, f) for f in STAT_FIELDS}) == fresh[policy], policy
+    assert engines.engines_built == 6 and engines.fresh_engines == 0
+
+    # the graph path (static mode: what a CUDA graph runs, eagerly) only up to the workload's 8 sequences
+    static = BenchEngines(base, tiny, harness.POLICIES, max_seqs=len(rows), graphs="static")
+    assert static.graph_sizes == [1, 2, 4, 8]
+    with static.installed():
+        for policy in harness.POLICIES:
+            cfg = job(policy)
+            run_job(cfg, loaded=tiny)
+            static.release()
+            assert [r[1] for r in _rows(cfg.output)] == [r[1] for r in fresh[policy][0]], policy
+    assert static.runner.graphs.replays > 0
+
+
+def test_engine_sizes_graphs_by_workload_and_pool(tiny):
+    from batchllm.bench.engines import BenchEngines
+    from batchllm.config import JobConfig
+
+    base = JobConfig(model="dummy:tiny", device="cpu", dtype="float32", kv_cache_tokens=4096)
+    assert BenchEngines(base, tiny, ["batchllm"], max_seqs=100, graphs="static").graph_sizes[-1] == 104
+    # fcfs-lru alone: at most 256 sequences (its max_num_seqs) whatever the workload
+    assert BenchEngines(base, tiny, ["fcfs-lru"], max_seqs=1000, graphs="static").graph_sizes[-1] == 256
+    # 40 pages: at most 40 sequences hold a page each
+    small = JobConfig(**{**base.to_dict(), "kv_cache_tokens": 40 * 16})
+    assert BenchEngines(small, tiny, ["batchllm"], max_seqs=1000, graphs="static").graph_sizes[-1] == 40
+    assert BenchEngines(base, tiny, ["batchllm"], max_seqs=100).graph_sizes == []  # CPU "auto": no graphs
+
+
+# -- partial reports (issue 12, item 8) ----------------------------------------------------------------
+
+def test_partial_reports_after_every_run_and_a_failing_peer(tmp_path, monkeypatch):
+    """The report is handed out after every policy run (and each peer's cell), ``complete`` false; a
+    peer that fails (as a timeout would cut it) leaves the file with every figure measured before."""
+    from batchllm.bench import peers as peers_mod
+    from batchllm.bench import report as rep
+
+    def boom(*a, **k):
+        raise RuntimeError("peer cut off")
+
+    monkeypatch.setattr(peers_mod, "run_static", boom)
+    out = tmp_path / "r.json"
+    seen = []
+
+    def on_report(r):
+        seen.append(json.loads(json.dumps(r)))
+        rep.write_json(r, str(out))
+
+    with pytest.raises(RuntimeError, match="cut off"):
+        harness.run_bench("prefix-grid", dict(prefix_lens=[16, 32], share_degrees=[4], output_lens=[2], requests=4, suffix_len=4),
+                          model="dummy:tiny", device="cpu", warmup=False, kv_cache_tokens=4096, repeat=2,
+                          peers=["transformers-cb", "transformers"], on_report=on_report)
+    cb_reason = peers_mod.unavailable_reason("transformers-cb")
+    # 2 cells x 2 repeats x 2 policies, then transformers-cb's cells (or its one 'unavailable' report)
+    assert len(seen) == 8 + (1 if cb_reason else 2)
+    assert all(r["complete"] is False for r in seen)
+    first = seen[0]
+    assert [e["policy"] for e in first["cells"][0]["results"]] == ["batchllm"] and first["cells"][1]["results"] == []
+    assert first["cells"][0]["results"][0]["runs_done"] == 1 and first["results"][0]["cells_measured"] == 1
+    fourth = seen[3]  # cell 0 done: both policies, both repeats, ratios and agreement
+    c0 = {e["policy"]: e for e in fourth["cells"][0]["results"]}
+    assert len(c0["fcfs-lru"]["wall_s_runs"]) == 2 and "runs_done" not in c0["fcfs-lru"]
+    assert c0["fcfs-lru"]["same_tokens_as_first"] == 1.0 and c0["fcfs-lru"]["wall_vs_first"] > 0
+    final = json.loads(out.read_text())  # the file as the failure left it: the last partial report
+    assert final == seen[-1] and final["complete"] is False
+    assert [e["policy"] for e in final["results"]] == ["batchllm", "fcfs-lru", "transformers-cb"]
+    assert all("cells_measured" not in e for e in final["results"][:2])
+    assert final["model"]["engine_setup_s"] >= 0 and not list(tmp_path.glob(".r.json.*"))  # no temp file left
+
+
+def test_final_report_is_complete(tmp_path):
+    rep = harness.run_bench("shared-prefix", dict(groups=1, per_group=2, prefix_len=16, suffix_len=4, output_len=2),
+                            model="dummy:tiny", device="cpu", warmup=False, kv_cache_tokens=1024)
+    assert rep["complete"] is True and [e["policy"] for e in rep["results"]] == ["batchllm", "fcfs-lru"]
+
+
+def test_vllm_peer_unavailable_is_one_line(monkeypatch):
+    import importlib.util
+
+    from batchllm.bench import vllm_peer
+
+    if importlib.util.find_spec("vllm") is not None:  # in vLLM's venv: pretend it is absent
+        real = importlib.util.find_spec
+        monkeypatch.setattr(vllm_peer.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(vllm_peer, "_REASON", None)  # asked afresh
+    rep = harness.run_bench("shared-prefix", dict(groups=1, per_group=2, prefix_len=16, suffix_len=4, output_len=2),
+                            model="dummy:tiny", device="cpu", warmup=False, kv_cache_tokens=1024, policies=["batchllm"], peers=["vllm"])
+    e = rep["results"][1]
+    assert e["policy"] == "vllm" and "not installed" in e["unavailable"] and "\n" not in e["unavailable"]

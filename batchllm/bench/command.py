@@ -71,8 +71,8 @@ def bench(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     policies: Optional[str] = typer.Option(None, help="Comma-separated policies to measure (default batchllm,fcfs-lru); the first is the reference."),
-    peers: Optional[str] = typer.Option(None, help="Comma-separated peers on the same weights: transformers, transformers-cb."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to this file."),
+    peers: Optional[str] = typer.Option(None, help="Comma-separated peers on the same weights: transformers, transformers-cb, vllm."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to this file (rewritten after every run, \"complete\": false until the end)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write bar charts (wall time, tok/s) to this PNG."),
     groups: Optional[int] = typer.Option(None, help="Workload shape: prefix groups."),
     per_group: Optional[int] = typer.Option(None, help="Workload shape: requests per group (prefix-grid: the share degree)."),
@@ -116,7 +116,9 @@ def bench(
     if not name:
         raise BatchLLMError("no workload given (--workload NAME or a --job file)")
     json_out, plot_out = values.pop("json", None), values.pop("plot", None)
-    report = run_bench(name, shape, log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False), **values)
+    # the JSON file follows the bench: a run cut off by a timeout keeps every figure it finished
+    on_report = (lambda partial: rep.write_json(partial, json_out)) if json_out else None
+    report = run_bench(name, shape, log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False), on_report=on_report, **values)
     out.print(rep.results_table(report))
     line = rep.headline(report)
     if line:

@@ -1,12 +1,16 @@
 """The benchmark harness: every listed policy and peer on the identical request set, in one process.
 
 ``run_bench`` builds the workload, loads the model once (its load time reported separately as
-``load_s``), runs ``run_job`` once per policy (and per repeat) on the same JSONL files, then each peer on
-the same rows and weights, and returns the report dict that ``report.py`` prints, plots and writes.
+``load_s``), sets up one engine for all runs (``engines.BenchEngines``: KV pool sizing, KV cache, decode
+graphs of the reachable batch sizes; ``engine_setup_s``), runs ``run_job`` once per policy (and per
+repeat) on the same JSONL files, each run starting from an empty pool and prefix cache, then each peer
+(``transformers``, ``transformers-cb``, ``vllm``) on the same rows and weights, and returns the report
+dict that ``report.py`` prints, plots and writes. ``on_report`` gets the partial report after every
+run (``complete: false``), so a bench cut off by a timeout has written every figure it finished.
 Metrics follow ``docs/benchmarks.md`` ("Metrics"):
 
-- ``wall_s``: run_job's wall time (first request read to last shard committed); the best of
-  ``repeat`` runs, all of them in ``wall_s_runs``;
+- ``wall_s``: run_job's wall time (first request read to last shard committed; the engine setup,
+  shared by all runs, is not in it); the best of ``repeat`` runs, all of them in ``wall_s_runs``;
 - ``total_tok_s`` = (prompt tokens as the user sees them + generated tokens) / wall; ``output_tok_s``;
 - ``prefill_saving`` = 1 - prompt tokens computed / prompt tokens (achieved, not planned);
 - ``effective_mfu`` = 2 x parameters x (unique prompt tokens + generated tokens) / wall / peak FLOP/s,
@@ -252,17 +256,30 @@ def run_bench(
     warmup: bool = True,
     peer_batch_size: int = 64,
     log: Log | None = None,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
+    graphs: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report: ``workload``, ``model``, ``machine``, ``versions``,
     ``options``, ``results`` (one entry per policy / peer, in the order given: policies, then peers),
     and for multi-cell workloads ``cells`` (each with its own ``results``; the top-level entry then sums
-    the cells, and ``wall_vs_first`` is the geometric mean of the cells' ratios).
+    the cells, and ``wall_vs_first`` is the geometric mean of the cells' ratios), and ``complete``.
 
     ``wall_vs_first`` = entry wall / first entry's wall: how many times faster the first entry is.
     ``same_tokens_as_first``: fraction of requests whose (greedy) token ids equal the first entry's.
     ``warmup`` runs the first policy, and each peer, on 4 short requests first (untimed: CUDA context,
     kernels, allocator caches). ``machine.load_avg`` is taken before the runs, ``load_avg_end`` after:
     a busy machine shows there.
+
+    ``on_report(report)`` gets the report so far, with ``complete: false``, after every policy run,
+    every peer's cell and every unavailable peer (``batchllm bench --json`` rewrites its file each
+    time, so a run cut off by a timeout keeps every figure it finished); an entry measured on fewer
+    runs than ``repeat`` has ``runs_done``; a multi-cell total over fewer cells than the workload has
+    ``cells_measured``. The returned report has ``complete: true``.
+
+    The policies' runs share one engine setup (``engines.BenchEngines``: KV pool sizing, KV cache,
+    decode graphs for the batch sizes this workload can reach), built before the first run and
+    reported as ``model.engine_setup_s`` (not in any run's wall time); ``graphs`` overrides its graph
+    mode ("static": the graph path run eagerly, for CPU tests).
     """
     from batchllm.pipeline import resolve_device, resolve_dtype
 
@@ -288,46 +305,67 @@ def run_bench(
                      kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=max_num_batched_tokens)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    names = policies + peers
+    options = {"policies": policies, "peers": peers, "kv_cache_tokens": kv_cache_tokens,
+               "max_num_batched_tokens": max_num_batched_tokens, "repeat": repeat, "warmup": warmup,
+               "peer_batch_size": peer_batch_size}
     tmp = tempfile.mkdtemp(prefix="batchllm-bench-")
     try:
         cells = []
         for i, cell in enumerate(wl.cells):
             path = os.path.join(tmp, f"cell{i}.jsonl")
             write_jsonl(cell.rows, path)
-            cells.append({"label": cell.label, "params": cell.params, "path": path, "cell": cell, **_token_counts(cell), "results": []})
+            cells.append({"label": cell.label, "params": cell.params, "path": path, "cell": cell, **_token_counts(cell), "by_name": {}})
         ctx = _Context(tmp, cells, mcfg, dev, dt, repeat, say)
+        ctx.graphs = graphs
+
+        def report(complete: bool) -> dict[str, Any]:
+            return _report(ctx, wl, src, model, machine, options, names, complete)
+
+        ctx.emit = (lambda: on_report(report(False))) if on_report else (lambda: None)
         warm_rows = [dict(r, max_tokens=2) for r in wl.cells[0].rows[:4]] if warmup else None
         if policies:
             _run_policies(ctx, base, policies, profile, warm_rows)
-        for peer in peers:
-            _run_peer(ctx, src, peer, peer_batch_size, max_num_batched_tokens, warm_rows)
+        # vLLM last whatever the order given: its CPU worker binds this process's threads and memory to
+        # its cores and NUMA node for good (the report keeps the order given)
+        for peer in sorted(peers, key=lambda p: p == "vllm"):
+            _run_peer(ctx, src, base, peer, peer_batch_size, max_num_batched_tokens, warm_rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return report(True)
 
-    names = policies + peers
+
+def _report(ctx: "_Context", wl, src, model: str | None, machine: dict, options: dict, names: list[str],
+            complete: bool) -> dict[str, Any]:
+    """The report from what has been measured so far (``run_bench``)."""
+    cells = ctx.cells
     for ci, c in enumerate(cells):
-        _ratios(c["results"], [ctx.outputs.get((ci, n)) for n in names])
-    report = {
+        c["results"] = [c["by_name"][n] for n in names if n in c["by_name"]]
+        measured = [n for n in names if n in c["by_name"]]
+        _ratios(c["results"], [ctx.outputs.get((ci, n)) for n in measured], first_is_reference=bool(measured) and measured[0] == names[0])
+    ver = versions()
+    ver.update(ctx.peer_versions)
+    out = {
+        "complete": complete,
         "workload": {"name": wl.name, "params": wl.params, "requests": sum(len(c["cell"].rows) for c in cells),
                      "prompt_tokens": sum(c["prompt_tokens"] for c in cells),
                      "unique_prompt_tokens": sum(c["unique_prompt_tokens"] for c in cells),
                      "output_tokens": sum(c["cell"].output_tokens for c in cells)},
-        "model": {"name": src.display_name, "spec": model, "parameters": ctx.nparams, "device": str(dev),
-                  "dtype": str(dt).removeprefix("torch."), "peak_flops": ctx.flops_peak, "load_s": ctx.load_s},
+        "model": {"name": src.display_name, "spec": model, "parameters": ctx.nparams, "device": str(ctx.dev),
+                  "dtype": str(ctx.dt).removeprefix("torch."), "peak_flops": ctx.flops_peak, "load_s": ctx.load_s,
+                  "engine_setup_s": ctx.engine_setup_s, "graph_sizes": ctx.graph_sizes},
         "machine": {**machine, "load_avg_end": machine_info().get("load_avg")},
-        "versions": versions(),
-        "options": {"policies": policies, "peers": peers, "kv_cache_tokens": kv_cache_tokens,
-                    "max_num_batched_tokens": max_num_batched_tokens, "repeat": repeat, "warmup": warmup,
-                    "peer_batch_size": peer_batch_size},
+        "versions": ver,
+        "options": options,
     }
     if len(cells) == 1:
-        report["results"] = cells[0]["results"]
+        out["results"] = cells[0]["results"]
     else:
-        report["results"] = _aggregate(cells, names, ctx.flops_peak, ctx.nparams)
-        report["cells"] = [{"label": c["label"], "params": c["params"], "requests": len(c["cell"].rows),
-                            "prompt_tokens": c["prompt_tokens"], "unique_prompt_tokens": c["unique_prompt_tokens"],
-                            "results": c["results"]} for c in cells]
-    return report
+        out["results"] = _aggregate(cells, names, ctx.flops_peak, ctx.nparams)
+        out["cells"] = [{"label": c["label"], "params": c["params"], "requests": len(c["cell"].rows),
+                         "prompt_tokens": c["prompt_tokens"], "unique_prompt_tokens": c["unique_prompt_tokens"],
+                         "results": c["results"]} for c in cells]
+    return out
 
 
 class _Context:
@@ -338,8 +376,18 @@ class _Context:
         self.flops_peak = peak_flops(dev, dt)
         self.nparams = mcfg.num_parameters
         self.load_s: float | None = None  # batchllm's model load
+        self.engine_setup_s: float | None = None  # the policies' shared engine setup (engines.BenchEngines)
+        self.graph_sizes: list[int] | None = None
+        self.graphs: str | None = None
         self.outputs: dict[tuple[int, str], dict[str, list[int]]] = {}  # (cell, name) -> custom_id -> token ids
+        self.peer_versions: dict[str, str] = {}
+        self.emit: Callable[[], None] = lambda: None  # hands the partial report to run_bench's on_report
         self._runs = 0
+
+    @property
+    def max_seqs(self) -> int:
+        """The most sequences any run decodes at once at most: the largest cell's samples."""
+        return max(sum(int(r.get("n", 1)) for r in c["cell"].rows) for c in self.cells)
 
     def fresh_dir(self) -> str:
         self._runs += 1
@@ -347,92 +395,146 @@ class _Context:
 
 
 def _run_policies(ctx: _Context, base: JobConfig, policies: list[str], profile: bool, warm_rows: list[dict] | None) -> None:
-    """Each policy on each cell, ``ctx.repeat`` times, with one loaded model; fills the cells' results."""
+    """Each policy on each cell, ``ctx.repeat`` times, with one loaded model and one engine setup; fills
+    the cells' results and hands the report to ``ctx.emit`` after every run."""
+    from batchllm.bench.engines import BenchEngines
     from batchllm.pipeline import load_model, run_job
 
     t = time.perf_counter()
     lm = load_model(base)
     ctx.load_s = time.perf_counter() - t
     ctx.say(f"model loaded in {ctx.load_s:.1f} s ({ctx.dev}, {str(ctx.dt).removeprefix('torch.')})")
+    engines = BenchEngines(base, lm, policies, ctx.max_seqs, graphs=ctx.graphs, log=ctx.say)
+    ctx.engine_setup_s, ctx.graph_sizes = engines.setup_s, engines.graph_sizes
 
     def job(path: str, policy: str) -> JobConfig:
         # a fresh output folder per run: an existing one could be resumed instead of rerun
         return JobConfig(**{**base.to_dict(), "inputs": [path], "output": ctx.fresh_dir(), "policy": policy})
 
-    if warm_rows:
-        path = os.path.join(ctx.tmp, "warmup.jsonl")
-        write_jsonl(warm_rows, path)
-        run_job(job(path, policies[0]), loaded=lm)
-    for ci, c in enumerate(ctx.cells):
-        # repeats are interleaved (A B A B, not A A B B): a machine that slows down or speeds up during
-        # the bench then weighs on every policy alike instead of on whichever ran in the slow stretch
-        walls: dict[str, list[float]] = {p: [] for p in policies}
-        best: dict[str, tuple] = {}
-        for rep in range(ctx.repeat):
-            for policy in policies:
-                _free_memory()
-                cfg = job(c["path"], policy)
-                with _Probe(profile, ctx.dev.type == "cuda") as probe:
-                    s = run_job(cfg, loaded=lm)
-                walls[policy].append(s.wall_seconds)
-                ctx.say(f"{c['label']}: {policy} run {rep + 1}/{ctx.repeat}: {s.wall_seconds:.2f} s")
-                if policy not in best or s.wall_seconds < best[policy][0].wall_seconds:
-                    best[policy] = (s, probe)
-                if rep == 0:
-                    ctx.outputs[(ci, policy)] = _read_token_ids(cfg.output)
-                shutil.rmtree(cfg.output, ignore_errors=True)
-        for policy in policies:
-            s, probe = best[policy]
-            e = _entry(policy, "policy", walls[policy], ctx.load_s, c, s.prompt_tokens_computed, s.output_tokens, ctx.flops_peak, ctx.nparams,
-                       peak_kv_gb=probe.peak_pages * probe.page_bytes / 1e9 if probe.page_bytes else None,
-                       decode_batch=_stats3([st.num_decodes for st in probe.steps if st.num_decodes > 0]),
-                       num_steps=s.num_steps, num_preemptions=s.num_preemptions)
-            if profile:
-                e["profile"] = _profile(probe.times, s.wall_seconds)
-            c["results"].append(e)
-    del lm
+    with engines.installed():
+        if warm_rows:
+            path = os.path.join(ctx.tmp, "warmup.jsonl")
+            write_jsonl(warm_rows, path)
+            run_job(job(path, policies[0]), loaded=lm)
+            engines.release()
+        for ci, c in enumerate(ctx.cells):
+            # repeats are interleaved (A B A B, not A A B B): a machine that slows down or speeds up during
+            # the bench then weighs on every policy alike instead of on whichever ran in the slow stretch
+            walls: dict[str, list[float]] = {p: [] for p in policies}
+            best: dict[str, tuple] = {}
+            for rep in range(ctx.repeat):
+                for policy in policies:
+                    _free_memory()
+                    cfg = job(c["path"], policy)
+                    with _Probe(profile, ctx.dev.type == "cuda") as probe:
+                        s = run_job(cfg, loaded=lm)
+                    engines.release()  # zero the KV cache for the next run, outside any timed region
+                    walls[policy].append(s.wall_seconds)
+                    ctx.say(f"{c['label']}: {policy} run {rep + 1}/{ctx.repeat}: {s.wall_seconds:.2f} s")
+                    if policy not in best or s.wall_seconds < best[policy][0].wall_seconds:
+                        best[policy] = (s, probe)
+                    if rep == 0:
+                        ctx.outputs[(ci, policy)] = _read_token_ids(cfg.output)
+                    shutil.rmtree(cfg.output, ignore_errors=True)
+                    c["by_name"][policy] = _policy_entry(ctx, c, policy, walls[policy], *best[policy], profile)
+                    ctx.emit()
+    if engines.fresh_engines:
+        ctx.say(f"note: {engines.fresh_engines} run(s) did not match the shared engine and built their own")
+    engines.close()
+    del lm, engines
     _free_memory()  # the peers load their own copy of the weights
 
 
-def _run_peer(ctx: _Context, src, peer: str, batch_size: int, max_batch_tokens: int | None, warm_rows: list[dict] | None) -> None:
-    """One transformers peer on each cell (or an 'unavailable' entry); fills the cells' results."""
+def _policy_entry(ctx: _Context, c: dict, policy: str, walls: list[float], s, probe: _Probe, profile: bool) -> dict[str, Any]:
+    e = _entry(policy, "policy", list(walls), ctx.load_s, c, s.prompt_tokens_computed, s.output_tokens, ctx.flops_peak, ctx.nparams,
+               peak_kv_gb=probe.peak_pages * probe.page_bytes / 1e9 if probe.page_bytes else None,
+               decode_batch=_stats3([st.num_decodes for st in probe.steps if st.num_decodes > 0]),
+               num_steps=s.num_steps, num_preemptions=s.num_preemptions)
+    if len(walls) < ctx.repeat:
+        e["runs_done"] = len(walls)
+    if profile:
+        e["profile"] = _profile(probe.times, s.wall_seconds)
+    return e
+
+
+def _run_peer(ctx: _Context, src, base: JobConfig, peer: str, batch_size: int, max_batch_tokens: int | None,
+              warm_rows: list[dict] | None) -> None:
+    """One peer on each cell (or an 'unavailable' entry); fills the cells' results, hands the report to
+    ``ctx.emit`` after each cell."""
     reason = peers_mod.unavailable_reason(peer)
     if reason is not None:
         ctx.say(f"{peer}: unavailable ({reason})")
         for c in ctx.cells:
-            c["results"].append(_unavailable(peer, reason))
+            c["by_name"][peer] = _unavailable(peer, reason)
+        ctx.emit()
         return
     t = time.perf_counter()
-    hf = peers_mod.load_hf_model(src, ctx.mcfg, ctx.dt, ctx.dev)
+    extra: dict[str, Any] = {}
+    closer = None
+    if peer == "vllm":
+        vp = _load_vllm(ctx, src, base, max_batch_tokens)
+        closer = vp.close
+        extra["version"] = ctx.peer_versions["vllm"] = vp.version or "?"
+
+        def run(rows: list[dict]) -> peers_mod.PeerRun:
+            r = vp.run(rows, ctx.dev)
+            extra["torch_threads"] = vp.threads  # vLLM's CPU worker may set its own
+            return r
+    else:
+        hf = peers_mod.load_hf_model(src, ctx.mcfg, ctx.dt, ctx.dev)
+
+        def run(rows: list[dict]) -> peers_mod.PeerRun:
+            if peer == "transformers":
+                return peers_mod.run_static(hf, rows, ctx.dev, batch_size=batch_size)
+            return peers_mod.run_continuous(hf, rows, ctx.dev, max_batch_tokens)
     load_s = time.perf_counter() - t
-    ctx.say(f"{peer}: transformers model loaded in {load_s:.1f} s")
+    ctx.say(f"{peer}: loaded in {load_s:.1f} s")
 
-    def run(rows: list[dict]) -> peers_mod.PeerRun:
-        if peer == "transformers":
-            return peers_mod.run_static(hf, rows, ctx.dev, batch_size=batch_size)
-        return peers_mod.run_continuous(hf, rows, ctx.dev, max_batch_tokens)
+    try:
+        if warm_rows:
+            run(warm_rows)
+        kv_token_bytes = ctx.mcfg.kv_bytes_per_token(torch.empty((), dtype=ctx.dt).element_size())
+        for ci, c in enumerate(ctx.cells):
+            walls, best = [], None
+            for rep in range(ctx.repeat):
+                _free_memory()
+                r = run(c["cell"].rows)
+                walls.append(r.wall_s)
+                ctx.say(f"{c['label']}: {peer} run {rep + 1}/{ctx.repeat}: {r.wall_s:.2f} s")
+                best = r if best is None or r.wall_s < best.wall_s else best
+                if rep == 0:
+                    ctx.outputs[(ci, peer)] = r.outputs
+            c["by_name"][peer] = _entry(
+                peer, "peer", walls, load_s, c, best.prompt_tokens_computed, sum(len(v) for v in best.outputs.values()),
+                ctx.flops_peak, ctx.nparams,
+                peak_kv_gb=best.peak_kv_tokens * kv_token_bytes / 1e9 if best.peak_kv_tokens is not None else None,
+                decode_batch=peers_mod.decode_batch_stats(best.decode_batches), **extra,
+            )
+            ctx.emit()
+    finally:
+        if closer is not None:
+            closer()
+        run = hf = vp = None  # drop the weights before the next peer loads its own  # noqa: F841
+        _free_memory()
 
-    if warm_rows:
-        run(warm_rows)
-    kv_token_bytes = ctx.mcfg.kv_bytes_per_token(torch.empty((), dtype=ctx.dt).element_size())
-    for ci, c in enumerate(ctx.cells):
-        walls, best = [], None
-        for rep in range(ctx.repeat):
-            _free_memory()
-            r = run(c["cell"].rows)
-            walls.append(r.wall_s)
-            ctx.say(f"{c['label']}: {peer} run {rep + 1}/{ctx.repeat}: {r.wall_s:.2f} s")
-            best = r if best is None or r.wall_s < best.wall_s else best
-            if rep == 0:
-                ctx.outputs[(ci, peer)] = r.outputs
-        c["results"].append(_entry(
-            peer, "peer", walls, load_s, c, best.prompt_tokens_computed, sum(len(v) for v in best.outputs.values()),
-            ctx.flops_peak, ctx.nparams,
-            peak_kv_gb=best.peak_kv_tokens * kv_token_bytes / 1e9 if best.peak_kv_tokens is not None else None,
-            decode_batch=peers_mod.decode_batch_stats(best.decode_batches),
-        ))
-    hf = None  # drop the weights before the next peer loads its own
-    _free_memory()
+
+def _load_vllm(ctx: _Context, src, base: JobConfig, max_batch_tokens: int | None):
+    """The vLLM peer's engine on the bench's weights (``vllm_peer``), with the fcfs-lru baseline's limits."""
+    from batchllm.bench import vllm_peer
+    from batchllm.pipeline import default_token_budget, kv_pool_pages, model_max_len
+
+    folder = vllm_peer.export_hf_folder(src, ctx.mcfg, ctx.dt, os.path.join(ctx.tmp, "vllm-model"))
+    longest = max(len(r["prompt_token_ids"]) + r["max_tokens"] for c in ctx.cells for r in c["cell"].rows)
+    budget = max_batch_tokens or default_token_budget(ctx.dev)
+    kv_tokens = base.kv_cache_tokens
+    if kv_tokens is None and ctx.dev.type != "cuda":
+        # vLLM's CPU default takes most of the RAM; give it batchllm's CPU pool (a quarter of it, <= 4 GiB)
+        kv_tokens = kv_pool_pages(base, ctx.mcfg, ctx.dev, ctx.dt, budget) * base.page_size
+    return vllm_peer.VllmPeer(
+        folder, dtype=ctx.dt, device=ctx.dev, max_model_len=min(model_max_len(base, ctx.mcfg), max(longest, 16)),
+        page_size=base.page_size, max_num_batched_tokens=budget, kv_cache_tokens=kv_tokens,
+        gpu_memory_utilization=base.gpu_memory_utilization,
+    )
 
 
 def _token_counts(cell: Cell) -> dict[str, int]:
@@ -453,36 +555,47 @@ def _profile(times: dict[str, float], wall: float) -> dict[str, float]:
     return out
 
 
-def _ratios(results: list[dict], outputs: list[dict[str, list[int]] | None]) -> None:
+def _ratios(results: list[dict], outputs: list[dict[str, list[int]] | None], first_is_reference: bool = True) -> None:
+    """``wall_vs_first`` and ``same_tokens_as_first`` of each entry against ``results[0]``; None for all
+    when the reference (the first name) has not been measured in this cell yet (a partial report)."""
+    if not results:
+        return
     first, first_out = results[0], outputs[0]
     for e, out in zip(results, outputs):
-        ok = e.get("wall_s") is not None and first.get("wall_s")
+        ok = first_is_reference and e.get("wall_s") is not None and first.get("wall_s")
         e["wall_vs_first"] = e["wall_s"] / first["wall_s"] if ok else None
-        if out is None or first_out is None:
+        if not first_is_reference or out is None or first_out is None:
             e["same_tokens_as_first"] = None
         else:
             e["same_tokens_as_first"] = sum(out.get(k) == v for k, v in first_out.items()) / max(1, len(first_out))
 
 
 def _aggregate(cells: list[dict], names: list[str], flops_peak: float | None, nparams: int) -> list[dict]:
-    """Top-level entries of a multi-cell workload: sums over cells, geometric-mean ratios."""
+    """Top-level entries of a multi-cell workload: sums over cells, geometric-mean ratios. In a partial
+    report a name covers the cells measured so far (``cells_measured`` when fewer than all)."""
     out = []
-    for i, name in enumerate(names):
-        per = [c["results"][i] for c in cells]
+    for name in names:
+        pairs = [(c, c["by_name"][name]) for c in cells if name in c["by_name"]]
+        if not pairs:
+            continue
+        per = [e for _, e in pairs]
+        partial = {"cells_measured": len(per)} if len(per) < len(cells) else {}
         if any(e.get("unavailable") for e in per):
-            out.append(_unavailable(name, per[0].get("unavailable") or "unavailable in some cells"))
+            out.append({**_unavailable(name, per[0].get("unavailable") or "unavailable in some cells"), **partial})
             continue
         wall = sum(e["wall_s"] for e in per)
         prompt = sum(e["prompt_tokens"] for e in per)
         outs = sum(e["output_tokens"] for e in per)
         computed = [e["prompt_tokens_computed"] for e in per]
-        unique = sum(c["unique_prompt_tokens"] for c in cells)
+        unique = sum(c["unique_prompt_tokens"] for c, _ in pairs)
         ratios = [e["wall_vs_first"] for e in per if e.get("wall_vs_first")]
         same = [e["same_tokens_as_first"] for e in per if e.get("same_tokens_as_first") is not None]
         kv = [e["peak_kv_gb"] for e in per if e.get("peak_kv_gb") is not None]
         db = [e["decode_batch"] for e in per if e.get("decode_batch")]
+        n_runs = min(len(e["wall_s_runs"]) for e in per)
         out.append({
-            "policy": name, "kind": per[0]["kind"], "wall_s": wall, "wall_s_runs": [sum(x) for x in zip(*(e["wall_s_runs"] for e in per))],
+            "policy": name, "kind": per[0]["kind"], "wall_s": wall,
+            "wall_s_runs": [sum(x) for x in zip(*(e["wall_s_runs"][:n_runs] for e in per))],
             "load_s": per[0]["load_s"], "total_tok_s": (prompt + outs) / wall, "output_tok_s": outs / wall,
             "prefill_saving": 1 - sum(computed) / prompt if None not in computed else None,
             "effective_mfu": 2 * nparams * (unique + outs) / wall / flops_peak if flops_peak else None,
@@ -494,5 +607,7 @@ def _aggregate(cells: list[dict], names: list[str], flops_peak: float | None, np
             "wall_vs_first": math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None,
             "same_tokens_as_first": sum(same) / len(same) if same else None,
             **({"profile": {k: sum(e["profile"][k] for e in per) for k in PROFILE_KINDS}} if "profile" in per[0] else {}),
+            **({"version": per[0]["version"]} if "version" in per[0] else {}),
+            **partial,
         })
     return out

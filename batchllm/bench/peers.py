@@ -5,6 +5,8 @@
   batch, left padding, greedy, EOS ignored through ``min_new_tokens = max_new_tokens``.
 - ``transformers-cb``: transformers' continuous batching (``generate_batch``: paged KV, block sharing),
   when the installed version has it; otherwise the peer is reported unavailable, not an error.
+- ``vllm``: ``vllm.LLM.generate`` where vLLM is installed (``batchllm.bench.vllm_peer``), else
+  reported unavailable.
 
 The HF model is built from the same weights batchllm loads: a GGUF through transformers' own GGUF
 loader (``from_pretrained(dir, gguf_file=...)``, dequantized like ours), an HF folder through
@@ -26,7 +28,7 @@ from batchllm.errors import BatchLLMError
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 
-PEERS = ("transformers", "transformers-cb")
+PEERS = ("transformers", "transformers-cb", "vllm")
 
 
 @dataclasses.dataclass
@@ -43,9 +45,13 @@ class PeerRun:
 
 
 def unavailable_reason(name: str) -> str | None:
-    """Why peer ``name`` cannot run with the installed transformers (None when it can)."""
+    """Why peer ``name`` cannot run with the installed packages (None when it can)."""
     if name not in PEERS:
         raise BatchLLMError(f"unknown peer {name!r}; known peers: {', '.join(PEERS)}")
+    if name == "vllm":
+        from batchllm.bench import vllm_peer
+
+        return vllm_peer.unavailable_reason()
     if name == "transformers-cb":
         from transformers import GenerationMixin
 

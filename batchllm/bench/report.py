@@ -7,8 +7,10 @@ the first entry, batchllm by default, is 1.6 times faster).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from typing import Any
 
 from rich.table import Table
@@ -72,13 +74,24 @@ def headline(report: dict[str, Any]) -> str | None:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
+    """Write ``report`` to ``path`` atomically (a temporary file in the same folder, then a rename): a
+    reader, or a run killed mid-write, sees the previous complete file or the new one, never half."""
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+        os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         raise BatchLLMError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def plot(report: dict[str, Any], path: str) -> None:

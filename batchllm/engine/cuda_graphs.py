@@ -72,6 +72,16 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+def reachable_graph_batch(max_batch: int, reachable: int) -> int:
+    """The largest bucket worth capturing when no decode step has more than ``reachable`` rows: the
+    smallest bucket of ``capture_sizes(max_batch)`` holding ``min(reachable, max_batch)`` rows (0 when
+    either is below 1). ``capture_sizes`` of the result is a prefix of ``capture_sizes(max_batch)``, so
+    every reachable step runs in the bucket it would have had with every size captured."""
+    if max_batch < 1 or reachable < 1:
+        return 0
+    return bucket_for(capture_sizes(max_batch), min(reachable, max_batch))
+
+
 def bucket_for(sizes: list[int], n: int) -> int | None:
     """The smallest bucket holding ``n`` rows, or None when ``n`` exceeds the largest."""
     i = bisect.bisect_left(sizes, n)
