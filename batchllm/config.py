@@ -7,13 +7,14 @@ fields in the input override the job's sampling defaults (``sampling_defaults``)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import Any
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import is_uri
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import MAX_TOKENS_LIMIT, SamplingParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,28 +73,14 @@ class JobConfig:
             raise BatchLLMError(f"bad sampling option: {e}") from None
 
     def validate(self) -> None:
+        """Every key against ``SCHEMA`` (type and range), then the rules that span keys; one-line
+        BatchLLMError naming the key, the value and what was expected."""
         if not self.inputs:
             raise BatchLLMError("no input file given")
         if not self.output:
             raise BatchLLMError("no output folder given (--output DIR)")
-        if self.policy not in ("batchllm", "fcfs-lru"):
-            raise BatchLLMError(f"unknown policy {self.policy!r}: use batchllm or fcfs-lru")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise BatchLLMError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
-        if self.attention not in ("auto", "torch", "triton"):
-            raise BatchLLMError(f"unknown attention backend {self.attention!r}: use auto, torch or triton")
-        for name in ("page_size", "shard_rows", "replicas"):
-            if getattr(self, name) < 1:
-                raise BatchLLMError(f"{name.replace('_', '-')} must be at least 1")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_tokens"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise BatchLLMError(f"--{name.replace('_', '-')} must be at least 1")
-        u = self.gpu_memory_utilization
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
-            raise BatchLLMError(f"--gpu-memory-utilization must be in (0, 1], got {u!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise BatchLLMError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        for key in SCHEMA:
+            check_value(key, getattr(self, key))
         self.sampling_defaults()
 
     @property
@@ -130,6 +117,122 @@ class JobConfig:
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 
 
+# ------------------------------------------------------------------------------------------ the schema
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """The type and range of one JobConfig key: ``kind`` is int | float | bool | str | paths."""
+
+    kind: str
+    optional: bool = False  # None allowed
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself not allowed
+    choices: tuple[str, ...] = ()
+
+    def expected(self) -> str:
+        text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "paths": "a path or a list of paths (strings)"}[self.kind]
+        if self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.lo is not None and self.hi is not None:
+            text += f" in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}]"
+        elif self.lo is not None:
+            text += f" {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        elif self.hi is not None:
+            text += f" <= {_num(self.hi)}"
+        if self.optional:
+            text += " (or left out)"
+        return text
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind == "paths":
+            return (isinstance(value, list) and bool(value)
+                    and all(isinstance(p, str) and p and "\0" not in p for p in value))
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            if not isinstance(value, str) or "\0" in value:
+                return False
+            return not self.choices or value in self.choices
+        if isinstance(value, bool):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if self.kind == "float" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+
+def _num(x: float) -> str:
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:g}"
+    x = int(x)
+    for k in range(16, 64):  # the sanity bounds read better as powers of two
+        if abs(x) in (1 << k, (1 << k) - 1):
+            return f"{'-' if x < 0 else ''}2**{k}{' - 1' if abs(x) != 1 << k else ''}"
+    return str(x)
+
+
+_INT64 = 2**63 - 1
+_PATH, _OPT_STR = _Rule("str"), _Rule("str", optional=True)
+# Every key of a job (job files, flags, the job spec a manifest stores); JobConfig.validate checks them all.
+SCHEMA: dict[str, _Rule] = {
+    "inputs": _Rule("paths"),
+    "output": _Rule("str", optional=True),
+    "model": _OPT_STR,
+    "device": _Rule("str"),
+    "dtype": _Rule("str", choices=("auto", "float32", "bfloat16", "float16")),
+    "max_tokens": _Rule("int", lo=1, hi=MAX_TOKENS_LIMIT),
+    "temperature": _Rule("float", lo=0),
+    "top_p": _Rule("float", lo=0, hi=1, lo_open=True),
+    "top_k": _Rule("int", lo=-1, hi=_INT64),
+    "min_p": _Rule("float", lo=0, hi=1),
+    "seed": _Rule("int", lo=-_INT64 - 1, hi=_INT64),
+    "id_column": _OPT_STR,
+    "prompt_column": _OPT_STR,
+    "messages_column": _OPT_STR,
+    "prompt_template": _OPT_STR,
+    "system_prompt": _OPT_STR,
+    "policy": _Rule("str", choices=("batchllm", "fcfs-lru")),
+    "attention": _Rule("str", choices=("auto", "torch", "triton")),
+    "page_size": _Rule("int", lo=1, hi=1 << 16),
+    "max_num_batched_tokens": _Rule("int", optional=True, lo=1, hi=1 << 31),
+    "max_num_seqs": _Rule("int", optional=True, lo=1, hi=1 << 31),
+    "max_model_len": _Rule("int", optional=True, lo=1, hi=1 << 31),
+    "kv_cache_tokens": _Rule("int", optional=True, lo=1, hi=1 << 40),
+    "gpu_memory_utilization": _Rule("float", lo=0, hi=1, lo_open=True),
+    "enforce_eager": _Rule("bool"),
+    "shard_rows": _Rule("int", lo=1, hi=1 << 31),
+    "preview": _Rule("int", lo=0, hi=1 << 31),
+    "replicas": _Rule("int", lo=1, hi=1 << 16),
+    "ray_address": _OPT_STR,
+}
+
+
+def check_value(key: str, value: Any, where: str = "") -> None:
+    """BatchLLMError naming the key, the value and what was expected, unless ``value`` fits ``SCHEMA[key]``."""
+    rule = SCHEMA[key]
+    if rule.ok(value):
+        return
+    shown = f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1e12 else repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    kind = "" if value is None else f" ({_type_name(value)})"
+    raise BatchLLMError(f"{where}{key} = {shown}{kind}: expected {rule.expected()}")
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}.get(
+        type(value), type(value).__name__)
+
+
 def read_toml(path: str, what: str) -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a one-line BatchLLMError naming ``what`` it is."""
     try:
@@ -155,12 +258,16 @@ def load_job_file(path: str) -> dict[str, Any]:
         else:
             flat[key] = value
     if "input" in flat:
+        if "inputs" in flat:
+            raise BatchLLMError(f"job file {path}: give input or inputs, not both")
         flat["inputs"] = flat.pop("input")
     if isinstance(flat.get("inputs"), str):
         flat["inputs"] = [flat["inputs"]]
     unknown = sorted(set(flat) - _FIELDS)
     if unknown:
         raise BatchLLMError(f"job file {path}: unknown key(s) {', '.join(unknown)}")
+    for key, value in flat.items():  # types and ranges before anything uses a value
+        check_value(key, value, where=f"job file {path}: ")
     # paths in a job file are relative to the file, so a job runs the same from any working directory
     base = os.path.dirname(os.path.abspath(path))
     if "inputs" in flat:

@@ -16,6 +16,11 @@ MAX_TOKENS_ALIASES = ("max_new_tokens", "max_completion_tokens")
 
 _GREEDY_EPS = 1e-5
 
+# Upper bounds that no real job reaches but that stop a typo (max_tokens = 1e30, n = 1e7) from running for
+# hours or being silently clamped: a bad row becomes an invalid_parameter error record instead.
+MAX_TOKENS_LIMIT = 1 << 24  # 16,777,216 tokens: beyond any model's context
+MAX_N = 1024  # samples per request
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -52,6 +57,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens > MAX_TOKENS_LIMIT:
+            raise ValueError(f"max_tokens must be at most {MAX_TOKENS_LIMIT} (more than any model's context), got {_big(self.max_tokens)}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -62,6 +69,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N} samples per request, got {_big(self.n)}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
@@ -133,6 +142,11 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError(f"stop_token_ids must be a list of integers, got {value!r}")
         return tuple(_as_int(name, v) for v in value)
     return value
+
+
+def _big(value: Any) -> str:
+    """A number for an error message, in scientific notation when it is huge (int(1e30) has 31 digits)."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) and abs(value) >= 1e12 else str(value)
 
 
 def _as_int(name: str, value: Any) -> int:

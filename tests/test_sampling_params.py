@@ -30,3 +30,19 @@ def test_row_fields_override_defaults_and_aliases():
 def test_bad_values_raise_clear_errors(fields, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams.from_fields(fields)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"max_tokens": 1e30}, r"max_tokens must be at most 16777216 .*got 1e\+30"),
+        ({"max_tokens": 2**24 + 1}, "max_tokens must be at most"),
+        ({"n": 10**7}, "n must be at most 1024"),
+        ({"n": 1e7}, "n must be at most 1024"),
+    ],
+)
+def test_max_tokens_1e30_and_n_1e7_are_refused_not_clamped(fields, match):
+    # issue 13: max_tokens 1e30 was silently clamped, n = 1e7 ran for minutes; both are error rows now
+    with pytest.raises(ValueError, match=match):
+        SamplingParams.from_fields(fields)
+    assert SamplingParams.from_fields({"max_tokens": 2**24, "n": 1024}).n == 1024  # the bounds themselves pass
