@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -47,7 +49,7 @@ from batchllm.jobs.status import CANCELLED, COMPLETED, FAILED, StatusFile
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 from batchllm.models.llama import build_model
-from batchllm.models.tokenizer import batch_encode_prompts, encode_chat, eos_token_ids
+from batchllm.models.tokenizer import batch_encode_prompts, eos_token_ids, render_chat
 from batchllm.plan.plan import Plan, build_plan, estimate_peak_kv_tokens
 from batchllm.plan.stats import plan_stats
 
@@ -146,21 +148,84 @@ def completion_row(req: Request, seq: Sequence) -> dict:
     return row
 
 
+_TOKEN_CHARS: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tok) -> int:
+    """The most characters of text one token of ``tok`` can stand for: its longest vocabulary entry (added
+    and special tokens included), at least 1. Cached per tokenizer.
+
+    Vocabulary strings are never shorter than the text they decode to (byte-level BPE spells each byte as
+    one character, SentencePiece spells a space as one "▁"), so a prompt of more than
+    ``max_token_chars(tok) * (n - 1)`` characters has at least ``n`` tokens: ``max_prompt_chars`` uses
+    this to refuse a prompt that cannot fit before it is tokenized.
+    """
+    try:
+        return _TOKEN_CHARS[tok]
+    except (KeyError, TypeError):
+        pass
+    longest = 1
+    try:
+        vocab = tok.get_vocab()
+        longest = max([longest, *map(len, vocab)])
+        for t in getattr(tok, "all_special_tokens", []):
+            longest = max(longest, len(t))
+    except Exception as e:  # noqa: BLE001  (no vocabulary to inspect: no character bound)
+        log.debug("no vocabulary for the character bound: %s", e)
+        longest = 1 << 20
+    try:
+        _TOKEN_CHARS[tok] = longest
+    except TypeError:  # not weak-referenceable
+        pass
+    return longest
+
+
+def max_prompt_chars(tok, max_model_len: int) -> int:
+    """Characters beyond which a prompt certainly has ``max_model_len`` tokens or more (too long)."""
+    return max_token_chars(tok) * max(0, max_model_len - 1)
+
+
 def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) -> tuple[list[Request], list[RowError]]:
     """Fill ``token_ids`` of every request; rows that cannot be tokenized or are too long become errors.
 
-    Raw prompts are encoded in one batched call (the Rust tokenizer parallelises it); chat rows are
-    rendered through the chat template one by one.
+    Lengths are checked before any encoding: a raw prompt or a rendered chat longer than
+    ``max_prompt_chars`` characters, or more token ids than the context, is a ``prompt_too_long`` error
+    without being tokenized (a 30 MB prompt would otherwise cost gigabytes in the tokenizer). Raw prompts
+    are encoded in one batched call (the Rust tokenizer parallelises it); chat rows are rendered through
+    the chat template one by one.
     """
     errors: list[RowError] = []
-    raw = [r for r in requests if r.prompt is not None]
+    limit = max_prompt_chars(tok, max_model_len)
+
+    def too_long(r: Request, what: str, n: int, unit: str) -> None:
+        errors.append(RowError(
+            r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
+            f"{what} has {n:,} {unit}; the model context (max-model-len) is {max_model_len} tokens"
+            + (f", at most {limit:,} characters with this tokenizer" if unit == "characters" else ""), r.custom_id))
+        r.token_ids = None
+
+    raw = []
+    for r in requests:
+        if r.prompt is None:
+            continue
+        if len(r.prompt) > limit:
+            too_long(r, "prompt", len(r.prompt), "characters")
+        else:
+            raw.append(r)
     for r, ids in zip(raw, batch_encode_prompts(tok, [r.prompt for r in raw]) if raw else []):
         r.token_ids = np.asarray(ids, dtype=np.int32)
     for r in requests:
         try:
             if r.messages is not None:
-                r.token_ids = np.asarray(encode_chat(tok, r.messages), dtype=np.int32)
+                text = render_chat(tok, r.messages)
+                if len(text) > limit:
+                    too_long(r, "the chat prompt", len(text), "characters")
+                    continue
+                r.token_ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
             elif r.prompt_token_ids is not None:
+                if len(r.prompt_token_ids) >= max_model_len:
+                    too_long(r, "prompt", len(r.prompt_token_ids), "tokens")
+                    continue
                 ids = np.asarray(r.prompt_token_ids, dtype=np.int64)
                 if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
                     raise ValueError(f"prompt_token_ids must be in [0, {vocab_size})")
@@ -209,7 +274,8 @@ def read_and_tokenize(
     file_ids = {p: i for i, p in enumerate(cfg.inputs)}
     names = (folder.manifest.get("input_files") if folder is not None and folder.resuming else None) or cfg.inputs
     requests: list[Request] = []
-    for k, item in enumerate(read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip)):
+    limit = max_prompt_chars(tokenizer, max_model_len)
+    for k, item in enumerate(read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit)):
         fid = file_ids[item.input_file]
         if done is not None and done.contains(fid, item.input_index):
             continue
@@ -293,7 +359,8 @@ def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype
     the peak activation of a warm-up forward at ``max_tokens_step`` tokens (LM head over ``sample_rows``
     rows), the graph pool reserve for decode steps of ``graph_batch`` rows (0: no graphs) and non-torch
     memory (``batchllm.engine.memory``). On CUDA without a model, an analytic activation estimate stands
-    in for the profile. On the CPU: a quarter of the available RAM, at most 4 GiB."""
+    in for the profile. On the CPU: a quarter of the memory the process may still use (the smallest of
+    MemAvailable, its cgroup limits and its rlimits: ``_available_ram``), at most 4 GiB."""
     page_bytes = KVCache.bytes_per_page(mcfg, cfg.page_size, dtype)
     if cfg.kv_cache_tokens is not None:
         return max(1, -(-cfg.kv_cache_tokens // cfg.page_size))
@@ -336,14 +403,89 @@ def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype
 
 
 def _available_ram() -> int:
+    """Bytes this process may still allocate: the smallest of the machine's MemAvailable, what its cgroup
+    memory limits leave (v2 every level up, or v1) and what its address-space / data rlimits leave."""
+    candidates = [_meminfo_available(), *_cgroup_headroom(), *_rlimit_headroom()]
+    known = [c for c in candidates if c is not None]
+    return max(0, min(known)) if known else 8 << 30
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 8 << 30
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_headroom() -> list[int]:
+    """limit - usage for each memory cgroup the process is in (cgroup v2: its own and every ancestor's)."""
+    out: list[int] = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hier, controllers, path = parts
+        if hier == "0" and controllers == "":  # v2 unified hierarchy
+            rel = path.strip("/")
+            while True:
+                base = os.path.join("/sys/fs/cgroup", rel)
+                limit, used = _read_int(os.path.join(base, "memory.max")), _read_int(os.path.join(base, "memory.current"))
+                if limit is not None:
+                    out.append(limit - (used or 0))
+                if not rel:
+                    break
+                rel = os.path.dirname(rel)
+        elif "memory" in controllers.split(","):  # v1
+            for base in (os.path.join("/sys/fs/cgroup/memory", path.strip("/")), "/sys/fs/cgroup/memory"):
+                limit = _read_int(os.path.join(base, "memory.limit_in_bytes"))
+                if limit is not None and limit < 1 << 60:  # v1 writes "no limit" as a huge number
+                    out.append(limit - (_read_int(os.path.join(base, "memory.usage_in_bytes")) or 0))
+                    break
+    return out
+
+
+def _rlimit_headroom() -> list[int]:
+    """RLIMIT_AS - VmSize and RLIMIT_DATA - VmData (``ulimit -v`` / ``ulimit -d``), where a limit is set."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (not POSIX)
+        return []
+    status: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmSize", "VmData"):
+                    status[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    out = []
+    for limit_name, used_key in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
+        limit = getattr(resource, limit_name, None)
+        if limit is None:
+            continue
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            out.append(soft - status.get(used_key, 0))
+    return out
 
 
 @dataclasses.dataclass

@@ -363,15 +363,21 @@ def test_csv_and_json_array_through_datasets(tmp_path, hf_cache):
     )
     assert (b.custom_id, b.sampling.temperature, b.sampling.max_tokens) == ("q2", 1.0, 8)
 
-    # an id column with a gap loads as floats: integral floats read as integers, the gap as the default
+    # an id column with a gap loads as floats: integral floats read as integers; the gap is a null id, an
+    # error row (issue 13: defaulting it to the row index could collide with another row's id)
     gaps = tmp_path / "gaps.csv"
     gaps.write_text("custom_id,prompt\n5,a\n,b\n7,c\n")
-    assert [r.custom_id for r in read([str(gaps)])] == ["5", "1", "7"]
+    five, gap, seven = read([str(gaps)])
+    assert (five.custom_id, seven.custom_id) == ("5", "7")
+    assert isinstance(gap, RowError) and gap.error_code == rq.INVALID_PARAMETER and "null" in gap.error_message
 
     arr = tmp_path / "in.json"
-    arr.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "custom_id": "k"}]))
+    arr.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y"}]))
     assert detect_format(str(arr)) == "hf-file"
-    assert [(r.custom_id, r.prompt) for r in read([str(arr)])] == [("0", "x"), ("k", "y")]
+    assert [(r.custom_id, r.prompt) for r in read([str(arr)])] == [("0", "x"), ("1", "y")]
+    arr.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y", "custom_id": "k"}]))  # datasets fills the gap with null
+    x, y = read([str(arr)])
+    assert x.error_code == rq.INVALID_PARAMETER and (y.custom_id, y.prompt) == ("k", "y")
 
 
 # ------------------------------------------------------------------------------ column mapping, template

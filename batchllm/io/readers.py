@@ -32,8 +32,10 @@ unreadable, unknown format, an empty JSONL file, a bad template, a mapped column
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import string
 from typing import Any, Iterator, Sequence
 
@@ -48,6 +50,7 @@ from batchllm.io.requests import (
     INVALID_PARAMETER,
     MALFORMED_JSON,
     MISSING_PROMPT,
+    PROMPT_TOO_LONG,
     TEMPLATE_ERROR,
     UNSUPPORTED_ENDPOINT,
     Request,
@@ -116,9 +119,12 @@ def detect_format(path: str) -> str:
         raise BatchLLMError(f"input not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext in _PARQUET_EXTS:
+        _check_parquet(path)
         return "parquet"
     if ext in (".csv", ".arrow"):
         return "hf-file"
+    if ext in _JSONL_EXTS or ext == ".json":
+        _check_utf8(path)
     if ext == ".json" and _first_byte(path) == b"[":
         return "hf-file"
     if ext in _JSONL_EXTS or ext == ".json":
@@ -135,6 +141,7 @@ def read_requests(
     defaults: SamplingParams = SamplingParams(),
     batch_rows: int = 4096,
     skip: Sequence[Any] | None = None,
+    max_prompt_chars: int | None = None,
 ) -> Iterator[Request | RowError]:
     """Yield one ``Request`` or ``RowError`` per input row, files in the given order, rows in file order.
 
@@ -147,6 +154,10 @@ def read_requests(
     unread: such a row yields nothing, is not parsed (a JSONL line is not even decoded) and claims no
     ``custom_id``. The caller must know that skipped rows cannot change the others' fate (see
     ``batchllm.jobs.folder``).
+
+    ``max_prompt_chars``: a raw-text prompt (a template's rendering included, checked before it is
+    built) longer than this is a ``PROMPT_TOO_LONG`` error (the pipeline passes the most characters the
+    model's context can hold, so a huge prompt never reaches the tokenizer).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -164,7 +175,7 @@ def read_requests(
         raise BatchLLMError("column mapping and prompt templates do not apply to OpenAI batch files")
     if skip is not None and len(skip) != len(paths):
         raise ValueError("skip must have one entry per path")
-    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip)
+    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip, max_prompt_chars)
 
 
 def count_rows(paths: Sequence[str]) -> int | None:
@@ -196,8 +207,8 @@ def count_rows(paths: Sequence[str]) -> int | None:
 # -------------------------------------------------------------------------------------------- driving
 
 
-def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None) -> Iterator[Request | RowError]:
-    seen: set[str] = set()
+def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None, max_chars=None) -> Iterator[Request | RowError]:
+    seen: dict[str, bool] = {}  # custom_id -> whether it was generated (the row index of a row without an id)
     several = len(paths) > 1
     wanted, required = _wanted_columns(mapping, template_fields)
     for i, (path, fmt) in enumerate(zip(paths, formats)):
@@ -212,27 +223,42 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
             if mask is not None:
                 rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
-            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults)
+            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars)
 
 
-def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults) -> Request | RowError:
+def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None) -> Request | RowError:
     """Turn one parsed row (or a parse failure) into a record; claims the row's custom_id in ``seen``."""
     if isinstance(row, _RowFailure):
         return RowError(path, index, row.code, row.message)
+    id_key = "custom_id" if fmt == "openai" else mapping.id_column or "custom_id"
+    null_id = id_key in row and _is_null(row[id_key])
     row = {k: (None if _is_null(v) else v) for k, v in row.items()}
     custom_id = None
     try:
-        if fmt == "openai":
-            custom_id = _custom_id(row.get("custom_id"), None)
-        else:
-            custom_id = _custom_id(row.get(mapping.id_column or "custom_id"), f"{prefix}{index}")
+        if null_id and fmt != "openai":
+            # a null id is not "no id": defaulting it to the row index could collide with another row's id
+            raise _RowFailure(INVALID_PARAMETER, f"{id_key} is null: give this row an id (or leave the column out "
+                                                 "of every row to number rows by their index)")
+        generated = row.get(id_key) is None
+        custom_id = _custom_id(row.get(id_key), None if fmt == "openai" else f"{prefix}{index}")
         if custom_id in seen:
-            raise _RowFailure(DUPLICATE_CUSTOM_ID, f"custom_id {custom_id!r} appeared earlier in the job")
-        seen.add(custom_id)
+            if generated and not seen[custom_id]:
+                why = (f"this row has no {id_key} and its default id {custom_id!r} (the row index) is an earlier row's "
+                       f"{id_key}: give every row an id, or none")
+            elif not generated and seen[custom_id]:
+                why = (f"custom_id {custom_id!r} is also the default id (the row index) of an earlier row that has no "
+                       f"{id_key}: give every row an id, or none")
+            else:
+                why = f"custom_id {custom_id!r} appeared earlier in the job"
+            raise _RowFailure(DUPLICATE_CUSTOM_ID, why)
+        seen[custom_id] = generated
         if fmt == "openai":
             prompt, fields = _openai_request(row)
         else:
-            prompt, fields = _native_prompt(row, mapping, template_fields), _native_sampling(row)
+            prompt, fields = _native_prompt(row, mapping, template_fields, max_chars), _native_sampling(row)
+        if max_chars is not None and len(prompt.get("prompt") or "") > max_chars:
+            raise _RowFailure(PROMPT_TOO_LONG, f"prompt has {len(prompt['prompt']):,} characters, more than the "
+                                               f"model's context can hold (at most {max_chars:,})")
         if mapping.system_prompt is not None and "messages" in prompt:
             prompt["messages"] = _with_system(prompt["messages"], mapping.system_prompt)
         try:
@@ -263,10 +289,10 @@ def _custom_id(value: Any, default: str | None) -> str:
     return str(value)
 
 
-def _native_prompt(row: dict, mapping: ColumnMapping, template_fields: tuple[str, ...]) -> dict[str, Any]:
+def _native_prompt(row: dict, mapping: ColumnMapping, template_fields: tuple[str, ...], max_chars: int | None = None) -> dict[str, Any]:
     """The Request keyword (prompt / messages / prompt_token_ids) for a native row."""
     if mapping.prompt_template is not None:
-        return {"prompt": _check_prompt(_render(mapping.prompt_template, template_fields, row))}
+        return {"prompt": _check_prompt(_render(mapping.prompt_template, template_fields, row, max_chars))}
     names = {
         "prompt": mapping.prompt_column or "prompt",
         "messages": mapping.messages_column or "messages",
@@ -424,42 +450,87 @@ def _with_system(messages: list[dict], system_prompt: str) -> list[dict]:
 
 
 def _template_fields(template: str) -> tuple[str, ...]:
-    """The field names of a prompt template; raises BatchLLMError unless every field is a plain name.
+    """The field names of a prompt template; raises BatchLLMError unless every field is a plain name with
+    at most a small static format spec (``_template_parts``)."""
+    return tuple(dict.fromkeys(name for _, name, _, _ in _template_parts(template) if name is not None))
+
+
+# A format spec may pad or extend a value by at most this many characters ("{x:>1000000000}" would build a
+# gigabyte prompt from every row before any length check could see it).
+MAX_SPEC_WIDTH = 100
+
+
+@functools.lru_cache(maxsize=16)
+def _template_parts(template: str) -> tuple[tuple[str, str | None, str | None, str], ...]:
+    """(literal, field name, conversion, format spec) pieces of a prompt template, checked.
 
     Plain names only: attribute access and indexing (``{x.__class__}``, ``{x[0]}``) could reach into
-    Python objects, and positional fields have nothing to bind to.
+    Python objects, and positional fields have nothing to bind to. Format specs must be static (no nested
+    ``{field}``) with widths and precisions of at most ``MAX_SPEC_WIDTH``, so a rendered prompt is never
+    much longer than the row's own text.
     """
-    names: list[str] = []
-    pending = [template]
-    while pending:  # format specs may nest fields: "{x:{width}}"
-        try:
-            parsed = list(string.Formatter().parse(pending.pop()))
-        except ValueError as e:
-            raise BatchLLMError(f"bad prompt template: {e}") from None
-        for _, name, spec, _ in parsed:
-            if name is None:
-                continue
-            if not name.isidentifier():
-                raise BatchLLMError(
-                    f"bad prompt template field {{{name}}}: use plain column names, no attribute access, "
-                    "indexing or positional fields"
-                )
-            names.append(name)
-            if spec:
-                pending.append(spec)
-    return tuple(dict.fromkeys(names))
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise BatchLLMError(f"bad prompt template: {e}") from None
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise BatchLLMError(
+                f"bad prompt template field {{{name}}}: use plain column names, no attribute access, "
+                "indexing or positional fields"
+            )
+        if spec and ("{" in spec or "}" in spec):
+            raise BatchLLMError(
+                f"bad prompt template field {{{name}:{spec}}}: a format spec cannot hold other fields; use a "
+                "static spec such as {name:>4} or none"
+            )
+        if spec and any(int(d) > MAX_SPEC_WIDTH for d in re.findall(r"\d+", spec)):
+            raise BatchLLMError(
+                f"bad prompt template field {{{name}:{spec}}}: format spec widths and precisions are limited "
+                f"to {MAX_SPEC_WIDTH}"
+            )
+    return tuple((lit, name, conv, spec or "") for lit, name, spec, conv in parsed)
 
 
-def _render(template: str, fields: tuple[str, ...], row: dict) -> str:
+def _render(template: str, fields: tuple[str, ...], row: dict, max_chars: int | None = None) -> str:
+    """The template over ``row``, as ``str.format`` renders it; a PROMPT_TOO_LONG failure when it would be
+    longer than ``max_chars`` (checked from the pieces' lengths before they are joined)."""
     for name in fields:
         if name not in row:
             raise _RowFailure(TEMPLATE_ERROR, f"template field {name!r} is not in this row")
         if row[name] is None:
             raise _RowFailure(TEMPLATE_ERROR, f"template field {name!r} is null in this row")
+    pieces: list[str] = []
+    done: dict[tuple[str, str | None, str], str] = {}  # each distinct field rendered once
+    total = 0
     try:
-        return template.format_map(row)
+        for literal, name, conv, spec in _template_parts(template):
+            pieces.append(literal)
+            total += len(literal)
+            if name is None:
+                continue
+            key = (name, conv, spec)
+            if key not in done:
+                value = row[name]
+                if conv == "r":
+                    value = repr(value)
+                elif conv == "a":
+                    value = ascii(value)
+                elif conv == "s":
+                    value = str(value)
+                elif conv is not None:
+                    raise ValueError(f"unknown conversion specifier {conv}")
+                done[key] = format(value, spec)
+            pieces.append(done[key])
+            total += len(done[key])
+            if max_chars is not None and total > max_chars:
+                raise _RowFailure(PROMPT_TOO_LONG, f"the rendered prompt has more than {max_chars:,} characters, "
+                                                    "more than the model's context can hold")
     except (ValueError, TypeError, KeyError) as e:  # a format spec that does not fit the value
         raise _RowFailure(TEMPLATE_ERROR, f"cannot render the template: {e}") from None
+    return "".join(pieces)
 
 
 def _short(value: Any) -> str:
@@ -472,6 +543,32 @@ def _is_null(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- formats
+
+
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-16 LE / BE, UTF-32 BE (UTF-32 LE starts like UTF-16 LE)
+
+
+def _check_utf8(path: str) -> None:
+    """BatchLLMError for a JSON / JSONL file in UTF-16 or UTF-32: its lines would split inside characters
+    (a UTF-16 newline is two bytes), so rows would be lost or garbled rather than read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    if head.startswith(_WIDE_BOMS) or b"\x00" in head:
+        raise BatchLLMError(f"{path} is not UTF-8 (it looks UTF-16 or UTF-32 encoded): JSON input must be UTF-8, "
+                            f"e.g. iconv -f UTF-16 -t UTF-8 {os.path.basename(path)} > converted.jsonl")
+
+
+def _check_parquet(path: str) -> None:
+    """BatchLLMError for a Parquet file that cannot be opened or has no rows (as for an empty JSONL file)."""
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from None
+    if rows == 0:
+        raise BatchLLMError(f"{path} has no rows: nothing to run")
 
 
 def _first_byte(path: str) -> bytes:
