@@ -89,8 +89,10 @@ def _reader(path: Path):
     try:
         st = os.stat(path)
         return _reader_cached(str(path), st.st_size, st.st_mtime_ns)
-    except (OSError, ValueError) as e:
-        raise BatchLLMError(f"{path}: not a readable GGUF file ({e})") from e
+    except ImportError:
+        raise BatchLLMError("loading a .gguf model needs the 'gguf' package: pip install gguf") from None
+    except Exception as e:  # noqa: BLE001  (gguf-py raises struct.error, IndexError, TypeError... on damaged files)
+        raise BatchLLMError(f"{path}: not a readable GGUF file ({_why(e)})") from None
 
 
 _MISSING = object()
@@ -141,8 +143,23 @@ def _llama3_scaling(factors: np.ndarray, rope_theta: float, head_dim: int) -> di
     raise BatchLLMError("GGUF rope_freqs tensor does not match llama3 RoPE scaling; this RoPE variant is unsupported")
 
 
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
 def load_config(path: Path) -> ModelConfig:
-    """ModelConfig from the GGUF metadata (shapes cross-checked against the tensors)."""
+    """ModelConfig from the GGUF metadata (shapes cross-checked against the tensors); a damaged or
+    crafted file is a one-line BatchLLMError, whatever gguf-py or the checks raise."""
+    try:
+        return _load_config(path)
+    except BatchLLMError:
+        raise
+    except Exception as e:  # noqa: BLE001  (metadata of the wrong type or shape: struct / Type / Index / ZeroDivision errors)
+        raise BatchLLMError(f"{path}: damaged or unsupported GGUF metadata ({_why(e)})") from None
+
+
+def _load_config(path: Path) -> ModelConfig:
     r = _reader(path)
     arch = _meta(r, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -217,8 +234,18 @@ def iter_weights(
     """Yield (HF name, dequantized tensor on device in dtype), one at a time, in file order.
 
     Names/shapes are checked against ``cfg`` before anything is dequantized; a GGUF tensor with no HF
-    counterpart raises BatchLLMError rather than being silently dropped.
+    counterpart raises BatchLLMError rather than being silently dropped; so does a tensor whose data
+    cannot be read (a truncated or damaged file).
     """
+    try:
+        yield from _iter_weights(path, cfg, dtype, device)
+    except BatchLLMError:
+        raise
+    except Exception as e:  # noqa: BLE001  (gguf-py / numpy on damaged tensor data)
+        raise BatchLLMError(f"{path}: damaged GGUF tensor data ({_why(e)})") from None
+
+
+def _iter_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     r = _reader(path)
     _, permuted = ARCHITECTURES[_meta(r, "general.architecture")]
     shapes = weight_shapes(cfg)
@@ -259,12 +286,12 @@ def load_tokenizer(path: Path, fingerprint: str, cache_root: Path):
     if (target / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(target), trust_remote_code=False)
-        except (OSError, ValueError):
-            pass  # a damaged cache entry: fall through and convert again
+        except Exception:  # noqa: BLE001  (a damaged cache entry: fall through and convert again)
+            pass
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise BatchLLMError(f"{path}: could not build a tokenizer from the GGUF ({e})") from e
+    except Exception as e:  # noqa: BLE001  (transformers' GGUF conversion raises many types on a damaged file)
+        raise BatchLLMError(f"{path}: could not build a tokenizer from the GGUF ({_why(e)})") from None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Save to a private folder then rename, so a concurrent reader never sees a half-written entry.

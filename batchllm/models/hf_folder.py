@@ -65,8 +65,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise BatchLLMError(f"{index}: unreadable safetensors index ({e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BatchLLMError(f"{index}: unreadable safetensors index ({_why(e)})") from None
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -99,19 +101,24 @@ def load_config(folder: Path) -> ModelConfig:
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise BatchLLMError(f"{folder / 'config.json'}: unreadable ({e})") from e
+        raise BatchLLMError(f"{folder / 'config.json'}: unreadable ({_why(e)})") from None
+    if not isinstance(raw, dict):
+        raise BatchLLMError(f"{folder / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
     try:
         cfg = ModelConfig.from_hf(raw)
     except (ValueError, KeyError) as e:
         raise BatchLLMError(f"{folder}: {e}") from e
+    except Exception as e:  # noqa: BLE001  (values of the wrong type: TypeError, AttributeError...)
+        raise BatchLLMError(f"{folder / 'config.json'}: unsupported or damaged config ({_why(e)})") from None
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
         try:
             eos = json.loads(gen_path.read_text()).get("eos_token_id")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             eos = None  # generation_config.json is advisory; a broken one must not block loading
         extra = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *(int(e) for e in extra)]))
+        extra = [e for e in extra if isinstance(e, int) and not isinstance(e, bool) and 0 <= e < cfg.vocab_size]
+        merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
         cfg = dataclasses.replace(cfg, eos_token_ids=merged)
     return cfg
 
@@ -123,8 +130,18 @@ def iter_weights(
 
     Every name of ``weight_names(cfg)`` is yielded exactly once; extra checkpoint entries (rotary inv_freq
     buffers, an lm_head copy in a tied model) are skipped. Missing or mis-shaped tensors raise BatchLLMError
-    before anything is loaded (safetensors headers are read without touching the data).
+    before anything is loaded (safetensors headers are read without touching the data); so does a file
+    that cannot be read (a truncated or damaged safetensors file).
     """
+    try:
+        yield from _iter_weights(folder, cfg, dtype, device)
+    except BatchLLMError:
+        raise
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, RuntimeError... on a damaged file)
+        raise BatchLLMError(f"{folder}: damaged safetensors weights ({_why(e)})") from None
+
+
+def _iter_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     shapes = weight_shapes(cfg)
@@ -155,5 +172,10 @@ def load_tokenizer(folder: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise BatchLLMError(f"{folder}: could not load a tokenizer ({e})") from e
+    except Exception as e:  # noqa: BLE001  (a damaged tokenizer.json raises the tokenizers library's own errors)
+        raise BatchLLMError(f"{folder}: could not load a tokenizer ({_why(e)})") from None
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
