@@ -349,15 +349,18 @@ def _set_verbose(verbose: bool) -> None:
 _VERBOSE = False
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line for user errors, the traceback only with --verbose.
 
-    Usage errors (a flag that does not parse) are typer's: a short message and exit status 2.
+    Usage errors (a flag that does not parse) are typer's: a short message and exit status 2. A signal
+    outside a job's generation (start-up, shutdown) is one line too, with exit status 128 + signal.
+    ``argv`` (default: sys.argv) lets tests run the command line in-process.
     """
-    from batchllm.jobs.signals import JobInterrupted
+    from batchllm.jobs.signals import JobInterrupted, raise_on_signals
 
+    raise_on_signals()
     try:
-        app()
+        app(args=argv)
     except JobInterrupted as e:
         console.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
@@ -365,6 +368,12 @@ def main() -> None:
         if _VERBOSE:
             console.print_exception()
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except MemoryError:
+        if _VERBOSE:
+            console.print_exception()
+        console.print("[bold red]error:[/] out of memory: lower --kv-cache-tokens or --max-num-batched-tokens, or "
+                      "give the process more memory (committed work is kept; rerun to continue)", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -8,6 +8,11 @@ needs no handling at all, because the shard protocol keeps committed work valid 
 
 Handlers are installed only from the main thread (Python's rule); elsewhere the flag stays unset and a
 signal behaves as usual. The previous handlers come back when the context exits.
+
+Outside those stages (start-up: imports, reading the inputs' headers, Ray, the model's tokenizer, the job
+folder; and after the last commit) the command line installs ``raise_on_signals``: a signal there raises
+``StoppedOutsideJob``, printed as one line with exit status 128 + signal, instead of the default action
+(SIGTERM killed the process with no message).
 """
 
 from __future__ import annotations
@@ -47,6 +52,33 @@ class JobInterrupted(BatchLLMError):
             f"stopped by {name} after committing {committed_rows:,} rows this run; "
             f"resume with: batchllm resume {output_dir}"
         )
+
+
+class StoppedOutsideJob(JobInterrupted):
+    """A signal arrived while no engine work was in flight (start-up or shutdown): nothing to commit."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.output_dir = None
+        BatchLLMError.__init__(
+            self, f"stopped by {signal.Signals(signum).name} while no generation was running; committed work is "
+                  "kept: run the same command again to continue")
+
+
+def raise_on_signals() -> None:
+    """Make SIGINT / SIGTERM raise ``StoppedOutsideJob`` in the main thread from now on (the command line
+    calls this first thing; ``stop_on_signals`` takes over while a job runs, then puts this back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        for s in _SIGNALS:  # a second signal while the first unwinds: the default action
+            signal.signal(s, signal.SIG_DFL)
+        raise StoppedOutsideJob(signum)
+
+    for s in _SIGNALS:
+        signal.signal(s, handler)
 
 
 @contextlib.contextmanager
