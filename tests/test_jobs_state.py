@@ -91,7 +91,7 @@ def test_writer_resumes_numbering_and_removes_orphans(tmp_path):
     (tmp_path / ".shard-00002.parquet.tmp").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("user file")
     wr2 = ShardWriter(out, 2, manifest=read_manifest(out))
-    assert sorted(os.listdir(out)) == sorted([".batchllm.lock", "manifest.json", "notes.txt", "shard-00000.parquet"])
+    assert sorted(os.listdir(out)) == sorted([".batchllm-job", ".batchllm.lock", "manifest.json", "notes.txt", "shard-00000.parquet"])
     wr2.add_request([row(2)])
     wr2.close()
     m = read_manifest(out)

@@ -215,9 +215,10 @@ def test_job_on_object_store_interrupt_resume_refuse_show_export(memfs, tiny, jo
     exactly_once(uri, ref)
     state = job_state(uri)
     assert state["status"] == "completed" and state["runs"] == 2 and state["failed"] == 1 and not state["running"]
-    # every object in the folder is a listed shard, the manifest or status.json: no orphan, no temporary
+    # every object in the folder is a listed shard, the manifest, status.json or the job-folder mark:
+    # no orphan, no temporary
     names = {i.base_name for i in memfs.get_file_info(pafs.FileSelector("bucket/jobs/a"))}
-    assert names == {"manifest.json", "status.json"} | {e["file"] for e in read_manifest(uri)["shards"]}
+    assert names == {".batchllm-job", "manifest.json", "status.json"} | {e["file"] for e in read_manifest(uri)["shards"]}
     # export to a local file and into the object store
     res = export_job(uri, "jsonl", str(tmp_path / "all.jsonl"), ordered=True)
     assert res.rows == len(ref) and res.failed == 1

@@ -32,6 +32,14 @@ manifest lists it, and the manifest is replaced whole.
 
 Failures to write (disk full, a deleted or read-only folder) raise ``CommitError``, a BatchLLMError
 with one line; what was committed before stays valid and the job can resume.
+
+Ownership (``claim_job_folder``): batchllm deletes or replaces only files it wrote. Before the first
+write or removal in a folder it marks the folder as a job folder (``.batchllm-job``); a folder without
+that mark (or a legacy batchllm manifest) that already holds files named like batchllm's own
+(``manifest.json``, ``status.json``, ``shard-NNNNN.parquet`` and their ``.NAME.tmp`` temporaries) is
+refused, never cleaned. Inside a marked folder those names are batchllm's: an unlisted shard is an
+orphan of a killed commit and is deleted. An input file inside the output folder (or an output folder
+inside an input folder) is refused before anything is touched.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from batchllm.io.storage import (
     FolderLock,
     Lease,
     Storage,
+    is_uri,
     open_storage,
 )
 from batchllm.jobs.completed import encode_done
@@ -79,6 +88,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 STATUS = "status.json"
+MARKER = ".batchllm-job"  # marks a folder as a batchllm job folder (see ``claim_job_folder``)
 _SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
 # Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
 # SIGKILL inside a commit. Read once per writer; unset in normal use.
@@ -98,12 +108,92 @@ def storage_of(output_dir: str | Storage) -> Storage:
     return open_storage(output_dir, opener=lambda path, mode: open(path, mode))
 
 
-def clear_job_files(output_dir: str | Storage) -> None:
-    """Delete a previous job's files (manifest, status, shards, temporaries); other files are left alone."""
+def is_job_file(name: str) -> bool:
+    """Whether batchllm writes files of this name in a job folder: the manifest, status.json, shards and
+    the ``.NAME.tmp`` temporaries of those (the lock and the marker are not counted)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return name in (MANIFEST, STATUS) or bool(_SHARD_RE.match(name))
+
+
+def check_inputs_outside(location: str, inputs: Iterable[str]) -> None:
+    """BatchLLMError when an input lies inside the output folder ``location`` (batchllm would count it as
+    one of its own files) or the output folder inside an input folder (the job would read its own output)."""
+    out = _normalised(location)
+    for inp in inputs or ():
+        if not inp or str(inp) == "-":
+            continue
+        p = _normalised(str(inp))
+        if is_uri(location) != is_uri(str(inp)):
+            continue
+        if _within(p, out):
+            raise BatchLLMError(f"input {inp} is inside the output folder {location}: batchllm owns the files there "
+                                "and could delete or overwrite it; move the input or choose another --output folder")
+        if _within(out, p):
+            raise BatchLLMError(f"the output folder {location} is inside the input folder {inp}: the job would read "
+                                "its own output; choose an --output folder outside it")
+
+
+def _normalised(location: str) -> str:
+    if is_uri(location):
+        return location.rstrip("/")
+    return os.path.realpath(os.path.expanduser(location))
+
+
+def _within(path: str, folder: str) -> bool:
+    sep = "/" if is_uri(folder) else os.sep
+    return path == folder or path.startswith(folder.rstrip(sep) + sep)
+
+
+def claim_job_folder(output_dir: str | Storage, inputs: Iterable[str] = ()) -> None:
+    """Make sure batchllm may write and delete its files in the folder, before it removes anything.
+
+    Refuses (BatchLLMError) an input inside the folder, and a folder not marked as a job folder that
+    already holds files named like batchllm's (``is_job_file``): they are the user's, and a new job
+    would delete or overwrite them. Otherwise marks the folder (a folder with a batchllm manifest but no
+    mark, written before the mark existed, is marked too). Raises OSError when the folder cannot be read
+    or written."""
     storage = storage_of(output_dir)
-    for name in storage.names():
-        if name in (MANIFEST, STATUS) or _SHARD_RE.match(name) or (name.startswith(".") and name.endswith(".tmp")):
-            storage.remove(name)
+    check_inputs_outside(storage.location, inputs)
+    names = storage.names()
+    if MARKER in names:
+        return
+    if MANIFEST in names and _is_batchllm_manifest(storage.read_bytes(MANIFEST)):
+        storage.replace(MARKER, _marker_bytes())
+        return
+    theirs = sorted(n for n in names if is_job_file(n))
+    if theirs:
+        more = f" and {len(theirs) - 3} more" if len(theirs) > 3 else ""
+        raise BatchLLMError(
+            f"{storage.location} is not a batchllm job folder but holds files named like batchllm's own "
+            f"({', '.join(theirs[:3])}{more}); batchllm never deletes or overwrites files it did not write: "
+            "choose an empty or new --output folder, or move those files")
+    storage.replace(MARKER, _marker_bytes())
+
+
+def is_job_folder(output_dir: str | Storage) -> bool:
+    """Whether a folder is a batchllm job folder (marked, or holding a batchllm manifest); False when it
+    cannot be read."""
+    try:
+        storage = storage_of(output_dir)
+        return storage.exists(MARKER) or _is_batchllm_manifest(storage.read_bytes(MANIFEST))
+    except (OSError, BatchLLMError):
+        return False
+
+
+def _is_batchllm_manifest(data: bytes | None) -> bool:
+    if not data:
+        return False
+    try:
+        m = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(m, dict) and isinstance(m.get("shards"), list) and "job_id" in m
+
+
+def _marker_bytes() -> bytes:
+    return json.dumps({"batchllm": "job folder: batchllm owns manifest.json, status.json and shard-*.parquet here",
+                       "marked_at": time.time()}).encode()
 
 
 class ShardWriter:
@@ -111,7 +201,8 @@ class ShardWriter:
 
     ``manifest``: an existing manifest (``read_manifest``) to continue; its shards stay and numbering
     goes on after them. Without it a new job starts and any previous job's files in the folder are
-    deleted. ``fingerprint`` and ``input_files`` (the file-id order) go into a new manifest. ``lock``:
+    deleted (only in a folder batchllm may claim: ``claim_job_folder``; the new manifest replaces the
+    old one before any old shard is removed). ``fingerprint`` and ``input_files`` (the file-id order) go into a new manifest. ``lock``:
     the folder's lock (``FolderLock`` or ``Lease``) when the caller already holds it; the writer checks
     it before every manifest write and releases it on close. ``output_dir``: a path or a URI.
     """
@@ -132,6 +223,7 @@ class ShardWriter:
         self.storage = storage_of(output_dir)
         self.output_dir = self.storage.location
         self.shard_rows = shard_rows
+        own_lock = lock is None
         try:
             self.storage.ensure_folder()
             if lock is None:  # a caller that already holds the folder's lock passes it in
@@ -168,11 +260,17 @@ class ShardWriter:
         self._buffer_requests = 0
         self.rows_written = 0  # rows committed by this writer (this run)
         self._hook = _commit_hook()
+        inputs = [*(input_files or []), *((job_spec or {}).get("inputs") or []), *self.manifest["input_files"]]
         try:
-            self._remove_orphans()
-            self.write_manifest()
-        except OSError as e:
-            raise CommitError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+            claim_job_folder(self.storage, inputs)  # before anything in the folder is replaced or removed
+            self._write_manifest()  # a new job's manifest replaces an old one first: old shards become orphans
+            self._remove_orphans(new_job=manifest is None)
+        except BaseException as e:
+            if own_lock:
+                lock.release()
+            if isinstance(e, OSError):
+                raise CommitError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+            raise
 
     # ------------------------------------------------------------------------------------------ rows
 
@@ -205,7 +303,7 @@ class ShardWriter:
             write_shard_file(self.storage, name, data, self._hook)
             self.manifest["shards"].append(entry)
             try:
-                self.write_manifest()
+                self._write_manifest()
             except BaseException:
                 self.manifest["shards"].pop()  # the shard file is now an orphan: the next writer deletes it
                 raise
@@ -243,7 +341,7 @@ class ShardWriter:
             raise CommitError(f"cannot commit to {self.output_dir}: {err.strerror or err}") from None
         self.manifest["shards"].extend(entries)
         try:
-            self.write_manifest()
+            self._write_manifest()
         except BaseException as err:
             del self.manifest["shards"][-len(entries):]  # not listed: the files stay orphans, deleted later
             if isinstance(err, OSError):
@@ -252,8 +350,16 @@ class ShardWriter:
         self.rows_written += sum(e["rows"] for e in entries)
 
     def write_manifest(self, **extra: Any) -> None:
-        """Replace manifest.json whole (raises OSError), after checking this process still holds the
-        folder (a lost lease raises BatchLLMError and writes nothing)."""
+        """Replace manifest.json whole, after checking this process still holds the folder (a lost lease
+        raises BatchLLMError and writes nothing); a failed write (disk full) raises ``CommitError``."""
+        try:
+            self._write_manifest(**extra)
+        except OSError as e:
+            raise CommitError(f"cannot write the manifest in {self.output_dir}: {e.strerror or e} (the "
+                              f"{len(self.manifest['shards'])} shards committed before stay valid)") from None
+
+    def _write_manifest(self, **extra: Any) -> None:
+        """``write_manifest`` raising OSError."""
         self._lock.check()
         self.manifest.update(extra)
         self.manifest["updated_at"] = time.time()
@@ -266,10 +372,7 @@ class ShardWriter:
             self.flush()
             runs = self.manifest.get("runs") or [{}]
             runs[-1]["ended_at"] = time.time()
-            try:
-                self.write_manifest(**summary)
-            except OSError as e:
-                raise CommitError(f"cannot write the manifest in {self.output_dir}: {e.strerror or e}") from None
+            self.write_manifest(**summary)
         finally:
             self._lock.release()
 
@@ -291,11 +394,13 @@ class ShardWriter:
             self.manifest["input_files"].append(path)
         return fid
 
-    def _remove_orphans(self) -> None:
-        """Delete temporaries and shard files the manifest does not list (left by a killed process)."""
+    def _remove_orphans(self, new_job: bool = False) -> None:
+        """Delete temporaries and shard files the manifest does not list (left by a killed process, or a
+        previous job's), and a new job's stale status.json; only ever in a claimed folder, and only
+        names batchllm writes (``is_job_file``)."""
         listed = {s["file"] for s in self.manifest["shards"]}
         for name in self.storage.names():
-            if (_SHARD_RE.match(name) and name not in listed) or (name.startswith(".shard-") and name.endswith(".tmp")):
+            if is_job_file(name) and name not in listed and name != MANIFEST and (new_job or name != STATUS):
                 self.storage.remove(name)
 
 
@@ -307,7 +412,8 @@ def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> t
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
-    entry = {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "committed_at": time.time()}
+    entry = {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+             "committed_at": time.time()}
     entry.update(shard_stats(rows, file_id))
     return data, entry
 

@@ -19,6 +19,9 @@ Formats:
   log-probabilities, when a request asked for them, name tokens as ``"token_id:<id>"`` (vLLM's
   ``return_tokens_as_token_ids`` convention): the export has no tokenizer to spell them.
 
+The export never writes into a job folder: a target inside the job folder (or in any other batchllm job
+folder) is refused, so an export can never replace a shard or a manifest.
+
 Files are written to a temporary name and renamed, so an interrupted export never leaves a partial file
 under the requested name. The whole result is held in memory (Arrow columns) while exporting. The job
 folder may be a path or any pyarrow filesystem URI (``batchllm.io.storage``); so may ``to`` (a URI is
@@ -39,7 +42,7 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import is_uri, open_storage
-from batchllm.io.writer import _read_shard, storage_of
+from batchllm.io.writer import _normalised, _read_shard, _within, is_job_folder, storage_of
 from batchllm.jobs.manifest import read_manifest
 
 FORMATS = ("parquet", "jsonl", "openai")
@@ -60,11 +63,11 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
     manifest = read_manifest(output_dir)
     if manifest is None:
         raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
+    errors_to = (errors_to or _errors_path(to)) if fmt == "openai" else None
+    for target in (to, errors_to):
+        if target is not None:
+            _check_target(output_dir, target)
     table = load_table(output_dir, manifest, ordered)
-    if not is_uri(to):
-        folder = os.path.dirname(os.path.abspath(to))
-        if not os.path.isdir(folder):
-            raise BatchLLMError(f"cannot export to {to}: folder {folder} does not exist")
     failed = _count_requests(table.filter(pc.is_valid(table["error_code"])))
     requests = _count_requests(table)
     try:
@@ -74,13 +77,28 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
         if fmt == "jsonl":
             _atomic(to, lambda f: _write_lines(f, (json.dumps(r, ensure_ascii=False) for r in _rows(table, drop=("_file_id", "_created")))))
             return ExportResult(table.num_rows, requests, failed, [to])
-        errors_to = errors_to or _errors_path(to)
         writer = _OpenAIWriter(manifest)
         _atomic(to, lambda f: _write_lines(f, writer.output_lines(table)))
         _atomic(errors_to, lambda f: _write_lines(f, writer.error_lines(table)))
         return ExportResult(table.num_rows, requests, failed, [to, errors_to])
     except OSError as e:
         raise BatchLLMError(f"cannot write {to}: {e.strerror or e}") from None
+
+
+def _check_target(output_dir: str, path: str) -> None:
+    """Refuse an export target inside the job folder or in another batchllm job folder (it could replace
+    a shard or a manifest), and one whose local folder does not exist."""
+    refuse = f"cannot export to {path}: it is inside the batchllm job folder"
+    if is_uri(path) == is_uri(output_dir) and _within(_normalised(path), _normalised(output_dir)):
+        raise BatchLLMError(f"{refuse} {output_dir} (an export never writes over a job's files); choose a path outside it")
+    if is_uri(path):
+        folder = path.rstrip("/").rpartition("/")[0]
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise BatchLLMError(f"cannot export to {path}: folder {folder} does not exist")
+    if is_job_folder(folder):
+        raise BatchLLMError(f"{refuse} {folder} (an export never writes over a job's files); choose a path outside it")
 
 
 def load_table(output_dir: str, manifest: dict[str, Any], ordered: bool) -> pa.Table:

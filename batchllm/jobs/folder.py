@@ -3,9 +3,14 @@
 ``open_job_folder`` takes the folder's lock first (one writer per folder: an ``flock`` on a local
 folder, a lease object on an object store; see ``batchllm.io.storage``), then looks at the manifest:
 - none: a new job;
-- present and ``overwrite``: the previous job's files are deleted, a new job starts;
+- present and ``overwrite``: a new job starts; the ``ShardWriter`` replaces the old manifest and then
+  deletes the previous job's shards (nothing is removed here);
 - present with the same fingerprint: the job resumes; ``done`` says which input rows are finished;
 - present with a different fingerprint: ``BatchLLMError`` naming what changed.
+
+Nothing in the folder is deleted or replaced before the ``ShardWriter`` has claimed it
+(``batchllm.io.writer.claim_job_folder``: refuses an input inside the folder and a folder that is not a
+job folder but holds files named like batchllm's, then marks it).
 
 ``read_complete`` (a manifest flag the pipeline sets once every input row was read and every error
 record the readers produced was committed) lets a resume skip finished rows without even parsing them:
@@ -23,7 +28,7 @@ import numpy as np
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import FolderLock, Lease
-from batchllm.io.writer import clear_job_files, storage_of
+from batchllm.io.writer import storage_of
 from batchllm.jobs.completed import CompletedSet
 from batchllm.jobs.manifest import check_same_job, read_manifest
 
@@ -68,8 +73,7 @@ def open_job_folder(output_dir: str, fingerprint: dict[str, Any], overwrite: boo
     except OSError as e:
         raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
     try:
-        if overwrite:
-            clear_job_files(storage)
+        if overwrite:  # the writer replaces the manifest, then deletes the old shards (claimed folders only)
             return JobFolder(output_dir, lock, None, CompletedSet())
         manifest = read_manifest(storage)
         if manifest is None:
