@@ -119,12 +119,15 @@ def resume(
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs)."),
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray (may differ from the first run)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every committed shard's sha256 first (default: sizes only)."),
+    repair: bool = typer.Option(False, "--repair", help="Drop committed shards that are missing or fail the sha256 check from the manifest, then rerun exactly their rows."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
 ) -> None:
     """Continue a stopped or killed job from its manifest alone; finished requests are not redone.
 
-    Only options that do not change outputs may be given here."""
+    Only options that do not change outputs may be given here. A damaged job (a committed shard lost or
+    changed) is refused with the repair command; --repair reruns the lost rows."""
     from batchllm.config import JobConfig
     from batchllm.jobs.manifest import read_manifest
 
@@ -140,15 +143,37 @@ def resume(
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()
+    if repair:
+        from batchllm.jobs.integrity import repair_job
+
+        dropped = repair_job(output_dir)
+        if dropped:
+            console.print(f"repaired {output_dir}: dropped {len(dropped)} damaged shards "
+                          f"({', '.join(d.file for d in dropped[:3])}{' ...' if len(dropped) > 3 else ''}); "
+                          f"rerunning their {sum(d.rows for d in dropped):,} rows", highlight=False, soft_wrap=True)
+        elif not quiet:
+            console.print(f"{output_dir}: every committed shard matches its sha256; nothing to repair")
+    elif verify:
+        from batchllm.jobs.integrity import verify_job
+
+        verify_job(output_dir, full=True)
     _run_and_report(cfg, quiet)
 
 
 @app.command()
-def show(output_dir: str = typer.Argument(..., help="The job's output folder.")) -> None:
-    """Summarise a job, running or finished: progress, throughput, errors by code, prefix reuse."""
+def show(
+    output_dir: str = typer.Argument(..., help="The job's output folder."),
+    verify: bool = typer.Option(False, "--verify", help="Check every committed shard's sha256 (default: sizes only)."),
+) -> None:
+    """Summarise a job, running or finished: progress, throughput, errors by code, prefix reuse.
+
+    Exits 1 with the repair command when a committed shard is missing or does not match the manifest."""
+    from batchllm.jobs.integrity import DamagedJob
     from batchllm.jobs.show import show_job
 
-    show_job(output_dir, out)
+    s = show_job(output_dir, out, verify=verify)
+    if s["damage_message"]:
+        raise DamagedJob(s["damage_message"])
 
 
 @app.command()
@@ -159,7 +184,9 @@ def export(
     ordered: bool = typer.Option(False, "--ordered", help="In input order (input file, row, sample) instead of commit order."),
     errors_to: Optional[str] = typer.Option(None, "--errors-to", help="openai format: where to write the error file."),
 ) -> None:
-    """Merge a job's committed shards into one file."""
+    """Merge a job's committed shards into one file (every shard's size and sha256 checked first).
+
+    The target may not be inside a job folder; a damaged job is refused with the repair command."""
     from batchllm.jobs.export import export_job
 
     res = export_job(output_dir, fmt, to, ordered=ordered, errors_to=errors_to)

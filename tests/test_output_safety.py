@@ -1,6 +1,7 @@
 """The output folder is the user's data (issue 13, output-folder half): batchllm deletes or replaces only
-files it wrote, refuses inputs inside the output folder and export targets inside a job folder; a full
-disk at the read phase's manifest write is one line."""
+files it wrote, refuses inputs inside the output folder and export targets inside a job folder, checks
+every committed shard on read (size by default, sha256 on export and with --verify) and repairs a damaged
+job by rerunning exactly the lost rows; a full disk at the read phase's manifest write is one line."""
 
 from __future__ import annotations
 
@@ -8,17 +9,25 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
+from tests.job_utils import SigintAt
 
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
 from batchllm.io import writer as w
 from batchllm.io.writer import MARKER, CommitError, ShardWriter, read_results
 from batchllm.jobs.export import export_job
+from batchllm.jobs.integrity import DamagedJob, repair_job, verify_job
 from batchllm.jobs.manifest import read_manifest
+from batchllm.jobs.show import job_state, show_job
+from batchllm.jobs.signals import JobInterrupted
 from batchllm.pipeline import run_job
 
 BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=5, temperature=0.9, preview=0)
@@ -172,6 +181,87 @@ def test_export_target_inside_a_job_folder_is_refused_and_the_job_stays_intact(t
     assert res.rows == len(reference[1])
 
 
+# -------------------------------------------------------------- 4. integrity on read, and the repair
+
+
+def test_deleted_listed_shard_is_reported_by_run_resume_show_and_export(tiny, reference, tmp_path):
+    inp, out = finished_job(tiny, reference, tmp_path)
+    os.remove(out / "shard-00001.parquet")
+    with pytest.raises(DamagedJob, match=r"1 of \d+ committed shards are not as the manifest records "
+                                         r"\(shard-00001.parquet: missing\).*batchllm resume .* --repair"):
+        run(tiny, [inp], out, shard_rows=4)  # run (and resume, the same open path) refuse
+    state = job_state(str(out))
+    assert state["status"] == "damaged" and [d.file for d in state["damaged"]] == ["shard-00001.parquet"]
+    with pytest.raises(DamagedJob, match="shard-00001.parquet: missing"):
+        export_job(str(out), "jsonl", str(tmp_path / "x.jsonl"))
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_bit_flip_in_a_committed_shard_fails_export_and_verify(tiny, reference, tmp_path):
+    inp, out = finished_job(tiny, reference, tmp_path)
+    p = out / "shard-00002.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size: the fast check cannot see it, the sha256 can
+    p.write_bytes(bytes(data))
+    verify_job(str(out), full=False)
+    assert job_state(str(out))["status"] == "completed"
+    with pytest.raises(DamagedJob, match="shard-00002.parquet: sha256 differs"):
+        verify_job(str(out), full=True)
+    assert job_state(str(out), verify=True)["status"] == "damaged"
+    with pytest.raises(DamagedJob, match="shard-00002.parquet: sha256 differs.*--repair"):
+        export_job(str(out), "parquet", str(tmp_path / "x.parquet"))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_truncated_shard_fails_the_fast_size_check(tiny, reference, tmp_path):
+    inp, out = finished_job(tiny, reference, tmp_path)
+    p = out / "shard-00000.parquet"
+    p.write_bytes(p.read_bytes()[:-7])
+    with pytest.raises(DamagedJob, match=r"shard-00000.parquet: [\d,]+ bytes, the manifest records"):
+        run(tiny, [inp], out, shard_rows=4)
+
+
+def test_repair_drops_damaged_shards_and_the_resume_reruns_exactly_their_rows(tiny, reference, tmp_path):
+    inp, ref = reference
+    inp, out = finished_job(tiny, reference, tmp_path)
+    shards = read_manifest(str(out))["shards"]
+    os.remove(out / shards[0]["file"])  # holds the error record of the bad line too: redone exactly
+    p = out / shards[-1]["file"]
+    data = bytearray(p.read_bytes())
+    data[40] ^= 0x10
+    p.write_bytes(bytes(data))
+    lost = shards[0]["rows"] + shards[-1]["rows"]
+    dropped = repair_job(str(out))
+    assert sorted(d.file for d in dropped) == sorted([shards[0]["file"], shards[-1]["file"]])
+    m = read_manifest(str(out))
+    assert len(m["shards"]) == len(shards) - 2 and m["read_complete"] is False and m["repairs"][0]["rows"] == lost
+    assert not p.exists()
+    s = run(tiny, [inp], out, shard_rows=4)
+    assert rows_by_key(out) == ref  # every row exactly once, token for token the uninterrupted run's
+    ok = sum(1 for v in ref.values() if v[2] is None)
+    assert s.done_before > 0 and 0 < s.samples < ok  # only the dropped shards' rows ran again
+    assert repair_job(str(out)) == []  # nothing left to repair
+
+
+def test_damaged_job_cli_is_one_error_line_and_resume_repair_fixes_it(tiny, reference, tmp_path):
+    inp, out = finished_job(tiny, reference, tmp_path)
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "batchllm", *a], capture_output=True, text=True, timeout=300)
+
+    os.remove(out / "shard-00001.parquet")
+    for cmd in (("show", str(out)), ("resume", str(out), "-q")):  # run opens the folder as resume does
+        r = cli(*cmd)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, (cmd, r.stderr)
+        assert "shard-00001.parquet: missing" in errors[0] and f"batchllm resume {out} --repair" in errors[0]
+    r = cli("resume", str(out), "--repair", "-q")
+    assert r.returncode == 0 and "dropped 1 damaged shards" in r.stderr, r.stderr
+    assert rows_by_key(out) == reference[1]
+    r = cli("show", str(out), "--verify")
+    assert r.returncode == 0 and "sha256 checked" in r.stdout, r.stdout + r.stderr
+
+
 # ------------------------------------------------ 7. disk full at the read phase's manifest write
 
 
@@ -204,3 +294,27 @@ def test_write_manifest_failure_raises_commit_error(tmp_path, monkeypatch):
     monkeypatch.setattr(wr.storage, "replace", full)
     with pytest.raises(CommitError, match="No space left on device"):
         wr.write_manifest(read_complete=True)
+
+
+# ------------------------------------------ 11. an unlisted shard left by a kill before the manifest
+
+
+def test_unlisted_shard_left_by_a_kill_is_reported_by_show_and_removed_by_resume(tiny, reference, tmp_path):
+    inp, ref = reference
+    out = tmp_path / "job"
+    with pytest.raises(JobInterrupted):
+        run_job(JobConfig(inputs=[inp], output=str(out), shard_rows=4, **BASE), progress=SigintAt("step", 2), loaded=tiny)
+    listed = read_manifest(str(out))["shards"]
+    # what a SIGKILL between a shard's rename and the manifest write leaves: a complete, unlisted shard
+    orphan = f"shard-{len(listed) + 5:05d}.parquet"
+    shutil.copy(out / listed[0]["file"], out / orphan)
+    state = job_state(str(out))
+    assert state["unlisted"] == [orphan] and state["status"] != "damaged"
+    console = Console(record=True, width=200)
+    show_job(str(out), console)
+    text = console.export_text()
+    assert "unlisted shards" in text and orphan in text
+    assert len(read_results(str(out)).to_pylist()) == sum(s["rows"] for s in listed)  # never read
+    run(tiny, [inp], out, shard_rows=4)
+    assert not (out / orphan).exists() and rows_by_key(out) == ref
+    assert job_state(str(out))["unlisted"] == []

@@ -142,6 +142,11 @@ class Storage:
     def names(self) -> list[str]:
         raise NotImplementedError
 
+    def sizes(self) -> dict[str, int]:
+        """Every file in the folder with its size in bytes, from one listing (the fast integrity check
+        of ``batchllm.jobs.integrity`` compares them with the manifest's)."""
+        raise NotImplementedError
+
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
@@ -196,6 +201,17 @@ class LocalStorage(Storage):
 
     def names(self) -> list[str]:
         return os.listdir(self.root)
+
+    def sizes(self) -> dict[str, int]:
+        out = {}
+        with os.scandir(self.root) as it:
+            for e in it:
+                try:
+                    if e.is_file():
+                        out[e.name] = e.stat().st_size
+                except OSError:  # removed while listing
+                    pass
+        return out
 
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._path(name))
@@ -337,6 +353,12 @@ class ArrowStorage(Storage):
 
         sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
         return [i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+    def sizes(self) -> dict[str, int]:
+        from pyarrow import fs as pafs
+
+        sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
+        return {i.base_name: i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
 
     def exists(self, name: str) -> bool:
         from pyarrow import fs as pafs

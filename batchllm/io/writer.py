@@ -525,17 +525,30 @@ def read_results(output_dir: str | Storage, verify: bool = False) -> pa.Table:
 
 
 def _read_shard(output_dir: str | Storage, entry: dict[str, Any], verify: bool) -> pa.Table:
+    """One listed shard as a table of ``OUTPUT_SCHEMA``; ``verify``: its bytes must match the manifest's
+    size and sha256 (``DamagedJob`` otherwise, naming the repair)."""
     storage = storage_of(output_dir)
     if verify:
+        from batchllm.jobs.integrity import DamagedJob, shard_bytes_problem  # it imports this module
+
         data = storage.read_bytes(entry["file"])
-        if data is None:
-            raise FileNotFoundError(f"{storage.display(entry['file'])} is missing")
-        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            raise BatchLLMError(f"{storage.display(entry['file'])} does not match the checksum in the manifest")
-        table = pq.read_table(pa.BufferReader(data))
-    else:
-        with storage.open_input(entry["file"]) as f:
-            table = pq.read_table(f)
+        problem = shard_bytes_problem(entry, data)
+        if problem is not None:
+            raise DamagedJob(f"{storage.display(entry['file'])}: {problem}; repair with: batchllm resume "
+                             f"{storage.location} --repair (drops the damaged shards and reruns their rows)")
+        return shard_table(data)
+    with storage.open_input(entry["file"]) as f:
+        table = pq.read_table(f)
+    return _conform(table)
+
+
+def shard_table(data: bytes) -> pa.Table:
+    """A shard's bytes as a table of ``OUTPUT_SCHEMA``."""
+    return _conform(pq.read_table(pa.BufferReader(data)))
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    # shards written before ``request_type`` existed get it as a null column
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))

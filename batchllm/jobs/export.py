@@ -19,7 +19,9 @@ Formats:
   log-probabilities, when a request asked for them, name tokens as ``"token_id:<id>"`` (vLLM's
   ``return_tokens_as_token_ids`` convention): the export has no tokenizer to spell them.
 
-The export never writes into a job folder: a target inside the job folder (or in any other batchllm job
+Every listed shard is checked in full before anything is written: its size and sha256 must match the
+manifest (``batchllm.jobs.integrity``), else ``DamagedJob`` names the damaged shards and the repair. The
+export never writes into a job folder: a target inside the job folder (or in any other batchllm job
 folder) is refused, so an export can never replace a shard or a manifest.
 
 Files are written to a temporary name and renamed, so an interrupted export never leaves a partial file
@@ -42,7 +44,8 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import is_uri, open_storage
-from batchllm.io.writer import _normalised, _read_shard, _within, is_job_folder, storage_of
+from batchllm.io.writer import _normalised, _within, is_job_folder, shard_table, storage_of
+from batchllm.jobs.integrity import Damage, DamagedJob, damage_message, shard_bytes_problem
 from batchllm.jobs.manifest import read_manifest
 
 FORMATS = ("parquet", "jsonl", "openai")
@@ -102,18 +105,27 @@ def _check_target(output_dir: str, path: str) -> None:
 
 
 def load_table(output_dir: str, manifest: dict[str, Any], ordered: bool) -> pa.Table:
-    """The committed rows plus ``_file_id`` (input file position) and ``_created`` (commit time)."""
+    """The committed rows plus ``_file_id`` (input file position) and ``_created`` (commit time). Every
+    shard passes the full integrity check (size and sha256), else ``DamagedJob`` names them all."""
     files = pa.array(manifest.get("input_files") or [], type=pa.string())
     storage = storage_of(output_dir)
     parts = []
+    damaged: list[Damage] = []
     for entry in manifest["shards"]:
         try:
-            t = _read_shard(storage, entry, verify=False)
+            data = storage.read_bytes(entry["file"])
+            problem = shard_bytes_problem(entry, data)
+            if problem is not None:
+                damaged.append(Damage(entry["file"], int(entry.get("rows") or 0), problem))
+                continue
+            t = shard_table(data)
         except (OSError, pa.ArrowException) as e:
             raise BatchLLMError(f"cannot read {entry['file']} in {output_dir}: {e}") from None
         t = t.append_column("_file_id", pc.index_in(t["input_file"], value_set=files))
         t = t.append_column("_created", pa.array([int(entry.get("committed_at") or manifest.get("created_at") or 0)] * t.num_rows, pa.int64()))
         parts.append(t)
+    if damaged:
+        raise DamagedJob(damage_message(output_dir, damaged, len(manifest["shards"])))
     if not parts:
         from batchllm.io.writer import OUTPUT_SCHEMA
 

@@ -6,6 +6,8 @@ folder, a lease object on an object store; see ``batchllm.io.storage``), then lo
 - present and ``overwrite``: a new job starts; the ``ShardWriter`` replaces the old manifest and then
   deletes the previous job's shards (nothing is removed here);
 - present with the same fingerprint: the job resumes; ``done`` says which input rows are finished;
+  first every listed shard passes the fast integrity check (``batchllm.jobs.integrity``: it exists with
+  its recorded size), else ``DamagedJob`` says how to repair it;
 - present with a different fingerprint: ``BatchLLMError`` naming what changed.
 
 Nothing in the folder is deleted or replaced before the ``ShardWriter`` has claimed it
@@ -30,6 +32,7 @@ from batchllm.errors import BatchLLMError
 from batchllm.io.storage import FolderLock, Lease
 from batchllm.io.writer import storage_of
 from batchllm.jobs.completed import CompletedSet
+from batchllm.jobs.integrity import verify_job
 from batchllm.jobs.manifest import check_same_job, read_manifest
 
 
@@ -79,6 +82,7 @@ def open_job_folder(output_dir: str, fingerprint: dict[str, Any], overwrite: boo
         if manifest is None:
             return JobFolder(output_dir, lock, None, CompletedSet())
         check_same_job(manifest, fingerprint, output_dir)
+        verify_job(output_dir, manifest, full=False)  # a lost or damaged shard: DamagedJob, with the repair
         return JobFolder(output_dir, lock, manifest, CompletedSet.from_shards(manifest["shards"]))
     except BaseException:
         lock.release()

@@ -1,0 +1,159 @@
+"""Integrity of a job folder on read, and its repair.
+
+Every shard the manifest lists must exist and match what the manifest recorded when it was committed:
+- the fast check (``run``, ``resume``, ``show`` by default): its size, from one listing of the folder
+  (shards committed before sizes were recorded: that the file exists);
+- the full check (``export`` always; ``show --verify``, ``resume --verify`` / ``--repair``): its size
+  and the sha256 of its bytes, reading every shard once.
+
+A damaged job (a listed shard missing, truncated, replaced or with a flipped bit) is reported in one
+line (``DamagedJob``) that names the shards and how to repair it: ``batchllm resume DIR --repair`` drops
+the damaged shards from the manifest (``repair_job``), so the resume reruns exactly their rows. The
+repair also clears the manifest's ``read_complete`` flag: the resume then reads every input row again
+(and skips the finished ones), so a dropped error record (a duplicate ``custom_id``, say) is produced
+again exactly as the first run produced it.
+
+``unlisted_shards`` names shard files the manifest does not list: left by a process killed between a
+shard's rename and the manifest write. They are never read (not done, so their rows are redone) and the
+next ``run`` / ``resume`` in the folder deletes them; ``show`` reports them while no job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any
+
+from batchllm.errors import BatchLLMError
+from batchllm.io.storage import Storage
+from batchllm.io.writer import _SHARD_RE, claim_job_folder, storage_of
+from batchllm.jobs.manifest import MANIFEST, read_manifest
+
+
+class DamagedJob(BatchLLMError):
+    """A listed shard is missing or does not match the manifest; the message says how to repair."""
+
+
+@dataclasses.dataclass
+class Damage:
+    file: str
+    rows: int
+    reason: str  # "missing", "12 bytes, the manifest records 3,456", "sha256 differs from the manifest's"
+
+
+def check_shards(output_dir: str | Storage, manifest: dict[str, Any], full: bool = False) -> list[Damage]:
+    """The listed shards that fail the fast check (existence and size) or, with ``full``, the sha256
+    check too. Raises OSError when the folder cannot be listed or read."""
+    storage = storage_of(output_dir)
+    sizes = storage.sizes()
+    damaged = []
+    for entry in manifest.get("shards") or []:
+        name = entry.get("file")
+        reason = _fast_problem(entry, sizes.get(name))
+        if reason is None and full:
+            data = storage.read_bytes(name)
+            reason = "missing" if data is None else _bytes_problem(entry, data)
+        if reason is not None:
+            damaged.append(Damage(str(name), int(entry.get("rows") or 0), reason))
+    return damaged
+
+
+def shard_bytes_problem(entry: dict[str, Any], data: bytes | None) -> str | None:
+    """Why a shard's bytes do not match its manifest entry (the full check), or None when they do."""
+    return "missing" if data is None else _bytes_problem(entry, data)
+
+
+def _fast_problem(entry: dict[str, Any], size: int | None) -> str | None:
+    if size is None:
+        return "missing"
+    want = entry.get("bytes")
+    if want is not None and size != want:
+        return f"{size:,} bytes, the manifest records {want:,}"
+    return None
+
+
+def _bytes_problem(entry: dict[str, Any], data: bytes) -> str | None:
+    want = entry.get("bytes")
+    if want is not None and len(data) != want:
+        return f"{len(data):,} bytes, the manifest records {want:,}"
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "sha256 differs from the manifest's"
+    return None
+
+
+def damage_message(output_dir: str, damaged: list[Damage], total: int) -> str:
+    """One line: which shards are damaged, how many rows that loses, and the repair command."""
+    shown = "; ".join(f"{d.file}: {d.reason}" for d in damaged[:3])
+    more = f"; {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    rows = sum(d.rows for d in damaged)
+    which = "shard is" if total == 1 else "shards are"
+    return (f"{output_dir} is damaged: {len(damaged)} of {total} committed {which} not as the manifest records "
+            f"({shown}{more}), {rows:,} rows; repair with: batchllm resume {output_dir} --repair "
+            "(drops the damaged shards from the manifest and reruns exactly their rows)")
+
+
+def verify_job(output_dir: str, manifest: dict[str, Any] | None = None, full: bool = False) -> None:
+    """Raise ``DamagedJob`` (one line, with the repair command) when a listed shard fails the check;
+    BatchLLMError when the folder cannot be read."""
+    storage = storage_of(output_dir)
+    if manifest is None:
+        manifest = read_manifest(storage)
+        if manifest is None:
+            raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
+    try:
+        damaged = check_shards(storage, manifest, full)
+    except OSError as e:
+        raise BatchLLMError(f"cannot read {output_dir}: {e.strerror or e}") from None
+    if damaged:
+        raise DamagedJob(damage_message(output_dir, damaged, len(manifest["shards"])))
+
+
+def unlisted_shards(output_dir: str | Storage, manifest: dict[str, Any]) -> list[str]:
+    """Shard files in the folder that the manifest does not list (orphans of an interrupted commit, or
+    of a running job's commit in progress)."""
+    listed = {s.get("file") for s in manifest.get("shards") or []}
+    try:
+        names = storage_of(output_dir).names()
+    except OSError:
+        return []
+    return sorted(n for n in names if _SHARD_RE.match(n) and n not in listed)
+
+
+def repair_job(output_dir: str) -> list[Damage]:
+    """Drop the shards that fail the full check from the manifest (under the folder's lock) and delete
+    their files, so that a resume reruns exactly their rows; returns what was dropped (empty: nothing to
+    repair). BatchLLMError when the folder holds no job or is locked by a running job."""
+    storage = storage_of(output_dir)
+    if read_manifest(storage) is None:
+        raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no manifest.json)")
+    lock = storage.lock()
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+    try:
+        manifest = read_manifest(storage)  # again, under the lock
+        if manifest is None:
+            raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no manifest.json)")
+        claim_job_folder(storage)  # a job folder: the damaged shards are batchllm's to delete
+        damaged = check_shards(storage, manifest, full=True)
+        if not damaged:
+            return []
+        bad = {d.file for d in damaged}
+        manifest["shards"] = [s for s in manifest["shards"] if s.get("file") not in bad]
+        manifest["read_complete"] = False  # the resume reads every row again (see the module docstring)
+        manifest.setdefault("repairs", []).append(
+            {"at": time.time(), "dropped": sorted(bad), "rows": sum(d.rows for d in damaged),
+             "reasons": {d.file: d.reason for d in damaged}})
+        manifest["updated_at"] = time.time()
+        lock.check()
+        storage.replace(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for name in bad:  # unlisted now; the next writer would delete them as orphans anyway
+            storage.remove(name)
+        return damaged
+    except OSError as e:
+        raise BatchLLMError(f"cannot repair {output_dir}: {e.strerror or e}") from None
+    finally:
+        lock.release()
