@@ -242,6 +242,10 @@ def read_toml(path: str, what: str) -> dict[str, Any]:
         raise BatchLLMError(f"{what} not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise BatchLLMError(f"{what} {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise BatchLLMError(f"{what} {path} is not UTF-8 text (TOML must be UTF-8): {e.reason} at byte {e.start}") from None
+    except OSError as e:  # a folder, no permission...
+        raise BatchLLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def load_job_file(path: str) -> dict[str, Any]:

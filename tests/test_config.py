@@ -102,3 +102,16 @@ def test_cli_job_file_bad_type_exit_1_one_error_line(tmp_path, capsys, key, valu
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_job_file_not_utf8_or_a_folder_is_one_line_error(tmp_path):
+    # found by tests/test_fuzz_inputs.py: a job file starting with byte 0x80 gave a UnicodeDecodeError traceback
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"\x80 = 1\n")
+    with pytest.raises(BatchLLMError, match="not UTF-8"):
+        load_job_file(str(path))
+    path.write_bytes('max_tokens = 3\n'.encode("utf-16"))
+    with pytest.raises(BatchLLMError, match="job file"):
+        load_job_file(str(path))
+    with pytest.raises(BatchLLMError, match="cannot read job file"):
+        load_job_file(str(tmp_path))

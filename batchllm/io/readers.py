@@ -674,6 +674,9 @@ def _parquet_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int
                 index += 1
     except (OSError, pa.ArrowException) as e:
         raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
+    except UnicodeDecodeError as e:  # a string column whose bytes are not UTF-8: a damaged file
+        raise BatchLLMError(f"cannot read {path}: row {index} holds a string that is not UTF-8 ({e.reason}); "
+                            "the file is damaged") from None
 
 
 def _dataset_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int, dict]]:
@@ -683,10 +686,13 @@ def _dataset_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int
         columns = ds.column_names[:1]
     ds = ds.select_columns(columns)
     index = 0
-    for batch in ds.iter(batch_size=batch_rows):
-        for values in zip(*(batch[c] for c in columns)):
-            yield index, dict(zip(columns, values))
-            index += 1
+    try:
+        for batch in ds.iter(batch_size=batch_rows):
+            for values in zip(*(batch[c] for c in columns)):
+                yield index, dict(zip(columns, values))
+                index += 1
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as e:  # a damaged Arrow cache or file
+        raise BatchLLMError(f"cannot read {path} at row {index}: {_one_line(e)}") from None
 
 
 def _load_dataset(path: str, fmt: str):

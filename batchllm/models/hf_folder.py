@@ -106,7 +106,9 @@ def load_config(folder: Path) -> ModelConfig:
         raise BatchLLMError(f"{folder / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
     try:
         cfg = ModelConfig.from_hf(raw)
-    except (ValueError, KeyError) as e:
+    except KeyError as e:
+        raise BatchLLMError(f"{folder / 'config.json'}: config lacks the key {e}") from None
+    except ValueError as e:
         raise BatchLLMError(f"{folder}: {e}") from e
     except Exception as e:  # noqa: BLE001  (values of the wrong type: TypeError, AttributeError...)
         raise BatchLLMError(f"{folder / 'config.json'}: unsupported or damaged config ({_why(e)})") from None
