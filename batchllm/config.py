@@ -146,6 +146,14 @@ class _Rule:
             text += " (or left out)"
         return text
 
+    def ok_type(self, value: Any) -> bool:
+        """Whether a number is of this int / float rule's type (range aside)."""
+        if isinstance(value, bool):
+            return False
+        if self.kind == "int":
+            return isinstance(value, int)
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
     def ok(self, value: Any) -> bool:
         if value is None:
             return self.optional
@@ -216,12 +224,27 @@ SCHEMA: dict[str, _Rule] = {
 
 
 def check_value(key: str, value: Any, where: str = "") -> None:
-    """BatchLLMError naming the key, the value and what was expected, unless ``value`` fits ``SCHEMA[key]``."""
+    """BatchLLMError naming the key, the value and what was expected, unless ``value`` fits ``SCHEMA[key]``:
+    ``key = VALUE (a TYPE): expected TYPE ...`` for a wrong type, ``key must be RANGE, got VALUE`` for a value of
+    the right type out of range."""
     rule = SCHEMA[key]
     if rule.ok(value):
         return
-    shown = f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1e12 else repr(value)
+    big = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1e12
+    shown = f"{value:.3g}" if big else repr(value)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    if rule.kind in ("int", "float") and rule.ok_type(value):
+        if rule.lo is not None and (value <= rule.lo if rule.lo_open else value < rule.lo) and rule.hi is None:
+            want = f"{'greater than' if rule.lo_open else 'at least'} {_num(rule.lo)}"
+        elif rule.hi is not None and value > rule.hi and rule.lo is None:
+            want = f"at most {_num(rule.hi)}"
+        elif rule.lo is not None and rule.hi is not None and not rule.lo_open and value < rule.lo and rule.kind == "int":
+            want = f"at least {_num(rule.lo)}"
+        elif rule.lo is not None and rule.hi is not None and value > rule.hi and rule.kind == "int":
+            want = f"at most {_num(rule.hi)}"
+        else:
+            want = "in " + rule.expected().split(" in ", 1)[-1]
+        raise BatchLLMError(f"{where}{key} must be {want}, got {shown}")
     kind = "" if value is None else f" ({_type_name(value)})"
     raise BatchLLMError(f"{where}{key} = {shown}{kind}: expected {rule.expected()}")
 
