@@ -310,8 +310,14 @@ class _ProgressView:
         self.status.stop()
 
     def hook(self, event: str, info: dict) -> None:
-        if event == "resumed":
+        if event == "ray_starting":
+            where = f"connecting to Ray at {info['address']}" if info["address"] else "starting a local Ray instance"
+            self.status.update(f"{where} for {info['replicas']} replica(s) (can take a minute on a busy machine)...")
+        elif event == "resumed":
             console.print(f"resuming the job in {info['output']}: {info['done']:,} requests already done")
+        elif event == "replica_ready":
+            self.ready = getattr(self, "ready", 0) + 1
+            self.status.update(f"loading the model on Ray replicas ({self.ready} ready)")
         elif event == "read" and info["requests"]:
             self.status.update(f"loading {info['model']} ({info['requests']:,} requests to run)")
         elif event == "loaded":

@@ -567,7 +567,7 @@ ProgressHook = Callable[[str, dict], None]
 
 
 def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None, *, overwrite: bool = False) -> JobSummary:
-    """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'resumed', 'read',
+    """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'ray_starting' (scale-out), 'resumed', 'read',
     'loaded', 'planned', 'step' and 'done' (no 'loaded' / 'planned' when nothing is left to generate).
 
     ``overwrite`` deletes a previous job's results in the output folder instead of resuming it. Raises
@@ -587,6 +587,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     if cfg.distributed:  # Ray first: the replicas' device (GPU or CPU) decides the dtype, part of the job's identity
         from batchllm.distributed.driver import RayCluster
 
+        emit("ray_starting", {"address": cfg.ray_address, "replicas": cfg.replicas})
         cluster = RayCluster(cfg)
     try:
         return _run_job(cfg, emit, summary, loaded, overwrite, cluster)

@@ -345,3 +345,49 @@ def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path
     assert state["status"] == "completed" and not state["running"] and state["done"] == 49
     assert export_job(uri, "jsonl", str(tmp_path / "all.jsonl")).rows == len(ref)
     assert run_job(dist_cfg(inp, uri)).done_before == 49  # a rerun finds everything done
+
+
+def test_ray_start_that_hangs_is_a_bounded_wait_with_one_line(monkeypatch):
+    # issue 13 item 12: on a busy 2-core machine a run with --replicas 2 showed nothing for 240 s; ray.init is
+    # now bounded (BATCHLLM_RAY_START_TIMEOUT) and fails with one line instead of waiting silently
+    import signal
+    import time
+    import types
+
+    from batchllm.distributed import driver
+
+    calls = []
+
+    def hanging_init(**kw):
+        calls.append("init")
+        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(s))  # what ray.init does to SIGTERM
+        time.sleep(30)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=hanging_init, shutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setattr(driver, "import_ray", lambda: fake)
+    monkeypatch.setattr(driver, "RAY_START_TIMEOUT_S", 0.5)
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    with pytest.raises(BatchLLMError, match=r"did not start within 0 s.*BATCHLLM_RAY_START_TIMEOUT"):
+        driver.RayCluster(JobConfig(inputs=["x"], output="y", replicas=2))
+    assert time.monotonic() - t0 < 10 and calls == ["init", "shutdown"]
+    assert signal.getsignal(signal.SIGTERM) is before  # Ray's sys.exit handler does not outlive the start
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_ray_start_status_line_shown_before_ray_starts(monkeypatch, tmp_path):
+    from batchllm.distributed import driver
+
+    events = []
+
+    def refuse(cfg):
+        events.append("RayCluster")
+        raise BatchLLMError("stop here")
+
+    monkeypatch.setattr(driver, "RayCluster", refuse)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    with pytest.raises(BatchLLMError, match="stop here"):
+        run_job(JobConfig(inputs=[str(inp)], output=str(tmp_path / "o"), replicas=2, **BASE),
+                progress=lambda e, info: events.append(e))
+    assert events == ["ray_starting", "RayCluster"]

@@ -42,10 +42,13 @@ Ray is imported only here, when a distributed run starts (``pip install 'batchll
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import statistics
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -66,6 +69,34 @@ RETIRE_AFTER = 3  # units failing in a row on one replica (no success between) b
 ENGINE_ERROR = rq.ENGINE_ERROR  # row error code of requests whose group failed MAX_ATTEMPTS times
 POLL_S = 0.5  # progress polling / status refresh period
 READY_TIMEOUT_S = float(os.environ.get("BATCHLLM_REPLICA_START_TIMEOUT", 1800))  # model download + load
+# ray.init: a local instance starts in seconds (7 s measured on a 2-core machine at load 4), a remote one
+# connects in less; past this the job fails with one line instead of waiting with no output
+RAY_START_TIMEOUT_S = float(os.environ.get("BATCHLLM_RAY_START_TIMEOUT", 300))
+
+
+class _StartTimeout(Exception):
+    """Internal: ray.init ran past RAY_START_TIMEOUT_S."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise _StartTimeout in the main thread after ``seconds`` (SIGALRM; no limit elsewhere or when an
+    alarm is already set)."""
+    if (seconds <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise _StartTimeout()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def import_ray():
@@ -112,10 +143,25 @@ class RayCluster:
         self.ray = ray = import_ray()
         self.started = False
         if not ray.is_initialized():
+            where = cfg.ray_address or "a new local instance"
+            # ray.init replaces the SIGTERM handler with sys.exit(15): a SIGTERM while Ray starts (or before
+            # the job's own handlers) would end the process with no message; ours goes back afterwards
+            sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
             try:
-                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                with _deadline(RAY_START_TIMEOUT_S):
+                    ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except _StartTimeout:
+                try:
+                    ray.shutdown()
+                except Exception:  # noqa: BLE001  (half-started: nothing more to do)
+                    pass
+                raise BatchLLMError(f"Ray ({where}) did not start within {RAY_START_TIMEOUT_S:.0f} s (a busy machine starts "
+                                    "it slowly: set BATCHLLM_RAY_START_TIMEOUT to wait longer)") from None
             except Exception as e:  # ConnectionError, a bad address...
-                raise BatchLLMError(f"cannot connect to Ray at {cfg.ray_address or 'a new local instance'}: {_one_line(e)}") from None
+                raise BatchLLMError(f"cannot connect to Ray at {where}: {_one_line(e)}") from None
+            finally:
+                if sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
             self.started = True
         try:
             self.device, self.num_gpus = self._placement(cfg)
