@@ -97,6 +97,19 @@ def export_hf_folder(src: loader.ModelSource, mcfg: ModelConfig, dtype: torch.dt
     return folder
 
 
+def cpu_free_share(margin: float = 0.9) -> float:
+    """``margin`` x MemAvailable / MemTotal (0.5 when /proc/meminfo cannot be read)."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0])
+        return max(0.05, margin * info["MemAvailable"] / info["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError, ZeroDivisionError):
+        return 0.5
+
+
 class VllmPeer:
     """One ``vllm.LLM`` for every run of a bench (module docstring)."""
 
@@ -120,6 +133,10 @@ class VllmPeer:
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             enforce_eager=device.type != "cuda", gpu_memory_utilization=gpu_memory_utilization,
         )
+        if device.type != "cuda":
+            # on the CPU vLLM reads gpu_memory_utilization as the share of RAM to reserve and refuses to
+            # start when less than that is free: a shared machine needs a share of what is free now
+            kwargs["gpu_memory_utilization"] = min(gpu_memory_utilization, cpu_free_share())
         if kv_cache_tokens is not None:
             kwargs["num_gpu_blocks_override"] = max(1, -(-kv_cache_tokens // self.block_size))
         self.llm = vllm.LLM(**kwargs)
