@@ -11,7 +11,11 @@
 # requests per cell; the share-64 cells still hold 64) and decode-heavy-mix (16 per group, 512-token
 # long outputs) are scaled down to fit; the reports record the shapes used, and jobs/bench-*.toml hold
 # the full ones. Each workload is cut off at its limit or at what is left of the budget, whichever
-# comes first, and the next one still runs. Needs `batchllm bench` registered in cli.py.
+# comes first, and the next one still runs. Each JSON is rewritten after every run ("complete": false
+# until its bench ends), so a workload cut off at its limit keeps the runs it finished. The engine
+# (KV pool profile, KV cache, decode graphs up to the largest batch the workload can reach) is set
+# up once per workload, not per run. Where vLLM imports, shared-prefix adds it as a peer (PEERS
+# overrides: PEERS=transformers leaves it out).
 set -u
 OUT=${OUT:-out/gpu-bench}
 BUDGET_S=${BUDGET_S:-480}
@@ -32,10 +36,14 @@ run() {  # run NAME LIMIT_S ARGS...: one bench process, at most LIMIT_S seconds 
         --dtype bfloat16 --policies batchllm,fcfs-lru --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 12 "$OUT/$name.log"
-    ((rc == 124 || rc == 137)) && echo "== $name: cut off after ${limit}s (rc $rc)"
+    ((rc == 124 || rc == 137)) && echo "== $name: cut off after ${limit}s (rc $rc); the JSON keeps the finished runs"
 }
 
-run shared-prefix 180 --peers transformers ${PROFILE:+--profile}
+if [[ -z ${PEERS+x} ]]; then
+    PEERS=transformers
+    python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)" 2>/dev/null && PEERS=transformers,vllm
+fi
+run shared-prefix 180 --peers "$PEERS" ${PROFILE:+--profile}
 run prefix-grid 150 --requests 32
 run no-sharing 100 --requests 256
 run nested 90
@@ -59,6 +67,6 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     parts = [f"{n} {e['wall_s']:.2f} s" for n, e in res.items() if e.get("wall_s") is not None]
     x, mfu = speedup(r), res.get("batchllm", {}).get("effective_mfu")
     print(f"{r['workload']['name']:17s} " + ", ".join(parts) + (f"; batchllm {x:.2f}x fcfs-lru" if x else "")
-          + (f"; batchllm MFU {mfu:.1%}" if mfu else ""))
+          + (f"; batchllm MFU {mfu:.1%}" if mfu else "") + ("" if r.get("complete") else "  (INCOMPLETE)"))
 EOF
 echo "== done in ${SECONDS}s; reports in $OUT"
