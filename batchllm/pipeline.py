@@ -509,6 +509,18 @@ def load_model(cfg: JobConfig, src: loader.ModelSource | None = None, tokenizer=
     return LoadedModel(mcfg, model, tok, device, dtype, src)
 
 
+# make_engine's signature: (cfg, loaded model, max_model_len) -> (engine, EOS ids)
+EngineFactory = Callable[[JobConfig, LoadedModel, int], tuple[LLMEngine, frozenset[int]]]
+
+
+def policy_limits(cfg: JobConfig) -> tuple[int | None, float, bool]:
+    """(max_num_seqs, growth_reserve, prefix_caching) of ``cfg.policy``: the streaming baseline caps running
+    sequences (vLLM's max_num_seqs default, 256), keeps no growth reserve and caches pages by hash."""
+    baseline = cfg.policy == "fcfs-lru"
+    max_num_seqs = cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None)
+    return max_num_seqs, 0.0 if baseline else 1.0, baseline
+
+
 def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LLMEngine, frozenset[int]]:
     """The engine for ``cfg`` on a loaded model (KV pool, scheduler limits, backend) and its EOS ids.
 
@@ -518,9 +530,7 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     """
     mcfg = lm.config
     budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
-    baseline = cfg.policy == "fcfs-lru"
-    # the streaming baseline caps running sequences (vLLM's max_num_seqs, 256) and keeps no reserve
-    max_num_seqs = cfg.max_num_seqs if cfg.max_num_seqs is not None else (256 if baseline else None)
+    max_num_seqs, growth_reserve, prefix_caching = policy_limits(cfg)
     backend = get_backend(resolve_attention(cfg.attention, lm.device))
     graphs = "off" if cfg.enforce_eager else "auto"
     graph_batch = min(DEFAULT_MAX_GRAPH_BATCH, budget, max_num_seqs or DEFAULT_MAX_GRAPH_BATCH)
@@ -541,10 +551,10 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
         max_num_batched_tokens=budget,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
-        growth_reserve=0.0 if baseline else 1.0,
+        growth_reserve=growth_reserve,
     )
     engine = LLMEngine(
-        lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=baseline,
+        lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=prefix_caching,
         graphs=graphs, max_graph_batch=graph_batch,
     )
     return engine, frozenset(eos_token_ids(lm.tokenizer, mcfg))
@@ -566,11 +576,15 @@ def model_max_len(cfg: JobConfig, mcfg: ModelConfig) -> int:
 ProgressHook = Callable[[str, dict], None]
 
 
-def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None, *, overwrite: bool = False) -> JobSummary:
+def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: LoadedModel | None = None, *, overwrite: bool = False,
+            engine_factory: EngineFactory | None = None) -> JobSummary:
     """Run a whole job, or what is left of it; ``progress(event, info)`` gets 'ray_starting' (scale-out), 'resumed', 'read',
     'loaded', 'planned', 'step' and 'done' (no 'loaded' / 'planned' when nothing is left to generate).
 
-    ``overwrite`` deletes a previous job's results in the output folder instead of resuming it. Raises
+    ``overwrite`` deletes a previous job's results in the output folder instead of resuming it.
+    ``engine_factory`` builds the single-process engine in place of ``make_engine`` (same signature and
+    contract: a fresh engine state for this run); ``batchllm bench`` passes one that reuses its KV cache
+    and decode graphs across runs. Raises
     ``JobInterrupted`` after a SIGINT / SIGTERM (complete requests committed), ``CommitError`` when the
     output cannot be written (committed shards stay valid), ``BatchLLMError`` for other job-level failures.
     """
@@ -590,13 +604,13 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
         emit("ray_starting", {"address": cfg.ray_address, "replicas": cfg.replicas})
         cluster = RayCluster(cfg)
     try:
-        return _run_job(cfg, emit, summary, loaded, overwrite, cluster)
+        return _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory)
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def _run_job(cfg, emit, summary, loaded, overwrite, cluster) -> JobSummary:
+def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None) -> JobSummary:
     # JOB FOLDER: identity first (tokenizer and weights' identity only, not the weights), then new / resume / refuse
     src = loader.resolve_model(cfg.model)
     if cluster is not None:
@@ -622,7 +636,7 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster) -> JobSummary:
     recorder.update_status(stage="loading", force=True)
     try:
         with stop_on_signals() as stop:
-            _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster)
+            _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster, engine_factory)
     except JobInterrupted:
         status.finish(CANCELLED)
         raise
@@ -653,7 +667,7 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
     )
 
 
-def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster=None) -> None:
+def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster=None, engine_factory=None) -> None:
     """READ + TOKENIZE (remaining rows only) -> LOAD -> PLAN -> ENGINE -> WRITE, inside the signal handlers.
 
     The weights load only once there is something to generate: rerunning a finished job costs no load.
@@ -699,7 +713,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     _check_stop(stop, cfg, writer)
     t0 = time.perf_counter() - read_seconds  # wall time counts reading, not the weights' load
 
-    engine, eos = make_engine(cfg, lm, max_model_len)
+    engine, eos = (engine_factory or make_engine)(cfg, lm, max_model_len)
     if engine.cfg.max_model_len < max_model_len:
         # the KV pool is smaller than the context: prompts that can never fit become row errors
         fits = engine.cfg.max_model_len

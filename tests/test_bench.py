@@ -248,23 +248,21 @@ def test_reused_engine_runs_equal_fresh_engine_runs(tiny, tmp_path, kv_tokens):
         mine, _ = engines(job(policy), tiny, model_max_len(base, tiny.config))
         ref, _ = make_engine(job(policy), tiny, model_max_len(base, tiny.config))
         assert (mine.cfg, mine.prefix_caching, mine.kv.num_pages) == (ref.cfg, ref.prefix_caching, ref.kv.num_pages)
-    with engines.installed():
-        for policy in ("fcfs-lru", "batchllm", "fcfs-lru", "batchllm"):
-            cfg = job(policy)
-            s = run_job(cfg, loaded=tiny)
-            engines.release()
-            assert (_rows(cfg.output), {f: getattr(s, f) for f in STAT_FIELDS}) == fresh[policy], policy
+    for policy in ("fcfs-lru", "batchllm", "fcfs-lru", "batchllm"):
+        cfg = job(policy)
+        s = run_job(cfg, loaded=tiny, engine_factory=engines)
+        engines.release()
+        assert (_rows(cfg.output), {f: getattr(s, f) for f in STAT_FIELDS}) == fresh[policy], policy
     assert engines.engines_built == 6 and engines.fresh_engines == 0
 
     # the graph path (static mode: what a CUDA graph runs, eagerly) only up to the workload's 8 sequences
     static = BenchEngines(base, tiny, harness.POLICIES, max_seqs=len(rows), graphs="static")
     assert static.graph_sizes == [1, 2, 4, 8]
-    with static.installed():
-        for policy in harness.POLICIES:
-            cfg = job(policy)
-            run_job(cfg, loaded=tiny)
-            static.release()
-            assert [r[1] for r in _rows(cfg.output)] == [r[1] for r in fresh[policy][0]], policy
+    for policy in harness.POLICIES:
+        cfg = job(policy)
+        run_job(cfg, loaded=tiny, engine_factory=static)
+        static.release()
+        assert [r[1] for r in _rows(cfg.output)] == [r[1] for r in fresh[policy][0]], policy
     assert static.runner.graphs.replays > 0
 
 

@@ -18,15 +18,14 @@ Every run still starts clean: a new ``LLMEngine`` (fresh scheduler, page pool an
 empty prefix cache; no step statistics), with the KV tensors zeroed after the previous run (``release``,
 called by the harness outside the timed region) exactly as a fresh ``KVCache`` is.
 
-While installed (``with engines.installed():``), ``pipeline.make_engine`` is replaced by this object
-for ``run_job`` calls whose engine options match the bench's; any other job gets a fresh engine.
+The harness passes this object to ``run_job`` as its ``engine_factory``; a run whose engine options
+differ from the bench's gets a fresh engine from ``pipeline.make_engine``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
-from typing import Iterator
 
 import torch
 
@@ -43,14 +42,6 @@ from batchllm.models.tokenizer import eos_token_ids
 # JobConfig fields make_engine reads, besides the policy: a run whose values differ gets a fresh engine
 ENGINE_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "attention", "enforce_eager", "kv_cache_tokens",
                  "gpu_memory_utilization", "page_size", "max_model_len", "model", "device", "dtype")
-BASELINE_MAX_NUM_SEQS = 256  # make_engine's cap for fcfs-lru (vLLM's max_num_seqs default)
-
-
-def policy_limits(cfg: JobConfig, policy: str) -> tuple[int | None, float, bool]:
-    """(max_num_seqs, growth_reserve, prefix_caching) of ``policy``, as ``pipeline.make_engine`` sets them."""
-    baseline = policy == "fcfs-lru"
-    max_num_seqs = cfg.max_num_seqs if cfg.max_num_seqs is not None else (BASELINE_MAX_NUM_SEQS if baseline else None)
-    return max_num_seqs, 0.0 if baseline else 1.0, baseline
 
 
 class BenchEngines:
@@ -71,7 +62,7 @@ class BenchEngines:
         mcfg, dev = lm.config, lm.device
         self.budget = base.max_num_batched_tokens or pipeline.default_token_budget(dev)
         self.backend = get_backend(pipeline.resolve_attention(base.attention, dev))
-        limits = [policy_limits(base, p)[0] for p in policies] or [None]
+        limits = [pipeline.policy_limits(dataclasses.replace(base, policy=p))[0] for p in policies] or [None]
         most_seqs = max(cuda_graphs.DEFAULT_MAX_GRAPH_BATCH if m is None else m for m in limits)
         # what any run of this bench can have in one step: sampled rows, decoding sequences
         reach = max(1, min(self.budget, max(self.budget if m is None else m for m in limits), max_seqs))
@@ -93,7 +84,6 @@ class BenchEngines:
         self.runner = ModelRunner(lm.model, self.kv, self.backend, dev, graphs=self.graphs,
                                   max_model_len=self.max_model_len, max_graph_batch=self.graph_batch)
         self.eos = frozenset(eos_token_ids(lm.tokenizer, mcfg))
-        self._make_engine = pipeline.make_engine  # for runs that do not match (installed() keeps the original too)
         self.graph_sizes = list(self.runner.graphs.sizes) if self.runner.graphs is not None else []
         self.engines_built = self.fresh_engines = 0
         self._dirty = False
@@ -109,10 +99,10 @@ class BenchEngines:
 
         if not self.matches(cfg, lm) or max_model_len != pipeline.model_max_len(self.base, lm.config):
             self.fresh_engines += 1
-            return self._make_engine(cfg, lm, max_model_len)
+            return pipeline.make_engine(cfg, lm, max_model_len)
         if self._dirty:  # the harness calls release() after each run, outside the timed region
             self.release()
-        max_num_seqs, reserve, caching = policy_limits(cfg, cfg.policy)
+        max_num_seqs, reserve, caching = pipeline.policy_limits(cfg)
         sched = SchedulerConfig(page_size=cfg.page_size, max_num_batched_tokens=self.budget, max_num_seqs=max_num_seqs,
                                 max_model_len=self.max_model_len, growth_reserve=reserve)
         # graphs="off": this engine's own runner is a throwaway (no capture); it runs on the shared one
@@ -134,20 +124,6 @@ class BenchEngines:
         else:
             layers[:] = KVCache(self.lm.config, self.kv.num_pages, self.kv.page_size, layers[0].dtype, layers[0].device).layers
         self._dirty = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["BenchEngines"]:
-        """Route ``pipeline.make_engine`` (what ``run_job`` calls) through this object while open."""
-        from batchllm import pipeline
-
-        if not callable(getattr(pipeline, "make_engine", None)):
-            raise RuntimeError("batchllm.pipeline.make_engine is gone: BenchEngines cannot hand runs its engine")
-        self._make_engine = pipeline.make_engine
-        pipeline.make_engine = self
-        try:
-            yield self
-        finally:
-            pipeline.make_engine = self._make_engine
 
     def close(self) -> None:
         """Drop the KV cache, runner and graphs (the peers load their own weights next)."""

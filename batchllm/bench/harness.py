@@ -411,33 +411,32 @@ def _run_policies(ctx: _Context, base: JobConfig, policies: list[str], profile: 
         # a fresh output folder per run: an existing one could be resumed instead of rerun
         return JobConfig(**{**base.to_dict(), "inputs": [path], "output": ctx.fresh_dir(), "policy": policy})
 
-    with engines.installed():
-        if warm_rows:
-            path = os.path.join(ctx.tmp, "warmup.jsonl")
-            write_jsonl(warm_rows, path)
-            run_job(job(path, policies[0]), loaded=lm)
-            engines.release()
-        for ci, c in enumerate(ctx.cells):
-            # repeats are interleaved (A B A B, not A A B B): a machine that slows down or speeds up during
-            # the bench then weighs on every policy alike instead of on whichever ran in the slow stretch
-            walls: dict[str, list[float]] = {p: [] for p in policies}
-            best: dict[str, tuple] = {}
-            for rep in range(ctx.repeat):
-                for policy in policies:
-                    _free_memory()
-                    cfg = job(c["path"], policy)
-                    with _Probe(profile, ctx.dev.type == "cuda") as probe:
-                        s = run_job(cfg, loaded=lm)
-                    engines.release()  # zero the KV cache for the next run, outside any timed region
-                    walls[policy].append(s.wall_seconds)
-                    ctx.say(f"{c['label']}: {policy} run {rep + 1}/{ctx.repeat}: {s.wall_seconds:.2f} s")
-                    if policy not in best or s.wall_seconds < best[policy][0].wall_seconds:
-                        best[policy] = (s, probe)
-                    if rep == 0:
-                        ctx.outputs[(ci, policy)] = _read_token_ids(cfg.output)
-                    shutil.rmtree(cfg.output, ignore_errors=True)
-                    c["by_name"][policy] = _policy_entry(ctx, c, policy, walls[policy], *best[policy], profile)
-                    ctx.emit()
+    if warm_rows:
+        path = os.path.join(ctx.tmp, "warmup.jsonl")
+        write_jsonl(warm_rows, path)
+        run_job(job(path, policies[0]), loaded=lm, engine_factory=engines)
+        engines.release()
+    for ci, c in enumerate(ctx.cells):
+        # repeats are interleaved (A B A B, not A A B B): a machine that slows down or speeds up during
+        # the bench then weighs on every policy alike instead of on whichever ran in the slow stretch
+        walls: dict[str, list[float]] = {p: [] for p in policies}
+        best: dict[str, tuple] = {}
+        for rep in range(ctx.repeat):
+            for policy in policies:
+                _free_memory()
+                cfg = job(c["path"], policy)
+                with _Probe(profile, ctx.dev.type == "cuda") as probe:
+                    s = run_job(cfg, loaded=lm, engine_factory=engines)
+                engines.release()  # zero the KV cache for the next run, outside any timed region
+                walls[policy].append(s.wall_seconds)
+                ctx.say(f"{c['label']}: {policy} run {rep + 1}/{ctx.repeat}: {s.wall_seconds:.2f} s")
+                if policy not in best or s.wall_seconds < best[policy][0].wall_seconds:
+                    best[policy] = (s, probe)
+                if rep == 0:
+                    ctx.outputs[(ci, policy)] = _read_token_ids(cfg.output)
+                shutil.rmtree(cfg.output, ignore_errors=True)
+                c["by_name"][policy] = _policy_entry(ctx, c, policy, walls[policy], *best[policy], profile)
+                ctx.emit()
     if engines.fresh_engines:
         ctx.say(f"note: {engines.fresh_engines} run(s) did not match the shared engine and built their own")
     engines.close()
