@@ -83,6 +83,7 @@ def run(
     preview: Optional[int] = typer.Option(None, help="Completions to print after the run."),
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray, one GPU each (CPU with --device cpu); needs pip install 'batchllm[ray]'."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster; default: a local Ray when --replicas > 1)."),
+    ray_start_timeout: Optional[float] = typer.Option(None, help="Seconds Ray may take to start or connect before the job fails (default 300)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous job's results in the output folder instead of resuming it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
@@ -102,6 +103,7 @@ def run(
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
+        ray_start_timeout=ray_start_timeout,
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
@@ -119,6 +121,7 @@ def resume(
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs)."),
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray (may differ from the first run)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
+    ray_start_timeout: Optional[float] = typer.Option(None, help="Seconds Ray may take to start or connect (default 300)."),
     verify: bool = typer.Option(False, "--verify", help="Check every committed shard's sha256 first (default: sizes only)."),
     repair: bool = typer.Option(False, "--repair", help="Drop committed shards that are missing or fail the sha256 check from the manifest, then rerun exactly their rows."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
@@ -139,7 +142,8 @@ def resume(
     cfg.output = output_dir
     for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("kv_cache_tokens", kv_cache_tokens), ("gpu_memory_utilization", gpu_memory_utilization),
-                        ("enforce_eager", enforce_eager), ("replicas", replicas), ("ray_address", ray_address)):
+                        ("enforce_eager", enforce_eager), ("replicas", replicas), ("ray_address", ray_address),
+                        ("ray_start_timeout", ray_start_timeout)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()

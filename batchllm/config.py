@@ -59,6 +59,7 @@ class JobConfig:
     # part of the job's fingerprint and a resume may use another replica count
     replicas: int = 1
     ray_address: str | None = None  # None: a local Ray instance when replicas > 1; "auto": the running cluster
+    ray_start_timeout: float = 300.0  # seconds ray.init may take before the job fails with one line
 
     def sampling_defaults(self) -> SamplingParams:
         try:
@@ -220,6 +221,7 @@ SCHEMA: dict[str, _Rule] = {
     "preview": _Rule("int", lo=0, hi=1 << 31),
     "replicas": _Rule("int", lo=1, hi=1 << 16),
     "ray_address": _OPT_STR,
+    "ray_start_timeout": _Rule("float", lo=0, hi=86400, lo_open=True),
 }
 
 

@@ -71,11 +71,10 @@ POLL_S = 0.5  # progress polling / status refresh period
 READY_TIMEOUT_S = float(os.environ.get("BATCHLLM_REPLICA_START_TIMEOUT", 1800))  # model download + load
 # ray.init: a local instance starts in seconds (7 s measured on a 2-core machine at load 4), a remote one
 # connects in less; past this the job fails with one line instead of waiting with no output
-RAY_START_TIMEOUT_S = float(os.environ.get("BATCHLLM_RAY_START_TIMEOUT", 300))
 
 
 class _StartTimeout(Exception):
-    """Internal: ray.init ran past RAY_START_TIMEOUT_S."""
+    """Internal: ray.init ran past the job's ray_start_timeout."""
 
 
 @contextlib.contextmanager
@@ -148,15 +147,15 @@ class RayCluster:
             # the job's own handlers) would end the process with no message; ours goes back afterwards
             sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
             try:
-                with _deadline(RAY_START_TIMEOUT_S):
+                with _deadline(cfg.ray_start_timeout):
                     ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             except _StartTimeout:
                 try:
                     ray.shutdown()
                 except Exception:  # noqa: BLE001  (half-started: nothing more to do)
                     pass
-                raise BatchLLMError(f"Ray ({where}) did not start within {RAY_START_TIMEOUT_S:.0f} s (a busy machine starts "
-                                    "it slowly: set BATCHLLM_RAY_START_TIMEOUT to wait longer)") from None
+                raise BatchLLMError(f"Ray ({where}) did not start within {cfg.ray_start_timeout:.0f} s (a busy machine "
+                                    "starts it slowly: --ray-start-timeout SECONDS waits longer)") from None
             except Exception as e:  # ConnectionError, a bad address...
                 raise BatchLLMError(f"cannot connect to Ray at {where}: {_one_line(e)}") from None
             finally:
