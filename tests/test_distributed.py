@@ -18,7 +18,7 @@ from tests.job_utils import SigintAt
 from batchllm.config import JobConfig
 from batchllm.distributed import assign
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import read_manifest_file, read_results
+from batchllm.io.writer import MARKER, read_manifest_file, read_results
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.jobs.status import read_status
 from batchllm.pipeline import run_job
@@ -340,7 +340,8 @@ def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path
     assert_exactly_once_and_same(uri, ref)
     assert set(replica_of_rows(out).values()) == {0, 1, None}
     files = set(os.listdir(out))
-    assert files == {"manifest.json", "status.json"} | {s["file"] for s in read_manifest_file(uri)["shards"]}  # lease gone
+    job_files = {"manifest.json", "status.json", MARKER}
+    assert files == job_files | {s["file"] for s in read_manifest_file(uri)["shards"]}  # lease gone
     state = job_state(uri)
     assert state["status"] == "completed" and not state["running"] and state["done"] == 49
     assert export_job(uri, "jsonl", str(tmp_path / "all.jsonl")).rows == len(ref)
