@@ -40,7 +40,7 @@ from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
 from batchllm.io.readers import ColumnMapping, read_requests
 from batchllm.io.requests import Request, RowError
-from batchllm.io.writer import CommitError, ShardWriter
+from batchllm.io.writer import CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
 from batchllm.jobs.manifest import build_fingerprint
 from batchllm.jobs.recorder import ResultRecorder
@@ -592,6 +592,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     cfg = cfg.with_absolute_paths()
     if len(set(cfg.inputs)) != len(cfg.inputs):  # rows are keyed by (input position, row index)
         raise BatchLLMError("the same input file is given twice")
+    check_inputs_outside(cfg.output, cfg.inputs)  # before the folder is opened, let alone claimed
     emit = progress or (lambda event, info: None)
     summary = JobSummary()
     mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)

@@ -97,7 +97,7 @@ def test_input_inside_a_job_folder_is_refused_even_with_overwrite(tiny, referenc
     inp = out / "shard-00099.parquet"  # named like a shard of the job: an orphan to the writer
     pq.write_table(pa.table({"prompt": ["hello"]}), inp)
     before = snapshot(out)
-    with pytest.raises(BatchLLMError, match="different configuration"):  # refused before the writer sees it
+    with pytest.raises(BatchLLMError, match="inside the output folder"):  # refused before the folder is opened
         run(tiny, [inp], out)
     with pytest.raises(BatchLLMError, match="inside the output folder"):
         run(tiny, [inp], out, overwrite=True)
