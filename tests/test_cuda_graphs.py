@@ -261,7 +261,7 @@ def test_job_config_validates_the_new_options(tmp_path):
 
     base = {"inputs": ["x.jsonl"], "output": "out"}
     for bad in (0.0, 1.5, -1):
-        with pytest.raises(BatchLLMError, match="gpu-memory-utilization must be in"):
+        with pytest.raises(BatchLLMError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
             JobConfig(**base, gpu_memory_utilization=bad).validate()
     JobConfig(**base, gpu_memory_utilization=1.0).validate()
     job = tmp_path / "job.toml"
