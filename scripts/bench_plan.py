@@ -16,14 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from batchllm.plan.groups import batchllm_groups, order_groups
-from batchllm.plan.plan import build_plan, estimate_peak_kv_tokens
-from batchllm.plan.stats import plan_stats
-from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree, adjacent_lcp, concat_prompts, lexicographic_order
+# a plain checkout (no pip install) imports batchllm from this repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batchllm.plan.groups import batchllm_groups, order_groups  # noqa: E402
+from batchllm.plan.plan import build_plan, estimate_peak_kv_tokens  # noqa: E402
+from batchllm.plan.stats import plan_stats  # noqa: E402
+from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree, adjacent_lcp, concat_prompts, lexicographic_order  # noqa: E402
 
 VOCAB = 128256
 
