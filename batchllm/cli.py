@@ -85,6 +85,7 @@ def run(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster; default: a local Ray when --replicas > 1)."),
     ray_start_timeout: Optional[float] = typer.Option(None, help="Seconds Ray may take to start or connect before the job fails (default 300)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous job's results in the output folder instead of resuming it."),
+    verify: bool = typer.Option(False, "--verify", help="When the output folder holds a job to continue, check every committed shard's sha256 first (default: sizes only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
 ) -> None:
@@ -107,6 +108,12 @@ def run(
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
+    if verify and not overwrite:
+        from batchllm.jobs.integrity import verify_job
+        from batchllm.jobs.manifest import read_manifest
+
+        if read_manifest(cfg.output) is not None:  # a job to continue: its shards' bytes first
+            verify_job(cfg.output, full=True)
     _run_and_report(cfg, quiet, overwrite=overwrite)
 
 

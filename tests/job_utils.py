@@ -1,9 +1,11 @@
-"""Helpers for job tests that interrupt a run."""
+"""Helpers for job tests: interrupting a run, running the command line in-process."""
 
 from __future__ import annotations
 
 import os
 import signal
+
+from batchllm.cli import main
 
 
 class SigintAt:
@@ -18,3 +20,17 @@ class SigintAt:
             self.seen += 1
             if self.seen == self.n:
                 os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_main(args, capsys) -> tuple[int, str]:
+    """The real entry point in-process: its exit status and stderr (signal handlers restored after)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return code, capsys.readouterr().err

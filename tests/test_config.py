@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
+from tests.job_utils import run_main
 
-from batchllm.cli import main
 from batchllm.config import SCHEMA, JobConfig, load_job_file, merge
 from batchllm.errors import BatchLLMError
 
@@ -77,20 +75,6 @@ def test_manifest_job_spec_of_wrong_type_is_one_line_error():
     cfg = JobConfig.from_spec({"inputs": ["a"], "output": "o", "preview": "3"})
     with pytest.raises(BatchLLMError, match=r"preview = '3' \(a string\): expected an integer"):
         cfg.validate()
-
-
-def run_main(args, capsys) -> tuple[int, str]:
-    """The real entry point in-process: its exit status and stderr (signal handlers restored after)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key,value", [("max_tokens", '"4"'), ("inputs", "5"), ("top_k", "2.5")])

@@ -34,7 +34,7 @@ from batchllm.io.readers import ColumnMapping, read_requests
 from batchllm.io.requests import Request, RowError
 from batchllm.models import dummy, dummy_tokenizer, hf_folder, loader
 from batchllm.models.config import ModelConfig
-from tests.test_config import run_main
+from tests.job_utils import run_main
 
 def fast(n: int) -> settings:
     return settings(max_examples=n, deadline=None, database=None,

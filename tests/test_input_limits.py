@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tests.job_utils import run_main
 
 from batchllm import pipeline
 from batchllm.config import JobConfig
@@ -114,8 +115,6 @@ def test_template_repeating_a_long_field_is_prompt_too_long_before_it_is_built(t
 
 
 def test_cli_template_format_spec_refused_with_one_line(tmp_path, capsys):
-    from tests.test_config import run_main
-
     path = _write_jsonl(tmp_path / "in.jsonl", [{"article": "a"}])
     code, err = run_main(["run", path, "-o", str(tmp_path / "o"), "--model", "dummy:tiny", "-q",
                           "--prompt-template", "S: {article:>1000000000}"], capsys)
@@ -220,8 +219,6 @@ def test_sigterm_in_the_first_seconds_raises_one_line_stop_not_the_default_actio
 
 
 def test_cli_sigterm_during_start_up_is_one_line_and_exit_143(tmp_path, capsys, monkeypatch):
-    from tests.test_config import run_main
-
     def killed(*a, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(100):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
-from tests.job_utils import SigintAt
+from tests.job_utils import SigintAt, run_main
 
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
@@ -219,6 +219,20 @@ def test_truncated_shard_fails_the_fast_size_check(tiny, reference, tmp_path):
     p.write_bytes(p.read_bytes()[:-7])
     with pytest.raises(DamagedJob, match=r"shard-00000.parquet: [\d,]+ bytes, the manifest records"):
         run(tiny, [inp], out, shard_rows=4)
+
+
+def test_bit_flip_passes_the_fast_check_and_fails_run_verify(tiny, reference, tmp_path, capsys):
+    inp, out = finished_job(tiny, reference, tmp_path)
+    p = out / read_manifest(str(out))["shards"][0]["file"]
+    data = bytearray(p.read_bytes())
+    data[40] ^= 0x10  # same size: only the sha256 sees it
+    p.write_bytes(bytes(data))
+    args = ["run", inp, "-o", str(out), "--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "-q",
+            "--shard-rows", "4"]
+    code, err = run_main([*args, "--verify"], capsys)
+    assert code == 1
+    assert "sha256 differs" in err and f"batchllm resume {out} --repair" in err and "Traceback" not in err
+    assert p.read_bytes() == bytes(data)  # reported, not touched
 
 
 def test_repair_drops_damaged_shards_and_the_resume_reruns_exactly_their_rows(tiny, reference, tmp_path):
