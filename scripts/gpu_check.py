@@ -147,8 +147,9 @@ def _child_env() -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, then SIGKILL what is left after 5 s."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    """SIGINT the child's process group (pytest then still writes its junit xml and summary; the
+    benchmark scripts' JSON is already on disk), SIGTERM what is left after 5 s, then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, 5), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -103,6 +103,27 @@ def test_the_real_stages_cover_the_issue(gc, tmp_path):
         assert ("dummy:llama-3-8b" in bench and "bfloat16" in bench) != dry
 
 
+def test_a_pytest_cut_at_its_deadline_still_reports_its_counts(gc, tmp_path, monkeypatch):
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                     "def test_slow():\n    time.sleep(60)\n")
+    xml = tmp_path / "w" / "r.xml"
+    xml.parent.mkdir()
+
+    def fake(dry, w):
+        st = gc.Stage("b", 6, [("t", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                      f"--junitxml={xml}", str(tests)], None)])
+        st.junit["t"] = xml
+        return [st]
+
+    monkeypatch.setattr(gc, "build_stages", fake)
+    gc.main([str(tmp_path / "out")])
+    b = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]["b"]
+    assert b["status"] == "timeout"
+    assert b["results"]["t"]["tests"] >= 1  # SIGINT first: pytest wrote its xml on the way out
+
+
 def test_junit_summary_counts_failures(gc, tmp_path):
     xml, log = tmp_path / "r.xml", tmp_path / "r.log"
     log.write_text("$ python -m pytest -q\n")
