@@ -56,6 +56,10 @@ def run(
     inputs: List[str] = typer.Argument(None, help="Prompt files: JSONL, Parquet, OpenAI batch JSONL, or an HF datasets folder/file."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest: a path or a pyarrow filesystem URI (s3://, gs://, ...)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer to use instead of the model's: a folder or a Hugging Face repo id (org/name)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the model's: a Jinja file or the template text."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name the outputs report (OpenAI export; default: the model's name)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a dataset-dict input (a saved DatasetDict folder or a hub dataset); required when it has several."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens per sample (rows override)."),
@@ -97,7 +101,8 @@ def run(
 
     _set_verbose(verbose)
     flags = dict(
-        inputs=inputs or None, output=output, model=model, device=device, dtype=dtype, max_tokens=max_tokens,
+        inputs=inputs or None, output=output, model=model, tokenizer=tokenizer, chat_template=chat_template,
+        served_model_name=served_model_name, split=split, device=device, dtype=dtype, max_tokens=max_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, id_column=id_column,
         prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
         system_prompt=system_prompt, policy=policy, attention=attention, max_num_batched_tokens=max_num_batched_tokens,
@@ -236,6 +241,9 @@ def _committed_preview(output_dir: str, n: int) -> list[dict]:
 def stats(
     inputs: List[str] = typer.Argument(..., help="Prompt files, as for run."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model whose tokenizer and KV size to use (weights are not loaded)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer to use instead of the model's (a folder or a repo id)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the model's: a Jinja file or the template text."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a dataset-dict input, as for run."),
     max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens (for the KV estimate and ordering)."),
     dtype: str = typer.Option("bfloat16", help="KV cache dtype for the memory estimate."),
     id_column: Optional[str] = typer.Option(None),
@@ -257,7 +265,8 @@ def stats(
     if dtype not in DTYPES:
         raise BatchLLMError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     cfg = JobConfig(
-        inputs=list(inputs), output="-", model=model, id_column=id_column, prompt_column=prompt_column,
+        inputs=list(inputs), output="-", model=model, tokenizer=tokenizer, chat_template=chat_template, split=split,
+        id_column=id_column, prompt_column=prompt_column,
         messages_column=messages_column, prompt_template=prompt_template, system_prompt=system_prompt,
         **({"max_tokens": max_tokens} if max_tokens is not None else {}),
     )

@@ -27,6 +27,10 @@ class JobConfig:
     inputs: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
     model: str | None = None  # None: the built-in default (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None  # another tokenizer (an HF folder or hub name) than the model's
+    chat_template: str | None = None  # a Jinja file or template text replacing the tokenizer's chat template
+    served_model_name: str | None = None  # the model name outputs report (OpenAI export); None: the model's
+    split: str | None = None  # the split of dataset-dict inputs (save_to_disk DatasetDict folders, hub datasets)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     # sampling defaults (vLLM's defaults; rows override)
@@ -99,16 +103,24 @@ class JobConfig:
         return cls(**{k: v for k, v in spec.items() if k in _FIELDS})
 
     def with_absolute_paths(self) -> "JobConfig":
-        """A copy whose input, output and model paths are absolute, so the job spec stored in the manifest
-        resumes from any working directory (model specs that are not paths are kept as they are)."""
-        model = self.model
-        if model is not None and not model.startswith("dummy:") and os.path.exists(os.path.expanduser(model)):
-            model = os.path.abspath(os.path.expanduser(model))
+        """A copy whose input, output, model, tokenizer and chat-template paths are absolute, so the job spec
+        stored in the manifest resumes from any working directory. Kept as given: URIs (``s3://...``,
+        ``file://...``), hub dataset names that are no local path, and model / tokenizer specs that are
+        not paths (hub names, ``dummy:``), and a chat template given as text."""
+        from batchllm.io.readers import is_hub_dataset_name
+
+        def existing(spec: str | None) -> str | None:
+            if spec is None or spec.startswith("dummy:") or is_uri(spec) or not os.path.exists(os.path.expanduser(spec)):
+                return spec
+            return os.path.abspath(os.path.expanduser(spec))
+
         return dataclasses.replace(
             self,
-            inputs=[os.path.abspath(os.path.expanduser(p)) for p in self.inputs],
+            inputs=[p if is_uri(p) or is_hub_dataset_name(p) else os.path.abspath(os.path.expanduser(p)) for p in self.inputs],
             output=self.output if not self.output or is_uri(self.output) else os.path.abspath(os.path.expanduser(self.output)),
-            model=model,
+            model=existing(self.model),
+            tokenizer=existing(self.tokenizer),
+            chat_template=self.chat_template if _template_text(self.chat_template) else existing(self.chat_template),
         )
 
     def column_mapping_dict(self) -> dict[str, Any]:
@@ -195,6 +207,10 @@ SCHEMA: dict[str, _Rule] = {
     "inputs": _Rule("paths"),
     "output": _Rule("str", optional=True),
     "model": _OPT_STR,
+    "tokenizer": _OPT_STR,
+    "chat_template": _OPT_STR,
+    "served_model_name": _OPT_STR,
+    "split": _OPT_STR,
     "device": _Rule("str"),
     "dtype": _Rule("str", choices=("auto", "float32", "bfloat16", "float16")),
     "max_tokens": _Rule("int", lo=1, hi=MAX_TOKENS_LIMIT),
@@ -300,12 +316,40 @@ def load_job_file(path: str) -> dict[str, Any]:
     # paths in a job file are relative to the file, so a job runs the same from any working directory
     base = os.path.dirname(os.path.abspath(path))
     if "inputs" in flat:
-        flat["inputs"] = [_relative_to(base, p) for p in flat["inputs"]]
-    for key in ("output", "model"):
+        flat["inputs"] = [p if is_uri(p) else _relative_or_name(base, p, _input_file_exts()) for p in flat["inputs"]]
+    for key in ("output", "model", "tokenizer", "chat_template"):
         if (isinstance(flat.get(key), str) and not flat[key].startswith("dummy:") and flat[key] not in ("default", "smollm2")
-                and not is_uri(flat[key])):
-            flat[key] = _relative_to(base, flat[key])
+                and not is_uri(flat[key]) and not (key == "chat_template" and _template_text(flat[key]))):
+            named = key in ("model", "tokenizer")  # may be a hub repo id; output and chat_template are paths
+            flat[key] = _relative_or_name(base, flat[key], _MODEL_FILE_EXTS) if named else _relative_to(base, flat[key])
     return flat
+
+
+def _template_text(spec: str | None) -> bool:
+    """Whether a chat_template value is template text rather than a file (as ``loader.read_chat_template``
+    decides)."""
+    return spec is not None and ("{{" in spec or "{%" in spec)
+
+
+_MODEL_FILE_EXTS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _input_file_exts() -> tuple[str, ...]:
+    from batchllm.io.readers import _FILE_EXTS
+
+    return _FILE_EXTS
+
+
+def _relative_or_name(base: str, spec: str, file_exts: tuple[str, ...]) -> str:
+    """A job file's input / model / tokenizer path relative to the file; a spec that names nothing there
+    and reads as a Hugging Face hub name (``org/name``, not ending in one of ``file_exts``) is kept as it
+    is."""
+    from batchllm.io.readers import looks_like_repo_id
+
+    resolved = _relative_to(base, spec)
+    if not os.path.exists(resolved) and looks_like_repo_id(spec) and not spec.lower().endswith(file_exts):
+        return spec
+    return resolved
 
 
 def _relative_to(base: str, path: str) -> str:

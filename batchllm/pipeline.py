@@ -38,7 +38,7 @@ from batchllm.engine.sequence import Sequence
 from batchllm.engine.sources import build_sources
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
-from batchllm.io.readers import ColumnMapping, read_requests
+from batchllm.io.readers import ColumnMapping, input_identity, read_requests
 from batchllm.io.requests import Request, RowError
 from batchllm.io.writer import CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
@@ -275,7 +275,8 @@ def read_and_tokenize(
     names = (folder.manifest.get("input_files") if folder is not None and folder.resuming else None) or cfg.inputs
     requests: list[Request] = []
     limit = max_prompt_chars(tokenizer, max_model_len)
-    for k, item in enumerate(read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit)):
+    rows = read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit, split=cfg.split)
+    for k, item in enumerate(rows):
         fid = file_ids[item.input_file]
         if done is not None and done.contains(fid, item.input_index):
             continue
@@ -301,7 +302,7 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
     """
     src = loader.resolve_model(cfg.model)
     mcfg = loader.load_config(src)
-    tok = loader.load_tokenizer(src)
+    tok = loader.load_tokenizer(src, cfg.tokenizer, cfg.chat_template)
     max_model_len = model_max_len(cfg, mcfg)
     errors: dict[str, int] = {}
     requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: errors.__setitem__(e.error_code, errors.get(e.error_code, 0) + 1))
@@ -504,7 +505,7 @@ def load_model(cfg: JobConfig, src: loader.ModelSource | None = None, tokenizer=
     mcfg = loader.load_config(src)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tok = tokenizer if tokenizer is not None else loader.load_tokenizer(src)
+    tok = tokenizer if tokenizer is not None else loader.load_tokenizer(src, cfg.tokenizer, cfg.chat_template)
     model = build_model(mcfg, loader.iter_weights(src, mcfg, dtype, device), dtype, device)
     return LoadedModel(mcfg, model, tok, device, dtype, src)
 
@@ -596,7 +597,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     emit = progress or (lambda event, info: None)
     summary = JobSummary()
     mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
-    read_requests(cfg.inputs, mapping, cfg.sampling_defaults())  # unreadable inputs fail now, before any loading
+    read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), split=cfg.split)  # unreadable inputs fail now, before any loading
 
     cluster = None
     if cfg.distributed:  # Ray first: the replicas' device (GPU or CPU) decides the dtype, part of the job's identity
@@ -619,7 +620,8 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None
     else:
         device = resolve_device(cfg.device)
         dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
-    tok = loaded.tokenizer if loaded is not None else loader.load_tokenizer(src)
+    overridden = cfg.tokenizer is not None or cfg.chat_template is not None  # --tokenizer / --chat-template
+    tok = loaded.tokenizer if loaded is not None and not overridden else loader.load_tokenizer(src, cfg.tokenizer, cfg.chat_template)
     fingerprint = job_fingerprint(cfg, src, tok, dtype)
     folder = open_job_folder(cfg.output, fingerprint, overwrite=overwrite)
     try:
@@ -660,12 +662,16 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None
 
 def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.dtype) -> dict:
     """What changes this job's outputs (``batchllm.jobs.manifest.build_fingerprint``); ``cfg`` with
-    absolute paths."""
-    return build_fingerprint(
+    absolute paths. Inputs are identified through ``readers.input_identity``: a local path as the
+    manifest module does, a URI through its filesystem, a hub dataset by its cached data, ``--split``
+    included."""
+    fp = build_fingerprint(
         weights=loader.weights_fingerprint(src), model_name=src.display_name, tokenizer=tok,
         sampling=dataclasses.asdict(cfg.sampling_defaults()), seed=cfg.seed, columns=cfg.column_mapping_dict(),
-        max_model_len=cfg.max_model_len, dtype=str(dtype).removeprefix("torch."), inputs=cfg.inputs,
+        max_model_len=cfg.max_model_len, dtype=str(dtype).removeprefix("torch."), inputs=[],
     )
+    fp["inputs"] = [input_identity(p, cfg.split) for p in cfg.inputs]
+    return fp
 
 
 def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, cluster=None, engine_factory=None) -> None:
@@ -708,6 +714,8 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
         return
     t_load = time.perf_counter()
     lm = loaded or load_model(cfg, src=src, tokenizer=tok)  # the tokenizer the fingerprint saw
+    if lm.tokenizer is not tok:  # a preloaded model under --tokenizer / --chat-template: the job's tokenizer decodes
+        lm = dataclasses.replace(lm, tokenizer=tok)
     summary.load_seconds = time.perf_counter() - t_load
     emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
     emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors, "done_before": summary.done_before})

@@ -341,7 +341,10 @@ def test_hf_save_to_disk_dataset_and_dict(tmp_path, hf_cache):
     assert count_rows([str(tmp_path / "ds")]) == 3
 
     datasets.DatasetDict({"test": ds, "train": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
-    assert [r.prompt for r in read([str(tmp_path / "dd")])] == ["a"]
+    # several splits: no silent "train" (issue 15); --split picks one
+    with pytest.raises(BatchLLMError, match="splits test, train: choose one with --split"):
+        read([str(tmp_path / "dd")])
+    assert [r.prompt for r in read([str(tmp_path / "dd")], split="train")] == ["a"]
     datasets.DatasetDict({"test": ds.select([1])}).save_to_disk(str(tmp_path / "one"))
     assert [r.prompt for r in read([str(tmp_path / "one")])] == ["b"]
     datasets.DatasetDict({"a": ds, "b": ds}).save_to_disk(str(tmp_path / "two"))

@@ -10,6 +10,17 @@ Formats (``detect_format``):
 - ``hf-disk`` (a ``Dataset.save_to_disk`` folder) and ``hf-file`` (``.csv``, ``.arrow``, ``.json``
   holding one array), through the ``datasets`` package, imported only for these formats.
 
+Where an input comes from (``_locate`` / ``_open``): a local path; a ``file://`` URI (the same local
+file); any other pyarrow filesystem URI (``s3://``, ``gs://``, ``abfs://``..., or a scheme registered with
+``batchllm.io.storage.register_filesystem``), resolved as output folders are; or a Hugging Face hub
+dataset name (``org/name``: a string that is no local file or folder and looks like a repo id), loaded
+through ``datasets.load_dataset`` (format ``hub``; offline, only from the local cache). JSONL and OpenAI
+files may be compressed (``.jsonl.gz``, ``.jsonl.zst``: pyarrow's codecs, the gzip module or the
+``zstandard`` package where pyarrow lacks one); line numbers count decompressed lines. Parquet is read
+from any filesystem; datasets files and ``save_to_disk`` folders from local paths only. ``split``
+(``--split``) picks one split of a ``DatasetDict`` (a ``save_to_disk`` folder of one, or a hub dataset);
+without it a dict with one split uses that split and a dict with several is refused, naming them.
+
 A native row carries:
 - ``custom_id`` (column set by ``ColumnMapping.id_column``): a string or an integer. Absent or null: the
   row index as a string with one input file, ``"<file basename>:<row index>"`` with several.
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import re
@@ -58,7 +70,7 @@ from batchllm.io.requests import (
 )
 from batchllm.sampling_params import MAX_TOKENS_ALIASES, SamplingParams
 
-__all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows"]
+__all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows", "input_identity", "is_hub_dataset_name"]
 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _SAMPLING_KEYS = _SAMPLING_NAMES | frozenset(MAX_TOKENS_ALIASES)
@@ -71,6 +83,11 @@ _HF_BUILDERS = {".csv": "csv", ".arrow": "arrow", ".json": "json"}
 _SNIPPET_CHARS = 120
 # How many non-blank lines to look at for the first parseable object when sniffing an OpenAI batch file.
 _SNIFF_LINES = 100
+# Compressed JSONL: the suffix after the format's extension -> pyarrow's codec name.
+_CODECS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# A Hugging Face hub repo id ("imdb", "org/name"): what a missing input must look like to be loaded as one.
+_HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_FILE_EXTS = (*_JSONL_EXTS, ".json", *_PARQUET_EXTS, *_HF_BUILDERS, *_CODECS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +121,34 @@ class _RowFailure(Exception):
 
 
 def detect_format(path: str) -> str:
-    """Return ``"jsonl" | "openai" | "parquet" | "hf-disk" | "hf-file"`` for ``path``.
+    """Return ``"jsonl" | "openai" | "parquet" | "hf-disk" | "hf-file" | "hub"`` for ``path`` (a local
+    path, a filesystem URI or a hub dataset name; see the module docstring).
 
-    Looks at the extension and, for JSON files, the first bytes / lines. Raises ``BatchLLMError`` for a
-    missing or unreadable path, an unknown extension, a folder that is not a ``save_to_disk`` dataset,
-    or a JSONL file with no non-blank line.
+    Looks at the extension (under a ``.gz`` / ``.zst`` suffix) and, for JSON files, the first bytes /
+    lines. Raises ``BatchLLMError`` for a missing or unreadable path, an unknown extension, a folder that
+    is not a ``save_to_disk`` dataset, or a JSONL file with no non-blank line. A hub name is not loaded
+    here (``read_requests`` loads it before returning).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+    fs, where = _locate(path)
+    kind = _file_type(fs, where)
+    if kind == "dir":
+        if fs is None and any(os.path.exists(os.path.join(where, f)) for f in ("dataset_dict.json", "state.json")):
             return "hf-disk"
+        if fs is not None:
+            raise BatchLLMError(f"{path} is a folder: give a file (datasets folders are read from local paths only)")
         raise BatchLLMError(f"{path} is a folder but not a datasets save_to_disk folder")
-    if not os.path.exists(path):
+    if kind is None:
+        if fs is None and is_hub_dataset_name(path):
+            return "hub"
         raise BatchLLMError(f"input not found: {path}")
-    ext = os.path.splitext(path)[1].lower()
+    ext, codec = _extension(path)
+    if codec is not None and ext not in (*_JSONL_EXTS, ".json"):
+        raise BatchLLMError(f"{path}: only JSONL files are read compressed (.jsonl.gz, .jsonl.zst); "
+                            f"decompress it first")
+    if fs is not None and ext in (".csv", ".arrow"):
+        raise BatchLLMError(f"{path}: {ext} files are read from local paths only; copy it locally or convert it "
+                            "to JSONL or Parquet")
     if ext in _PARQUET_EXTS:
         _check_parquet(path)
         return "parquet"
@@ -126,6 +157,9 @@ def detect_format(path: str) -> str:
     if ext in _JSONL_EXTS or ext == ".json":
         _check_utf8(path)
     if ext == ".json" and _first_byte(path) == b"[":
+        if fs is not None or codec is not None:
+            raise BatchLLMError(f"{path}: a JSON array is read from an uncompressed local file only; use JSONL "
+                                "(one object per line) instead")
         return "hf-file"
     if ext in _JSONL_EXTS or ext == ".json":
         return _sniff_jsonl(path)
@@ -142,6 +176,7 @@ def read_requests(
     batch_rows: int = 4096,
     skip: Sequence[Any] | None = None,
     max_prompt_chars: int | None = None,
+    split: str | None = None,
 ) -> Iterator[Request | RowError]:
     """Yield one ``Request`` or ``RowError`` per input row, files in the given order, rows in file order.
 
@@ -158,6 +193,9 @@ def read_requests(
     ``max_prompt_chars``: a raw-text prompt (a template's rendering included, checked before it is
     built) longer than this is a ``PROMPT_TOO_LONG`` error (the pipeline passes the most characters the
     model's context can hold, so a huge prompt never reaches the tokenizer).
+
+    ``split`` (``--split``): the split of every dataset-dict input (``_choose_split``); checked, and hub
+    datasets loaded, before the iterator is returned. Given while no input has splits, it is refused.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -175,14 +213,16 @@ def read_requests(
         raise BatchLLMError("column mapping and prompt templates do not apply to OpenAI batch files")
     if skip is not None and len(skip) != len(paths):
         raise ValueError("skip must have one entry per path")
-    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip, max_prompt_chars)
+    _check_splits(paths, formats, split)
+    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip, max_prompt_chars, split)
 
 
-def count_rows(paths: Sequence[str]) -> int | None:
+def count_rows(paths: Sequence[str], split: str | None = None) -> int | None:
     """The number of records ``read_requests(paths)`` will yield, or None where that is not cheap.
 
     Parquet: file metadata; JSONL: a pass counting non-blank lines; save_to_disk folders: the dataset's
-    row count. CSV / Arrow / JSON-array files would need a full conversion first: None.
+    row count; hub datasets: the (cached) dataset's. CSV / Arrow / JSON-array files would need a full
+    conversion first: None.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -191,15 +231,15 @@ def count_rows(paths: Sequence[str]) -> int | None:
         fmt = detect_format(path)
         try:
             if fmt == "parquet":
-                total += pq.ParquetFile(path).metadata.num_rows
+                total += pq.ParquetFile(_parquet_source(path)).metadata.num_rows
             elif fmt in ("jsonl", "openai"):
-                with open(path, "rb") as f:
+                with _open(path) as f:
                     total += sum(1 for line in f if line.strip())
-            elif fmt == "hf-disk":
-                total += _load_dataset(path, fmt).num_rows
+            elif fmt in ("hf-disk", "hub"):
+                total += _load_dataset(path, fmt, split).num_rows
             else:
                 return None
-        except (OSError, pa.ArrowException) as e:
+        except _READ_ERRORS as e:
             raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
     return total
 
@@ -207,7 +247,7 @@ def count_rows(paths: Sequence[str]) -> int | None:
 # -------------------------------------------------------------------------------------------- driving
 
 
-def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None, max_chars=None) -> Iterator[Request | RowError]:
+def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None, max_chars=None, split=None) -> Iterator[Request | RowError]:
     seen: dict[str, bool] = {}  # custom_id -> whether it was generated (the row index of a row without an id)
     several = len(paths) > 1
     wanted, required = _wanted_columns(mapping, template_fields)
@@ -218,8 +258,10 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
         if fmt in ("jsonl", "openai"):
             rows = _jsonl_rows(path, mask)
         else:
-            reader = _parquet_rows if fmt == "parquet" else _dataset_rows
-            rows = reader(path, fmt, wanted, required, batch_rows)
+            if fmt == "parquet":
+                rows = _parquet_rows(path, fmt, wanted, required, batch_rows)
+            else:
+                rows = _dataset_rows(path, fmt, wanted, required, batch_rows, split)
             if mask is not None:
                 rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
@@ -552,10 +594,10 @@ def _check_utf8(path: str) -> None:
     """BatchLLMError for a JSON / JSONL file in UTF-16 or UTF-32: its lines would split inside characters
     (a UTF-16 newline is two bytes), so rows would be lost or garbled rather than read."""
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             head = f.read(4096)
-    except OSError as e:
-        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    except _READ_ERRORS as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
     if head.startswith(_WIDE_BOMS) or b"\x00" in head:
         raise BatchLLMError(f"{path} is not UTF-8 (it looks UTF-16 or UTF-32 encoded): JSON input must be UTF-8, "
                             f"e.g. iconv -f UTF-16 -t UTF-8 {os.path.basename(path)} > converted.jsonl")
@@ -564,7 +606,7 @@ def _check_utf8(path: str) -> None:
 def _check_parquet(path: str) -> None:
     """BatchLLMError for a Parquet file that cannot be opened or has no rows (as for an empty JSONL file)."""
     try:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        rows = pq.ParquetFile(_parquet_source(path)).metadata.num_rows
     except (OSError, pa.ArrowException) as e:
         raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from None
     if rows == 0:
@@ -573,13 +615,13 @@ def _check_parquet(path: str) -> None:
 
 def _first_byte(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             while chunk := f.read(4096):
                 stripped = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
                 if stripped:
                     return stripped[:1]
-    except OSError as e:
-        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    except _READ_ERRORS as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
     return b""
 
 
@@ -587,7 +629,7 @@ def _sniff_jsonl(path: str) -> str:
     """``openai`` if the first parseable JSON-object line has the OpenAI batch keys, else ``jsonl``."""
     nonblank = 0
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -600,8 +642,8 @@ def _sniff_jsonl(path: str) -> str:
                     continue
                 if isinstance(obj, dict):
                     return "openai" if all(k in obj for k in _OPENAI_KEYS) else "jsonl"
-    except OSError as e:
-        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    except _READ_ERRORS as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
     if nonblank == 0:
         raise BatchLLMError(f"{path} is empty: no rows to run")
     return "jsonl"
@@ -611,7 +653,7 @@ def _jsonl_rows(path: str, skip: list[bool] | None = None) -> Iterator[tuple[int
     """(line index, parsed object or failure) for every non-blank line not in ``skip``, streaming in binary."""
     n_skip = len(skip) if skip is not None else 0
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             for index, raw in enumerate(f):
                 if index < n_skip and skip[index]:
                     continue
@@ -628,8 +670,8 @@ def _jsonl_rows(path: str, skip: list[bool] | None = None) -> Iterator[tuple[int
                     yield index, _RowFailure(MALFORMED_JSON, f"expected a JSON object, got {kind}: {_snippet(raw)}")
                     continue
                 yield index, obj
-    except OSError as e:
-        raise BatchLLMError(f"cannot read {path}: {e}") from e
+    except _READ_ERRORS as e:  # a truncated or corrupt compressed stream too
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from e
 
 
 def _snippet(raw: bytes) -> str:
@@ -665,7 +707,7 @@ def _select(path: str, names: Sequence[str], wanted: set[str], required: list[st
 
 def _parquet_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int, dict]]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(_parquet_source(path))
         columns = _select(path, pf.schema_arrow.names, wanted, required)
         index = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
@@ -679,8 +721,8 @@ def _parquet_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int
                             "the file is damaged") from None
 
 
-def _dataset_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int, dict]]:
-    ds = _load_dataset(path, fmt)
+def _dataset_rows(path, fmt, wanted, required, batch_rows, split=None) -> Iterator[tuple[int, dict]]:
+    ds = _load_dataset(path, fmt, split)
     columns = _select(path, ds.column_names, wanted, required)
     if not columns:  # keep one column so the row count survives; every row then lacks a prompt
         columns = ds.column_names[:1]
@@ -695,27 +737,265 @@ def _dataset_rows(path, fmt, wanted, required, batch_rows) -> Iterator[tuple[int
         raise BatchLLMError(f"cannot read {path} at row {index}: {_one_line(e)}") from None
 
 
-def _load_dataset(path: str, fmt: str):
-    """A ``datasets.Dataset`` for a save_to_disk folder (its "train" split, or its only split) or a file."""
+def _load_dataset(path: str, fmt: str, split: str | None = None):
+    """A ``datasets.Dataset`` for a save_to_disk folder, a datasets file or a hub dataset name; a dataset
+    dict's split is chosen by ``_choose_split``."""
     try:
         import datasets
     except ImportError:
         raise BatchLLMError(f"reading {path} needs the 'datasets' package (pip install datasets)") from None
+    if fmt == "hub":
+        return _choose_split(path, _load_hub_dataset(datasets, path, split), split)
+    local = _locate(path)[1]
     try:
         if fmt == "hf-file":
-            builder = _HF_BUILDERS[os.path.splitext(path)[1].lower()]
-            return datasets.load_dataset(builder, data_files=path, split="train")
-        ds = datasets.load_from_disk(path)
+            builder = _HF_BUILDERS[os.path.splitext(local)[1].lower()]
+            return datasets.load_dataset(builder, data_files=local, split="train")
+        ds = datasets.load_from_disk(local)
     except Exception as e:  # datasets raises many types for unreadable input; all mean "cannot load"
         raise BatchLLMError(f"cannot load {path} with datasets: {_one_line(e)}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if "train" in ds:
-            return ds["train"]
-        if len(splits) == 1:
-            return ds[splits[0]]
-        raise BatchLLMError(f"{path} has splits {', '.join(splits)} and none is 'train': save one split to disk")
-    return ds
+    return _choose_split(path, ds, split)
+
+
+def _choose_split(path: str, ds, split: str | None):
+    """The split of a ``DatasetDict`` to read: ``split`` when given; else its only split. Several splits
+    and no ``split``, or an unknown split: BatchLLMError. A single dataset is read whole (a ``split``
+    naming another split than the one it was saved from is refused)."""
+    import datasets
+
+    if not isinstance(ds, (datasets.DatasetDict, dict)):
+        saved = getattr(ds, "split", None)
+        if split is not None and saved is not None and str(saved) != split:
+            raise BatchLLMError(f"{path} holds split {saved}, not the requested split {split}")
+        return ds
+    splits = list(ds)
+    if split is not None:
+        if split not in ds:
+            raise BatchLLMError(f"{path} has no split {split!r}; its splits: {', '.join(splits)}")
+        return ds[split]
+    if len(splits) == 1:
+        return ds[splits[0]]
+    raise BatchLLMError(f"{path} has splits {', '.join(splits)}: choose one with --split")
+
+
+def _check_splits(paths: list[str], formats: list[str], split: str | None) -> None:
+    """Job-level split checks before any row is read: hub datasets load now (a missing one fails here);
+    a ``save_to_disk`` dict's splits are read from its ``dataset_dict.json`` (no load); ``split`` given
+    while no input has splits is refused."""
+    has_splits = False
+    for path, fmt in zip(paths, formats):
+        if fmt == "hub":
+            _load_dataset(path, fmt, split)
+            has_splits = True
+        elif fmt == "hf-disk":
+            names = _saved_splits(_locate(path)[1])
+            if names is None:
+                continue
+            has_splits = True
+            if split is not None and split not in names:
+                raise BatchLLMError(f"{path} has no split {split!r}; its splits: {', '.join(names)}")
+            if split is None and len(names) > 1:
+                raise BatchLLMError(f"{path} has splits {', '.join(names)}: choose one with --split")
+    if split is not None and not has_splits:
+        raise BatchLLMError(f"--split {split}: no input has splits (--split picks a split of a saved DatasetDict "
+                            "folder or a hub dataset)")
+
+
+def _saved_splits(folder: str) -> list[str] | None:
+    """The split names in a ``DatasetDict.save_to_disk`` folder's ``dataset_dict.json``; None for a single
+    dataset's folder (or an unreadable file: loading it reports why)."""
+    try:
+        with open(os.path.join(folder, "dataset_dict.json"), "rb") as f:
+            splits = json.load(f).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else None
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+_READ_ERRORS = (OSError, EOFError, pa.ArrowException)  # EOFError: the gzip module on a truncated stream
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    """Whether ``spec`` is spelled like a Hugging Face hub repo id (``name`` or ``org/name``)."""
+    return bool(_HUB_NAME_RE.match(str(spec))) and ".." not in str(spec)
+
+
+def is_hub_dataset_name(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hugging Face hub dataset name (``imdb``, ``org/name``) rather than a
+    path: no URI, no local file or folder of that name, no input file extension."""
+    from batchllm.io.storage import is_uri
+
+    spec = str(spec)
+    if is_uri(spec) or not looks_like_repo_id(spec) or os.path.exists(spec):
+        return False
+    return not spec.lower().endswith(_FILE_EXTS)
+
+
+def _locate(path: str) -> tuple[Any, str]:
+    """(pyarrow FileSystem or None for a local file, the path on it) of an input, resolved as output
+    folders are (``batchllm.io.storage``: registered schemes, ``file://`` as a local path, else
+    ``pyarrow.fs.FileSystem.from_uri``)."""
+    from batchllm.io import storage
+
+    if not storage.is_uri(path):
+        return None, path
+    scheme = path.split("://", 1)[0].lower()
+    try:
+        if scheme in storage._FACTORIES:  # noqa: SLF001  (the scheme registry output folders use)
+            return storage._FACTORIES[scheme](path)  # noqa: SLF001
+        if scheme == "file":
+            return None, storage._file_uri_path(path)  # noqa: SLF001
+        from pyarrow import fs as pafs
+
+        return pafs.FileSystem.from_uri(path)
+    except BatchLLMError:
+        raise
+    except (OSError, ValueError, ImportError, pa.ArrowException) as e:  # unknown scheme, credentials, region lookup
+        raise BatchLLMError(f"cannot open input {path}: {_one_line(e)}") from None
+
+
+def _file_type(fs: Any, where: str) -> str | None:
+    """``"file"``, ``"dir"`` or None (missing) for a located input."""
+    if fs is None:
+        return "dir" if os.path.isdir(where) else "file" if os.path.exists(where) else None
+    from pyarrow import fs as pafs
+
+    try:
+        t = fs.get_file_info(where).type
+    except (OSError, pa.ArrowException) as e:
+        raise BatchLLMError(f"cannot read {where}: {_one_line(e)}") from None
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t)
+
+
+def _extension(path: str) -> tuple[str, str | None]:
+    """(the format's extension, lower case, the compression suffix removed; the codec or None)."""
+    name = path.rsplit("/", 1)[-1] if "://" in path else os.path.basename(path)
+    stem, ext = os.path.splitext(name.lower())
+    if ext in _CODECS:
+        return os.path.splitext(stem)[1], _CODECS[ext]
+    return ext, None
+
+
+class _RawStream(io.RawIOBase):
+    """A pyarrow input stream as a ``RawIOBase``, for ``io.BufferedReader``'s line iteration."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+def _open(path: str) -> io.BufferedIOBase:
+    """A binary, line-iterable reader of an input's (decompressed) bytes. An uncompressed local file is a
+    plain ``open``; otherwise pyarrow's stream (with its codec), or the gzip module / ``zstandard`` where
+    pyarrow was built without the codec."""
+    fs, where = _locate(path)
+    codec = _extension(path)[1]
+    if fs is None and codec is None:
+        return open(where, "rb")
+    if fs is None:
+        from pyarrow import fs as pafs
+
+        fs = pafs.LocalFileSystem()
+    if codec is None or pa.Codec.is_available(codec):
+        return io.BufferedReader(_RawStream(fs.open_input_stream(where, compression=codec)), 1 << 16)
+    raw = io.BufferedReader(_RawStream(fs.open_input_stream(where)), 1 << 16)
+    if codec == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw)
+    try:
+        import zstandard
+    except ImportError:
+        raw.close()
+        raise BatchLLMError(f"reading {path} needs zstd: pyarrow was built without it; pip install zstandard") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+
+
+def _parquet_source(path: str) -> Any:
+    """What ``pq.ParquetFile`` reads: the local path, or a random-access file on the input's filesystem."""
+    fs, where = _locate(path)
+    return where if fs is None else fs.open_input_file(where)
+
+
+def input_identity(path: str, split: str | None = None) -> str:
+    """The identity of one input in the job's fingerprint (resume refuses another). A local path (or
+    ``file://`` URI): ``batchllm.jobs.manifest.input_identity``, unchanged; a file on another filesystem:
+    the same ``size:sha256(first MB + last MB)`` read through it; a hub dataset: its name, row count and
+    ``datasets`` fingerprint. A given ``split`` is part of it."""
+    from batchllm.jobs import manifest
+
+    suffix = f"|split={split}" if split is not None else ""
+    fs, where = _locate(path)
+    if fs is None:
+        if _file_type(None, where) is None and is_hub_dataset_name(path):
+            ds = _load_dataset(path, "hub", split)
+            return f"hub:{path}:{ds.num_rows}:{getattr(ds, '_fingerprint', '')}{suffix}"
+        return manifest.input_identity(where) + suffix
+    probe = manifest._INPUT_PROBE_BYTES  # noqa: SLF001  (the same probe as local files)
+    import hashlib
+
+    try:
+        size = fs.get_file_info(where).size
+        h = hashlib.sha256()
+        with fs.open_input_file(where) as f:
+            h.update(f.read(probe))
+            if size > 2 * probe:
+                f.seek(size - probe)
+            h.update(f.read(probe))
+    except (OSError, pa.ArrowException) as e:
+        raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from None
+    return f"{size}:{h.hexdigest()}{suffix}"
+
+
+def _hf_env_state() -> str:
+    """Where datasets looks for cached hub datasets, and whether it may go online, for messages."""
+    import datasets
+
+    offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+    hub_cache = os.environ.get("HF_HUB_CACHE")
+    if not hub_cache:
+        from huggingface_hub import constants
+
+        hub_cache = constants.HF_HUB_CACHE
+    return (f"looked in HF_DATASETS_CACHE={datasets.config.HF_DATASETS_CACHE} and HF_HUB_CACHE={hub_cache}; "
+            f"HF_HUB_OFFLINE={'1' if offline else '0'}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _load_hub_dataset(datasets, name: str, split: str | None):
+    """``datasets.load_dataset(name, split=split)``: from the local cache when offline, else downloading
+    as datasets does. A dataset that cannot be loaded: one line naming where it looked."""
+    offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001  (datasets and huggingface_hub raise many types; all mean "cannot load")
+        text = _one_line(e)
+        if split is not None and ("split" in text.lower() and ("unknown" in text.lower() or "not" in text.lower())):
+            raise BatchLLMError(f"dataset {name}: {text}") from None
+        where = _hf_env_state()
+        if offline:
+            raise BatchLLMError(f"input not found: {name} is no local file or folder, and as a Hugging Face dataset it "
+                                f"is not in the local cache ({where})") from None
+        raise BatchLLMError(f"input not found: {name} is no local file or folder, and as a Hugging Face dataset it "
+                            f"could not be loaded ({type(e).__name__}: {text}; {where})") from None
 
 
 def _one_line(e: BaseException) -> str:
