@@ -199,13 +199,21 @@ def export(
     fmt: str = typer.Option("parquet", "--format", "-f", help="parquet | jsonl | openai (OpenAI Batch output file, plus <stem>.errors.jsonl)."),
     ordered: bool = typer.Option(False, "--ordered", help="In input order (input file, row, sample) instead of commit order."),
     errors_to: Optional[str] = typer.Option(None, "--errors-to", help="openai format: where to write the error file."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Export a job that has not completed (running, interrupted, cancelled, failed): the requests committed so far."),
 ) -> None:
     """Merge a job's committed shards into one file (every shard's size and sha256 checked first).
 
-    The target may not be inside a job folder; a damaged job is refused with the repair command."""
+    The target may not be inside a job folder; a damaged job is refused with the repair command. A job
+    that has not completed is refused (exit 1) unless --allow-partial, which exports what is committed
+    with a warning."""
     from batchllm.jobs.export import export_job
 
-    res = export_job(output_dir, fmt, to, ordered=ordered, errors_to=errors_to)
+    res = export_job(output_dir, fmt, to, ordered=ordered, errors_to=errors_to, require_complete=not allow_partial)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if res.state != "completed":
+        console.print(f"[yellow]warning:[/] the job is not complete ({res.state}): the export holds only the requests "
+                      f"committed so far", highlight=False, soft_wrap=True)
     console.print(f"exported {res.requests:,} requests ({res.failed:,} failed, {res.rows:,} rows) to {', '.join(res.paths)}")
 
 

@@ -7,17 +7,42 @@ in commit order, or with ``ordered`` in input order: by input file (its position
 Formats:
 - ``parquet``: one Parquet file with the shards' schema (``OUTPUT_SCHEMA``);
 - ``jsonl``: one JSON object per output row, same columns;
-- ``openai``: the OpenAI Batch API output file, one line per successful request::
+- ``openai``: the OpenAI Batch API output file, one line per successful request, in the layout of the
+  OpenAI Batch API reference ("The request output object")::
 
       {"id": "batch_req_...", "custom_id": ..., "response": {"status_code": 200, "request_id": "req_...",
        "body": <chat.completion or text_completion object, one choice per sample, with usage>},
        "error": null}
 
   and, next to it (``<stem>.errors.jsonl`` unless ``errors_to`` is given), the error file, one line per
-  failed request: ``{"id", "custom_id", "response": null, "error": {"code", "message"}}``. The body is a
-  ``chat.completion`` for requests given as chat messages and a ``text_completion`` otherwise. Token
-  log-probabilities, when a request asked for them, name tokens as ``"token_id:<id>"`` (vLLM's
-  ``return_tokens_as_token_ids`` convention): the export has no tokenizer to spell them.
+  failed request, as OpenAI's error file holds requests that failed without an HTTP response:
+  ``{"id", "custom_id", "response": null, "error": {"code", "message"}}`` (``custom_id`` is null for a
+  line that could not be parsed). The body is a ``chat.completion`` for requests given as chat messages
+  and a ``text_completion`` otherwise.
+
+  ``model`` in a body echoes the request's own ``model`` field when the input file (the OpenAI batch
+  file the job read, unchanged since: its identity is checked against the manifest) gives one; else the
+  served name (``served_model_name``, or the job spec's ``served_model_name``), else the job's
+  ``--model``. ``usage`` carries every field OpenAI's has: ``prompt_tokens``, ``completion_tokens``,
+  ``total_tokens``, ``prompt_tokens_details`` (``cached_tokens``: prompt tokens reused from a shared
+  prefix for every sample of the request, the smallest count over its samples; ``audio_tokens``: 0) and
+  ``completion_tokens_details`` (``reasoning_tokens``, ``audio_tokens``, ``accepted_prediction_tokens``,
+  ``rejected_prediction_tokens``: 0, batchllm has no reasoning split, audio or predicted outputs).
+
+  Token log-probabilities (when a request asked for them) spell each token as OpenAI and vLLM do: its
+  text and, for chat, ``bytes``, the token's exact UTF-8 bytes (a token holding part of a multi-byte
+  character has the bytes of that part; its text is those bytes with ``\\xNN`` escapes). Completions get
+  ``text_offset`` too (character offsets into the choice's text, from 0, as vLLM gives them). This needs
+  the job's tokenizer, never its weights: ``tokenizer`` if given, else the one of the job's ``--model``
+  (``loader.load_tokenizer``), checked against the tokenizer hash in the manifest. When no tokenizer can
+  be loaded (the model is gone, or offline) or it is not the job's, tokens fall back to vLLM's
+  ``return_tokens_as_token_ids`` spelling ``"token_id:<id>"`` with ``bytes: null`` and
+  ``text_offset: null``, and the result's ``warnings`` say so.
+
+Completeness: ``export_job(..., require_complete=True)`` (what ``batchllm export`` does unless
+``--allow-partial``) refuses a job whose status is not ``completed`` (running, interrupted, cancelled,
+failed, or with no status file) with ``IncompleteJob``; the result's ``state`` names the job's status
+either way.
 
 Every listed shard is checked in full before anything is written: its size and sha256 must match the
 manifest (``batchllm.jobs.integrity``), else ``DamagedJob`` names the damaged shards and the repair. The
@@ -32,10 +57,12 @@ written with one write-once PUT, whole or not at all on an object store).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -52,20 +79,53 @@ FORMATS = ("parquet", "jsonl", "openai")
 _BATCH_ROWS = 8192
 
 
+class IncompleteJob(BatchLLMError):
+    """An export that needs a completed job was asked of one that is not (see ``job_completion``)."""
+
+
 @dataclasses.dataclass
 class ExportResult:
     rows: int
     requests: int
     failed: int
     paths: list[str]
+    state: str = "completed"  # the job's status (job_completion)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors_to: str | None = None) -> ExportResult:
+def job_completion(output_dir: str) -> str:
+    """The job's status as far as an export cares: ``completed``, or why it is not: ``running`` (a
+    process holds the folder), ``cancelled``, ``failed``, ``interrupted`` (no final status: the process
+    died) or ``unknown`` (no status file)."""
+    from batchllm.jobs.status import read_status
+
+    if storage_of(output_dir).locked():
+        return "running"
+    status = read_status(output_dir)
+    if status is None:
+        return "unknown"
+    state = status.get("status") or "unknown"
+    return "interrupted" if state == "in_progress" else state
+
+
+def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors_to: str | None = None, *,
+               require_complete: bool = False, tokenizer: Any = None, served_model_name: str | None = None,
+               response_role: str = "assistant") -> ExportResult:
+    """Write the job's rows to ``to`` in ``fmt`` (see the module docstring).
+
+    ``require_complete``: raise ``IncompleteJob`` (nothing written) unless the job completed.
+    ``tokenizer``: the job's tokenizer for OpenAI logprobs (default: loaded from the job's model, tokenizer
+    only). ``served_model_name``: the model name OpenAI bodies give a request without its own ``model``.
+    ``response_role``: the chat message role of OpenAI chat bodies (vLLM's ``--response-role``).
+    """
     if fmt not in FORMATS:
         raise BatchLLMError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     manifest = read_manifest(output_dir)
     if manifest is None:
         raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
+    state = job_completion(output_dir)
+    if require_complete and state != "completed":
+        raise IncompleteJob(_incomplete_message(output_dir, state))
     errors_to = (errors_to or _errors_path(to)) if fmt == "openai" else None
     for target in (to, errors_to):
         if target is not None:
@@ -76,16 +136,29 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
     try:
         if fmt == "parquet":
             _atomic(to, lambda f: pq.write_table(table.drop_columns(["_file_id", "_created"]), f, compression="zstd"))
-            return ExportResult(table.num_rows, requests, failed, [to])
+            return ExportResult(table.num_rows, requests, failed, [to], state)
         if fmt == "jsonl":
             _atomic(to, lambda f: _write_lines(f, (json.dumps(r, ensure_ascii=False) for r in _rows(table, drop=("_file_id", "_created")))))
-            return ExportResult(table.num_rows, requests, failed, [to])
-        writer = _OpenAIWriter(manifest)
-        _atomic(to, lambda f: _write_lines(f, writer.output_lines(table)))
+            return ExportResult(table.num_rows, requests, failed, [to], state)
+        writer = _OpenAIWriter(manifest, tokenizer, served_model_name, response_role)
+        # the error file first: once the output file is there, so is its error file
         _atomic(errors_to, lambda f: _write_lines(f, writer.error_lines(table)))
-        return ExportResult(table.num_rows, requests, failed, [to, errors_to])
+        _atomic(to, lambda f: _write_lines(f, writer.output_lines(table)))
+        return ExportResult(table.num_rows, requests, failed, [to, errors_to], state, writer.warnings)
     except OSError as e:
         raise BatchLLMError(f"cannot write {to}: {e.strerror or e}") from None
+
+
+def _incomplete_message(output_dir: str, state: str) -> str:
+    why = {
+        "running": "is still running",
+        "cancelled": "was cancelled before it finished",
+        "failed": "failed before it finished",
+        "interrupted": "stopped before it finished (its process died)",
+        "unknown": "has no status file, so it is not known to be complete",
+    }.get(state, f"has status {state!r}")
+    hint = "wait for it to finish" if state == "running" else f"finish it with: batchllm resume {output_dir}"
+    return f"the job in {output_dir} {why}: {hint}, or pass --allow-partial to export the requests committed so far"
 
 
 def _check_target(output_dir: str, path: str) -> None:
@@ -167,14 +240,34 @@ def _requests(table: pa.Table) -> Iterator[list[dict[str, Any]]]:
 
 
 class _OpenAIWriter:
-    def __init__(self, manifest: dict[str, Any]):
+    def __init__(self, manifest: dict[str, Any], tokenizer: Any = None, served_model_name: str | None = None,
+                 response_role: str = "assistant"):
+        self.manifest = manifest
         self.job_id = manifest.get("job_id", "")
+        job = manifest.get("job") or {}
         fp = manifest.get("fingerprint") or {}
-        self.model = (manifest.get("job") or {}).get("model") or fp.get("model_name") or "batchllm"
+        self.model = served_model_name or job.get("served_model_name") or job.get("model") or fp.get("model_name") or "batchllm"
+        self.role = response_role
+        self.warnings: list[str] = []
+        self._speller: _TokenSpeller | None = _TokenSpeller(tokenizer) if tokenizer is not None else None
+        self._speller_tried = tokenizer is not None
+        self._models: dict[int, dict[int, str]] | None = None
 
     def _ids(self, rows: list[dict[str, Any]]) -> str:
         r = rows[0]
         return hashlib.sha256(f"{self.job_id}|{r['_file_id']}|{r['input_index']}".encode()).hexdigest()[:24]
+
+    def _model_of(self, r: dict[str, Any]) -> str:
+        if self._models is None:
+            self._models = request_models(self.manifest, self.warnings)
+        fid = r["_file_id"]
+        return self._models.get(fid, {}).get(r["input_index"]) if fid is not None and fid in self._models else None
+
+    def speller(self) -> "_TokenSpeller | None":
+        if not self._speller_tried:
+            self._speller_tried = True
+            self._speller = _job_speller(self.manifest, self.warnings)
+        return self._speller
 
     def output_lines(self, table: pa.Table) -> Iterator[str]:
         for rows in _requests(table.filter(pc.is_null(table["error_code"]))):
@@ -208,56 +301,214 @@ class _OpenAIWriter:
         chat = rows[0].get("request_type") == "chat"
         prompt = rows[0]["prompt_tokens"] or 0
         completion = sum(r["completion_tokens"] or 0 for r in rows)
+        speller = self.speller() if any(r.get("logprobs") is not None for r in rows) else None
         choices = []
         for r in rows:
             if chat:
-                choice = {"index": r["sample_index"], "message": {"role": "assistant", "content": r["text"]},
-                          "logprobs": _chat_logprobs(r), "finish_reason": r["finish_reason"]}
+                choice = {"index": r["sample_index"], "message": {"role": self.role, "content": r["text"], "refusal": None},
+                          "logprobs": _chat_logprobs(r, speller), "finish_reason": r["finish_reason"]}
             else:
-                choice = {"index": r["sample_index"], "text": r["text"], "logprobs": _completion_logprobs(r),
+                choice = {"index": r["sample_index"], "text": r["text"], "logprobs": _completion_logprobs(r, speller),
                           "finish_reason": r["finish_reason"]}
             choices.append(choice)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{h}",
             "object": "chat.completion" if chat else "text_completion",
             "created": rows[0]["_created"],
-            "model": self.model,
+            "model": self._model_of(rows[0]) or self.model,
             "choices": choices,
             "usage": {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": max(r["cached_tokens"] or 0 for r in rows)},
+                # reused for every sample: a request's prompt is counted once, so is its reuse
+                "prompt_tokens_details": {"cached_tokens": min(r["cached_tokens"] or 0 for r in rows), "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                              "rejected_prediction_tokens": 0},
             },
             "system_fingerprint": None,
         }
+
+
+def request_models(manifest: dict[str, Any], warnings: list[str] | None = None) -> dict[int, dict[int, str]]:
+    """{input position: {line index: the request's ``model``}} for the job's OpenAI batch input files.
+
+    A file is read only while it is the one the job read (its identity matches the manifest's
+    fingerprint); a moved, changed or unreadable file is left out, with a line in ``warnings``."""
+    from batchllm.io import readers
+
+    identity = getattr(readers, "input_identity", None)  # how the pipeline fingerprints inputs (--split included)
+    if identity is None:
+        from batchllm.jobs.manifest import input_identity as local_identity
+
+        identity = lambda path, split=None: local_identity(path)  # noqa: E731
+    split = (manifest.get("job") or {}).get("split")
+    files = manifest.get("input_files") or []
+    identities = (manifest.get("fingerprint") or {}).get("inputs") or []
+    out: dict[int, dict[int, str]] = {}
+    for fid, path in enumerate(files):
+        try:
+            if is_uri(path) or not os.path.isfile(path):
+                raise OSError("not a local file here")
+            if readers.detect_format(path) != "openai":
+                continue  # native rows: no request carries a model name
+            if fid < len(identities) and identity(path, split) != identities[fid]:
+                raise OSError("changed since the job read it")
+            models: dict[int, str] = {}
+            names: dict[str, str] = {}
+            with open(path, "rb") as f:
+                for index, raw in enumerate(f):
+                    if b'"model"' not in raw:
+                        continue
+                    try:
+                        body = json.loads(raw).get("body")
+                        model = body.get("model") if isinstance(body, dict) else None
+                    except (ValueError, AttributeError):
+                        continue
+                    if isinstance(model, str) and model:
+                        models[index] = names.setdefault(model, model)
+            out[fid] = models
+        except (OSError, BatchLLMError) as e:
+            if warnings is not None:
+                reason = getattr(e, "strerror", None) or str(e)
+                warnings.append(f"cannot read the requests' model names from {path} ({reason}): bodies name the served model")
+    return out
+
+
+class _TokenSpeller:
+    """Token text and exact bytes for OpenAI logprobs, from the job's tokenizer."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.cache: dict[int, tuple[str, bytes]] = {}
+        self.special = set(getattr(tok, "all_special_ids", []) or [])
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        self.special.update(int(i) for i in added)
+        self.byte_level = _byte_level(tok)
+        self.byte_of = {c: b for b, c in enumerate(_byte_chars())}
+
+    def spell(self, token_id: int) -> tuple[str, bytes]:
+        hit = self.cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", "backslashreplace")  # part of a character: its bytes, escaped
+            hit = self.cache[token_id] = (text, raw)
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tok.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return self.tok.decode([int(token_id)]).encode("utf-8")
+        if token_id in self.special:
+            return piece.encode("utf-8")
+        if self.byte_level and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if "\u2581" in piece:  # SentencePiece marks a space with U+2581
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.tok.decode([int(token_id)]).encode("utf-8")
+
+
+def _byte_level(tok: Any) -> bool:
+    """Whether the tokenizer's decoder is byte-level BPE (GPT-2's byte alphabet), alone or in a sequence."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder")
+    except Exception:  # noqa: BLE001  (no serialisable definition: not byte-level as far as we can tell)
+        return False
+    return '"ByteLevel"' in json.dumps(decoder)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte 0..255 (byte-level BPE vocabularies)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _job_speller(manifest: dict[str, Any], warnings: list[str]) -> _TokenSpeller | None:
+    """The speller of the job's own tokenizer (never its weights), or None with a warning."""
+    from batchllm.jobs.manifest import tokenizer_hash
+    from batchllm.models import loader
+
+    job = manifest.get("job") or {}
+    spec = job.get("model")
+    fallback = 'token log-probabilities name tokens as "token_id:<id>" with bytes: null'
+    try:
+        src = loader.resolve_model(spec)
+        overrides = {k: job[k] for k in ("tokenizer", "chat_template") if job.get(k)}  # the job's --tokenizer
+        tok = loader.load_tokenizer(src, overrides.get("tokenizer"), overrides.get("chat_template")) if overrides else loader.load_tokenizer(src)
+    except Exception as e:  # noqa: BLE001  (no tokenizer, for whatever reason: the id spelling still exports)
+        warnings.append(f"cannot load the tokenizer of {spec or 'the default model'} ({_one_line(e)}): {fallback}")
+        return None
+    expected = (manifest.get("fingerprint") or {}).get("tokenizer")
+    if expected and tokenizer_hash(tok) != expected:
+        warnings.append(f"the tokenizer of {spec} is not the one the job ran with: {fallback}")
+        return None
+    return _TokenSpeller(tok)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _tok(t: int) -> str:
     return f"token_id:{t}"
 
 
-def _chat_logprobs(r: dict[str, Any]) -> dict[str, Any] | None:
+def _chat_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None) -> dict[str, Any] | None:
     if r.get("logprobs") is None:
         return None
     tops = r.get("top_logprobs") or [[] for _ in r["logprobs"]]
+
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        if speller is None:
+            return {"token": _tok(t), "logprob": lp, "bytes": None}
+        text, raw = speller.spell(t)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+
     content = [
-        {"token": _tok(t), "logprob": lp, "bytes": None,
-         "top_logprobs": [{"token": _tok(a["token_id"]), "logprob": a["logprob"], "bytes": None} for a in alts]}
+        {**entry(t, lp), "top_logprobs": [entry(a["token_id"], a["logprob"]) for a in alts]}
         for t, lp, alts in zip(r["token_ids"], r["logprobs"], tops)
     ]
-    return {"content": content}
+    return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(r: dict[str, Any]) -> dict[str, Any] | None:
+def _completion_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None) -> dict[str, Any] | None:
     if r.get("logprobs") is None:
         return None
     tops = r.get("top_logprobs") or [[] for _ in r["logprobs"]]
+    ids = r["token_ids"][: len(r["logprobs"])]
+    if speller is None:
+        return {
+            "tokens": [_tok(t) for t in ids],
+            "token_logprobs": list(r["logprobs"]),
+            "top_logprobs": [{_tok(a["token_id"]): a["logprob"] for a in alts} for alts in tops],
+            "text_offset": None,
+        }
+    offsets, decoder, chars = [], codecs.getincrementaldecoder("utf-8")("replace"), 0
+    for t in ids:
+        offsets.append(chars)
+        chars += len(decoder.decode(speller.spell(t)[1]))
     return {
-        "tokens": [_tok(t) for t in r["token_ids"][: len(r["logprobs"])]],
+        "tokens": [speller.spell(t)[0] for t in ids],
         "token_logprobs": list(r["logprobs"]),
-        "top_logprobs": [{_tok(a["token_id"]): a["logprob"] for a in alts} for alts in tops],
-        "text_offset": None,
+        "top_logprobs": [{speller.spell(a["token_id"])[0]: a["logprob"] for a in alts} for alts in tops],
+        "text_offset": offsets,
     }
 
 
