@@ -217,6 +217,70 @@ def export(
     console.print(f"exported {res.requests:,} requests ({res.failed:,} failed, {res.rows:,} rows) to {', '.join(res.paths)}")
 
 
+@app.command("run-batch")
+def run_batch(
+    input_file: str = typer.Option(..., "--input-file", "-i", help="OpenAI Batch API input file (JSONL: custom_id, method, url, body): a path or a pyarrow filesystem URI."),
+    output_file: str = typer.Option(..., "--output-file", "-o", help="OpenAI Batch output file to write when the job completes (errors go to <stem>.errors.jsonl beside it): a path or a URI."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
+    served_model_name: Optional[List[str]] = typer.Option(None, "--served-model-name", help="Model name(s) requests may ask for and bodies report (repeat the flag for several; default: the --model value)."),
+    response_role: str = typer.Option("assistant", "--response-role", help="Role of the chat messages in the output bodies."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 (float) | bfloat16 | float16 (half)"),
+    seed: Optional[int] = typer.Option(None, help="Job seed; per-sample seeds derive from it, the custom_id and the sample index."),
+    max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Cap on running sequences (default: KV memory only)."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of the GPU's total memory this job may use (default 0.9)."),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs)."),
+    kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    max_tokens: Optional[int] = typer.Option(None, help="max_tokens of requests that set none (default 256; vLLM: the rest of the context)."),
+    temperature: Optional[float] = typer.Option(None, help="temperature of requests that set none (default 1.0, as OpenAI)."),
+    top_p: Optional[float] = typer.Option(None, help="top_p of requests that set none (default 1.0)."),
+    top_k: Optional[int] = typer.Option(None, help="top_k of requests that set none (default -1: off)."),
+    min_p: Optional[float] = typer.Option(None, help="min_p of requests that set none (default 0)."),
+    policy: Optional[str] = typer.Option(None, help="batchllm (global prefix plan) | fcfs-lru (streaming baseline)."),
+    attention: Optional[str] = typer.Option(None, help="Attention backend: auto | torch | triton."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per committed shard in the job folder (default 10,000)."),
+    replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray; needs pip install 'batchllm[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
+    enable_prompt_tokens_details: bool = typer.Option(False, "--enable-prompt-tokens-details", help="Accepted for vLLM command lines: usage always has prompt_tokens_details here."),
+    enable_force_include_usage: bool = typer.Option(False, "--enable-force-include-usage", help="Accepted for vLLM command lines: every body always has usage here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete the results of a different earlier job in OUT.batchllm instead of refusing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
+) -> None:
+    """vllm run-batch, durable: run an OpenAI Batch API input file, write the OpenAI output file.
+
+    The job runs in OUT.batchllm beside the output (batchllm show reads it); rerun the same command to
+    resume after a stop. OUT (status 200 lines, input order) and OUT's stem + .errors.jsonl (failed
+    requests, as OpenAI's error file) are written whole when the job completes."""
+    from batchllm.jobs import run_batch as rb
+    from batchllm.jobs.signals import JobInterrupted
+
+    _set_verbose(verbose)
+    options = dict(
+        device=device, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager, kv_cache_tokens=kv_cache_tokens, max_tokens=max_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, policy=policy, attention=attention, shard_rows=shard_rows,
+        replicas=replicas, ray_address=ray_address, preview=0,
+    )
+    batch = rb.prepare(input_file, output_file, model=model, served_model_name=served_model_name,
+                       response_role=response_role, options=options)
+    try:
+        _run_and_report(batch.config, quiet, overwrite=overwrite)
+    except JobInterrupted as e:
+        if e.output_dir is not None:  # batchllm resume would continue the job but not write the output file
+            e.args = (str(e).replace(f"resume with: batchllm resume {e.output_dir}",
+                                     f"run the same command again to continue and write {batch.output_file}"),)
+        raise
+    res = rb.finish(batch)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {res.requests - res.failed:,} results to {batch.output_file} and {res.failed:,} errors to "
+                  f"{batch.errors_file} (job folder {batch.job_dir})", highlight=False, soft_wrap=True)
+
+
 def _run_and_report(cfg, quiet: bool, overwrite: bool = False) -> None:
     from batchllm.pipeline import run_job  # torch import deferred until the flags are known good
 
