@@ -46,6 +46,7 @@ class JobConfig:
     messages_column: str | None = None
     prompt_template: str | None = None
     system_prompt: str | None = None
+    chat: bool = False  # --chat: raw prompts (and templates' renderings) go through the chat template as a user message
     # engine
     policy: str = "batchllm"
     attention: str = "auto"  # auto | torch | triton
@@ -124,7 +125,12 @@ class JobConfig:
         )
 
     def column_mapping_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("id_column", "prompt_column", "messages_column", "prompt_template", "system_prompt")}
+        """How rows become requests and output rows (part of the job's fingerprint). ``chat`` and
+        ``keep_columns`` appear only when set, so a job written before they existed resumes."""
+        out = {k: getattr(self, k) for k in ("id_column", "prompt_column", "messages_column", "prompt_template", "system_prompt")}
+        if self.chat:
+            out["chat"] = True
+        return out
 
 
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
@@ -224,6 +230,7 @@ SCHEMA: dict[str, _Rule] = {
     "messages_column": _OPT_STR,
     "prompt_template": _OPT_STR,
     "system_prompt": _OPT_STR,
+    "chat": _Rule("bool"),
     "policy": _Rule("str", choices=("batchllm", "fcfs-lru")),
     "attention": _Rule("str", choices=("auto", "torch", "triton")),
     "page_size": _Rule("int", lo=1, hi=1 << 16),

@@ -268,7 +268,7 @@ def read_and_tokenize(
     its read phase (``JobFolder.skip_masks``), else read and dropped. Records carry the input paths the
     job first recorded (``input_files``), so every shard of a job names its inputs the same way.
     """
-    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt, cfg.chat)
     skip = folder.skip_masks(cfg.inputs) if folder is not None and folder.resuming else None
     done = folder.done if folder is not None and folder.resuming and skip is None else None
     file_ids = {p: i for i, p in enumerate(cfg.inputs)}
@@ -596,7 +596,7 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
     check_inputs_outside(cfg.output, cfg.inputs)  # before the folder is opened, let alone claimed
     emit = progress or (lambda event, info: None)
     summary = JobSummary()
-    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt)
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt, cfg.chat)
     read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), split=cfg.split)  # unreadable inputs fail now, before any loading
 
     cluster = None
@@ -622,6 +622,9 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None
         dtype = loaded.dtype if loaded is not None else resolve_dtype(cfg.dtype, device)
     overridden = cfg.tokenizer is not None or cfg.chat_template is not None  # --tokenizer / --chat-template
     tok = loaded.tokenizer if loaded is not None and not overridden else loader.load_tokenizer(src, cfg.tokenizer, cfg.chat_template)
+    if cfg.chat and not getattr(tok, "chat_template", None):
+        raise BatchLLMError(f"--chat needs a chat template and {src.display_name}'s tokenizer has none: drop --chat (prompts "
+                            "are then sent as raw text) or use a model that ships a chat template")
     fingerprint = job_fingerprint(cfg, src, tok, dtype)
     folder = open_job_folder(cfg.output, fingerprint, overwrite=overwrite)
     try:

@@ -3,13 +3,16 @@
 A row of the input file may carry any of these fields (flat or under ``sampling_params``); the job's
 defaults (CLI flags, job file) fill in what a row leaves out. ``SamplingParams.from_fields`` is the one
 place that validates them: a bad value raises ``ValueError`` with a message fit for an error record.
+``UNSUPPORTED_FIELDS`` / ``unsupported_field``: the request fields of vLLM's and OpenAI's APIs that
+batchllm does not implement, and which of their values change nothing (the readers make any other value
+an ``unsupported_parameter`` error record).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 # Aliases accepted for max_tokens (transformers' and OpenAI's chat API names).
 MAX_TOKENS_ALIASES = ("max_new_tokens", "max_completion_tokens")
@@ -168,3 +171,103 @@ def _as_int(name: str, value: Any) -> int:
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
 _DEFAULTS = SamplingParams()
+
+
+# ------------------------------------------------------------------------------ fields batchllm lacks
+
+
+def _equals(*neutral: Any) -> Callable[[Any], bool]:
+    return lambda v: any(type(v) is type(x) and v == x for x in neutral)
+
+
+def _number(x: float) -> Callable[[Any], bool]:
+    return lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and v == x
+
+
+# Request fields of vLLM's and OpenAI's APIs that batchllm does not implement: name -> (a test for the
+# value that changes nothing, or None when every value changes the output; why / what to do instead).
+# A field given with any other value makes the row an ``unsupported_parameter`` error record: running it
+# without the field would give unconstrained, unranked or otherwise different text than the user asked
+# for, silently. Null always means "not given". ``best_of`` is checked against the row's n separately.
+_NO_STRUCTURED = "batchllm has no structured output (constrained decoding)"
+_NO_TOOLS = "batchllm passes no tools to the chat template and parses no tool calls"
+UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
+    "response_format": (lambda v: v == {"type": "text"}, _NO_STRUCTURED + '; {"type": "text"} is accepted'),
+    "guided_json": (None, _NO_STRUCTURED),
+    "guided_regex": (None, _NO_STRUCTURED),
+    "guided_choice": (None, _NO_STRUCTURED),
+    "guided_grammar": (None, _NO_STRUCTURED),
+    "guided_decoding": (None, _NO_STRUCTURED),
+    "guided_decoding_backend": (None, _NO_STRUCTURED),
+    "guided_whitespace_pattern": (None, _NO_STRUCTURED),
+    "structured_outputs": (None, _NO_STRUCTURED),
+    "use_beam_search": (_equals(False), "batchllm has no beam search"),
+    "length_penalty": (_number(1.0), "length_penalty applies to beam search, which batchllm lacks"),
+    "best_of": (None, "batchllm returns every sample it generates; use n"),
+    "lora_request": (None, "batchllm serves no LoRA adapters"),
+    "prompt_logprobs": (None, "batchllm returns logprobs of generated tokens only (logprobs)"),
+    "echo": (_equals(False), "batchllm does not echo the prompt into the output"),
+    "logit_bias": (_equals({}), "batchllm has no logit bias"),
+    "allowed_token_ids": (None, "batchllm cannot restrict the vocabulary"),
+    "bad_words": (_equals([]), "batchllm cannot ban words"),
+    "logits_processors": (_equals([]), "batchllm runs no custom logits processors"),
+    "tools": (_equals([]), _NO_TOOLS),
+    "tool_choice": (_equals("none", "auto"), _NO_TOOLS + '; "none" and "auto" are accepted'),
+    "functions": (_equals([]), _NO_TOOLS),
+    "function_call": (_equals("none", "auto"), _NO_TOOLS + '; "none" and "auto" are accepted'),
+    "include_stop_str_in_output": (_equals(False), "stop strings are always cut from the text"),
+    "skip_special_tokens": (_equals(True), "special tokens are always skipped in the text"),
+    "spaces_between_special_tokens": (_equals(True), "the detokenizer's spacing is fixed"),
+    "truncate_prompt_tokens": (None, "batchllm never truncates a prompt (a prompt too long is an error record)"),
+    "add_generation_prompt": (_equals(True), "chat prompts always end with the generation prompt"),
+    "continue_final_message": (_equals(False), "chat prompts always start a new assistant message"),
+    "chat_template": (None, "the job's model's chat template is used for every row"),
+    "chat_template_kwargs": (None, "the chat template gets no extra arguments"),
+    "return_tokens_as_token_ids": (_equals(False), "output rows carry token_ids beside the text"),
+    "stream": (_equals(False), "a batch job does not stream"),
+    "stream_options": (None, "a batch job does not stream"),
+    "suffix": (_equals(""), "batchllm has no insertion (suffix) mode"),
+    "top_logprobs": (None, "in a native row give logprobs: K instead (top_logprobs is the OpenAI chat name)"),
+    "reasoning_effort": (None, "batchllm has no reasoning controls"),
+    "output_kind": (None, "batchllm writes final outputs only"),
+    "detokenize": (_equals(True), "outputs are always detokenized"),
+    "extra_args": (None, "batchllm takes no extra sampling arguments"),
+}
+
+# In a native row's flat fields, which share the row with data columns, only names that are clearly
+# request parameters count (a column called e.g. "documents" or "user" is data).
+FLAT_UNSUPPORTED = frozenset(UNSUPPORTED_FIELDS) - {"output_kind", "detokenize", "extra_args"}
+
+# Fields an OpenAI batch body may carry that change nothing about the output: accepted and not used.
+# ``model``: the job's model runs every row; ``priority``, ``service_tier``: batchllm plans the order itself.
+NEUTRAL_BODY_FIELDS = frozenset({"model", "user", "metadata", "store", "service_tier", "request_id", "priority",
+                                 "cache_salt", "parallel_tool_calls"})
+
+
+def unsupported_field(fields: Mapping[str, Any], n: int, names: Any = None, chat: bool = False) -> tuple[str, str] | None:
+    """(field, message) for the first field of ``fields`` (among ``names``, default every one of
+    ``UNSUPPORTED_FIELDS``) that batchllm does not implement and that is given with a value that changes
+    the output; None when there is none. ``n``: the row's samples (``best_of`` equal to n is accepted).
+    ``chat``: the row is a chat (``top_logprobs`` is then implemented and not checked here)."""
+    for name in UNSUPPORTED_FIELDS if names is None else names:
+        if name not in fields or name not in UNSUPPORTED_FIELDS:
+            continue
+        value = fields[name]
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        neutral, why = UNSUPPORTED_FIELDS[name]
+        if name == "top_logprobs" and chat:
+            continue
+        if name == "best_of":
+            if isinstance(value, int) and not isinstance(value, bool) and value == n:
+                continue
+            why = f"best_of must equal n ({n}) or be left out: {why}"
+        elif neutral is not None and neutral(value):
+            continue
+        return name, f"{name} = {_shown(value)} is not supported by batchllm ({why})"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

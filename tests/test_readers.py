@@ -311,7 +311,7 @@ def test_openai_rejects_column_mapping(tmp_path):
         read([path], mapping=ColumnMapping(prompt_template="{x}"))
 
 
-def test_system_prompt_prepends_to_chats_only(tmp_path):
+def test_system_prompt_prepends_to_chats_and_refuses_raw_prompts(tmp_path):
     path = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -323,7 +323,8 @@ def test_system_prompt_prepends_to_chats_only(tmp_path):
     a, b, c = read([path], mapping=ColumnMapping(system_prompt="S"))
     assert a.messages[0] == {"role": "system", "content": "S"} and len(a.messages) == 2
     assert b.messages[0]["content"] == "own" and len(b.messages) == 2
-    assert c.prompt == "raw"
+    # a raw prompt cannot take a system message (without --chat): an error record, never silently dropped
+    assert isinstance(c, RowError) and c.error_code == rq.INVALID_PARAMETER and "add --chat" in c.error_message
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -65,10 +65,18 @@ from batchllm.io.requests import (
     PROMPT_TOO_LONG,
     TEMPLATE_ERROR,
     UNSUPPORTED_ENDPOINT,
+    UNSUPPORTED_PARAMETER,
     Request,
     RowError,
 )
-from batchllm.sampling_params import MAX_TOKENS_ALIASES, SamplingParams
+from batchllm.sampling_params import (
+    FLAT_UNSUPPORTED,
+    MAX_TOKENS_ALIASES,
+    NEUTRAL_BODY_FIELDS,
+    UNSUPPORTED_FIELDS,
+    SamplingParams,
+    unsupported_field,
+)
 
 __all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows", "input_identity", "is_hub_dataset_name"]
 
@@ -97,9 +105,14 @@ class ColumnMapping:
     ``prompt_template`` is a ``str.format`` template over the row's fields (plain ``{name}`` fields
     only, with optional conversion and format spec); its rendering is the row's raw-text prompt. It
     cannot be combined with ``prompt_column`` / ``messages_column``.
-    ``system_prompt`` is prepended as a system message to chat rows (native ``messages`` and OpenAI
-    chat bodies) whose first message is not already a system or developer message; raw-text and
-    token-id prompts are sent as they are.
+    ``chat`` (``--chat``): a native row's raw-text prompt (a template's rendering included) is sent as
+    a chat of one user message, through the model's chat template; a native ``prompt_token_ids`` row
+    is then an error record (tokens cannot be wrapped). OpenAI batch lines are not changed: their url
+    says whether they are chats.
+    ``system_prompt`` is prepended as a system message to chat rows (native ``messages``, prompts
+    wrapped by ``chat``, OpenAI chat bodies) whose first message is not already a system or developer
+    message. It cannot apply to a raw-text or token-id prompt: such a row is an error record, and a
+    template without ``chat`` is refused (every row would lose it).
     """
 
     id_column: str | None = None  # default "custom_id"
@@ -107,6 +120,7 @@ class ColumnMapping:
     messages_column: str | None = None  # default "messages"
     prompt_template: str | None = None
     system_prompt: str | None = None
+    chat: bool = False
 
 
 class _RowFailure(Exception):
@@ -207,6 +221,9 @@ def read_requests(
     template_fields = _template_fields(mapping.prompt_template) if mapping.prompt_template is not None else ()
     if mapping.prompt_template is not None and (mapping.prompt_column or mapping.messages_column):
         raise BatchLLMError("a prompt template cannot be combined with a prompt or messages column")
+    if mapping.prompt_template is not None and mapping.system_prompt is not None and not mapping.chat:
+        raise BatchLLMError("--system-prompt cannot apply to --prompt-template prompts, which are raw text: add --chat "
+                            "to send each rendered prompt as a user message after the system message")
     formats = [detect_format(p) for p in paths]
     maps_columns = (mapping.id_column, mapping.prompt_column, mapping.messages_column, mapping.prompt_template)
     if any(x is not None for x in maps_columns) and "openai" in formats:
@@ -251,6 +268,9 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
     seen: dict[str, bool] = {}  # custom_id -> whether it was generated (the row index of a row without an id)
     several = len(paths) > 1
     wanted, required = _wanted_columns(mapping, template_fields)
+    # columns the job names as data (mapped, template fields) are never read as unsupported request fields
+    data = {mapping.id_column, mapping.prompt_column, mapping.messages_column, *template_fields}
+    flat_checked = tuple(sorted(FLAT_UNSUPPORTED - data))
     for i, (path, fmt) in enumerate(zip(paths, formats)):
         prefix = os.path.basename(os.path.normpath(path)) + ":" if several else ""
         mask = skip[i] if skip is not None and skip[i] is not None and len(skip[i]) else None
@@ -265,10 +285,12 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
             if mask is not None:
                 rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
-            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars)
+            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars,
+                          flat_checked=flat_checked)
 
 
-def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None) -> Request | RowError:
+def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None,
+            flat_checked=()) -> Request | RowError:
     """Turn one parsed row (or a parse failure) into a record; claims the row's custom_id in ``seen``."""
     if isinstance(row, _RowFailure):
         return RowError(path, index, row.code, row.message)
@@ -295,21 +317,46 @@ def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defau
             raise _RowFailure(DUPLICATE_CUSTOM_ID, why)
         seen[custom_id] = generated
         if fmt == "openai":
-            prompt, fields = _openai_request(row)
+            prompt, fields, unsupported = _openai_request(row)
         else:
-            prompt, fields = _native_prompt(row, mapping, template_fields, max_chars), _native_sampling(row)
+            prompt = _native_prompt(row, mapping, template_fields, max_chars)
+            fields, unsupported = _native_sampling(row, flat_checked)
         if max_chars is not None and len(prompt.get("prompt") or "") > max_chars:
             raise _RowFailure(PROMPT_TOO_LONG, f"prompt has {len(prompt['prompt']):,} characters, more than the "
                                                f"model's context can hold (at most {max_chars:,})")
-        if mapping.system_prompt is not None and "messages" in prompt:
-            prompt["messages"] = _with_system(prompt["messages"], mapping.system_prompt)
+        prompt = _chat_rules(prompt, mapping, fmt)
         try:
             sampling = SamplingParams.from_fields(fields, defaults) if fields else defaults
         except ValueError as e:
             raise _RowFailure(INVALID_PARAMETER, str(e)) from None
+        found = unsupported_field(unsupported, sampling.n) if unsupported else None
+        if found is not None:
+            raise _RowFailure(UNSUPPORTED_PARAMETER, found[1])
     except _RowFailure as f:
         return RowError(path, index, f.code, f.message, custom_id)
     return Request(custom_id=custom_id, input_file=path, input_index=index, sampling=sampling, **prompt)
+
+
+def _chat_rules(prompt: dict[str, Any], mapping: ColumnMapping, fmt: str) -> dict[str, Any]:
+    """--chat wraps a native raw-text prompt as one user message; --system-prompt goes before a chat's first
+    message; a combination that cannot be honoured for this row is a failure, never silently dropped."""
+    if mapping.chat and fmt != "openai":
+        if "prompt" in prompt:
+            prompt = {"messages": [{"role": "user", "content": prompt["prompt"]}]}
+        elif "prompt_token_ids" in prompt:
+            raise _RowFailure(INVALID_PARAMETER, "--chat cannot wrap prompt_token_ids (they are tokens, not text): give "
+                                                 "this row a prompt or messages, or run it without --chat")
+    if mapping.system_prompt is None:
+        return prompt
+    if "messages" in prompt:
+        return {"messages": _with_system(prompt["messages"], mapping.system_prompt)}
+    if fmt == "openai":
+        why = "this /v1/completions line is raw text; --system-prompt applies to /v1/chat/completions lines"
+    elif "prompt" in prompt:
+        why = "this row's prompt is raw text: add --chat to send prompts as user messages after the system message"
+    else:
+        why = "this row's prompt_token_ids are tokens, not a chat: give it as messages, or drop --system-prompt"
+    raise _RowFailure(INVALID_PARAMETER, f"--system-prompt cannot apply here: {why}")
 
 
 # ------------------------------------------------------------------------------------------ row rules
@@ -355,19 +402,24 @@ def _native_prompt(row: dict, mapping: ColumnMapping, template_fields: tuple[str
     return {"prompt_token_ids": _check_token_ids(value)}
 
 
-def _native_sampling(row: dict) -> dict[str, Any]:
-    """Sampling fields of a native row: flat fields, overridden by those nested in ``sampling_params``."""
+def _native_sampling(row: dict, flat_checked: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sampling fields, request fields batchllm does not implement) of a native row: flat fields, overridden
+    by those nested in ``sampling_params``. Of the flat fields only ``flat_checked`` names count as request
+    fields batchllm lacks (the others share the row with data); in ``sampling_params`` every one does."""
     fields = _sampling_subset(row)
+    unsupported = {k: row[k] for k in flat_checked if not _is_null(row.get(k))}
     nested = row.get("sampling_params")
     if nested is not None:
         if not isinstance(nested, dict):
             raise _RowFailure(INVALID_PARAMETER, f"sampling_params must be an object, got {_short(nested)}")
         # Strict here (unlike flat fields, which share the row with data): a typo must not pass silently.
-        unknown = sorted(k for k, v in nested.items() if k not in _SAMPLING_KEYS and not _is_null(v))
+        unknown = sorted(k for k, v in nested.items()
+                         if k not in _SAMPLING_KEYS and k not in UNSUPPORTED_FIELDS and not _is_null(v))
         if unknown:
             raise _RowFailure(INVALID_PARAMETER, f"unknown sampling parameter {unknown[0]!r} in sampling_params")
         fields.update(_sampling_subset(nested))
-    return fields
+        unsupported.update({k: v for k, v in nested.items() if k in UNSUPPORTED_FIELDS and not _is_null(v)})
+    return fields, unsupported
 
 
 def _sampling_subset(source: dict) -> dict[str, Any]:
@@ -380,13 +432,17 @@ def _sampling_subset(source: dict) -> dict[str, Any]:
     return fields
 
 
-def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Request keyword, sampling fields) for one OpenAI Batch API line.
+def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(Request keyword, sampling fields, request fields batchllm does not implement) for one OpenAI Batch
+    API line.
 
     chat (``/v1/chat/completions``): ``body.messages``; ``logprobs: true`` with ``top_logprobs: k`` means
     ``logprobs=k`` (alone: 0, the sampled token only). completions (``/v1/completions``): ``body.prompt``,
     a string or a list of token ids; ``logprobs`` is an int. Any vLLM sampling name in the body applies
-    (OpenAI's own names are a subset); ``model`` and other keys are ignored: the job's model runs.
+    (OpenAI's own names are a subset). ``NEUTRAL_BODY_FIELDS`` (``model``, ``user``, ``metadata``...)
+    change nothing and are accepted (the job's model runs). Any other non-null body field is an
+    ``unsupported_parameter`` failure: one batchllm does not implement (``UNSUPPORTED_FIELDS``; returned
+    for the caller to check, as its neutral value is accepted), or one neither OpenAI nor vLLM defines.
     """
     missing = [k for k in ("method", "url", "body") if line.get(k) is None]
     if missing:
@@ -398,6 +454,21 @@ def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _RowFailure(UNSUPPORTED_ENDPOINT, f"method {line['method']!r} is not supported: use POST")
     if not isinstance(body, dict):
         raise _RowFailure(INVALID_PARAMETER, "body must be a JSON object")
+    chat = url == _CHAT_URL
+    known = _SAMPLING_KEYS | NEUTRAL_BODY_FIELDS | ({"logprobs", "messages", "top_logprobs"} if chat else {"logprobs", "prompt"})
+    unsupported: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in known or _is_null(value):
+            continue
+        if key == ("prompt" if chat else "messages"):
+            raise _RowFailure(UNSUPPORTED_PARAMETER, f"{key!r} is not a field of {url} bodies (use "
+                                                     f"{'messages' if chat else 'prompt'}, or the other url)")
+        if key == "top_logprobs" and not chat:
+            raise _RowFailure(UNSUPPORTED_PARAMETER, f"top_logprobs is a {_CHAT_URL} field; {url} takes logprobs: K")
+        if key not in UNSUPPORTED_FIELDS:
+            raise _RowFailure(UNSUPPORTED_PARAMETER, f"unknown field {key!r} in the body: not an OpenAI or vLLM "
+                                                     "request field that batchllm knows (remove it)")
+        unsupported[key] = value
     fields = _sampling_subset({k: v for k, v in body.items() if k != "logprobs"})
     logprobs = body.get("logprobs")
     if url == _CHAT_URL:
@@ -410,7 +481,7 @@ def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any]]:
             fields["logprobs"] = 0 if top is None else top
         if body.get("messages") is None:
             raise _RowFailure(MISSING_PROMPT, "chat body has no 'messages'")
-        return {"messages": _check_messages(body["messages"])}, fields
+        return {"messages": _check_messages(body["messages"])}, fields, unsupported
     if logprobs is not None:
         fields["logprobs"] = logprobs
     prompt = body.get("prompt")
@@ -419,8 +490,8 @@ def _openai_request(line: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt):
         raise _RowFailure(INVALID_PARAMETER, "a list of prompts is not supported: write one line per prompt")
     if isinstance(prompt, list):
-        return {"prompt_token_ids": _check_token_ids(prompt)}, fields
-    return {"prompt": _check_prompt(prompt)}, fields
+        return {"prompt_token_ids": _check_token_ids(prompt)}, fields, unsupported
+    return {"prompt": _check_prompt(prompt)}, fields, unsupported
 
 
 def _check_prompt(value: Any) -> str:
@@ -690,6 +761,7 @@ def _wanted_columns(mapping: ColumnMapping, template_fields: tuple[str, ...]) ->
         "prompt_token_ids",
         "sampling_params",
         *_SAMPLING_KEYS,
+        *FLAT_UNSUPPORTED,
         *template_fields,
     }
     return wanted, required

@@ -55,5 +55,6 @@ DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
 PROMPT_TOO_LONG = "prompt_too_long"
 TEMPLATE_ERROR = "template_error"
 UNSUPPORTED_ENDPOINT = "unsupported_endpoint"
+UNSUPPORTED_PARAMETER = "unsupported_parameter"  # a request field batchllm does not implement (sampling_params.UNSUPPORTED_FIELDS)
 TOKENIZATION_ERROR = "tokenization_error"
 ENGINE_ERROR = "engine_error"  # scale-out: the request's group failed on every attempt (docs/scale-out.md)

@@ -1,0 +1,201 @@
+"""Request fields batchllm does not implement (unsupported_parameter) and --chat / --system-prompt:
+readers, run_job on dummy:tiny, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tests.job_utils import run_main
+
+from batchllm.config import JobConfig
+from batchllm.errors import BatchLLMError
+from batchllm.io import requests as rq
+from batchllm.io.readers import ColumnMapping, read_requests
+from batchllm.io.requests import Request, RowError
+from batchllm.io.writer import read_results
+from batchllm.pipeline import run_job
+from batchllm.sampling_params import UNSUPPORTED_FIELDS, unsupported_field
+
+BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=4, temperature=0.0, preview=0)
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def read(paths, **kw):
+    return list(read_requests(paths, **kw))
+
+
+def openai_line(cid, url="/v1/chat/completions", **body):
+    body.setdefault("messages" if url.endswith("chat/completions") else "prompt", CHAT if "chat" in url else "hi")
+    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "gpt-4o-mini", **body}}
+
+
+# ------------------------------------------------------------------------------ unsupported parameters
+
+CHANGING = [
+    ("response_format", {"type": "json_object"}), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
+    ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"json": {}}),
+    ("use_beam_search", True), ("best_of", 3), ("lora_request", {"lora_name": "x"}), ("prompt_logprobs", 1),
+    ("echo", True), ("logit_bias", {"50256": -100}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("stream", True), ("include_stop_str_in_output", True),
+]
+NEUTRAL = [("stream", False), ("logit_bias", {}), ("echo", False), ("best_of", 1), ("use_beam_search", False),
+           ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"), ("skip_special_tokens", True)]
+
+
+@pytest.mark.parametrize("name,value", CHANGING)
+def test_flat_row_field_batchllm_lacks_is_an_error_row_naming_it(tmp_path, name, value):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "p", name: value}, {"custom_id": "b", "prompt": "p"}])
+    bad, ok = read([path])
+    assert isinstance(bad, RowError) and bad.error_code == rq.UNSUPPORTED_PARAMETER == "unsupported_parameter"
+    assert bad.error_message.startswith(f"{name} = ") and "not supported" in bad.error_message and bad.custom_id == "a"
+    assert isinstance(ok, Request)
+
+
+@pytest.mark.parametrize("name,value", CHANGING)
+def test_openai_body_field_batchllm_lacks_is_an_error_row(tmp_path, name, value):
+    path = write_jsonl(tmp_path / "b.jsonl", [openai_line("a", **{name: value})])
+    (bad,) = read([path])
+    assert bad.error_code == rq.UNSUPPORTED_PARAMETER and bad.error_message.startswith(f"{name} = ")
+
+
+@pytest.mark.parametrize("name,value", NEUTRAL)
+def test_neutral_values_are_accepted_in_rows_and_bodies(tmp_path, name, value):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", name: value}])
+    body = write_jsonl(tmp_path / "b.jsonl", [openai_line("a", **{name: value}),
+                                             openai_line("b", url="/v1/completions", **{name: value})])
+    assert all(isinstance(r, Request) for r in read([path]) + read([body]))
+
+
+def test_best_of_equal_to_n_is_accepted_and_other_values_are_not(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "n": 3, "best_of": 3}, {"prompt": "p", "n": 2, "best_of": 3},
+                                              {"prompt": "p", "best_of": 2}])
+    same, more, default_n = read([path])
+    assert isinstance(same, Request) and same.sampling.n == 3
+    assert more.error_code == default_n.error_code == rq.UNSUPPORTED_PARAMETER and "must equal n (2)" in more.error_message
+
+
+def test_null_means_not_given(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "guided_json": None, "response_format": None}])
+    assert isinstance(read([path])[0], Request)
+
+
+def test_body_accepts_fields_that_change_nothing_and_refuses_unknown_ones(tmp_path):
+    path = write_jsonl(tmp_path / "b.jsonl", [
+        openai_line("ok", user="u1", metadata={"k": "v"}, store=False, stream=False, n=2, seed=1, top_logprobs=2, logprobs=True),
+        openai_line("typo", temprature=0.5),
+        openai_line("wrong-url", prompt="x"),
+        openai_line("comp-top", url="/v1/completions", top_logprobs=2),
+    ])
+    ok, typo, wrong, comp = read([path])
+    assert isinstance(ok, Request) and ok.sampling.n == 2 and ok.sampling.logprobs == 2
+    assert typo.error_code == rq.UNSUPPORTED_PARAMETER and "unknown field 'temprature'" in typo.error_message
+    assert wrong.error_code == rq.UNSUPPORTED_PARAMETER and "'prompt' is not a field of /v1/chat/completions" in wrong.error_message
+    assert comp.error_code == rq.UNSUPPORTED_PARAMETER and "logprobs: K" in comp.error_message
+
+
+def test_flat_data_columns_stay_data(tmp_path):
+    # names that are not request parameters are data; a flat column the job names (template field, mapped
+    # column) is data even when it has a request parameter's name
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "documents": ["d"], "user": "x", "foo": 1, "tools": ["t"]}])
+    (t,) = read([path], mapping=ColumnMapping(prompt_template="{prompt} {tools}"))
+    assert isinstance(t, Request) and t.prompt == "p ['t']"
+    (e,) = read([path])
+    assert e.error_code == rq.UNSUPPORTED_PARAMETER and e.error_message.startswith("tools = ")
+
+
+def test_nested_sampling_params(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "p", "sampling_params": {"use_beam_search": True}},
+        {"prompt": "p", "sampling_params": {"use_beam_search": False, "detokenize": True}},
+        {"prompt": "p", "sampling_params": {"temprature": 1}},
+    ])
+    beam, neutral, typo = read([path])
+    assert beam.error_code == rq.UNSUPPORTED_PARAMETER and isinstance(neutral, Request)
+    assert typo.error_code == rq.INVALID_PARAMETER and "unknown sampling parameter 'temprature'" in typo.error_message
+
+
+def test_parquet_columns_are_checked_too(tmp_path):
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "guided_regex": [None, "x+"]}), path)
+    ok, bad = read([path])
+    assert isinstance(ok, Request) and bad.error_code == rq.UNSUPPORTED_PARAMETER and "guided_regex" in bad.error_message
+
+
+def test_unsupported_field_helper():
+    assert unsupported_field({"best_of": 2}, n=2) is None
+    assert unsupported_field({"top_logprobs": 2}, n=1, chat=True) is None
+    assert unsupported_field({"top_logprobs": 2}, n=1)[0] == "top_logprobs"
+    assert unsupported_field({"guided_json": {}, "echo": True}, n=1, names=["echo"])[0] == "echo"
+    assert {"response_format", "guided_json", "use_beam_search", "best_of", "lora_request", "prompt_logprobs", "echo",
+            "logit_bias", "tools", "tool_choice", "functions"} <= set(UNSUPPORTED_FIELDS)
+
+
+# ------------------------------------------------------------------------------------- chat and system
+
+
+def test_chat_wraps_prompts_and_template_renderings(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "q": "Q"}, {"messages": CHAT}, {"prompt_token_ids": [1, 2]}])
+    wrapped, chat, ids = read([path], mapping=ColumnMapping(chat=True, system_prompt="S"))
+    assert wrapped.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "p"}] and wrapped.prompt is None
+    assert chat.messages[0] == {"role": "system", "content": "S"}
+    assert ids.error_code == rq.INVALID_PARAMETER and "--chat cannot wrap prompt_token_ids" in ids.error_message
+    (t, *_) = read([path], mapping=ColumnMapping(prompt_template="Q: {q}", chat=True))
+    assert t.messages == [{"role": "user", "content": "Q: Q"}]
+
+
+def test_system_prompt_that_cannot_apply_is_never_dropped(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "q": "Q"}])
+    with pytest.raises(BatchLLMError, match="add --chat"):
+        read([path], mapping=ColumnMapping(prompt_template="{q}", system_prompt="S"))
+    (raw,) = read([path], mapping=ColumnMapping(system_prompt="S"))
+    assert raw.error_code == rq.INVALID_PARAMETER and "add --chat" in raw.error_message
+    body = write_jsonl(tmp_path / "b.jsonl", [openai_line("c", url="/v1/completions", prompt="x")])
+    (comp,) = read([body], mapping=ColumnMapping(system_prompt="S", chat=True))
+    assert comp.error_code == rq.INVALID_PARAMETER and "/v1/completions" in comp.error_message
+
+
+def test_chat_run_matches_a_messages_row(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "p", "prompt": "Hello"},
+                                              {"custom_id": "m", "messages": [{"role": "user", "content": "Hello"}]}])
+    run_job(JobConfig(inputs=[path], output=str(tmp_path / "out"), chat=True, **BASE), loaded=tiny)
+    rows = {r["custom_id"]: r for r in read_results(str(tmp_path / "out")).to_pylist()}
+    assert rows["p"]["token_ids"] == rows["m"]["token_ids"] and rows["p"]["prompt_tokens"] == rows["m"]["prompt_tokens"]
+    assert rows["p"]["request_type"] == "chat"
+    run_job(JobConfig(inputs=[path], output=str(tmp_path / "raw"), **BASE), loaded=tiny)
+    raw = {r["custom_id"]: r for r in read_results(str(tmp_path / "raw")).to_pylist()}
+    assert raw["p"]["prompt_tokens"] != rows["p"]["prompt_tokens"]  # without --chat the prompt is sent as it is
+
+
+def test_chat_on_a_model_without_chat_template_is_one_error(tiny, tmp_path):
+    tok = copy.copy(tiny.tokenizer)
+    tok.chat_template = None
+    bare = dataclasses.replace(tiny, tokenizer=tok)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello"}])
+    with pytest.raises(BatchLLMError, match="--chat needs a chat template"):
+        run_job(JobConfig(inputs=[path], output=str(tmp_path / "out"), chat=True, **BASE), loaded=bare)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_flags_and_one_line_errors(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello", "q": "Q"}])
+    code, err = run_main(["run", path, "-o", str(tmp_path / "o2"), "-m", "dummy:tiny", "--device", "cpu",
+                          "--prompt-template", "{q}", "--system-prompt", "S", "-q"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "add --chat" in err and "Traceback" not in err
+    code, err = run_main(["run", path, "-o", str(tmp_path / "o3"), "-m", "dummy:tiny", "--device", "cpu", "--max-tokens", "2",
+                          "--prompt-template", "{q}", "--system-prompt", "S", "--chat", "-q"], capsys)
+    assert code == 0, err
+    (row,) = read_results(str(tmp_path / "o3")).to_pylist()
+    assert row["request_type"] == "chat" and row["error_code"] is None
