@@ -225,6 +225,8 @@ def run_batch(
     output_file: str = typer.Option(..., "--output-file", "-o", help="OpenAI Batch output file to write when the job completes (errors go to <stem>.errors.jsonl beside it): a path or a URI."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
     served_model_name: Optional[List[str]] = typer.Option(None, "--served-model-name", help="Model name(s) requests may ask for and bodies report (repeat the flag for several; default: the --model value)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer to use instead of the model's: a folder or a Hugging Face repo id (org/name)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the model's: a Jinja file or the template text."),
     response_role: str = typer.Option("assistant", "--response-role", help="Role of the chat messages in the output bodies."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 (float) | bfloat16 | float16 (half)"),
@@ -261,6 +263,7 @@ def run_batch(
 
     _set_verbose(verbose)
     options = dict(
+        tokenizer=tokenizer, chat_template=chat_template,
         device=device, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
         enforce_eager=enforce_eager, kv_cache_tokens=kv_cache_tokens, max_tokens=max_tokens, temperature=temperature,

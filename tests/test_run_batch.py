@@ -12,6 +12,7 @@ import pytest
 from batchllm.errors import BatchLLMError
 from batchllm.io.writer import read_results
 from batchllm.jobs import run_batch as rb
+from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.pipeline import run_job
 from tests.job_utils import SigintAt, run_main
@@ -151,3 +152,18 @@ def test_vllm_dtype_spellings(tmp_path):
     good = write_input(tmp_path / "in.jsonl", [line("a")])
     for given, dtype in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
         assert rb.prepare(good, str(tmp_path / "o.jsonl"), model="dummy:tiny", options={"dtype": given}).config.dtype == dtype
+
+
+def test_run_batch_chat_template_override(tmp_path, capsys):
+    """--chat-template (as batchllm run's) reaches the job; the export loads the job's tokenizer with it
+    for the logprob spelling (no fallback warning)."""
+    inp = write_input(tmp_path / "in.jsonl", [line("a", logprobs=True)])
+    out = str(tmp_path / "res.jsonl")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    code, err = run_main(["run-batch", "-i", inp, "-o", out, *FLAGS, "--chat-template", template], capsys)
+    assert code == 0, err
+    assert "warning:" not in err
+    spec = read_manifest(out + ".batchllm")["job"]
+    assert spec["chat_template"] == template
+    content = read_lines(out)[0]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert content and not any(t["token"].startswith("token_id:") for t in content)
