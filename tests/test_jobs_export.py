@@ -193,3 +193,18 @@ def test_show_finished_and_interrupted(job):
     assert "resume with: batchllm resume" in text and "malformed_json: 1" in text and "duplicate_custom_id: 1" in text
     assert "prefix reuse" in text and "57.1%" in text  # 20 of 35 prompt tokens reused
     assert job_state(job)["completed"] == 4 and job_state(job)["failed"] == 2
+
+
+def test_export_of_a_running_job_is_refused(job, tmp_path):
+    """A process holding the folder's lock: the job is running, an export would miss what it commits next."""
+    from batchllm.io.writer import storage_of
+
+    lock = storage_of(job).lock()
+    lock.acquire()
+    try:
+        with pytest.raises(IncompleteJob, match="is still running: wait for it to finish"):
+            export_job(job, "parquet", str(tmp_path / "x.parquet"), require_complete=True)
+        res = export_job(job, "parquet", str(tmp_path / "x.parquet"))  # the library default: no completeness check
+        assert res.state == "running" and res.rows == 7
+    finally:
+        lock.release()
