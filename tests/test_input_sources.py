@@ -80,6 +80,20 @@ def test_registered_filesystem_jsonl_gz_parquet_and_openai(memfs):
     assert {x.input_file for x in both} == {"mem://in.parquet", "mem://in.jsonl"}
 
 
+def test_in_memory_object_store():
+    """pyarrow's in-memory mock filesystem (object-store semantics: no local path behind it)."""
+    fs = pafs._MockFileSystem()
+    fs.create_dir("bucket")
+    with fs.open_output_stream("bucket/in.jsonl.zst", compression="zstd") as f:
+        f.write(jsonl_bytes(ROWS))
+    storage.register_filesystem("memtest", lambda uri: (fs, uri.split("://", 1)[1]))
+    try:
+        check_rows(list(read_requests(["memtest://bucket/in.jsonl.zst"])), "memtest://bucket/in.jsonl.zst")
+        assert input_identity("memtest://bucket/in.jsonl.zst").split(":")[0] == str(fs.get_file_info("bucket/in.jsonl.zst").size)
+    finally:
+        storage.register_filesystem("memtest", None)
+
+
 def test_uri_errors_are_one_line(memfs):
     with pytest.raises(BatchLLMError, match=r"^input not found: mem://nope\.jsonl$"):
         read_requests(["mem://nope.jsonl"])
