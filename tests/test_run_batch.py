@@ -167,3 +167,23 @@ def test_run_batch_chat_template_override(tmp_path, capsys):
     assert spec["chat_template"] == template
     content = read_lines(out)[0]["response"]["body"]["choices"][0]["logprobs"]["content"]
     assert content and not any(t["token"].startswith("token_id:") for t in content)
+
+
+def test_run_batch_is_run_then_export(batch_input, tmp_path, capsys):
+    """One execution path: run-batch gives what batchllm run + batchllm export --format openai give (ids
+    aside: they derive from the job)."""
+    out = str(tmp_path / "res.jsonl")
+    code, err = run_main(["run-batch", "-i", batch_input, "-o", out, *FLAGS], capsys)
+    assert code == 0, err
+    code, err = run_main(["run", batch_input, "-o", str(tmp_path / "job"), *FLAGS], capsys)
+    assert code == 0, err
+    code, err = run_main(["export", str(tmp_path / "job"), "--format", "openai", "--ordered", "--to", str(tmp_path / "x.jsonl")], capsys)
+    assert code == 0, err
+
+    def same(line):
+        body = line["response"]["body"]
+        return line["custom_id"], body["object"], body["model"], body["choices"], body["usage"]
+
+    assert [same(x) for x in read_lines(out)] == [same(x) for x in read_lines(tmp_path / "x.jsonl")]
+    errors = lambda p: [(x["custom_id"], x["error"]) for x in read_lines(p)]  # noqa: E731
+    assert errors(tmp_path / "res.errors.jsonl") == errors(tmp_path / "x.errors.jsonl")
