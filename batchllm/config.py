@@ -47,6 +47,7 @@ class JobConfig:
     prompt_template: str | None = None
     system_prompt: str | None = None
     chat: bool = False  # --chat: raw prompts (and templates' renderings) go through the chat template as a user message
+    keep_columns: str | None = None  # --keep-columns: "A,B" or "all": input columns carried into the output rows
     # engine
     policy: str = "batchllm"
     attention: str = "auto"  # auto | torch | triton
@@ -88,6 +89,9 @@ class JobConfig:
         for key in SCHEMA:
             check_value(key, getattr(self, key))
         self.sampling_defaults()
+        if self.keep_columns is not None and self.distributed:
+            raise BatchLLMError("--keep-columns does not work with --replicas / --ray-address yet: run on one replica, "
+                                "or join the input columns to the results afterwards (by input_file and input_index)")
 
     @property
     def distributed(self) -> bool:
@@ -130,6 +134,8 @@ class JobConfig:
         out = {k: getattr(self, k) for k in ("id_column", "prompt_column", "messages_column", "prompt_template", "system_prompt")}
         if self.chat:
             out["chat"] = True
+        if self.keep_columns is not None:
+            out["keep_columns"] = self.keep_columns
         return out
 
 
@@ -231,6 +237,7 @@ SCHEMA: dict[str, _Rule] = {
     "prompt_template": _OPT_STR,
     "system_prompt": _OPT_STR,
     "chat": _Rule("bool"),
+    "keep_columns": _OPT_STR,
     "policy": _Rule("str", choices=("batchllm", "fcfs-lru")),
     "attention": _Rule("str", choices=("auto", "torch", "triton")),
     "page_size": _Rule("int", lo=1, hi=1 << 16),

@@ -26,6 +26,7 @@ import weakref
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from batchllm.config import JobConfig
@@ -38,9 +39,9 @@ from batchllm.engine.sequence import Sequence
 from batchllm.engine.sources import build_sources
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
-from batchllm.io.readers import ColumnMapping, input_identity, read_requests
+from batchllm.io.readers import ColumnMapping, input_identity, read_requests, resolve_keep_columns
 from batchllm.io.requests import Request, RowError
-from batchllm.io.writer import CommitError, ShardWriter, check_inputs_outside
+from batchllm.io.writer import KEPT_JSON_METADATA, OUTPUT_SCHEMA, CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
 from batchllm.jobs.manifest import build_fingerprint
 from batchllm.jobs.recorder import ResultRecorder
@@ -125,6 +126,7 @@ def error_row(err: RowError) -> dict:
         "input_index": err.input_index,
         "error_code": err.error_code,
         "error_message": err.error_message,
+        **(err.kept or {}),
     }
 
 
@@ -141,6 +143,7 @@ def completion_row(req: Request, seq: Sequence) -> dict:
         "cached_tokens": seq.num_cached,
         "token_ids": seq.output_ids,
         "request_type": "chat" if req.messages is not None else "completion",
+        **(req.kept or {}),  # --keep-columns
     }
     if seq.logprobs is not None:
         row["logprobs"] = seq.logprobs
@@ -201,7 +204,7 @@ def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) 
         errors.append(RowError(
             r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
             f"{what} has {n:,} {unit}; the model context (max-model-len) is {max_model_len} tokens"
-            + (f", at most {limit:,} characters with this tokenizer" if unit == "characters" else ""), r.custom_id))
+            + (f", at most {limit:,} characters with this tokenizer" if unit == "characters" else ""), r.custom_id, kept=r.kept))
         r.token_ids = None
 
     raw = []
@@ -232,7 +235,7 @@ def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) 
                 r.token_ids = ids.astype(np.int32)
         except Exception as e:  # a template or tokenizer failure concerns this row only
             code = rq.TEMPLATE_ERROR if r.messages is not None else rq.INVALID_PARAMETER
-            errors.append(RowError(r.input_file, r.input_index, code, f"{type(e).__name__}: {e}", r.custom_id))
+            errors.append(RowError(r.input_file, r.input_index, code, f"{type(e).__name__}: {e}", r.custom_id, kept=r.kept))
             r.token_ids = None
     ok: list[Request] = []
     for r in requests:
@@ -240,12 +243,12 @@ def tokenize(requests: list[Request], tok, max_model_len: int, vocab_size: int) 
             continue
         n = len(r.token_ids)
         if n == 0:
-            errors.append(RowError(r.input_file, r.input_index, rq.MISSING_PROMPT, "the prompt is empty", r.custom_id))
+            errors.append(RowError(r.input_file, r.input_index, rq.MISSING_PROMPT, "the prompt is empty", r.custom_id, kept=r.kept))
         elif n >= max_model_len:
             errors.append(
                 RowError(
                     r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
-                    f"prompt has {n} tokens; the model context (max-model-len) is {max_model_len}", r.custom_id,
+                    f"prompt has {n} tokens; the model context (max-model-len) is {max_model_len}", r.custom_id, kept=r.kept,
                 )
             )
         else:
@@ -261,11 +264,13 @@ def read_and_tokenize(
     on_error: Callable[[RowError], None],
     folder: JobFolder | None = None,
     stop: StopFlag | None = None,
+    keep: dict[str, bool] | None = None,
 ) -> list[Request]:
     """READ + TOKENIZE: every valid request with its token ids; every bad row goes to ``on_error``.
 
     With a resumed ``folder``, rows it records as done are left out: unread when the earlier run got past
-    its read phase (``JobFolder.skip_masks``), else read and dropped. Records carry the input paths the
+    its read phase (``JobFolder.skip_masks``), else read and dropped. ``keep``: the kept input columns
+    (``kept_columns``), whose values the records carry. Records carry the input paths the
     job first recorded (``input_files``), so every shard of a job names its inputs the same way.
     """
     mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt, cfg.chat)
@@ -275,7 +280,7 @@ def read_and_tokenize(
     names = (folder.manifest.get("input_files") if folder is not None and folder.resuming else None) or cfg.inputs
     requests: list[Request] = []
     limit = max_prompt_chars(tokenizer, max_model_len)
-    rows = read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit, split=cfg.split)
+    rows = read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit, keep=keep, split=cfg.split)
     for k, item in enumerate(rows):
         fid = file_ids[item.input_file]
         if done is not None and done.contains(fid, item.input_index):
@@ -625,11 +630,13 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None
     if cfg.chat and not getattr(tok, "chat_template", None):
         raise BatchLLMError(f"--chat needs a chat template and {src.display_name}'s tokenizer has none: drop --chat (prompts "
                             "are then sent as raw text) or use a model that ships a chat template")
+    extra_fields = output_fields(cfg)  # --keep-columns: checked before the folder is touched
     fingerprint = job_fingerprint(cfg, src, tok, dtype)
     folder = open_job_folder(cfg.output, fingerprint, overwrite=overwrite)
     try:
         writer = ShardWriter(cfg.output, cfg.shard_rows, job_spec=cfg.to_dict(), manifest=folder.manifest,
-                             fingerprint=fingerprint, input_files=cfg.inputs, lock=folder.lock)
+                             fingerprint=fingerprint, input_files=cfg.inputs, lock=folder.lock,
+                             extra_fields=extra_fields)
     except BaseException:
         folder.lock.release()
         raise
@@ -663,6 +670,22 @@ def _run_job(cfg, emit, summary, loaded, overwrite, cluster, engine_factory=None
     return summary
 
 
+def output_fields(cfg: JobConfig) -> list[pa.Field]:
+    """--keep-columns: the output columns after ``OUTPUT_SCHEMA``'s, one per kept input column, typed as in
+    the input or JSON text (a string column with ``KEPT_JSON_METADATA``): ``readers.resolve_keep_columns``.
+    Empty without the option; a bad one raises BatchLLMError."""
+    if not cfg.keep_columns:
+        return []
+    mapping = ColumnMapping(cfg.id_column, cfg.prompt_column, cfg.messages_column, cfg.prompt_template, cfg.system_prompt, cfg.chat)
+    kept = resolve_keep_columns(cfg.inputs, cfg.keep_columns, mapping, OUTPUT_SCHEMA.names, split=getattr(cfg, "split", None))
+    return [pa.field(name, pa.string(), metadata=KEPT_JSON_METADATA) if t is None else pa.field(name, t) for name, t in kept]
+
+
+def kept_columns(fields: list[pa.Field]) -> dict[str, bool]:
+    """The reader's ``keep`` for ``output_fields``: column name -> stored as JSON text."""
+    return {f.name: all((f.metadata or {}).get(k) == v for k, v in KEPT_JSON_METADATA.items()) for f in fields}
+
+
 def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.dtype) -> dict:
     """What changes this job's outputs (``batchllm.jobs.manifest.build_fingerprint``); ``cfg`` with
     absolute paths. Inputs are identified through ``readers.input_identity``: a local path as the
@@ -686,7 +709,8 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
     max_model_len = model_max_len(cfg, mcfg)
     t0 = time.perf_counter()
     recorder.update_status(stage="reading", force=True)
-    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: record_error(summary, recorder, e), folder, stop)
+    requests = read_and_tokenize(cfg, tok, mcfg, max_model_len, lambda e: record_error(summary, recorder, e), folder, stop,
+                                  keep=kept_columns(writer.extra_fields))
     read_seconds = time.perf_counter() - t0
     _check_stop(stop, cfg, writer)
     # Commit the read phase's error records now: from here on a resume may skip finished rows unread
@@ -737,7 +761,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
             record_error(summary, recorder, RowError(
                 r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
                 f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
-                "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id))
+                "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id, kept=r.kept))
         if len(kept) < len(requests):
             requests = kept
             plan = make_plan(requests, cfg.policy, engine.cfg.max_model_len, cfg.page_size)

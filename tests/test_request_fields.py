@@ -1,5 +1,5 @@
-"""Request fields batchllm does not implement (unsupported_parameter) and --chat / --system-prompt:
-readers, run_job on dummy:tiny, the CLI."""
+"""Request fields batchllm does not implement (unsupported_parameter), --chat / --system-prompt, and
+--keep-columns (input columns carried into the output rows): readers, run_job on dummy:tiny, the CLI."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from tests.job_utils import run_main
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
-from batchllm.io.readers import ColumnMapping, read_requests
+from batchllm.io.readers import ColumnMapping, read_requests, resolve_keep_columns
 from batchllm.io.requests import Request, RowError
-from batchllm.io.writer import read_results
+from batchllm.io.writer import OUTPUT_SCHEMA, read_results
 from batchllm.pipeline import run_job
 from batchllm.sampling_params import UNSUPPORTED_FIELDS, unsupported_field
 
@@ -104,9 +104,11 @@ def test_body_accepts_fields_that_change_nothing_and_refuses_unknown_ones(tmp_pa
 
 
 def test_flat_data_columns_stay_data(tmp_path):
-    # names that are not request parameters are data; a flat column the job names (template field, mapped
-    # column) is data even when it has a request parameter's name
+    # names that are not request parameters are data; a flat column the job names (template field, kept
+    # column, mapped column) is data even when it has a request parameter's name
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "documents": ["d"], "user": "x", "foo": 1, "tools": ["t"]}])
+    (r,) = read([path], keep={"tools": True})
+    assert isinstance(r, Request)
     (t,) = read([path], mapping=ColumnMapping(prompt_template="{prompt} {tools}"))
     assert isinstance(t, Request) and t.prompt == "p ['t']"
     (e,) = read([path])
@@ -186,16 +188,110 @@ def test_chat_on_a_model_without_chat_template_is_one_error(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------------------------------ kept columns
+
+
+def test_resolve_keep_columns_types_and_refusals(tmp_path):
+    jl = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "p", "x": 1}, {"prompt": "q", "y": [1]}])
+    pqa, pqb = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "x": pa.array([1], pa.int32()), "cat": pa.array(["u"]).dictionary_encode()}), pqa)
+    pq.write_table(pa.table({"prompt": ["b"], "x": ["s"], "z": [None]}), pqb)
+    reserved = OUTPUT_SCHEMA.names
+    assert resolve_keep_columns([jl], "x, y", reserved=reserved) == [("x", None), ("y", None)]
+    assert resolve_keep_columns([jl], "all", reserved=reserved) == [("prompt", None), ("x", None), ("y", None)]
+    assert resolve_keep_columns([pqa], "x,cat", reserved=reserved) == [("x", pa.int32()), ("cat", pa.string())]
+    assert resolve_keep_columns([pqa, pqb], "x,z", reserved=reserved) == [("x", None), ("z", pa.null())]  # types differ: JSON
+    assert resolve_keep_columns([pqa, jl], "cat", reserved=reserved) == [("cat", None)]  # a JSON lines input: JSON
+    for spec, message in [("text", "output column"), ("x,x", "named twice"), ("a,,b", "separated by commas"),
+                          ("nope", "no input has a column 'nope'")]:
+        with pytest.raises(BatchLLMError, match=message):
+            resolve_keep_columns([pqa], spec, reserved=reserved)
+    t = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "text": ["clash"]}), t)
+    with pytest.raises(BatchLLMError, match="--keep-columns all: the input column 'text'"):
+        resolve_keep_columns([t], "all", reserved=reserved)
+
+
+def test_keep_columns_jsonl_as_json_text(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": "a", "prompt": "Hello", "label": "pos", "meta": {"k": [1, 2]}},
+        {"custom_id": "b", "prompt": "Hi", "label": 3},
+        "{oops",
+        {"custom_id": "d", "prompt": "x", "label": "neg", "echo": True},
+    ])
+    out = tmp_path / "out"
+    run_job(JobConfig(inputs=[path], output=str(out), keep_columns="label,meta", **BASE), loaded=tiny)
+    table = read_results(str(out))
+    assert table.column_names == [*OUTPUT_SCHEMA.names, "label", "meta"]
+    assert table.schema.field("label").type == pa.string()
+    rows = {r["input_index"]: r for r in table.to_pylist()}
+    assert rows[0]["label"] == '"pos"' and json.loads(rows[0]["meta"]) == {"k": [1, 2]}
+    assert rows[1]["label"] == "3" and rows[1]["meta"] is None  # a row without the column: null
+    assert rows[2]["error_code"] == rq.MALFORMED_JSON and rows[2]["label"] is None
+    assert rows[3]["error_code"] == rq.UNSUPPORTED_PARAMETER and rows[3]["label"] == '"neg"'  # error rows keep them
+    # the folder reads as a dataset with the kept columns
+    direct = pq.read_table([str(p) for p in sorted(out.glob("shard-*.parquet"))])
+    assert "label" in direct.column_names
+
+
+def test_keep_columns_parquet_typed_and_resume(tiny, tmp_path):
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"custom_id": ["a", "b", "c"], "prompt": ["Hello", "Hi", "Hey"],
+                             "score": pa.array([1.5, None, float("nan")], pa.float64()),
+                             "tags": pa.array([["x"], [], None], pa.list_(pa.string()))}), path)
+    out = tmp_path / "out"
+    cfg = dict(inputs=[path], output=str(out), keep_columns="score,tags", shard_rows=1, **BASE)
+    run_job(JobConfig(**cfg), loaded=tiny)
+    table = read_results(str(out))
+    assert table.schema.field("score").type == pa.float64() and table.schema.field("tags").type == pa.list_(pa.string())
+    rows = {r["custom_id"]: r for r in table.to_pylist()}
+    assert rows["a"]["score"] == 1.5 and rows["b"]["score"] is None and rows["c"]["score"] != rows["c"]["score"]  # NaN kept
+    assert rows["a"]["tags"] == ["x"] and rows["b"]["tags"] == [] and rows["c"]["tags"] is None
+    # the same job resumes (nothing left); other kept columns are another job
+    summary = run_job(JobConfig(**cfg), loaded=tiny)
+    assert summary.done_before == 3
+    with pytest.raises(BatchLLMError, match="keep_columns"):
+        run_job(JobConfig(**{**cfg, "keep_columns": "score"}), loaded=tiny)
+
+
+def test_keep_columns_hf_dataset(tiny, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = str(tmp_path / "ds")
+    datasets.Dataset.from_dict({"prompt": ["Hello", "Hi"], "label": [0, 1], "src": ["w", "x"]}).save_to_disk(folder)
+    run_job(JobConfig(inputs=[folder], output=str(tmp_path / "out"), keep_columns="all", **BASE), loaded=tiny)
+    table = read_results(str(tmp_path / "out"))
+    assert table.column_names[-3:] == ["prompt", "label", "src"] and table.schema.field("label").type == pa.int64()
+    assert sorted(zip(table["label"].to_pylist(), table["src"].to_pylist())) == [(0, "w"), (1, "x")]
+
+
+def test_greedy_outputs_unchanged_by_kept_columns(tiny, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": str(i), "prompt": f"Hello {i}", "x": i} for i in range(3)])
+    run_job(JobConfig(inputs=[path], output=str(tmp_path / "a"), **BASE), loaded=tiny)
+    run_job(JobConfig(inputs=[path], output=str(tmp_path / "b"), keep_columns="x", **BASE), loaded=tiny)
+    a = {r["custom_id"]: r["token_ids"] for r in read_results(str(tmp_path / "a")).to_pylist()}
+    b = {r["custom_id"]: r["token_ids"] for r in read_results(str(tmp_path / "b")).to_pylist()}
+    assert a == b and read_results(str(tmp_path / "a")).column_names == OUTPUT_SCHEMA.names
+
+
+def test_keep_columns_refused_with_replicas():
+    with pytest.raises(BatchLLMError, match="--keep-columns does not work with --replicas"):
+        JobConfig(inputs=["x"], output="o", keep_columns="a", replicas=2).validate()
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 
 def test_cli_flags_and_one_line_errors(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello", "q": "Q"}])
+    code, err = run_main(["run", path, "-o", str(tmp_path / "o1"), "-m", "dummy:tiny", "--device", "cpu",
+                          "--keep-columns", "text", "-q"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "error:" in err and "output column" in err
     code, err = run_main(["run", path, "-o", str(tmp_path / "o2"), "-m", "dummy:tiny", "--device", "cpu",
                           "--prompt-template", "{q}", "--system-prompt", "S", "-q"], capsys)
     assert code == 1 and err.strip().count("\n") == 0 and "add --chat" in err and "Traceback" not in err
     code, err = run_main(["run", path, "-o", str(tmp_path / "o3"), "-m", "dummy:tiny", "--device", "cpu", "--max-tokens", "2",
-                          "--prompt-template", "{q}", "--system-prompt", "S", "--chat", "-q"], capsys)
+                          "--prompt-template", "{q}", "--system-prompt", "S", "--chat", "--keep-columns", "q", "-q"], capsys)
     assert code == 0, err
     (row,) = read_results(str(tmp_path / "o3")).to_pylist()
-    assert row["request_type"] == "chat" and row["error_code"] is None
+    assert row["request_type"] == "chat" and row["q"] == '"Q"' and row["error_code"] is None

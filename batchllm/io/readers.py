@@ -49,7 +49,7 @@ import json
 import os
 import re
 import string
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,7 +78,7 @@ from batchllm.sampling_params import (
     unsupported_field,
 )
 
-__all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows", "input_identity", "is_hub_dataset_name"]
+__all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows", "resolve_keep_columns", "input_identity", "is_hub_dataset_name"]
 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _SAMPLING_KEYS = _SAMPLING_NAMES | frozenset(MAX_TOKENS_ALIASES)
@@ -191,6 +191,7 @@ def read_requests(
     skip: Sequence[Any] | None = None,
     max_prompt_chars: int | None = None,
     split: str | None = None,
+    keep: Mapping[str, bool] | None = None,
 ) -> Iterator[Request | RowError]:
     """Yield one ``Request`` or ``RowError`` per input row, files in the given order, rows in file order.
 
@@ -207,6 +208,10 @@ def read_requests(
     ``max_prompt_chars``: a raw-text prompt (a template's rendering included, checked before it is
     built) longer than this is a ``PROMPT_TOO_LONG`` error (the pipeline passes the most characters the
     model's context can hold, so a huge prompt never reaches the tokenizer).
+
+    ``keep`` (``--keep-columns``, from ``resolve_keep_columns``): column name -> whether its values are
+    stored as JSON text (else as read). Every record's ``kept`` then holds the row's value of each (None
+    where the row lacks the column, and for a line that is not a JSON object).
 
     ``split`` (``--split``): the split of every dataset-dict input (``_choose_split``); checked, and hub
     datasets loaded, before the iterator is returned. Given while no input has splits, it is refused.
@@ -231,7 +236,7 @@ def read_requests(
     if skip is not None and len(skip) != len(paths):
         raise ValueError("skip must have one entry per path")
     _check_splits(paths, formats, split)
-    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip, max_prompt_chars, split)
+    return _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip, max_prompt_chars, split, keep=dict(keep or {}))
 
 
 def count_rows(paths: Sequence[str], split: str | None = None) -> int | None:
@@ -264,12 +269,14 @@ def count_rows(paths: Sequence[str], split: str | None = None) -> int | None:
 # -------------------------------------------------------------------------------------------- driving
 
 
-def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None, max_chars=None, split=None) -> Iterator[Request | RowError]:
+def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, skip=None, max_chars=None, split=None, keep=None) -> Iterator[Request | RowError]:
     seen: dict[str, bool] = {}  # custom_id -> whether it was generated (the row index of a row without an id)
     several = len(paths) > 1
     wanted, required = _wanted_columns(mapping, template_fields)
-    # columns the job names as data (mapped, template fields) are never read as unsupported request fields
-    data = {mapping.id_column, mapping.prompt_column, mapping.messages_column, *template_fields}
+    keep = keep or {}
+    wanted |= set(keep)
+    # columns the job names as data (mapped, template fields, kept) are never read as unsupported request fields
+    data = {mapping.id_column, mapping.prompt_column, mapping.messages_column, *template_fields, *keep}
     flat_checked = tuple(sorted(FLAT_UNSUPPORTED - data))
     for i, (path, fmt) in enumerate(zip(paths, formats)):
         prefix = os.path.basename(os.path.normpath(path)) + ":" if several else ""
@@ -285,15 +292,16 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
             if mask is not None:
                 rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
-            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars,
-                          flat_checked=flat_checked)
+            yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars, keep,
+                          flat_checked)
 
 
-def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None,
+def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None, keep=None,
             flat_checked=()) -> Request | RowError:
     """Turn one parsed row (or a parse failure) into a record; claims the row's custom_id in ``seen``."""
     if isinstance(row, _RowFailure):
-        return RowError(path, index, row.code, row.message)
+        return RowError(path, index, row.code, row.message, kept=dict.fromkeys(keep) if keep else None)
+    kept = {name: _kept_value(row.get(name), as_json) for name, as_json in keep.items()} if keep else None
     id_key = "custom_id" if fmt == "openai" else mapping.id_column or "custom_id"
     null_id = id_key in row and _is_null(row[id_key])
     row = {k: (None if _is_null(v) else v) for k, v in row.items()}
@@ -333,8 +341,8 @@ def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defau
         if found is not None:
             raise _RowFailure(UNSUPPORTED_PARAMETER, found[1])
     except _RowFailure as f:
-        return RowError(path, index, f.code, f.message, custom_id)
-    return Request(custom_id=custom_id, input_file=path, input_index=index, sampling=sampling, **prompt)
+        return RowError(path, index, f.code, f.message, custom_id, kept=kept)
+    return Request(custom_id=custom_id, input_file=path, input_index=index, sampling=sampling, kept=kept, **prompt)
 
 
 def _chat_rules(prompt: dict[str, Any], mapping: ColumnMapping, fmt: str) -> dict[str, Any]:
@@ -357,6 +365,15 @@ def _chat_rules(prompt: dict[str, Any], mapping: ColumnMapping, fmt: str) -> dic
     else:
         why = "this row's prompt_token_ids are tokens, not a chat: give it as messages, or drop --system-prompt"
     raise _RowFailure(INVALID_PARAMETER, f"--system-prompt cannot apply here: {why}")
+
+
+def _kept_value(value: Any, as_json: bool) -> Any:
+    """A kept column's value for the output row: as read, or (JSON-text columns) its JSON text; null stays null."""
+    if not as_json:
+        return value
+    if _is_null(value):
+        return None
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 # ------------------------------------------------------------------------------------------ row rules
@@ -1073,3 +1090,106 @@ def _load_hub_dataset(datasets, name: str, split: str | None):
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------ kept columns
+
+
+def resolve_keep_columns(paths: Sequence[str], spec: str, mapping: ColumnMapping = ColumnMapping(),
+                         reserved: Sequence[str] = (), split: str | None = None) -> list[tuple[str, Any]]:
+    """``--keep-columns``: the input columns to carry into the output rows, each with its Arrow type, or
+    None where its values are stored as JSON text. Raises BatchLLMError (one line) for a bad spec.
+
+    ``spec``: ``"A,B"`` (those columns, in that order) or ``"all"`` (every column of every input, in order
+    of first appearance, less the id column, which is the output's ``custom_id`` already; for JSON lines
+    inputs the keys of every line, read once more now). Types: a Parquet or datasets column keeps its
+    type (dictionary-encoded: its value type) when every input holding it agrees; a column of a JSON
+    lines input, or whose types differ between inputs, is JSON text. ``reserved``: the output's own
+    columns, which no kept column may be named. A named column that no input has is refused where every
+    input's columns are known (no JSON lines input); a row lacking a kept column gets null.
+    """
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    spec = (spec or "").strip()
+    every = spec == "all"
+    per_file = [_input_columns(path, detect_format(path), every, split) for path in paths]
+    if every:
+        names = [n for n in dict.fromkeys(n for cols in per_file for n in cols) if n != (mapping.id_column or "custom_id")]
+        clash = [n for n in names if n in reserved]
+        if clash:
+            raise BatchLLMError(f"--keep-columns all: the input column {clash[0]!r} has the name of an output column; "
+                                "name the columns to keep instead (--keep-columns A,B)")
+    else:
+        names = [n.strip() for n in spec.split(",")]
+        if not spec or any(not n for n in names):
+            raise BatchLLMError(f"--keep-columns {spec!r}: give column names separated by commas, or all")
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:
+            raise BatchLLMError(f"--keep-columns: {twice[0]!r} is named twice")
+        clash = [n for n in names if n in reserved]
+        if clash:
+            raise BatchLLMError(f"--keep-columns: {clash[0]!r} is the name of an output column; an input column of that "
+                                "name cannot be kept")
+        if all(cols is not None and not _is_json_columns(cols) for cols in per_file):
+            missing = [n for n in names if not any(n in cols for cols in per_file)]
+            if missing:
+                known = ", ".join(dict.fromkeys(n for cols in per_file for n in cols))
+                raise BatchLLMError(f"--keep-columns: no input has a column {missing[0]!r}; columns: {known}")
+    decoded = [n for n in names if any(cols is not None and cols.get(n) is _DECODED for cols in per_file)]
+    if decoded:
+        raise BatchLLMError(f"--keep-columns: {decoded[0]!r} is a datasets column decoded on read (an image or audio "
+                            "feature), which an output column cannot hold; leave it out")
+    out = []
+    for name in names:
+        types = [None if cols is None or _is_json_columns(cols) else cols.get(name, _ABSENT) for cols in per_file]
+        typed = {t for t in types if t is not _ABSENT and t is not None and t != pa.null()}
+        if any(t is None for t in types) or len(typed) > 1:
+            out.append((name, None))
+        else:
+            out.append((name, typed.pop() if typed else pa.null()))
+    return out
+
+
+_ABSENT = object()
+
+
+class _JsonColumns(dict):
+    """The keys of a JSON lines input (no types: their values are kept as JSON text)."""
+
+
+def _is_json_columns(cols: Any) -> bool:
+    return isinstance(cols, _JsonColumns)
+
+
+def _input_columns(path: str, fmt: str, every: bool, split: str | None = None) -> dict[str, Any] | None:
+    """An input's columns and Arrow types; for JSON lines the keys of its lines (``_JsonColumns``) when
+    ``every``, else None (not read)."""
+    if fmt in ("jsonl", "openai"):
+        if not every:
+            return None
+        keys = _JsonColumns()
+        for _, obj in _jsonl_rows(path):
+            if isinstance(obj, dict):
+                keys.update(dict.fromkeys(obj))
+        return keys
+    if fmt == "parquet":
+        try:
+            schema = pq.ParquetFile(_parquet_source(path)).schema_arrow
+        except (OSError, pa.ArrowException) as e:
+            raise BatchLLMError(f"cannot read {path}: {_one_line(e)}") from None
+        return {f.name: _value_type(f.type) for f in schema}
+    ds = _load_dataset(path, fmt, split)
+    # Image, Audio...: rows hold decoded objects (not the stored value), which an output column cannot hold
+    return {name: _DECODED if getattr(ds.features.get(name), "decode", False)
+            else _value_type(ds.features.arrow_schema.field(name).type) for name in ds.column_names}
+
+
+_DECODED = object()
+
+
+def _value_type(t: Any) -> Any:
+    """The type a kept column is written with: a dictionary's value type, an extension type's storage type
+    (python rows hold plain values)."""
+    if isinstance(t, pa.BaseExtensionType):
+        t = t.storage_type
+    return t.value_type if pa.types.is_dictionary(t) else t
+

@@ -29,6 +29,8 @@ class Request:
     prompt_token_ids: list[int] | None = None
     # Filled by tokenization (batchllm.pipeline); int32 numpy array or list of ints.
     token_ids: Any = None
+    # --keep-columns: the row's values of the kept input columns (name -> value), carried to its output rows.
+    kept: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
@@ -43,6 +45,7 @@ class RowError:
     error_code: str
     error_message: str
     custom_id: str | None = None
+    kept: dict[str, Any] | None = None  # as Request.kept (every value None for a line that is not a JSON object)
 
 
 # Error codes used in RowError.error_code; stable strings, documented in docs/user-guide.md.

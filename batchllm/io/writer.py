@@ -87,6 +87,17 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
+# --keep-columns: a job's output schema is OUTPUT_SCHEMA followed by one column per kept input column
+# (``output_schema``); a kept column stored as JSON text carries this field metadata.
+KEPT_JSON_METADATA = {b"batchllm.kept": b"json"}
+
+
+def output_schema(extra_fields: Iterable[pa.Field] = ()) -> pa.Schema:
+    """The schema of a job's shards: ``OUTPUT_SCHEMA`` and then ``extra_fields`` (the kept input columns)."""
+    extra = list(extra_fields)
+    return pa.schema([*OUTPUT_SCHEMA, *extra]) if extra else OUTPUT_SCHEMA
+
+
 STATUS = "status.json"
 MARKER = ".batchllm-job"  # marks a folder as a batchllm job folder (see ``claim_job_folder``)
 _SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
@@ -217,12 +228,15 @@ class ShardWriter:
         fingerprint: dict[str, Any] | None = None,
         input_files: list[str] | None = None,
         lock: FolderLock | Lease | None = None,
+        extra_fields: Iterable[pa.Field] = (),
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
         self.storage = storage_of(output_dir)
         self.output_dir = self.storage.location
         self.shard_rows = shard_rows
+        self.extra_fields = list(extra_fields)  # --keep-columns: the kept input columns, after OUTPUT_SCHEMA's
+        self.schema = output_schema(self.extra_fields)
         own_lock = lock is None
         try:
             self.storage.ensure_folder()
@@ -296,7 +310,7 @@ class ShardWriter:
         if not self._buffer:
             return
         name = f"shard-{self._next_index:05d}{self._run_tag}.parquet"
-        data, entry = encode_shard(self._buffer, self.file_id)
+        data, entry = encode_shard(self._buffer, self.file_id, self.schema)
         entry["file"] = name
         self._lock.check()  # a run that lost its folder writes nothing more into it
         try:
@@ -404,11 +418,11 @@ class ShardWriter:
                 self.storage.remove(name)
 
 
-def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int]) -> tuple[bytes, dict[str, Any]]:
+def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int], schema: pa.Schema = OUTPUT_SCHEMA) -> tuple[bytes, dict[str, Any]]:
     """Serialise whole-request ``rows`` as one Parquet shard: its bytes and its manifest entry (all but
     ``file``): rows, sha256, counts, tokens, errors by code and the compact record of the input rows it
     finishes. ``file_id`` maps an input path to its position in the manifest's ``input_files``."""
-    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
@@ -552,4 +566,8 @@ def _conform(table: pa.Table) -> pa.Table:
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    kept = [name for name in table.column_names if name not in OUTPUT_SCHEMA.names]  # --keep-columns, as written
+    conformed = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    for name in kept:
+        conformed = conformed.append_column(table.schema.field(name), table[name])
+    return conformed
