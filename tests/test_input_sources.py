@@ -217,6 +217,20 @@ def test_hub_dataset_through_load_dataset(tmp_path, datasets_mod, monkeypatch):
     assert input_identity("org/set", "validation").startswith("hub:org/set:1:")
 
 
+def test_hub_lookup_retry_warnings_do_not_precede_the_error_line(tmp_path, datasets_mod, monkeypatch, caplog):
+    import logging
+
+    def failing_load(name, split=None, **kw):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets_mod, "load_dataset", failing_load)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING), pytest.raises(BatchLLMError, match="could not be loaded .*Couldn't reach the Hub"):
+        read_requests(["org/unreachable"])
+    assert "Retrying" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------- config and jobs
 
 

@@ -42,6 +42,7 @@ unreadable, unknown format, an empty JSONL file, a bad template, a mapped column
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -1069,12 +1070,34 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+@contextlib.contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """huggingface_hub's and datasets' warnings (retries while the network is down, one per attempt) held
+    back to errors while a hub lookup runs, unless logging is at DEBUG (``--verbose``): the failure
+    becomes one line of its own."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets")]
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
+
+
 def _load_hub_dataset(datasets, name: str, split: str | None):
     """``datasets.load_dataset(name, split=split)``: from the local cache when offline, else downloading
     as datasets does. A dataset that cannot be loaded: one line naming where it looked."""
     offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
     try:
-        return datasets.load_dataset(name, split=split)
+        with quiet_hub_logs():
+            return datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001  (datasets and huggingface_hub raise many types; all mean "cannot load")
         text = _one_line(e)
         if split is not None and ("split" in text.lower() and ("unknown" in text.lower() or "not" in text.lower())):

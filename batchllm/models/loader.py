@@ -234,8 +234,11 @@ def hub_snapshot(repo_id: str, what: str = "model") -> Path:
         raise BatchLLMError(f"{what} {repo_id!r} is no local path and is not in the local Hugging Face cache ({where}; "
                             f"HF_HUB_OFFLINE=1): download it where the network is available "
                             f"(huggingface-cli download {repo_id}) or give a local folder") from None
+    from batchllm.io.readers import quiet_hub_logs
+
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS))
+        with quiet_hub_logs():  # no retry warnings before the one error line
+            return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # noqa: BLE001  (network, auth, unknown repo: all mean "cannot download")
         text = str(e).strip().splitlines()
         reason = f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
