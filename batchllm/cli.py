@@ -152,7 +152,7 @@ def resume(
     _set_verbose(verbose)
     manifest = read_manifest(output_dir)
     if manifest is None or not manifest.get("job"):
-        raise BatchLLMError(f"{output_dir} holds no batchllm job to resume (no manifest.json)")
+        raise BatchLLMError(f"{output_dir} holds no batchllm job to resume (no .manifest.json)")
     cfg = JobConfig.from_spec(manifest["job"])
     cfg.output = output_dir
     for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),

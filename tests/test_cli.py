@@ -39,7 +39,7 @@ def test_run_end_to_end_on_dummy_model(tmp_path, prompts):
     assert [x["completion_tokens"] for x in ok if x["custom_id"].startswith("r")] == [4] * 5  # row overrides flag
     assert sorted(x["sample_index"] for x in ok if x["custom_id"] == "chat") == [0, 1]
     assert len(bad) == 1 and bad[0]["error_code"] == "malformed_json" and bad[0]["input_index"] == 2
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["summary"]["samples"] == 7 and manifest["summary"]["errors"] == 1
     assert "requests" in r.stderr and "prefill saving" in r.stderr
 

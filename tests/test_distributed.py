@@ -340,7 +340,7 @@ def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path
     assert_exactly_once_and_same(uri, ref)
     assert set(replica_of_rows(out).values()) == {0, 1, None}
     files = set(os.listdir(out))
-    job_files = {"manifest.json", "status.json", MARKER}
+    job_files = {".manifest.json", ".status.json", MARKER}
     assert files == job_files | {s["file"] for s in read_manifest_file(uri)["shards"]}  # lease gone
     state = job_state(uri)
     assert state["status"] == "completed" and not state["running"] and state["done"] == 49

@@ -339,7 +339,7 @@ def test_fuzz_cli_run_exit_status_and_no_file_outside_output_touched(tmp_path_fa
     assert "Traceback" not in err
     lines_out = [ln for ln in err.splitlines() if ln.strip()]
     if code == 0:
-        assert (out / "manifest.json").is_file()
+        assert (out / ".manifest.json").is_file()
     elif code == 1:
         assert len(lines_out) == 1 and lines_out[0].startswith("error:"), err
     else:

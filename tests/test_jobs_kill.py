@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.io.writer import COMMIT_HOOK_ENV, read_results
+from batchllm.io.writer import COMMIT_HOOK_ENV, read_results, read_shard_bytes
 
 JOB = ["--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "--max-tokens", "10", "--temperature", "0.9",
        "--seed", "3", "-q"]
@@ -62,14 +63,26 @@ def rows_by_key(rows):
 
 
 def check_committed(out: str) -> int:
-    """The manifest is readable, every listed shard matches its checksum, no row appears twice."""
-    if not os.path.exists(os.path.join(out, "manifest.json")):
+    """The manifest is readable, every listed shard matches its checksum, no row appears twice, and a
+    dataset reader of the folder sees listed shards only (all of them but one whose rename the kill cut
+    off: it is committed under its pending name)."""
+    if not os.path.exists(os.path.join(out, ".manifest.json")):
         return 0
-    m = json.load(open(os.path.join(out, "manifest.json")))
+    m = json.load(open(os.path.join(out, ".manifest.json")))
+    visible_rows, pending = 0, 0
     for s in m["shards"]:
-        data = open(os.path.join(out, s["file"]), "rb").read()
+        data = read_shard_bytes(out, s["file"])
         assert hashlib.sha256(data).hexdigest() == s["sha256"]
-        assert pq.read_table(os.path.join(out, s["file"])).num_rows == s["rows"]
+        assert pq.read_table(pa.BufferReader(data)).num_rows == s["rows"]
+        if os.path.exists(os.path.join(out, s["file"])):
+            visible_rows += s["rows"]
+        else:
+            pending += 1
+    assert pending <= 1
+    visible = [n for n in os.listdir(out) if not n.startswith((".", "_"))]
+    assert set(visible) <= {s["file"] for s in m["shards"]}  # never an orphan where dataset readers look
+    if visible:
+        assert pq.read_table(out).num_rows == visible_rows
     return len(rows_by_key(read_results(out).to_pylist()))
 
 
@@ -114,8 +127,9 @@ def test_sigkill_at_random_points_then_resume(job_input, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     final = rows_by_key(read_results(out).to_pylist())
     assert final == reference
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
-    st = json.load(open(os.path.join(out, "status.json")))
+    assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".pending"))]
+    assert pq.read_table(out).num_rows == len(reference)  # the folder reads as the dataset of results
+    st = json.load(open(os.path.join(out, ".status.json")))
     assert st["status"] == "completed" and st["request_counts"]["total"] == 61
 
 
@@ -130,7 +144,7 @@ def test_sigterm_commits_and_prints_resume_hint(job_input, reference, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM
     assert f"resume with: batchllm resume {out}" in err and "Traceback" not in err
-    st = json.load(open(os.path.join(out, "status.json")))
+    st = json.load(open(os.path.join(out, ".status.json")))
     assert st["status"] == "cancelled" and st["cancelled_at"]
     partial = check_committed(out)
     assert 0 < partial < len(reference)

@@ -196,7 +196,7 @@ def test_resume_after_input_moved_keeps_original_names(tiny, tmp_path):
     # forget the last shard, as if the job had died before committing it
     m = read_manifest(str(out))
     m["shards"].pop()
-    with open(out / "manifest.json", "w") as f:
+    with open(out / ".manifest.json", "w") as f:
         json.dump(m, f)
     moved = str(tmp_path / "moved.jsonl")
     os.rename(inp, moved)

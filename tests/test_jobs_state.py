@@ -91,7 +91,7 @@ def test_writer_resumes_numbering_and_removes_orphans(tmp_path):
     (tmp_path / ".shard-00002.parquet.tmp").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("user file")
     wr2 = ShardWriter(out, 2, manifest=read_manifest(out))
-    assert sorted(os.listdir(out)) == sorted([".batchllm-job", ".batchllm.lock", "manifest.json", "notes.txt", "shard-00000.parquet"])
+    assert sorted(os.listdir(out)) == sorted([".batchllm-job", ".batchllm.lock", ".manifest.json", "notes.txt", "shard-00000.parquet"])
     wr2.add_request([row(2)])
     wr2.close()
     m = read_manifest(out)
@@ -149,7 +149,7 @@ def test_commit_hook_phases(tmp_path, monkeypatch):
     monkeypatch.setenv(w.COMMIT_HOOK_ENV, f"{marker}:0")
     wr = ShardWriter(str(tmp_path / "job"), 1)
     wr.add(row(0))
-    assert marker.read_text().split() == ["shard-written", "shard-renamed", "manifest-written"]
+    assert marker.read_text().split() == ["shard-written", "manifest-written", "shard-renamed"]
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -198,7 +198,7 @@ def test_input_identity_large_file(tmp_path):
 
 def test_read_manifest_errors(tmp_path):
     assert read_manifest(str(tmp_path)) is None
-    (tmp_path / "manifest.json").write_text("{nope")
+    (tmp_path / ".manifest.json").write_text("{nope")
     with pytest.raises(BatchLLMError, match="--overwrite"):
         read_manifest(str(tmp_path))
 
@@ -248,3 +248,23 @@ def test_stop_on_signals_sets_flag_and_restores():
     assert signal.getsignal(signal.SIGTERM) is before
     e = JobInterrupted(signal.SIGTERM, "out", 12)
     assert e.exit_code == 143 and str(e).endswith("resume with: batchllm resume out")
+
+
+def test_recorder_forwards_live_tokens_to_status_and_show(tmp_path):
+    from batchllm.jobs.recorder import ResultRecorder
+    from batchllm.jobs.show import job_state
+
+    out = str(tmp_path / "job")
+    wr = ShardWriter(out, 100)
+    st_ = StatusFile(out, wr.manifest["job_id"], 0.0, ["in.jsonl"], "dummy:tiny", interval=0)
+    rec = ResultRecorder(wr, st_)
+    st_.set_counts(total=2)
+    st_.generation_started(0)
+    rec.engine_step(8, 20, 0.25)  # both requests running, none finished
+    rec.update_status()
+    b = read_status(out)["batchllm"]
+    assert (b["generated_tokens"], b["prompt_tokens_computed"], b["progress"]) == (8, 20, 0.25)
+    assert b["tokens"]["completion"] == 0 and b["eta_seconds"] is not None
+    state = job_state(out)
+    assert state["tokens_so_far"] == {"prompt": 0, "completion": 8, "prompt_computed": 20}
+    wr.close()

@@ -89,7 +89,7 @@ def test_input_named_like_a_shard_inside_the_output_folder_is_refused_not_delete
     before = inp.read_bytes()
     with pytest.raises(BatchLLMError, match="inside the output folder"):
         run(tiny, [inp], data)
-    assert inp.read_bytes() == before and not (data / "manifest.json").exists()
+    assert inp.read_bytes() == before and not (data / ".manifest.json").exists()
 
 
 def test_input_inside_a_job_folder_is_refused_even_with_overwrite(tiny, reference, tmp_path):
@@ -109,7 +109,7 @@ def test_output_folder_inside_an_input_folder_is_refused(tmp_path):
     (tmp_path / "ds").mkdir()
     with pytest.raises(BatchLLMError, match="inside the input folder"):
         ShardWriter(str(tmp_path / "ds" / "out"), 4, input_files=[str(tmp_path / "ds")])
-    assert not (tmp_path / "ds" / "out" / "manifest.json").exists()
+    assert not (tmp_path / "ds" / "out" / ".manifest.json").exists()
 
 
 # ----------------------------------------------------- 2. a new job never touches the user's files
@@ -170,7 +170,7 @@ def test_export_target_inside_a_job_folder_is_refused_and_the_job_stays_intact(t
     other = tmp_path / "other"
     run(tiny, [inp], other, shard_rows=4)
     before, before_other = snapshot(out), snapshot(other)
-    for to, fmt in ((out / "shard-00001.parquet", "parquet"), (out / "manifest.json", "jsonl"),
+    for to, fmt in ((out / "shard-00001.parquet", "parquet"), (out / ".manifest.json", "jsonl"),
                     (out / "new.jsonl", "jsonl"), (out, "parquet"), (other / "shard-00000.parquet", "parquet")):
         with pytest.raises(BatchLLMError, match="inside the batchllm job folder"):
             export_job(str(out), fmt, str(to))
@@ -285,7 +285,7 @@ def test_disk_full_at_the_read_complete_manifest_write_is_a_commit_error_not_a_t
     writes = {"n": 0}
 
     def full_open(path, *a, **k):  # the job's second manifest write (read_complete) finds the disk full
-        if os.fspath(path).endswith(".manifest.json.tmp"):
+        if os.fspath(path).endswith("..manifest.json.tmp"):
             writes["n"] += 1
             if writes["n"] == 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

@@ -215,10 +215,10 @@ def test_job_on_object_store_interrupt_resume_refuse_show_export(memfs, tiny, jo
     exactly_once(uri, ref)
     state = job_state(uri)
     assert state["status"] == "completed" and state["runs"] == 2 and state["failed"] == 1 and not state["running"]
-    # every object in the folder is a listed shard, the manifest, status.json or the job-folder mark:
+    # every object in the folder is a listed shard, the manifest, the status file or the job-folder mark:
     # no orphan, no temporary
     names = {i.base_name for i in memfs.get_file_info(pafs.FileSelector("bucket/jobs/a"))}
-    assert names == {".batchllm-job", "manifest.json", "status.json"} | {e["file"] for e in read_manifest(uri)["shards"]}
+    assert names == {".batchllm-job", ".manifest.json", ".status.json"} | {e["file"] for e in read_manifest(uri)["shards"]}
     # export to a local file and into the object store
     res = export_job(uri, "jsonl", str(tmp_path / "all.jsonl"), ordered=True)
     assert res.rows == len(ref) and res.failed == 1
@@ -242,7 +242,7 @@ def test_job_on_file_uri_is_the_local_folder(uri_outputs, tiny, job, tmp_path):
     uri = f"file://{folder}"
     with pytest.raises(JobInterrupted):
         run_job(JobConfig(inputs=[inp], output=uri, shard_rows=3, **BASE), progress=SigintAt("step", 3), loaded=tiny)
-    assert os.path.isfile(folder / "manifest.json")
+    assert os.path.isfile(folder / ".manifest.json")
     run_job(JobConfig(inputs=[inp], output=str(folder), shard_rows=3, **BASE), loaded=tiny)
     exactly_once(uri, ref)
     assert read_results(str(folder)).num_rows == len(ref)

@@ -1,13 +1,15 @@
 """Where a job folder lives: a local path, or any pyarrow filesystem URI (``s3://``, ``gs://``, ...).
 
-``open_storage(location)`` gives the one object through which the writer, the job folder, status.json,
+``open_storage(location)`` gives the one object through which the writer, the job folder, .status.json,
 show, export and the Ray replicas read and write a job folder. Names are flat file names inside the
-folder (``manifest.json``, ``shard-00001.parquet``...). Two implementations, with these guarantees:
+folder (``.manifest.json``, ``shard-00001.parquet``...). Two implementations, with these guarantees:
 
 ``LocalStorage`` (a path, or a ``file://`` URI, which is the same folder): the behaviour batchllm always
 had. ``replace`` and ``write_new`` write ``.NAME.tmp``, fsync it, rename it over ``NAME`` and fsync the
 directory: a reader sees the old file or the whole new one, whenever the process dies, and a renamed
-file survives a power loss. The folder lock is an ``flock`` on ``.batchllm.lock``: exclusive, and the
+file survives a power loss. ``write_direct`` writes a name in place and fsyncs it (for hidden names that
+mean nothing until the manifest lists them: a crash may leave them partial, never listed); ``promote``
+renames one name to another (``os.replace``, directory fsynced). The folder lock is an ``flock`` on ``.batchllm.lock``: exclusive, and the
 kernel drops it when its process dies, however it dies.
 
 ``ArrowStorage`` (any other URI, through ``pyarrow.fs.FileSystem.from_uri``, or a scheme registered with
@@ -21,6 +23,8 @@ never read and is deleted by the next writer (only the manifest decides what is 
 manifest is small: one part, one PUT). (2) There is no fsync: durability is the store's once the PUT
 returns. On filesystems whose rename is atomic (``local``) ArrowStorage writes a temporary and
 renames it, as LocalStorage does. HDFS is refused: its move deletes the target before renaming.
+``promote`` on an object store is a server-side copy then a delete of the source: the target appears
+whole (one object) and a crash between the two leaves both, which the writer settles from the source.
 
 The lock of an ArrowStorage folder is a lease (``Lease``): an object ``.batchllm.lock`` naming its
 holder, renewed every ``ttl / 4`` seconds by a background thread, taken over by another process only
@@ -164,6 +168,17 @@ class Storage:
     def write_new(self, name: str, data: bytes, hook: Hook | None = None) -> None:
         raise NotImplementedError
 
+    def write_direct(self, name: str, data: bytes) -> None:
+        """Write ``name`` in place, durably once it returns (fsync locally; one PUT on an object store).
+        A crash part-way may leave it partial: only for names nothing reads until it is listed (pending
+        shards). A failure removes what was written and raises OSError."""
+        raise NotImplementedError
+
+    def promote(self, src: str, dst: str) -> None:
+        """Give ``src``'s bytes the name ``dst`` and drop ``src``: a reader of ``dst`` sees no file or the
+        whole one. Raises OSError."""
+        raise NotImplementedError
+
     def remove(self, name: str) -> None:
         raise NotImplementedError
 
@@ -242,6 +257,22 @@ class LocalStorage(Storage):
             raise
         _fsync_dir(self.root)
         hook("shard-renamed")
+
+    def write_direct(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        try:
+            with self._open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            _remove_quietly(path)
+            raise
+        _fsync_dir(self.root)
+
+    def promote(self, src: str, dst: str) -> None:
+        os.replace(self._path(src), self._path(dst))
+        _fsync_dir(self.root)
 
     def remove(self, name: str) -> None:
         _remove_quietly(self._path(name))
@@ -398,6 +429,20 @@ class ArrowStorage(Storage):
             self.remove(f".{name}.tmp")
             raise
         hook("shard-renamed")
+
+    def write_direct(self, name: str, data: bytes) -> None:
+        try:
+            self._put(self._path(name), data)
+        except BaseException:
+            self.remove(name)
+            raise
+
+    def promote(self, src: str, dst: str) -> None:
+        if self.atomic_rename:
+            self.fs.move(self._path(src), self._path(dst))
+            return
+        self.fs.copy_file(self._path(src), self._path(dst))  # the target appears whole: one object
+        self.fs.delete_file(self._path(src))
 
     def remove(self, name: str) -> None:
         try:

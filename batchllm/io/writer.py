@@ -1,17 +1,30 @@
 """Parquet shard writer: results go out in shards, each committed atomically, listed in a manifest.
 
-Commit protocol (``ShardWriter.flush``): the shard is serialised in memory and hashed, written to
-``.shard-NNNNN.parquet.tmp``, fsynced, renamed to ``shard-NNNNN.parquet`` (directory fsynced), and only
-then listed in ``manifest.json``, itself rewritten through a temporary file and a rename. The manifest
-is the only source of truth: a shard file it does not list (the process died between the rename and the
-manifest write) is an orphan that the next writer in the folder deletes, and its rows are redone. So
-whatever instant the process dies at, a reader that trusts the manifest sees every committed row
-exactly once and never a half-written file.
+Commit protocol (``ShardWriter.flush``): the shard is serialised in memory and hashed, written durably
+under a hidden pending name ``.shard-NNNNN.parquet.pending`` (fsynced), listed in ``.manifest.json``
+(itself rewritten through a temporary file and a rename: the commit point), and only then renamed to
+``shard-NNNNN.parquet`` (directory fsynced). The manifest is the only source of truth: a pending file it
+does not list (the process died before the manifest write) is an orphan that the next writer in the
+folder deletes, and its rows are redone; a listed shard still under its pending name (the process died
+between the manifest write and the rename) is committed, read under that name by batchllm, and renamed
+by the next writer. So whatever instant the process dies at, a reader that trusts the manifest sees
+every committed row exactly once and never a half-written file.
+
+The folder reads as a dataset (``pyarrow.parquet.read_table(DIR)``, ``pandas.read_parquet(DIR)``,
+``datasets.load_dataset("parquet", data_dir=DIR)``): those readers skip hidden names (pyarrow and
+pandas also skip a leading ``_``; ``datasets`` does not, so ``.``), and every job file is named so
+(``.manifest.json``, ``.status.json``, the ``.NAME.tmp`` and ``.NAME.pending`` files, the ``.batchllm.lock`` lock and the ``.batchllm-job`` mark), so what they see is
+the visible shards, and a visible shard is always a listed one: they read exactly the committed rows.
+The one gap: a listed shard left pending by a kill is missing from them until the next ``run`` /
+``resume`` in the folder renames it (``batchllm show`` names such shards). Folders written by earlier
+versions (``manifest.json``, ``status.json``, shards visible before they were listed) are read as they
+are; the next writer moves them to the new names and deletes their unlisted shards.
 
 Shards written by other processes (the Ray replicas of ``batchllm.distributed``): the writer reserves a
 name (``reserve_shard_name``, never handed out twice), the other process serialises its rows
-(``encode_shard``) and writes the file durably (``write_shard_file``) without touching the manifest,
-and the writer lists the returned entry (``commit_entries``) or deletes the file (``discard_shard``).
+(``encode_shard``) and writes the pending file durably (``write_shard_file``) without touching the
+manifest, and the writer lists the returned entry and renames it (``commit_entries``) or deletes the
+file (``discard_shard``).
 The manifest stays the only source of truth and has one writer.
 
 Whole requests only: ``add_request(rows)`` buffers all rows of one request (its ``n`` samples, or its
@@ -35,9 +48,9 @@ with one line; what was committed before stays valid and the job can resume.
 
 Ownership (``claim_job_folder``): batchllm deletes or replaces only files it wrote. Before the first
 write or removal in a folder it marks the folder as a job folder (``.batchllm-job``); a folder without
-that mark (or a legacy batchllm manifest) that already holds files named like batchllm's own
-(``manifest.json``, ``status.json``, ``shard-NNNNN.parquet`` and their ``.NAME.tmp`` temporaries) is
-refused, never cleaned. Inside a marked folder those names are batchllm's: an unlisted shard is an
+that mark (or a batchllm manifest) that already holds files named like batchllm's own
+(``.manifest.json``, ``.status.json``, the legacy ``manifest.json`` and ``status.json``,
+``shard-NNNNN.parquet`` and their ``.NAME.tmp`` / ``.NAME.pending`` files) is refused, never cleaned. Inside a marked folder those names are batchllm's: an unlisted shard is an
 orphan of a killed commit and is deleted. An input file inside the output folder (or an output folder
 inside an input folder) is refused before anything is touched.
 """
@@ -65,7 +78,7 @@ from batchllm.io.storage import (
     open_storage,
 )
 from batchllm.jobs.completed import encode_done
-from batchllm.jobs.manifest import MANIFEST, MANIFEST_VERSION
+from batchllm.jobs.manifest import LEGACY_MANIFEST, MANIFEST, MANIFEST_VERSION, read_manifest_bytes
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -98,7 +111,8 @@ def output_schema(extra_fields: Iterable[pa.Field] = ()) -> pa.Schema:
     return pa.schema([*OUTPUT_SCHEMA, *extra]) if extra else OUTPUT_SCHEMA
 
 
-STATUS = "status.json"
+STATUS = ".status.json"
+LEGACY_STATUS = "status.json"  # what earlier versions wrote: still read, removed when the folder moves on
 MARKER = ".batchllm-job"  # marks a folder as a batchllm job folder (see ``claim_job_folder``)
 _SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
 # Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
@@ -120,11 +134,45 @@ def storage_of(output_dir: str | Storage) -> Storage:
 
 
 def is_job_file(name: str) -> bool:
-    """Whether batchllm writes files of this name in a job folder: the manifest, status.json, shards and
-    the ``.NAME.tmp`` temporaries of those (the lock and the marker are not counted)."""
-    if name.startswith(".") and name.endswith(".tmp"):
-        name = name[1:-4]
-    return name in (MANIFEST, STATUS) or bool(_SHARD_RE.match(name))
+    """Whether batchllm writes files of this name in a job folder: the manifest, the status file (and
+    their legacy names), shards, and the ``.NAME.tmp`` / ``.NAME.pending`` files of those (the lock and
+    the marker are not counted)."""
+    for suffix in (".tmp", PENDING_SUFFIX):
+        if name.startswith(".") and name.endswith(suffix):
+            name = name[1:-len(suffix)]
+            break
+    return name in (MANIFEST, STATUS, LEGACY_MANIFEST, LEGACY_STATUS) or bool(_SHARD_RE.match(name))
+
+
+PENDING_SUFFIX = ".pending"
+
+
+def pending_name(name: str) -> str:
+    """The hidden name a shard is written under until the manifest lists it (see the module docstring)."""
+    return f".{name}{PENDING_SUFFIX}"
+
+
+def read_shard_bytes(output_dir: str | Storage, name: str) -> bytes | None:
+    """A listed shard's bytes, under its visible name or still under its pending one (committed, not yet
+    renamed); None when neither exists. The pending name is read first: once it is gone the rename has
+    happened, so a read racing the rename still finds the file. Raises OSError."""
+    storage = storage_of(output_dir)
+    data = storage.read_bytes(pending_name(name))
+    return data if data is not None else storage.read_bytes(name)
+
+
+def store_manifest(output_dir: str | Storage, data: bytes) -> None:
+    """Replace ``.manifest.json`` whole, then remove a legacy ``manifest.json`` (and ``status.json``) of
+    batchllm's, so the folder keeps one manifest and reads as a dataset. Raises OSError."""
+    storage = storage_of(output_dir)
+    storage.replace(MANIFEST, data)
+    _drop_legacy(storage)
+
+
+def _drop_legacy(storage: Storage) -> None:
+    if _is_batchllm_manifest(storage.read_bytes(LEGACY_MANIFEST)):  # written before: the new one replaces it
+        storage.remove(LEGACY_MANIFEST)
+        storage.remove(LEGACY_STATUS)
 
 
 def check_inputs_outside(location: str, inputs: Iterable[str]) -> None:
@@ -169,7 +217,7 @@ def claim_job_folder(output_dir: str | Storage, inputs: Iterable[str] = ()) -> N
     names = storage.names()
     if MARKER in names:
         return
-    if MANIFEST in names and _is_batchllm_manifest(storage.read_bytes(MANIFEST)):
+    if any(m in names and _is_batchllm_manifest(storage.read_bytes(m)) for m in (MANIFEST, LEGACY_MANIFEST)):
         storage.replace(MARKER, _marker_bytes())
         return
     theirs = sorted(n for n in names if is_job_file(n))
@@ -187,7 +235,7 @@ def is_job_folder(output_dir: str | Storage) -> bool:
     cannot be read."""
     try:
         storage = storage_of(output_dir)
-        return storage.exists(MARKER) or _is_batchllm_manifest(storage.read_bytes(MANIFEST))
+        return storage.exists(MARKER) or _is_batchllm_manifest(read_manifest_bytes(storage)[1])
     except (OSError, BatchLLMError):
         return False
 
@@ -203,7 +251,7 @@ def _is_batchllm_manifest(data: bytes | None) -> bool:
 
 
 def _marker_bytes() -> bytes:
-    return json.dumps({"batchllm": "job folder: batchllm owns manifest.json, status.json and shard-*.parquet here",
+    return json.dumps({"batchllm": "job folder: batchllm owns .manifest.json, .status.json and shard-*.parquet here",
                        "marked_at": time.time()}).encode()
 
 
@@ -274,9 +322,11 @@ class ShardWriter:
         self._buffer_requests = 0
         self.rows_written = 0  # rows committed by this writer (this run)
         self._hook = _commit_hook()
+        self._unpromoted: list[str] = []  # listed shards whose rename failed: retried at close
         inputs = [*(input_files or []), *((job_spec or {}).get("inputs") or []), *self.manifest["input_files"]]
         try:
             claim_job_folder(self.storage, inputs)  # before anything in the folder is replaced or removed
+            self._legacy = _is_batchllm_manifest(self.storage.read_bytes(LEGACY_MANIFEST))
             self._write_manifest()  # a new job's manifest replaces an old one first: old shards become orphans
             self._remove_orphans(new_job=manifest is None)
         except BaseException as e:
@@ -314,12 +364,12 @@ class ShardWriter:
         entry["file"] = name
         self._lock.check()  # a run that lost its folder writes nothing more into it
         try:
-            write_shard_file(self.storage, name, data, self._hook)
+            write_shard_file(self.storage, name, data, self._hook)  # hidden, pending: no reader sees it yet
             self.manifest["shards"].append(entry)
             try:
-                self._write_manifest()
+                self._write_manifest()  # the commit point
             except BaseException:
-                self.manifest["shards"].pop()  # the shard file is now an orphan: the next writer deletes it
+                self.manifest["shards"].pop()  # the pending file is now an orphan: the next writer deletes it
                 raise
             self._hook("manifest-written")
         except OSError as e:
@@ -331,6 +381,7 @@ class ShardWriter:
         self.rows_written += entry["rows"]
         self._buffer = []
         self._buffer_requests = 0
+        self._promote(name)
 
     # ------------------------------------------------------------------ shards written by other processes
 
@@ -349,7 +400,7 @@ class ShardWriter:
             return
         try:
             for e in entries:
-                if not self.storage.exists(e["file"]):
+                if not (self.storage.exists(pending_name(e["file"])) or self.storage.exists(e["file"])):
                     raise CommitError(f"cannot commit {e['file']} to {self.output_dir}: the shard file is missing")
         except OSError as err:
             raise CommitError(f"cannot commit to {self.output_dir}: {err.strerror or err}") from None
@@ -362,9 +413,22 @@ class ShardWriter:
                 raise CommitError(f"cannot write the manifest in {self.output_dir}: {err.strerror or err}") from None
             raise
         self.rows_written += sum(e["rows"] for e in entries)
+        for e in entries:
+            self._promote(e["file"])
+
+    def _promote(self, name: str) -> None:
+        """Rename a just-listed shard from its pending name to its visible one. It is committed either
+        way: a failure here is retried at ``close`` and by the next writer in the folder."""
+        try:
+            if self.storage.exists(pending_name(name)):
+                self.storage.promote(pending_name(name), name)
+        except OSError:
+            self._unpromoted.append(name)
+            return
+        self._hook("shard-renamed")
 
     def write_manifest(self, **extra: Any) -> None:
-        """Replace manifest.json whole, after checking this process still holds the folder (a lost lease
+        """Replace .manifest.json whole, after checking this process still holds the folder (a lost lease
         raises BatchLLMError and writes nothing); a failed write (disk full) raises ``CommitError``."""
         try:
             self._write_manifest(**extra)
@@ -379,6 +443,9 @@ class ShardWriter:
         self.manifest["updated_at"] = time.time()
         data = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
         self.storage.replace(MANIFEST, data)
+        if self._legacy:  # a folder of an earlier version: one manifest from now on, the new one
+            _drop_legacy(self.storage)
+            self._legacy = False
 
     def close(self, **summary: Any) -> None:
         """Commit what is buffered and record ``summary`` in the manifest; releases the folder lock."""
@@ -387,6 +454,9 @@ class ShardWriter:
             runs = self.manifest.get("runs") or [{}]
             runs[-1]["ended_at"] = time.time()
             self.write_manifest(**summary)
+            for name in self._unpromoted[:]:
+                self._unpromoted.remove(name)
+                self._promote(name)
         finally:
             self._lock.release()
 
@@ -409,12 +479,18 @@ class ShardWriter:
         return fid
 
     def _remove_orphans(self, new_job: bool = False) -> None:
-        """Delete temporaries and shard files the manifest does not list (left by a killed process, or a
-        previous job's), and a new job's stale status.json; only ever in a claimed folder, and only
-        names batchllm writes (``is_job_file``)."""
+        """Finish the rename of listed shards still under their pending name (a kill after the manifest
+        write), then delete temporaries, pending files and shard files the manifest does not list (left
+        by a killed process, an earlier version, or a previous job), and a new job's stale status file;
+        only ever in a claimed folder, and only names batchllm writes (``is_job_file``)."""
         listed = {s["file"] for s in self.manifest["shards"]}
+        names = set(self.storage.names())
+        for name in sorted(listed):
+            if pending_name(name) in names:  # the pending file is the committed bytes, whatever is visible
+                self.storage.promote(pending_name(name), name)
+        keep = listed | {MANIFEST, LEGACY_MANIFEST, LEGACY_STATUS} | ({STATUS} if not new_job else set())
         for name in self.storage.names():
-            if is_job_file(name) and name not in listed and name != MANIFEST and (new_job or name != STATUS):
+            if is_job_file(name) and name not in keep:
                 self.storage.remove(name)
 
 
@@ -433,16 +509,18 @@ def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int], sche
 
 
 def write_shard_file(output_dir: str | Storage, name: str, data: bytes, hook: Callable[[str], None] | None = None) -> None:
-    """Write shard bytes under ``name``, whole or not at all (locally: temporary file, fsync, rename,
-    directory fsync; on an object store: one write-once PUT). Not yet committed: only a manifest entry
-    makes a shard part of the job. Raises OSError."""
-    storage_of(output_dir).write_new(name, data, hook)
+    """Write shard bytes durably under the hidden ``pending_name(name)`` (locally: fsynced; on an object
+    store: one PUT). Not yet committed: only a manifest entry makes a shard part of the job, and only
+    then is it renamed to ``name`` (``ShardWriter.commit_entries``). Raises OSError (nothing is left)."""
+    storage_of(output_dir).write_direct(pending_name(name), data)
+    (hook or (lambda phase: None))("shard-written")
 
 
 def discard_shard(output_dir: str | Storage, name: str) -> None:
-    """Delete an uncommitted shard (and its temporary), e.g. one a failed process wrote; a no-op when
-    absent. Never call it on a name the manifest lists."""
+    """Delete an uncommitted shard (its pending file, temporary, or visible file of an earlier version),
+    e.g. one a failed process wrote; a no-op when absent. Never call it on a name the manifest lists."""
     storage = storage_of(output_dir)
+    storage.remove(pending_name(name))
     storage.remove(name)
     storage.remove(f".{name}.tmp")
 
@@ -516,9 +594,10 @@ def committed_totals(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest_file(output_dir: str | Storage) -> dict[str, Any]:
-    """The folder's manifest.json, parsed; FileNotFoundError when there is none."""
+    """The folder's manifest (``.manifest.json``, or an earlier version's ``manifest.json``), parsed;
+    FileNotFoundError when there is none."""
     storage = storage_of(output_dir)
-    data = storage.read_bytes(MANIFEST)
+    data = read_manifest_bytes(storage)[1]
     if data is None:
         raise FileNotFoundError(f"no {MANIFEST} in {storage.location}")
     return json.loads(data)
@@ -545,13 +624,17 @@ def _read_shard(output_dir: str | Storage, entry: dict[str, Any], verify: bool) 
     if verify:
         from batchllm.jobs.integrity import DamagedJob, shard_bytes_problem  # it imports this module
 
-        data = storage.read_bytes(entry["file"])
+        data = read_shard_bytes(storage, entry["file"])
         problem = shard_bytes_problem(entry, data)
         if problem is not None:
             raise DamagedJob(f"{storage.display(entry['file'])}: {problem}; repair with: batchllm resume "
                              f"{storage.location} --repair (drops the damaged shards and reruns their rows)")
         return shard_table(data)
-    with storage.open_input(entry["file"]) as f:
+    try:
+        f = storage.open_input(pending_name(entry["file"]))  # committed, not renamed yet (see read_shard_bytes)
+    except (FileNotFoundError, OSError):
+        f = storage.open_input(entry["file"])
+    with f:
         table = pq.read_table(f)
     return _conform(table)
 

@@ -13,9 +13,15 @@ repair also clears the manifest's ``read_complete`` flag: the resume then reads 
 (and skips the finished ones), so a dropped error record (a duplicate ``custom_id``, say) is produced
 again exactly as the first run produced it.
 
-``unlisted_shards`` names shard files the manifest does not list: left by a process killed between a
-shard's rename and the manifest write. They are never read (not done, so their rows are redone) and the
-next ``run`` / ``resume`` in the folder deletes them; ``show`` reports them while no job runs.
+A listed shard may still sit under its hidden pending name (``batchllm.io.writer.pending_name``: the
+process was killed between the manifest write and the rename): it is committed, checked and read under
+that name, and the next writer renames it (``pending_shards`` names them, for ``show``).
+
+``unlisted_shards`` names visible shard files the manifest does not list: left by an earlier version
+killed between a shard's rename and its manifest write (this version lists a shard before it becomes
+visible). batchllm never reads them (not done, so their rows are redone) and the next ``run`` /
+``resume`` in the folder deletes them; until then dataset readers pointed at the folder do read them.
+``show`` reports them while no job runs.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from typing import Any
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import Storage
-from batchllm.io.writer import _SHARD_RE, claim_job_folder, storage_of
-from batchllm.jobs.manifest import MANIFEST, read_manifest
+from batchllm.io.writer import _SHARD_RE, claim_job_folder, pending_name, read_shard_bytes, storage_of, store_manifest
+from batchllm.jobs.manifest import read_manifest
 
 
 class DamagedJob(BatchLLMError):
@@ -51,9 +57,13 @@ def check_shards(output_dir: str | Storage, manifest: dict[str, Any], full: bool
     damaged = []
     for entry in manifest.get("shards") or []:
         name = entry.get("file")
-        reason = _fast_problem(entry, sizes.get(name))
+        size = sizes.get(pending_name(name), sizes.get(name))  # committed, maybe not renamed yet
+        if size is None and name is not None:  # the listing may have raced the rename: look again
+            data = read_shard_bytes(storage, name)
+            size = None if data is None else len(data)
+        reason = _fast_problem(entry, size)
         if reason is None and full:
-            data = storage.read_bytes(name)
+            data = read_shard_bytes(storage, name)
             reason = "missing" if data is None else _bytes_problem(entry, data)
         if reason is not None:
             damaged.append(Damage(str(name), int(entry.get("rows") or 0), reason))
@@ -101,7 +111,7 @@ def verify_job(output_dir: str, manifest: dict[str, Any] | None = None, full: bo
     if manifest is None:
         manifest = read_manifest(storage)
         if manifest is None:
-            raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
+            raise BatchLLMError(f"{output_dir} holds no batchllm job (no .manifest.json)")
     try:
         damaged = check_shards(storage, manifest, full)
     except OSError as e:
@@ -111,8 +121,8 @@ def verify_job(output_dir: str, manifest: dict[str, Any] | None = None, full: bo
 
 
 def unlisted_shards(output_dir: str | Storage, manifest: dict[str, Any]) -> list[str]:
-    """Shard files in the folder that the manifest does not list (orphans of an interrupted commit, or
-    of a running job's commit in progress)."""
+    """Visible shard files in the folder that the manifest does not list (orphans of an earlier
+    version's interrupted commit)."""
     listed = {s.get("file") for s in manifest.get("shards") or []}
     try:
         names = storage_of(output_dir).names()
@@ -121,13 +131,24 @@ def unlisted_shards(output_dir: str | Storage, manifest: dict[str, Any]) -> list
     return sorted(n for n in names if _SHARD_RE.match(n) and n not in listed)
 
 
+def pending_shards(output_dir: str | Storage, manifest: dict[str, Any]) -> list[str]:
+    """Listed shards still under their pending name only (a kill between the manifest write and the
+    rename): committed, but invisible to dataset readers until the next writer renames them."""
+    try:
+        names = set(storage_of(output_dir).names())
+    except OSError:
+        return []
+    files = [s.get("file") for s in manifest.get("shards") or []]
+    return [f for f in files if f and pending_name(f) in names and f not in names]
+
+
 def repair_job(output_dir: str) -> list[Damage]:
     """Drop the shards that fail the full check from the manifest (under the folder's lock) and delete
     their files, so that a resume reruns exactly their rows; returns what was dropped (empty: nothing to
     repair). BatchLLMError when the folder holds no job or is locked by a running job."""
     storage = storage_of(output_dir)
     if read_manifest(storage) is None:
-        raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no manifest.json)")
+        raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no .manifest.json)")
     lock = storage.lock()
     try:
         lock.acquire()
@@ -136,7 +157,7 @@ def repair_job(output_dir: str) -> list[Damage]:
     try:
         manifest = read_manifest(storage)  # again, under the lock
         if manifest is None:
-            raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no manifest.json)")
+            raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no .manifest.json)")
         claim_job_folder(storage)  # a job folder: the damaged shards are batchllm's to delete
         damaged = check_shards(storage, manifest, full=True)
         if not damaged:
@@ -149,9 +170,10 @@ def repair_job(output_dir: str) -> list[Damage]:
              "reasons": {d.file: d.reason for d in damaged}})
         manifest["updated_at"] = time.time()
         lock.check()
-        storage.replace(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        for name in bad:  # unlisted now; the next writer would delete them as orphans anyway
-            storage.remove(name)
+        for name in bad:  # first: a kill before the manifest write leaves them listed and missing (repair
+            storage.remove(name)  # again), never visible and unlisted, where dataset readers would read them
+            storage.remove(pending_name(name))
+        store_manifest(storage, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return damaged
     except OSError as e:
         raise BatchLLMError(f"cannot repair {output_dir}: {e.strerror or e}") from None

@@ -1,12 +1,16 @@
 """The job manifest's identity part: the fingerprint of what changes outputs, and reading it back.
 
-``manifest.json`` (written by ``batchllm.io.writer.ShardWriter``, atomically) holds:
+``.manifest.json`` (written by ``batchllm.io.writer.ShardWriter``, atomically) holds:
 - ``job``: the job spec (every JobConfig option), enough for ``batchllm resume DIR`` to rerun it;
 - ``job_id``, ``created_at``, ``input_files`` (the inputs, whose positions are the file ids of
   ``batchllm.jobs.completed``);
 - ``fingerprint``: ``build_fingerprint``'s components;
 - ``shards``: one entry per committed shard (file, rows, sha256, completed/failed counts, tokens,
   errors by code, and the compact record of finished rows).
+
+The name is hidden (a leading ``.``) so that dataset readers (pyarrow, pandas, ``datasets``) pointed at the job
+folder skip it; folders written before carry ``manifest.json`` (``LEGACY_MANIFEST``), still read (the
+new name wins when both exist) and replaced by the new name at the next write.
 
 A job may continue in a folder only when every fingerprint component is equal; ``fingerprint_changes``
 names the ones that differ so the refusal says what changed. Components are compared by value, not by
@@ -22,7 +26,8 @@ from typing import Any, Mapping
 
 from batchllm.errors import BatchLLMError
 
-MANIFEST = "manifest.json"
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # what earlier versions wrote: still read, replaced by MANIFEST at the next write
 MANIFEST_VERSION = 2
 # How much of each end of an input file goes into its identity: enough to catch an edited or replaced
 # file, cheap on a multi-GB input (reading it all would delay every resume by minutes).
@@ -115,15 +120,25 @@ def read_manifest(output_dir: Any) -> dict[str, Any] | None:
     storage = storage_of(output_dir)
     path = storage.display(MANIFEST)
     try:
-        data = storage.read_bytes(MANIFEST)
+        name, data = read_manifest_bytes(storage)
         if data is None:
             return None
+        path = storage.display(name)
         manifest = json.loads(data)
     except (OSError, ValueError) as e:
         raise BatchLLMError(f"cannot read {path}: {e}; use --overwrite to start the job over") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise BatchLLMError(f"{path} is not a batchllm manifest; use --overwrite to start the job over")
     return manifest
+
+
+def read_manifest_bytes(storage: Any) -> tuple[str, bytes | None]:
+    """``(name, bytes)`` of the folder's manifest: ``.manifest.json``, else a legacy ``manifest.json``
+    (bytes None when there is neither). Raises OSError."""
+    data = storage.read_bytes(MANIFEST)
+    if data is not None:
+        return MANIFEST, data
+    return LEGACY_MANIFEST, storage.read_bytes(LEGACY_MANIFEST)
 
 
 def tokenizer_hash(tok: Any) -> str:

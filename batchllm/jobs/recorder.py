@@ -7,7 +7,11 @@ are simply lost when the job stops: resume redoes the whole request, and the per
 redone samples identical.
 
 The recorder also keeps the OpenAI-style request counts (earlier runs included) and the token totals,
-and forwards them to ``StatusFile`` (which throttles its own writes). In a distributed run
+and forwards them to ``StatusFile`` (which throttles its own writes). Tokens of finished samples are
+counted as they finish; ``engine_step`` adds the live figures of every engine step (output tokens
+generated and prompt tokens computed, requests still running included, and how much of the output
+token budget is done), so status.json and ``batchllm show`` advance while requests run, not only when
+they finish. In a distributed run
 (``batchllm.distributed``) the replicas build whole-request shards themselves; the driver commits them
 and counts them here with ``add_committed``, plus their running units' counts as ``live``.
 """
@@ -30,6 +34,10 @@ class ResultRecorder:
         self.failed = before["failed"]
         self.samples = before["samples"]
         self.tokens = {"prompt": before["prompt_tokens"], "completion": before["completion_tokens"], "cached": before["cached_tokens"]}
+        self.generated = 0  # output tokens generated in this run, running requests included (engine_step)
+        self.prompt_computed = 0  # prompt tokens the engine computed in this run (prefill)
+        self.fraction: float | None = None  # share of this run's output token budget done
+        self._completion_before = before["completion_tokens"]
         self._pending: dict[int, list[dict[str, Any]]] = {}  # request index -> finished samples so far
         status.set_counts(completed=self.completed, failed=self.failed)
 
@@ -52,6 +60,14 @@ class ResultRecorder:
             self.completed += 1
             self.status.set_counts(completed=self.completed)
 
+    def engine_step(self, new_tokens: int, prompt_tokens: int, fraction: float | None = None) -> None:
+        """One engine step's live figures: output tokens sampled, prompt tokens computed, and the share
+        of the run's output token budget done (``pipeline.token_budget``)."""
+        self.generated += new_tokens
+        self.prompt_computed += prompt_tokens
+        if fraction is not None:
+            self.fraction = fraction
+
     def add_committed(self, entry: dict[str, Any]) -> None:
         """Count a shard another process wrote and the writer just committed (``commit_entries``):
         the distributed driver's replicas bypass ``sample`` / ``error``."""
@@ -71,11 +87,14 @@ class ResultRecorder:
         live = live or {}
         if live:
             self.status.set_counts(completed=self.completed + live.get("requests", 0))
+        tokens = {k: v + live.get(k, 0) for k, v in self.tokens.items()}
         self.status.update(
             stage=stage,
             samples=self.samples + live.get("samples", 0),
-            tokens={k: v + live.get(k, 0) for k, v in self.tokens.items()},
+            tokens=tokens,
             committed={"shards": len(m["shards"]), "rows": sum(s["rows"] for s in m["shards"])},
+            progress={"generated_tokens": max(tokens["completion"], self._completion_before + self.generated),
+                      "prompt_tokens_computed": self.prompt_computed, "fraction": self.fraction},
             force=force,
         )
 

@@ -1,4 +1,7 @@
-"""``status.json``: the job's live state, shaped like the OpenAI Batch object, rewritten atomically.
+"""``.status.json``: the job's live state, shaped like the OpenAI Batch object, rewritten atomically.
+
+Hidden (a leading ``.``) so dataset readers pointed at the job folder skip it; a folder of an earlier
+version has ``status.json`` (``LEGACY_STATUS``), still read when there is no new one.
 
 Fields follow the OpenAI Batch object (``id``, ``object: "batch"``, ``endpoint``, ``input_file_id``,
 ``completion_window``, ``status``, ``output_file_id``, ``error_file_id``, ``created_at``,
@@ -7,12 +10,18 @@ Fields follow the OpenAI Batch object (``id``, ``object: "batch"``, ``endpoint``
 ``errors``), timestamps in integer Unix seconds. ``status`` is one of ``in_progress``, ``completed``,
 ``failed`` (a job-level failure: its message is in ``errors``) or ``cancelled`` (stopped by a signal).
 batchllm's own figures live under ``batchllm``: tokens done, samples, committed shards, throughput and
-an ETA; in a distributed run also ``replicas``, one entry per engine replica.
+an ETA; in a distributed run also ``replicas``, one entry per engine replica. Live figures, advancing
+while requests run (not only when they finish): ``generated_tokens`` (output tokens generated so far,
+running requests and earlier runs' finished samples included), ``prompt_tokens_computed`` (prompt
+tokens the engine computed in this run: prefill, shared prefixes once) and ``progress`` (the share of
+this run's output token budget done, each sample's max_tokens; None in a distributed run).
 
 ``request_counts`` include requests finished in earlier runs of the job (resume), and count a request
 as completed as soon as its samples are done, committed or still buffered; ``batchllm.committed``
 counts what is durably on disk. Tokens and samples also cover earlier runs; throughput and the ETA
-count this run's generation phase only.
+count this run's generation phase only: the throughput from ``generated_tokens``, the ETA from
+``progress`` when there is one (it moves even when every request runs at once and none has finished),
+else from the request rate.
 
 The folder may be a path or a URI (``batchllm.io.storage``): the file is replaced whole either way.
 
@@ -30,16 +39,18 @@ import time
 from typing import Any
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import STATUS, storage_of
+from batchllm.io.writer import LEGACY_STATUS, STATUS, storage_of
 
 IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "in_progress", "completed", "failed", "cancelled"
+WRITE_INTERVAL_S = 2.0  # the most often ``update`` rewrites the file (tests lower it)
 
 
 class StatusFile:
-    def __init__(self, output_dir: str, job_id: str, created_at: float, inputs: list[str], model: str, interval: float = 2.0):
+    def __init__(self, output_dir: str, job_id: str, created_at: float, inputs: list[str], model: str,
+                 interval: float | None = None):
         self.storage = storage_of(output_dir)
         self.path = self.storage.display(STATUS)
-        self.interval = interval
+        self.interval = WRITE_INTERVAL_S if interval is None else interval
         self._last_write = 0.0
         now = time.time()
         self.t_start = now
@@ -71,6 +82,9 @@ class StatusFile:
                 "committed": {"shards": 0, "rows": 0},
                 "samples": 0,
                 "tokens": {"prompt": 0, "completion": 0, "cached": 0},
+                "generated_tokens": 0,
+                "prompt_tokens_computed": 0,
+                "progress": None,
                 "done_before_this_run": 0,
                 "throughput": {"output_tok_s": 0.0, "requests_s": 0.0},
                 "eta_seconds": None,
@@ -98,7 +112,7 @@ class StatusFile:
         """Mark the start of the engine phase; the throughput and ETA count from here."""
         self._gen_start = time.time()
         self._done_at_gen_start = self.done
-        self._tok_at_gen_start = self.obj["batchllm"]["tokens"]["completion"]
+        self._tok_at_gen_start = self._generated()
         self.obj["batchllm"]["done_before_this_run"] = done_before
         self.obj["batchllm"]["stage"] = "generating"
 
@@ -108,7 +122,10 @@ class StatusFile:
         return rc["completed"] + rc["failed"]
 
     def update(self, *, stage: str | None = None, samples: int | None = None, tokens: dict[str, int] | None = None,
-               committed: dict[str, int] | None = None, force: bool = False) -> None:
+               committed: dict[str, int] | None = None, progress: dict[str, Any] | None = None,
+               force: bool = False) -> None:
+        """``progress``: the live figures (``generated_tokens``, ``prompt_tokens_computed``, and
+        ``fraction``, the share of the run's output token budget done)."""
         b = self.obj["batchllm"]
         if stage is not None:
             b["stage"] = stage
@@ -118,6 +135,11 @@ class StatusFile:
             b["tokens"].update(tokens)
         if committed is not None:
             b["committed"].update(committed)
+        if progress is not None:
+            b["generated_tokens"] = int(progress.get("generated_tokens") or 0)
+            b["prompt_tokens_computed"] = int(progress.get("prompt_tokens_computed") or 0)
+            if progress.get("fraction") is not None:
+                b["progress"] = round(min(1.0, float(progress["fraction"])), 4)
         now = time.time()
         if force or now - self._last_write >= self.interval:
             self._refresh_rates(now)
@@ -158,20 +180,31 @@ class StatusFile:
             return
         done_now = self.done - self._done_at_gen_start
         rate = done_now / dt
-        b["throughput"] = {"output_tok_s": round((b["tokens"]["completion"] - self._tok_at_gen_start) / dt, 2), "requests_s": round(rate, 3)}
+        b["throughput"] = {"output_tok_s": round((self._generated() - self._tok_at_gen_start) / dt, 2), "requests_s": round(rate, 3)}
         remaining = self.obj["request_counts"]["total"] - self.done
+        frac = b.get("progress")
         if remaining <= 0:
             b["eta_seconds"], b["eta_at"] = 0, int(now)
+        elif frac is not None and 0 < frac < 1:  # the output token budget: it moves while requests run
+            eta = dt * (1 - frac) / frac
+            b["eta_seconds"], b["eta_at"] = round(eta, 1), int(now + eta)
         elif rate > 0:
             eta = remaining / rate
             b["eta_seconds"], b["eta_at"] = round(eta, 1), int(now + eta)
 
+    def _generated(self) -> int:
+        b = self.obj["batchllm"]
+        return max(b["tokens"]["completion"], b.get("generated_tokens") or 0)
+
 
 def read_status(output_dir: str) -> dict[str, Any] | None:
-    """The folder's status.json, or None if absent or unreadable (it is rewritten atomically, so a
+    """The folder's status file, or None if absent or unreadable (it is rewritten atomically, so a
     partial file is never seen; a missing one means the job has not started)."""
     try:
-        data = storage_of(output_dir).read_bytes(STATUS)
+        storage = storage_of(output_dir)
+        data = storage.read_bytes(STATUS)
+        if data is None:
+            data = storage.read_bytes(LEGACY_STATUS)
         return json.loads(data) if data is not None else None
     except (OSError, ValueError, BatchLLMError):  # BatchLLMError: a URI naming no usable filesystem
         return None
