@@ -12,6 +12,7 @@ usage errors; 128 + signal number after SIGINT / SIGTERM, once complete work is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -20,7 +21,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -61,7 +63,7 @@ def run(
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name the outputs report (OpenAI export; default: the model's name)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a dataset-dict input (a saved DatasetDict folder or a hub dataset); required when it has several."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 (float) | bfloat16 | float16 (half)"),
     max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens per sample (rows override)."),
     temperature: Optional[float] = typer.Option(None, help="Default temperature (0 = greedy)."),
     top_p: Optional[float] = typer.Option(None, help="Default nucleus sampling p."),
@@ -337,11 +339,13 @@ def stats(
     import json
 
     from batchllm.config import JobConfig
+    from batchllm.config import DTYPE_ALIASES
     from batchllm.pipeline import DTYPES, job_stats
 
     _set_verbose(verbose)
+    dtype = DTYPE_ALIASES.get(dtype, dtype)  # vLLM's spellings: half, float
     if dtype not in DTYPES:
-        raise BatchLLMError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise BatchLLMError(f"unknown dtype {dtype!r}: use float32 (float), bfloat16 or float16 (half)")
     cfg = JobConfig(
         inputs=list(inputs), output="-", model=model, tokenizer=tokenizer, chat_template=chat_template, split=split,
         id_column=id_column, prompt_column=prompt_column,
@@ -392,52 +396,123 @@ def _plot_stats(result: dict, path: str) -> None:
 
 
 class _ProgressView:
-    """Rich progress for one job: a status line while loading, then a bar over samples."""
+    """Progress of one job on stderr.
 
-    def __init__(self) -> None:
+    On a terminal: a status line while loading, then a bar over the job's output token budget (every
+    sample's max_tokens; a sample that stops early releases the rest of its budget), so it moves with
+    every generated token even when all requests run at once, beside samples done, output tok/s, elapsed
+    time and ETA. When stderr is not a terminal (a log file, a pipe): plain lines, one when generation
+    starts and one every ``interval`` seconds (done / total, tokens, tok/s, ETA), as ``vllm run-batch``
+    logs, and a last one at the end; nothing before generation, so an error stays one line."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.tty = console.is_terminal
+        self.interval = PROGRESS_LOG_INTERVAL_S if interval is None else interval
         self.progress: Progress | None = None
         self.task = None
-        self.tokens = 0
+        self.samples_total = self.samples_done = 0
+        self.budget = self.budget_done = 0
+        self.tokens = self.prompt_tokens = 0
         self.t0 = 0.0
-        self.status = console.status("reading and tokenizing inputs...")
-        self.status.start()
+        self._last_line: float | None = None
+        self.ready = 0
+        self.loaded = ""
+        self.status = console.status("reading and tokenizing inputs...") if self.tty else None
+        if self.status is not None:
+            self.status.start()
+
+    def _line(self, text: str) -> None:
+        console.print(f"batchllm: {text}", markup=False, highlight=False, soft_wrap=True)
+
+    def _say(self, text: str) -> None:
+        # a log gets no line per start-up stage: an error then stays the one line on stderr
+        if self.status is not None:
+            self.status.update(text + "...")
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.status.stop()
+            self.progress = None
+        if self.status is not None:
+            self.status.stop()
+
+    def fraction(self) -> float:
+        """How much of the generation is done: the token budget's share, or the samples' when larger
+        (a distributed run reports no released budget)."""
+        f = self.budget_done / self.budget if self.budget else 0.0
+        if self.samples_total:
+            f = max(f, self.samples_done / self.samples_total)
+        return min(1.0, f)
+
+    def line(self) -> str:
+        """The plain progress line: samples done / total, tokens, rates, elapsed and ETA."""
+        dt = time.perf_counter() - self.t0
+        f = self.fraction()
+        eta = _clock(dt * (1 - f) / f) if f > 0 else "-"
+        return (f"generating: {self.samples_done:,}/{self.samples_total:,} samples done ({100 * f:.1f}%), "
+                f"{self.tokens:,} output tokens ({self.tokens / dt if dt > 0 else 0.0:,.0f} tok/s), "
+                f"{self.prompt_tokens:,} prompt tokens computed, elapsed {_clock(dt)}, eta {eta}")
 
     def hook(self, event: str, info: dict) -> None:
         if event == "ray_starting":
             where = f"connecting to Ray at {info['address']}" if info["address"] else "starting a local Ray instance"
-            self.status.update(f"{where} for {info['replicas']} replica(s) (can take a minute on a busy machine)...")
+            self._say(f"{where} for {info['replicas']} replica(s) (can take a minute on a busy machine)")
         elif event == "resumed":
-            console.print(f"resuming the job in {info['output']}: {info['done']:,} requests already done")
+            console.print(f"resuming the job in {info['output']}: {info['done']:,} requests already done", markup=False, highlight=False)
         elif event == "replica_ready":
-            self.ready = getattr(self, "ready", 0) + 1
-            self.status.update(f"loading the model on Ray replicas ({self.ready} ready)")
+            self.ready += 1
+            self._say(f"loading the model on Ray replicas ({self.ready} ready)")
         elif event == "read" and info["requests"]:
-            self.status.update(f"loading {info['model']} ({info['requests']:,} requests to run)")
+            self._say(f"loading {info['model']} ({info['requests']:,} requests to run)")
         elif event == "loaded":
-            self.status.update(f"planning ({info['model']} on {info['device']}, {info['dtype']})")
+            self.loaded = f"{info['model']} on {info['device']}, {info['dtype']}"
+            self._say(f"planning ({self.loaded})")
         elif event == "planned":
+            self.samples_total = info["samples"]
+            self.budget = info.get("token_budget") or 0
+            self.t0 = time.perf_counter()
+            if self.status is None:
+                model = f", {self.loaded}" if self.loaded else ""
+                self._line(f"generating {self.samples_total:,} samples ({info['requests']:,} requests{model})")
+                return
             self.status.stop()
             self.progress = Progress(
-                TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+                TextColumn("[bold]generating"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[samples]}"),
                 _TokensPerSecond(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=console, transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("gen", total=info["samples"], tok_s=0.0)
-            self.t0 = time.perf_counter()
-        elif event == "step" and self.progress is not None:
-            self.tokens += info["new_tokens"]
+            self.task = self.progress.add_task("gen", total=1000, tok_s=0.0, samples=self._samples())
+        elif event == "step":
+            self.samples_done += info.get("finished", 0)
+            self.tokens += info.get("new_tokens", 0)
+            self.prompt_tokens += info.get("prompt_tokens", 0)
+            self.budget_done += info.get("new_tokens", 0) + info.get("released", 0)
             dt = time.perf_counter() - self.t0
-            self.progress.update(self.task, advance=info["finished"], tok_s=self.tokens / dt if dt > 0 else 0.0)
-        elif event == "done":
             if self.progress is not None:
-                self.progress.stop()
-            self.status.stop()
+                self.progress.update(self.task, completed=1000 * self.fraction(), samples=self._samples(),
+                                     tok_s=self.tokens / dt if dt > 0 else 0.0)
+            elif self.status is None:
+                now = time.monotonic()
+                if self._last_line is None or now - self._last_line >= self.interval:
+                    self._last_line = now
+                    self._line(self.line())
+        elif event == "done":
+            if self.status is None and self.samples_total:
+                self._line(self.line())  # the last word, whatever the interval
+            self.close()
+
+    def _samples(self) -> str:
+        return f"{self.samples_done:,}/{self.samples_total:,} samples"
+
+
+PROGRESS_LOG_INTERVAL_S = 5.0  # seconds between plain progress lines when stderr is not a terminal
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 def _print_summary(cfg, s) -> None:
@@ -483,15 +558,31 @@ _VERBOSE = False
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line for user errors, the traceback only with --verbose.
 
-    Usage errors (a flag that does not parse) are typer's: a short message and exit status 2. A signal
-    outside a job's generation (start-up, shutdown) is one line too, with exit status 128 + signal.
-    ``argv`` (default: sys.argv) lets tests run the command line in-process.
+    Usage errors (an unknown flag, a value that does not parse, a missing argument) are one ``error:``
+    line naming the problem and ``batchllm COMMAND --help``, exit status 2 (no box, no guessed
+    suggestion). A signal outside a job's generation (start-up, shutdown) is one line too, with exit
+    status 128 + signal. ``argv`` (default: sys.argv) lets tests run the command line in-process.
     """
     from batchllm.jobs.signals import JobInterrupted, raise_on_signals
 
+    click = _click_exceptions()
     raise_on_signals()
     try:
-        app(args=argv)
+        code = _command().main(args=argv, prog_name="batchllm", standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # `batchllm` or `batchllm COMMAND` alone: the help
+        text = e.format_message()  # typer has printed the help already; click's own returns it
+        if text:
+            print(text, file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        console.print(f"[bold red]error:[/] {escape(_usage_message(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[yellow]aborted[/]")
+        sys.exit(1)
     except JobInterrupted as e:
         console.print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
@@ -509,6 +600,53 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _usage_message(e) -> str:
+    """One line for a click usage error: the problem (an unknown option named as typed, without click's
+    close-match guess) and where the options are listed."""
+    if isinstance(e, _click_exceptions().NoSuchOption):
+        what = f"no such option: {e.option_name}"
+    else:
+        what = e.format_message().strip().replace("\n", " ")
+    where = e.ctx.command_path if e.ctx is not None else "batchllm"
+    return f"{what} (see {where} --help)"
+
+
+def _click_exceptions():
+    """The exceptions of the click typer runs on (typer >= 0.26 vendors its own copy as ``typer._click``)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _command():
+    """``app`` as a click command whose help renders as written: rich markup in help texts is escaped
+    (``batchllm[ray]`` stays ``batchllm[ray]``), and ``run``'s options that default to the job's
+    defaults (``JobConfig``) show them."""
+    from rich.markup import escape as esc
+
+    from batchllm.config import JobConfig
+
+    cmd = typer.main.get_command(app)
+    defaults = {f.name: f.default for f in dataclasses.fields(JobConfig) if f.default is not dataclasses.MISSING}
+    for sub in [cmd, *getattr(cmd, "commands", {}).values()]:
+        for attr in ("help", "short_help", "epilog"):
+            if getattr(sub, attr, None):
+                setattr(sub, attr, esc(getattr(sub, attr)))
+        for p in sub.params:
+            text = getattr(p, "help", None) or ""
+            d = defaults.get(p.name)
+            if (sub.name == "run" and p.default is None and d is not None and not isinstance(d, bool)
+                    and "(default" not in text.lower() and "default:" not in text.lower()):
+                text = f"{text} [default: {d}]".strip()
+            if text:
+                p.help = esc(text)
+    return cmd
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class JobConfig:
     served_model_name: str | None = None  # the model name outputs report (OpenAI export); None: the model's
     split: str | None = None  # the split of dataset-dict inputs (save_to_disk DatasetDict folders, hub datasets)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16, or vLLM's float (float32) and half (float16)
     # sampling defaults (vLLM's defaults; rows override)
     max_tokens: int = 256
     temperature: float = 1.0
@@ -213,6 +213,9 @@ def _num(x: float) -> str:
 
 
 _INT64 = 2**63 - 1
+# vLLM's dtype spellings, accepted wherever a dtype is (``pipeline.resolve_dtype`` maps them)
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
 _PATH, _OPT_STR = _Rule("str"), _Rule("str", optional=True)
 # Every key of a job (job files, flags, the job spec a manifest stores); JobConfig.validate checks them all.
 SCHEMA: dict[str, _Rule] = {
@@ -224,7 +227,7 @@ SCHEMA: dict[str, _Rule] = {
     "served_model_name": _OPT_STR,
     "split": _OPT_STR,
     "device": _Rule("str"),
-    "dtype": _Rule("str", choices=("auto", "float32", "bfloat16", "float16")),
+    "dtype": _Rule("str", choices=DTYPE_CHOICES),
     "max_tokens": _Rule("int", lo=1, hi=MAX_TOKENS_LIMIT),
     "temperature": _Rule("float", lo=0),
     "top_p": _Rule("float", lo=0, hi=1, lo_open=True),

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batchllm.config import JobConfig
+from batchllm.config import DTYPE_ALIASES, JobConfig
 from batchllm.engine.attention import get_backend
 from batchllm.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH, graph_safe
 from batchllm.engine.engine import LLMEngine, StepStats
@@ -71,8 +71,13 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto`` (bfloat16 on CUDA, float32 on the CPU), a name of ``DTYPES``, or vLLM's spellings
+    (``half``, ``float``: ``batchllm.config.DTYPE_ALIASES``)."""
+    spec = DTYPE_ALIASES.get(spec, spec)
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in DTYPES:
+        raise BatchLLMError(f"unknown dtype {spec!r}: use auto, float32 (float), bfloat16 or float16 (half)")
     return DTYPES[spec]
 
 
@@ -745,7 +750,9 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
         lm = dataclasses.replace(lm, tokenizer=tok)
     summary.load_seconds = time.perf_counter() - t_load
     emit("loaded", {"model": lm.source.display_name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")})
-    emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors, "done_before": summary.done_before})
+    planned_budget = token_budget(requests, max_model_len)
+    emit("planned", {"requests": len(requests), "samples": total_samples, "errors": summary.errors, "done_before": summary.done_before,
+                     "token_budget": planned_budget})
     _check_stop(stop, cfg, writer)
     t0 = time.perf_counter() - read_seconds  # wall time counts reading, not the weights' load
 
@@ -778,9 +785,21 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
         summary.output_tokens += len(seq.output_ids)
         if len(summary.preview) < cfg.preview:
             summary.preview.append({"custom_id": req.custom_id, "prompt": _prompt_preview(req), "text": seq.text})
+        progress["released"] += max(0, _sample_budget(req, max_len) - len(seq.output_ids))  # stopped early
+
+    # Progress over the output token budget (each sample's max_tokens): it moves with every generated
+    # token, so it advances while requests run even when all of them run at once; a sample that stops
+    # early releases the rest of its budget, and requests the KV pool cannot hold (above) release theirs.
+    max_len = engine.cfg.max_model_len
+    progress = {"released": planned_budget - token_budget(requests, max_len), "done": 0}
 
     def on_step(stats: StepStats) -> None:
-        emit("step", {"finished": stats.num_finished, "new_tokens": stats.new_output_tokens})
+        released, progress["released"] = progress["released"], 0
+        prompt = stats.num_tokens - stats.num_decodes  # prompt tokens computed (prefill chunks, shared prefixes)
+        progress["done"] += stats.new_output_tokens + released
+        emit("step", {"finished": stats.num_finished, "new_tokens": stats.new_output_tokens, "prompt_tokens": prompt,
+                      "released": released})
+        recorder.engine_step(stats.new_output_tokens, prompt, progress["done"] / planned_budget if planned_budget else None)
         recorder.update_status()
         if stop:
             raise _Stopped  # out of engine.run: nothing more is admitted, complete requests are committed below
@@ -831,6 +850,16 @@ def _prompt_preview(req: Request) -> str:
     if req.prompt is not None:
         return req.prompt
     return f"<{len(req.prompt_token_ids)} token ids>"
+
+
+def _sample_budget(req: Request, max_model_len: int) -> int:
+    """The most output tokens one sample of ``req`` can get: max_tokens, or what the context leaves."""
+    return max(1, min(req.sampling.max_tokens, max_model_len - len(req.token_ids)))
+
+
+def token_budget(requests: list[Request], max_model_len: int) -> int:
+    """The job's output token budget, the unit of the progress bar: every sample's ``_sample_budget``."""
+    return sum(r.sampling.n * _sample_budget(r, max_model_len) for r in requests)
 
 
 def _batch_stats(summary: JobSummary, steps: list[StepStats]) -> None:

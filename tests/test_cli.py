@@ -112,3 +112,86 @@ def test_prompt_longer_than_the_kv_pool_is_a_row_error(tmp_path):
     # a pool too small for anything is one clear line, not a hang
     r = cli("run", str(p), "-o", str(tmp_path / "o2"), "--model", "dummy:tiny", "--kv-cache-tokens", "1", "--page-size", "4")
     assert r.returncode == 1 and "too small" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------- CLI polish
+
+
+def main_output(args, capsys) -> tuple[int, str]:
+    """``batchllm.cli.main`` in-process: exit status and stdout + stderr (signal handlers restored)."""
+    import signal
+
+    from batchllm.cli import main
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    got = capsys.readouterr()
+    return code, got.out + got.err
+
+
+def test_help_renders_brackets_and_shows_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("TERMINAL_WIDTH", "300")
+    code, text = main_output(["run", "--help"], capsys)
+    assert code == 0
+    assert "batchllm[ray]" in text  # rich markup used to eat [ray]
+    assert "[default: 256]" in text and "[default: 10000]" not in text  # max-tokens; shard-rows says it already
+    assert "half" in text and "float16" in text  # --dtype's spellings
+
+
+def test_unknown_flag_and_bad_value_are_one_error_line_exit_2(capsys):
+    code, text = main_output(["run", "x.jsonl", "--tensor-parallel-size", "2"], capsys)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, text
+    assert lines[0].startswith("error:") and "--tensor-parallel-size" in lines[0] and "batchllm run --help" in lines[0]
+    assert "Did you mean" not in text and "╭" not in text
+    code, text = main_output(["run", "x.jsonl", "--max-tokens", "many"], capsys)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--max-tokens" in lines[0] and "batchllm run --help" in lines[0], text
+    code, text = main_output(["nosuchcommand"], capsys)
+    assert code == 2 and text.strip().startswith("error:") and "batchllm --help" in text
+
+
+def test_vllm_dtype_spellings():
+    import torch
+
+    from batchllm.pipeline import resolve_dtype
+
+    cpu = torch.device("cpu")
+    for spelling, dtype in (("half", torch.float16), ("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                            ("float", torch.float32), ("float32", torch.float32), ("auto", torch.float32)):
+        JobConfig(inputs=["a"], output="o", dtype=spelling).validate()
+        assert resolve_dtype(spelling, cpu) == dtype
+    with pytest.raises(BatchLLMError, match="dtype"):
+        JobConfig(inputs=["a"], output="o", dtype="float8").validate()
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(prompts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, text = main_output(["run", str(prompts), "-o", str(out), "--model", "dummy:tiny", "--device", "cpu",
+                              "--dtype", "float32", "--max-tokens", "6", "--preview", "0"], capsys)
+    assert code == 0, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("batchllm: generating:")]
+    assert lines and "7/7 samples done (100.0%)" in lines[-1] and "tok/s" in lines[-1] and "eta" in lines[-1], text
+    assert "\x1b[" not in text  # plain lines, no colour codes in a log
+
+
+def test_progress_moves_while_every_request_runs():
+    from batchllm.cli import _ProgressView
+
+    view = _ProgressView(interval=3600)
+    view.hook("planned", {"requests": 4, "samples": 4, "token_budget": 40})
+    for _ in range(5):  # four sequences decoding, none finished
+        view.hook("step", {"finished": 0, "new_tokens": 4, "prompt_tokens": 0, "released": 0})
+    assert view.fraction() == pytest.approx(0.5)
+    assert "0/4 samples done (50.0%)" in view.line() and "20 output tokens" in view.line()
+    view.hook("step", {"finished": 4, "new_tokens": 4, "prompt_tokens": 0, "released": 16})  # EOS: the rest released
+    assert view.fraction() == 1.0
+    view.close()

@@ -206,3 +206,40 @@ def test_resume_after_input_moved_keeps_original_names(tiny, tmp_path):
     assert len(rows) == len(ref) and texts(rows) == texts(ref)
     with pytest.raises(BatchLLMError, match="given twice"):
         run(tiny, [moved, moved], tmp_path / "o2")
+
+
+def test_status_and_show_report_tokens_while_requests_run(tiny, tmp_path, monkeypatch):
+    """Every request runs at once and none has finished: status.json, ``show`` and the progress events
+    still advance (output tokens generated, prompt tokens computed, the token budget's share)."""
+    from batchllm.jobs import status as status_mod
+    from batchllm.jobs.show import job_state
+
+    monkeypatch.setattr(status_mod, "WRITE_INTERVAL_S", 0.0)
+    rows = [{"custom_id": f"x{i}", "prompt_token_ids": [40 + i, 50 + i, 60 + i, 70 + i], "max_tokens": 30, "ignore_eos": True}
+            for i in range(6)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = str(tmp_path / "out")
+    seen, steps = [], []
+
+    def hook(event, info):
+        if event == "planned":
+            steps.append(info)
+        if event == "step":
+            steps.append(info)
+            if len(steps) == 6:  # the status file holds the previous steps' figures
+                seen.append((read_status(out), job_state(out)))
+
+    run_job(JobConfig(inputs=[inp], output=out, **{**BASE, "max_tokens": 30}), progress=hook, loaded=tiny)
+    assert steps[0]["token_budget"] == 6 * 30
+    assert all({"new_tokens", "prompt_tokens", "released", "finished"} <= set(s) for s in steps[1:])
+    assert sum(s["new_tokens"] + s["released"] for s in steps[1:]) == 6 * 30  # the budget is used up exactly
+    st, state = seen[0]
+    b = st["batchllm"]
+    assert st["request_counts"]["completed"] == 0 and state["committed"]["completion_tokens"] == 0
+    generated = sum(s["new_tokens"] for s in steps[1:5])  # what the status file saw: four steps
+    assert b["generated_tokens"] == generated > 0 and b["prompt_tokens_computed"] == sum(s["prompt_tokens"] for s in steps[1:5]) > 0
+    assert b["progress"] == pytest.approx(generated / 180, abs=1e-3) and b["throughput"]["output_tok_s"] > 0
+    assert b["eta_seconds"] is not None  # from the token budget: no request has finished to rate
+    assert state["tokens_so_far"]["completion"] == generated
+    final = read_status(out)["batchllm"]
+    assert final["generated_tokens"] == final["tokens"]["completion"] == 6 * 30
