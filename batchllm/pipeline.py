@@ -8,7 +8,7 @@ Durable jobs (``batchllm.jobs``): before the weights load, the job's fingerprint
 output folder's manifest (a new job, a resume, or a refusal naming what changed); rows the manifest
 records as done are skipped while reading, so planning sees only the remaining requests; SIGINT /
 SIGTERM stop admission after the current engine step, commit every complete request and raise
-``JobInterrupted``; ``status.json`` follows the job throughout.
+``JobInterrupted``; the status file (``.status.json``) follows the job throughout.
 
 Scale-out (``--replicas N`` / ``--ray-address``): reading, tokenizing, planning and every manifest write
 stay in this process; the engine stage runs on Ray replicas (``batchllm.distributed``), which get whole
@@ -822,7 +822,7 @@ def _run(cfg, emit, summary, loaded, src, tok, folder, writer, recorder, stop, c
 
 
 def _close_run(writer: ShardWriter, recorder: ResultRecorder, summary: JobSummary) -> None:
-    """Commit what is buffered with the run's summary, and bring status.json up to date."""
+    """Commit what is buffered with the run's summary, and bring the status file up to date."""
     writer.close(summary=summary.to_dict())
     recorder.update_status(force=True)
 

@@ -2,7 +2,7 @@
 
 Builds the job folder directly (the fingerprint ``batchllm run`` would compute, 100 shards of 9,990
 finished rows scattered over the input, as a prefix-sharing plan would leave them), then times
-``batchllm resume DIR`` as a user would run it: from process start to the first engine step (status.json
+``batchllm resume DIR`` as a user would run it: from process start to the first engine step (the job's status file
 switches to "generating"), and to the end. Rows are ``prompt_token_ids`` and the model is dummy:tiny,
 so the figure measures batchllm's own resume path, not tokenization or the model.
 
@@ -24,6 +24,9 @@ import numpy as np
 
 # a plain checkout (no pip install) imports batchllm from this repository
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batchllm.io.writer import STATUS  # noqa: E402
+from batchllm.jobs.manifest import MANIFEST  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +68,7 @@ def main() -> None:
                              "finish_reason": "length", "prompt_tokens": 8, "completion_tokens": 4, "cached_tokens": 0,
                              "token_ids": [5, 6, 7, 8], "request_type": "completion"}])
     writer.close()
-    size = os.path.getsize(os.path.join(out, "manifest.json"))
+    size = os.path.getsize(os.path.join(out, MANIFEST))
     print(f"job folder: {len(done):,} rows done in {len(writer.manifest['shards'])} shards, manifest {size / 1e6:.1f} MB, "
           f"{time.perf_counter() - t:.1f} s")
 
@@ -74,7 +77,7 @@ def main() -> None:
     generating = None
     while p.poll() is None:
         try:
-            with open(os.path.join(out, "status.json")) as f:
+            with open(os.path.join(out, STATUS)) as f:
                 st = json.load(f)
             if generating is None and st["batchllm"]["stage"] in ("generating", "completed"):
                 generating = time.perf_counter() - t0
@@ -85,7 +88,7 @@ def main() -> None:
     err = p.stderr.read()
     if p.returncode != 0:
         sys.exit(f"resume failed ({p.returncode}):\n{err}")
-    with open(os.path.join(out, "manifest.json")) as f:
+    with open(os.path.join(out, MANIFEST)) as f:
         summary = json.load(f)["summary"]
     print(f"resume: first engine step after {generating:.1f} s (process start included); whole resume {total:.1f} s")
     print(f"planned and generated {summary['samples']:,} samples this run; requests in job {summary['requests']:,}, "

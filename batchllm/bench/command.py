@@ -69,7 +69,7 @@ def bench(
     job: Optional[str] = typer.Option(None, "--job", help="TOML bench job file ([bench] table); flags given here override it."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder, .gguf, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (vLLM's half and float too)"),
     policies: Optional[str] = typer.Option(None, help="Comma-separated policies to measure (default batchllm,fcfs-lru); the first is the reference."),
     peers: Optional[str] = typer.Option(None, help="Comma-separated peers on the same weights: transformers, transformers-cb, vllm."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to this file (rewritten after every run, \"complete\": false until the end)."),

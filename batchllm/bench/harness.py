@@ -46,7 +46,7 @@ import torch
 
 from batchllm.bench import peers as peers_mod
 from batchllm.bench.workloads import Cell, make_workload, write_jsonl
-from batchllm.config import JobConfig
+from batchllm.config import DTYPE_CHOICES, JobConfig
 from batchllm.errors import BatchLLMError
 from batchllm.models import loader
 from batchllm.plan.trie import PrefixTrie
@@ -294,8 +294,8 @@ def run_bench(
         raise BatchLLMError("nothing to measure: give at least one policy or peer")
     if repeat < 1:
         raise BatchLLMError("--repeat must be at least 1")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise BatchLLMError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if dtype not in DTYPE_CHOICES:
+        raise BatchLLMError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_CHOICES)}")
 
     machine = machine_info()
     src = loader.resolve_model(model)

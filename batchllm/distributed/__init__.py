@@ -5,7 +5,7 @@
   writes each unit's shard (not committed);
 - ``driver``: ``run_distributed``, called by ``pipeline`` for ``--replicas N`` / ``--ray-address``:
   starts the replicas, hands out units, commits their shards to the manifest, reschedules the work of
-  failed replicas, aggregates progress and ``status.json``.
+  failed replicas, aggregates progress and the status file.
 
 Ray is imported lazily, by ``driver`` only: ``pip install 'batchllm[ray]'``. See docs/scale-out.md.
 """

@@ -13,7 +13,7 @@ Contracts:
 - Exactly once: every unit attempt writes one shard under a name this driver reserved
   (``ShardWriter.reserve_shard_name``); the shard becomes part of the job only when the replica's call
   returns and the driver lists its entry in the manifest (``ShardWriter.commit_entries``). The driver is
-  the only writer of ``manifest.json`` and ``status.json`` and holds the folder lock throughout.
+  the only writer of the manifest and the status file and holds the folder lock throughout.
 - Failure of a unit: the replica died (actor crash, OOM kill, node loss: ``RayActorError``, lost
   objects), or its ``run_unit`` raised (an engine error). Either way the unit's shard, if written, is
   deleted and never committed, and its work is retried: a unit of several groups is cut in two halves
@@ -30,7 +30,7 @@ Contracts:
   a missing bucket) are not retried: they fail the job, as they would in one process.
 - Stop (SIGINT / SIGTERM in this process): every replica ends its unit after the current engine step;
   complete requests are committed, then ``pipeline`` raises ``JobInterrupted``.
-- Progress: replicas are polled every ``POLL_S``; ``status.json`` counts committed plus in-flight work
+- Progress: replicas are polled every ``POLL_S``; the status file counts committed plus in-flight work
   of every replica and lists the replicas (``batchllm.replicas``); ``progress`` gets 'step' events as in
   a single-process run, plus 'replica_ready', 'unit_started', 'unit_committed', 'unit_failed',
   'replica_failed' and 'group_failed'.
@@ -406,7 +406,7 @@ class _Driver:
         self.ray.kill(rs.actor)  # a no-op on a dead actor
         self.emit("replica_failed", {"replica": rs.replica, "error": error})
         if not self.live():
-            self.refresh_status(force=True)  # status.json shows every replica failed, then the job failure
+            self.refresh_status(force=True)  # the status file shows every replica failed, then the job failure
             done = len(self.writer.manifest["shards"])
             raise BatchLLMError(f"every replica was lost (last: {error}); the {done} shards committed so far are kept: "
                                 f"batchllm resume {self.cfg.output}")
@@ -455,7 +455,7 @@ class _Driver:
             self.emit("step", {"finished": samples, "new_tokens": res_new_tokens})
 
     def poll(self) -> None:
-        """Ask running replicas for their counts; forward the news to ``progress`` and status.json."""
+        """Ask running replicas for their counts; forward the news to ``progress`` and the status file."""
         self._last_poll = time.monotonic()
         running = {self.replicas[run.replica].actor.progress.remote(): run for run in self.inflight.values()}
         if not running:

@@ -10,8 +10,8 @@ Contracts:
   run, so a request's samples (seeded from job seed, custom_id and sample index) are the same whichever
   replica runs them and with whatever neighbours.
 - Results go to ONE shard file under the name the driver reserved, written durably but not committed:
-  the returned manifest entry is what the driver lists in ``manifest.json``. A replica never touches the
-  manifest, the folder lock or ``status.json``.
+  the returned manifest entry is what the driver lists in the manifest. A replica never touches the
+  manifest, the folder lock or the status file.
 - Whole requests only, as in ``jobs.recorder``: after ``stop`` the unit ends after the current engine
   step and its shard holds the requests that completed; the others are not in its done record, so a
   resume redoes them.

@@ -71,7 +71,7 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import is_uri, open_storage
-from batchllm.io.writer import _normalised, _within, is_job_folder, shard_table, storage_of
+from batchllm.io.writer import _normalised, _within, is_job_folder, read_shard_bytes, shard_table, storage_of
 from batchllm.jobs.integrity import Damage, DamagedJob, damage_message, shard_bytes_problem
 from batchllm.jobs.manifest import read_manifest
 
@@ -122,7 +122,7 @@ def export_job(output_dir: str, fmt: str, to: str, ordered: bool = False, errors
         raise BatchLLMError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     manifest = read_manifest(output_dir)
     if manifest is None:
-        raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest.json)")
+        raise BatchLLMError(f"{output_dir} holds no batchllm job (no manifest)")
     state = job_completion(output_dir)
     if require_complete and state != "completed":
         raise IncompleteJob(_incomplete_message(output_dir, state))
@@ -186,7 +186,7 @@ def load_table(output_dir: str, manifest: dict[str, Any], ordered: bool) -> pa.T
     damaged: list[Damage] = []
     for entry in manifest["shards"]:
         try:
-            data = storage.read_bytes(entry["file"])
+            data = read_shard_bytes(storage, entry["file"])  # a listed shard may still be under its pending name
             problem = shard_bytes_problem(entry, data)
             if problem is not None:
                 damaged.append(Damage(entry["file"], int(entry.get("rows") or 0), problem))

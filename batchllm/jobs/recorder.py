@@ -1,4 +1,4 @@
-"""Between the engine and the shard writer: whole requests out, live counts into status.json.
+"""Between the engine and the shard writer: whole requests out, live counts into the status file.
 
 The engine finishes samples one at a time and in any order; a request with ``n`` samples goes to the
 writer only when its last sample is done (``ShardWriter.add_request``), so a committed shard never holds
@@ -10,7 +10,7 @@ The recorder also keeps the OpenAI-style request counts (earlier runs included) 
 and forwards them to ``StatusFile`` (which throttles its own writes). Tokens of finished samples are
 counted as they finish; ``engine_step`` adds the live figures of every engine step (output tokens
 generated and prompt tokens computed, requests still running included, and how much of the output
-token budget is done), so status.json and ``batchllm show`` advance while requests run, not only when
+token budget is done), so .status.json and ``batchllm show`` advance while requests run, not only when
 they finish. In a distributed run
 (``batchllm.distributed``) the replicas build whole-request shards themselves; the driver commits them
 and counts them here with ``add_committed``, plus their running units' counts as ``live``.
@@ -81,7 +81,7 @@ class ResultRecorder:
         self.status.set_counts(completed=self.completed, failed=self.failed)
 
     def update_status(self, stage: str | None = None, force: bool = False, live: dict[str, int] | None = None) -> None:
-        """Push the counts to status.json; ``live`` adds work done but not yet committed elsewhere
+        """Push the counts to .status.json; ``live`` adds work done but not yet committed elsewhere
         (replicas' running units: requests, samples, prompt / completion / cached tokens)."""
         m = self.writer.manifest
         live = live or {}
