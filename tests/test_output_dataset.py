@@ -26,6 +26,7 @@ from batchllm.io.writer import (
     read_results,
     write_shard_file,
 )
+from batchllm.jobs.export import export_job
 from batchllm.jobs.integrity import pending_shards, unlisted_shards, verify_job
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.show import job_state
@@ -149,6 +150,7 @@ def test_a_listed_shard_whose_rename_a_kill_cut_off_is_committed_and_renamed_by_
     state = job_state(str(out))
     assert state["pending"] == [last] and not state["damaged"]
     assert pq.read_table(str(out)).num_rows == 4  # the one documented gap, until the next writer
+    assert export_job(str(out), "jsonl", str(tmp_path / "all.jsonl")).rows == 6  # export reads it too
     wr = ShardWriter(str(out), 2, manifest=read_manifest(str(out)))
     assert (out / last).exists() and not (out / pending_name(last)).exists()
     wr.add(row(6))
