@@ -331,6 +331,7 @@ def stats(
     messages_column: Optional[str] = typer.Option(None),
     prompt_template: Optional[str] = typer.Option(None),
     system_prompt: Optional[str] = typer.Option(None),
+    chat: bool = typer.Option(False, "--chat/--no-chat", help="Wrap prompt rows and template output in the chat template, as for run."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write group size / prefix length distributions to this PNG."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -338,8 +339,7 @@ def stats(
     """How much prefix sharing a prompt file offers and what the BatchLLM plan gets (no GPU, no weights)."""
     import json
 
-    from batchllm.config import JobConfig
-    from batchllm.config import DTYPE_ALIASES
+    from batchllm.config import DTYPE_ALIASES, JobConfig
     from batchllm.pipeline import DTYPES, job_stats
 
     _set_verbose(verbose)
@@ -349,7 +349,7 @@ def stats(
     cfg = JobConfig(
         inputs=list(inputs), output="-", model=model, tokenizer=tokenizer, chat_template=chat_template, split=split,
         id_column=id_column, prompt_column=prompt_column,
-        messages_column=messages_column, prompt_template=prompt_template, system_prompt=system_prompt,
+        messages_column=messages_column, prompt_template=prompt_template, system_prompt=system_prompt, chat=chat,
         **({"max_tokens": max_tokens} if max_tokens is not None else {}),
     )
     with console.status("tokenizing and planning..."):

@@ -81,6 +81,19 @@ def test_config_validation():
         JobConfig(inputs=["a"], output="o", policy="lifo").validate()
 
 
+def test_stats_takes_chat_like_run(tmp_path, capsys):
+    from tests.job_utils import run_main
+
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(json.dumps({"article": f"text {i}"}) + "\n" for i in range(3)))
+    args = ["stats", str(p), "--model", "dummy:tiny", "--prompt-template", "Summarise: {article}",
+            "--system-prompt", "Be brief.", "--json"]
+    code, err = run_main(args, capsys)
+    assert code == 1 and "--chat" in err  # a system prompt a template cannot carry: refused, not dropped
+    code, err = run_main([*args, "--chat"], capsys)
+    assert code == 0, err
+
+
 def test_stats_json_and_plot(tmp_path):
     p = tmp_path / "in.jsonl"
     head = list(range(100, 140))
