@@ -22,8 +22,9 @@ class SigintAt:
                 os.kill(os.getpid(), signal.SIGINT)
 
 
-def run_main(args, capsys) -> tuple[int, str]:
-    """The real entry point in-process: its exit status and stderr (signal handlers restored after)."""
+def run_main(args, capsys, stdout: bool = False) -> tuple[int, str]:
+    """The real entry point in-process: its exit status and stderr (``stdout``: stdout + stderr), with the
+    signal handlers restored after."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         main(list(args))
@@ -33,4 +34,5 @@ def run_main(args, capsys) -> tuple[int, str]:
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
-    return code, capsys.readouterr().err
+    got = capsys.readouterr()
+    return code, (got.out + got.err) if stdout else got.err

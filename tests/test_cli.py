@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.job_utils import run_main
 
 from batchllm.config import JobConfig, load_job_file, merge
 from batchllm.errors import BatchLLMError
@@ -82,8 +83,6 @@ def test_config_validation():
 
 
 def test_stats_takes_chat_like_run(tmp_path, capsys):
-    from tests.job_utils import run_main
-
     p = tmp_path / "in.jsonl"
     p.write_text("".join(json.dumps({"article": f"text {i}"}) + "\n" for i in range(3)))
     args = ["stats", str(p), "--model", "dummy:tiny", "--prompt-template", "Summarise: {article}",
@@ -132,21 +131,7 @@ def test_prompt_longer_than_the_kv_pool_is_a_row_error(tmp_path):
 
 def main_output(args, capsys) -> tuple[int, str]:
     """``batchllm.cli.main`` in-process: exit status and stdout + stderr (signal handlers restored)."""
-    import signal
-
-    from batchllm.cli import main
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-    got = capsys.readouterr()
-    return code, got.out + got.err
+    return run_main(args, capsys, stdout=True)
 
 
 def test_help_renders_brackets_and_shows_defaults(capsys, monkeypatch):

@@ -337,11 +337,7 @@ def request_models(manifest: dict[str, Any], warnings: list[str] | None = None) 
     fingerprint); a moved, changed or unreadable file is left out, with a line in ``warnings``."""
     from batchllm.io import readers
 
-    identity = getattr(readers, "input_identity", None)  # how the pipeline fingerprints inputs (--split included)
-    if identity is None:
-        from batchllm.jobs.manifest import input_identity as local_identity
-
-        identity = lambda path, split=None: local_identity(path)  # noqa: E731
+    identity = readers.input_identity  # how the pipeline fingerprints inputs (--split included)
     split = (manifest.get("job") or {}).get("split")
     files = manifest.get("input_files") or []
     identities = (manifest.get("fingerprint") or {}).get("inputs") or []
@@ -354,25 +350,29 @@ def request_models(manifest: dict[str, Any], warnings: list[str] | None = None) 
                 continue  # native rows: no request carries a model name
             if fid < len(identities) and identity(path, split) != identities[fid]:
                 raise OSError("changed since the job read it")
-            models: dict[int, str] = {}
-            names: dict[str, str] = {}
-            with open(path, "rb") as f:
-                for index, raw in enumerate(f):
-                    if b'"model"' not in raw:
-                        continue
-                    try:
-                        body = json.loads(raw).get("body")
-                        model = body.get("model") if isinstance(body, dict) else None
-                    except (ValueError, AttributeError):
-                        continue
-                    if isinstance(model, str) and model:
-                        models[index] = names.setdefault(model, model)
-            out[fid] = models
+            names: dict[str, str] = {}  # one string object per distinct name
+            out[fid] = {index: names.setdefault(model, model) for index, model in body_models(path)}
         except (OSError, BatchLLMError) as e:
             if warnings is not None:
                 reason = getattr(e, "strerror", None) or str(e)
                 warnings.append(f"cannot read the requests' model names from {path} ({reason}): bodies name the served model")
     return out
+
+
+def body_models(path: str) -> Iterator[tuple[int, str]]:
+    """(line index, ``body.model``) for each line of a local OpenAI batch file whose body names a model;
+    lines that do not parse are skipped (the job reports them). Raises OSError."""
+    with open(path, "rb") as f:
+        for index, raw in enumerate(f):
+            if b'"model"' not in raw:
+                continue
+            try:
+                body = json.loads(raw).get("body")
+            except (ValueError, AttributeError):
+                continue
+            model = body.get("model") if isinstance(body, dict) else None
+            if isinstance(model, str) and model:
+                yield index, model
 
 
 class _TokenSpeller:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 
@@ -129,19 +128,13 @@ def finish(run: BatchRun):
 
 def check_models(path: str, served: list[str], shown: str | None = None) -> None:
     """BatchLLMError naming the first line whose ``body.model`` is set and not one of ``served``."""
+    from batchllm.jobs.export import body_models
+
     bad, first = 0, None
-    with open(path, "rb") as f:
-        for index, raw in enumerate(f):
-            if b'"model"' not in raw:
-                continue
-            try:
-                body = json.loads(raw).get("body")
-            except (ValueError, AttributeError):
-                continue  # the job reports the line as malformed
-            m = body.get("model") if isinstance(body, dict) else None
-            if isinstance(m, str) and m and m not in served:
-                bad += 1
-                first = first or (index + 1, m)
+    for index, m in body_models(path):
+        if m not in served:
+            bad += 1
+            first = first or (index + 1, m)
     if bad:
         line, m = first
         names = ", ".join(repr(n) for n in served)
