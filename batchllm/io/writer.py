@@ -133,6 +133,17 @@ def storage_of(output_dir: str | Storage) -> Storage:
     return open_storage(output_dir, opener=lambda path, mode: open(path, mode))
 
 
+def lock_folder(storage: Storage, output_dir: str):
+    """Take the job folder's lock (a flock or a lease) and return it held; BatchLLMError in one line when
+    it cannot be taken (another batchllm process holds it, or the folder is not writable)."""
+    lock = storage.lock()
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+    return lock
+
+
 def is_job_file(name: str) -> bool:
     """Whether batchllm writes files of this name in a job folder: the manifest, the status file (and
     their legacy names), shards, and the ``.NAME.tmp`` / ``.NAME.pending`` files of those (the lock and

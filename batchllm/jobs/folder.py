@@ -30,7 +30,7 @@ import numpy as np
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import FolderLock, Lease
-from batchllm.io.writer import storage_of
+from batchllm.io.writer import lock_folder, storage_of
 from batchllm.jobs.completed import CompletedSet
 from batchllm.jobs.integrity import verify_job
 from batchllm.jobs.manifest import check_same_job, read_manifest
@@ -70,11 +70,7 @@ def open_job_folder(output_dir: str, fingerprint: dict[str, Any], overwrite: boo
         raise BatchLLMError(f"cannot create output folder {output_dir}: {e.strerror or e}") from None
     if not storage.writable():
         raise BatchLLMError(f"cannot write to output folder {output_dir}: permission denied")
-    lock = storage.lock()
-    try:
-        lock.acquire()
-    except OSError as e:
-        raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+    lock = lock_folder(storage, output_dir)
     try:
         if overwrite:  # the writer replaces the manifest, then deletes the old shards (claimed folders only)
             return JobFolder(output_dir, lock, None, CompletedSet())

@@ -34,7 +34,15 @@ from typing import Any
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import Storage
-from batchllm.io.writer import _SHARD_RE, claim_job_folder, pending_name, read_shard_bytes, storage_of, store_manifest
+from batchllm.io.writer import (
+    _SHARD_RE,
+    claim_job_folder,
+    lock_folder,
+    pending_name,
+    read_shard_bytes,
+    storage_of,
+    store_manifest,
+)
 from batchllm.jobs.manifest import read_manifest
 
 
@@ -149,11 +157,7 @@ def repair_job(output_dir: str) -> list[Damage]:
     storage = storage_of(output_dir)
     if read_manifest(storage) is None:
         raise BatchLLMError(f"{output_dir} holds no batchllm job to repair (no .manifest.json)")
-    lock = storage.lock()
-    try:
-        lock.acquire()
-    except OSError as e:
-        raise BatchLLMError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from None
+    lock = lock_folder(storage, output_dir)
     try:
         manifest = read_manifest(storage)  # again, under the lock
         if manifest is None:
