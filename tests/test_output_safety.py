@@ -50,6 +50,14 @@ def run(tiny, inputs, out, overwrite=False, **kw):
     return run_job(cfg, loaded=tiny, overwrite=overwrite)
 
 
+def flip_bit(path, at: int) -> bytes:
+    """Flip one bit of the file at byte ``at`` (its size unchanged); returns the damaged bytes."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def rows_by_key(out) -> dict:
     rows = read_results(str(out), verify=True).to_pylist()
     keys = [(r["input_index"], r["sample_index"]) for r in rows]
@@ -200,9 +208,7 @@ def test_deleted_listed_shard_is_reported_by_run_resume_show_and_export(tiny, re
 def test_bit_flip_in_a_committed_shard_fails_export_and_verify(tiny, reference, tmp_path):
     inp, out = finished_job(tiny, reference, tmp_path)
     p = out / "shard-00002.parquet"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 3] ^= 0x01  # same size: the fast check cannot see it, the sha256 can
-    p.write_bytes(bytes(data))
+    flip_bit(p, len(p.read_bytes()) // 3)  # same size: the fast check cannot see it, the sha256 can
     verify_job(str(out), full=False)
     assert job_state(str(out))["status"] == "completed"
     with pytest.raises(DamagedJob, match="shard-00002.parquet: sha256 differs"):
@@ -224,15 +230,13 @@ def test_truncated_shard_fails_the_fast_size_check(tiny, reference, tmp_path):
 def test_bit_flip_passes_the_fast_check_and_fails_run_verify(tiny, reference, tmp_path, capsys):
     inp, out = finished_job(tiny, reference, tmp_path)
     p = out / read_manifest(str(out))["shards"][0]["file"]
-    data = bytearray(p.read_bytes())
-    data[40] ^= 0x10  # same size: only the sha256 sees it
-    p.write_bytes(bytes(data))
+    damaged = flip_bit(p, 40)  # same size: only the sha256 sees it
     args = ["run", inp, "-o", str(out), "--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "-q",
             "--shard-rows", "4"]
     code, err = run_main([*args, "--verify"], capsys)
     assert code == 1
     assert "sha256 differs" in err and f"batchllm resume {out} --repair" in err and "Traceback" not in err
-    assert p.read_bytes() == bytes(data)  # reported, not touched
+    assert p.read_bytes() == damaged  # reported, not touched
 
 
 def test_repair_drops_damaged_shards_and_the_resume_reruns_exactly_their_rows(tiny, reference, tmp_path):
@@ -241,9 +245,7 @@ def test_repair_drops_damaged_shards_and_the_resume_reruns_exactly_their_rows(ti
     shards = read_manifest(str(out))["shards"]
     os.remove(out / shards[0]["file"])  # holds the error record of the bad line too: redone exactly
     p = out / shards[-1]["file"]
-    data = bytearray(p.read_bytes())
-    data[40] ^= 0x10
-    p.write_bytes(bytes(data))
+    flip_bit(p, 40)
     lost = shards[0]["rows"] + shards[-1]["rows"]
     dropped = repair_job(str(out))
     assert sorted(d.file for d in dropped) == sorted([shards[0]["file"], shards[-1]["file"]])
