@@ -532,6 +532,23 @@ def policy_limits(cfg: JobConfig) -> tuple[int | None, float, bool]:
     return max_num_seqs, 0.0 if baseline else 1.0, baseline
 
 
+def fit_to_pool(pages: int, page_size: int, max_model_len: int) -> int:
+    """The context a pool of ``pages`` pages can hold: a sequence can never outgrow the pool, and a group
+    member also holds a private copy of its prefix's partial last page while the prefix keeps the
+    original (one page of headroom). BatchLLMError when the pool holds no token at all."""
+    pool_tokens = (pages - 1) * page_size
+    if pool_tokens < 1:
+        raise BatchLLMError(f"the KV pool ({pages} page(s) of {page_size} tokens) is too small: raise --kv-cache-tokens")
+    return min(max_model_len, pool_tokens)
+
+
+def scheduler_config(cfg: JobConfig, budget: int, max_model_len: int) -> SchedulerConfig:
+    """The scheduler's limits for ``cfg.policy`` (``policy_limits``) under a step token budget."""
+    max_num_seqs, growth_reserve, _ = policy_limits(cfg)
+    return SchedulerConfig(page_size=cfg.page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                           max_model_len=max_model_len, growth_reserve=growth_reserve)
+
+
 def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LLMEngine, frozenset[int]]:
     """The engine for ``cfg`` on a loaded model (KV pool, scheduler limits, backend) and its EOS ids.
 
@@ -541,7 +558,7 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     """
     mcfg = lm.config
     budget = cfg.max_num_batched_tokens or default_token_budget(lm.device)
-    max_num_seqs, growth_reserve, prefix_caching = policy_limits(cfg)
+    max_num_seqs, _, prefix_caching = policy_limits(cfg)
     backend = get_backend(resolve_attention(cfg.attention, lm.device))
     graphs = "off" if cfg.enforce_eager else "auto"
     graph_batch = min(DEFAULT_MAX_GRAPH_BATCH, budget, max_num_seqs or DEFAULT_MAX_GRAPH_BATCH)
@@ -549,21 +566,9 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     # the sampled rows of a step: at most one per running sequence, at most one per token of the budget
     pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget, model=lm.model, backend=backend,
                           sample_rows=min(budget, max_num_seqs or budget), graph_batch=graph_batch if uses_graphs else 0)
-    # A sequence can never outgrow the pool; a group member also holds a private copy of its prefix's
-    # partial last page while the prefix keeps the original: one page of headroom.
-    pool_tokens = (pages - 1) * cfg.page_size
-    if pool_tokens < max_model_len:
-        if pool_tokens < 1:
-            raise BatchLLMError(f"the KV pool ({pages} page(s) of {cfg.page_size} tokens) is too small: raise --kv-cache-tokens")
-        max_model_len = pool_tokens
+    max_model_len = fit_to_pool(pages, cfg.page_size, max_model_len)
     kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
-    sched_cfg = SchedulerConfig(
-        page_size=cfg.page_size,
-        max_num_batched_tokens=budget,
-        max_num_seqs=max_num_seqs,
-        max_model_len=max_model_len,
-        growth_reserve=growth_reserve,
-    )
+    sched_cfg = scheduler_config(cfg, budget, max_model_len)
     engine = LLMEngine(
         lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=prefix_caching,
         graphs=graphs, max_graph_batch=graph_batch,

@@ -35,8 +35,6 @@ from batchllm.engine.attention import get_backend
 from batchllm.engine.engine import LLMEngine
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.model_runner import ModelRunner
-from batchllm.engine.scheduler import SchedulerConfig
-from batchllm.errors import BatchLLMError
 from batchllm.models.tokenizer import eos_token_ids
 
 # JobConfig fields make_engine reads, besides the policy: a run whose values differ gets a fresh engine
@@ -72,12 +70,7 @@ class BenchEngines:
         uses_graphs = self.graphs != "off" and dev.type == "cuda" and cuda_graphs.graph_safe(self.backend)
         pages = pipeline.kv_pool_pages(base, mcfg, dev, lm.dtype, self.budget, model=lm.model, backend=self.backend,
                                        sample_rows=reach, graph_batch=graph_batch if uses_graphs else 0)
-        pool_tokens = (pages - 1) * base.page_size  # make_engine's headroom: a member's copy of a partial prefix page
-        self.max_model_len = pipeline.model_max_len(base, mcfg)
-        if pool_tokens < self.max_model_len:
-            if pool_tokens < 1:
-                raise BatchLLMError(f"the KV pool ({pages} page(s) of {base.page_size} tokens) is too small: raise --kv-cache-tokens")
-            self.max_model_len = pool_tokens
+        self.max_model_len = pipeline.fit_to_pool(pages, base.page_size, pipeline.model_max_len(base, mcfg))
         self.kv = KVCache(mcfg, pages, base.page_size, lm.dtype, dev)
         # every decoding sequence holds at least one page of its own: the pool bounds the decode batch too
         self.graph_batch = cuda_graphs.reachable_graph_batch(graph_max, min(reach, pages))
@@ -102,9 +95,8 @@ class BenchEngines:
             return pipeline.make_engine(cfg, lm, max_model_len)
         if self._dirty:  # the harness calls release() after each run, outside the timed region
             self.release()
-        max_num_seqs, reserve, caching = pipeline.policy_limits(cfg)
-        sched = SchedulerConfig(page_size=cfg.page_size, max_num_batched_tokens=self.budget, max_num_seqs=max_num_seqs,
-                                max_model_len=self.max_model_len, growth_reserve=reserve)
+        sched = pipeline.scheduler_config(cfg, self.budget, self.max_model_len)
+        caching = pipeline.policy_limits(cfg)[2]
         # graphs="off": this engine's own runner is a throwaway (no capture); it runs on the shared one
         engine = LLMEngine(lm.model, lm.tokenizer, self.kv, self.backend, sched, lm.device, lm.config.vocab_size,
                            prefix_caching=caching, graphs="off")
