@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchllm.io.requests import Request
 from batchllm.plan.groups import batchllm_groups
-from batchllm.plan.plan import Plan, build_plan, check_plan, estimate_peak_kv_tokens
+from batchllm.plan.plan import Plan, build_plan, check_plan, estimate_peak_kv_tokens, plan_requests
+from batchllm.sampling_params import SamplingParams
 from batchllm.plan.stats import plan_stats
 from batchllm.plan.trie import PrefixTrie
 
@@ -311,14 +313,153 @@ def test_order_is_depth_first():
     assert firsts == [10, 15, 0, 5]
 
 
-def test_identity_plan_for_policy_none():
+def test_baseline_plan_is_input_order_without_sharing():
     prompts = [[1, 2, 3], [1, 2, 3], [1, 2, 4], [5]]
-    plan = build_plan(prompts, [3, 2, 1, 0], policy="none")
+    plan = build_plan(prompts, [3, 2, 1, 0], samples=[1, 3, 1, 1], policy="fcfs-lru")
+    check_plan(plan, prompts)
     assert plan.order.tolist() == [0, 1, 2, 3]
-    assert [(g.group_id, g.prefix_len, g.members.tolist()) for g in plan.groups] == [(i, 0, [i]) for i in range(4)]
-    assert plan.planned_prompt_tokens == plan.logical_prompt_tokens == 10
-    assert plan.unique_prompt_tokens == 5 and plan.saving() == 0.0
-    assert plan.group_of.tolist() == [0, 1, 2, 3] and plan.prefix_len.tolist() == [0, 0, 0, 0]
+    # a request's 3 samples stay one group of prefix 0: the baseline shares only through its page cache
+    assert [(g.group_id, g.prefix_len, g.members.tolist(), g.outer) for g in plan.groups] == [(i, 0, [i], -1) for i in range(4)]
+    assert plan.planned_prompt_tokens == plan.logical_prompt_tokens == 3 + 3 * 3 + 3 + 1
+    assert plan.unique_prompt_tokens is None and plan.max_saving() is None and plan.saving() == 0.0
+
+
+def test_plan_requests_follows_the_policy_and_caps_expected_output_by_the_context():
+    system = list(range(100, 120))
+    rs = [_req(system + [200 + i, 300 + i], max_tokens=m) for i, m in enumerate([1, 50, 2])]
+    plan = plan_requests(rs, "batchllm", max_model_len=None, page_size=16)
+    check_plan(plan, [r.token_ids for r in rs])
+    assert [(g.prefix_len, g.members.tolist()) for g in plan.groups] == [(20, [1, 2, 0])]  # decode-heavy first
+    # a 23-token context leaves 1 output token after each 22-token prompt: input order among equals
+    assert plan_requests(rs, "batchllm", max_model_len=23, page_size=16).order.tolist() == [0, 1, 2]
+    base = plan_requests(rs, "fcfs-lru", max_model_len=None, page_size=16)
+    assert base.order.tolist() == [0, 1, 2] and base.saving() == 0.0
+    assert plan_requests([], "batchllm", None, 16).groups == []
+
+
+def _req(ids, n=1, max_tokens=4):
+    r = Request(custom_id="c", input_file="f", input_index=0, sampling=SamplingParams(n=n, max_tokens=max_tokens),
+                prompt_token_ids=list(ids))
+    r.token_ids = np.asarray(ids, dtype=np.int32)
+    return r
+
+
+# --- final execution groups: the n > 1 split ------------------------------------------------------------
+
+
+def test_samples_share_their_whole_prompt_in_a_group_of_their_own():
+    system = list(range(100, 110))  # 10 shared tokens: too short an outer prefix
+    prompts = [system + [200 + 10 * i + k for k in range(5)] for i in range(3)] + [[7, 8, 9, 10]]
+    # request 1: 4 samples x 4 own tokens beyond the system prompt save more than recomputing it costs;
+    # request 3, alone, shares its prompt but the last token among its 2 samples
+    plan = build_plan(prompts, [1, 1, 1, 1], samples=[1, 4, 1, 2], page_size=4)
+    check_plan(plan, prompts)
+    assert [(g.prefix_len, g.members.tolist()) for g in plan.groups] == [(3, [3]), (10, [0, 2]), (14, [1])]
+    # request 1 computes the system prompt again: 10 tokens, less than an outer prefix's 16
+    assert plan.nesting.num_outer == 0
+    assert plan.logical_prompt_tokens == 15 * 6 + 4 * 2
+    assert plan.planned_prompt_tokens == (3 + 2 * 1) + (10 + 5 + 5) + (14 + 4 * 1)
+
+
+def test_a_long_group_prefix_becomes_the_outer_prefix_of_the_samples_that_leave():
+    system = list(range(100, 140))  # 40 tokens: an outer prefix of 32
+    prompts = [system + [200 + 10 * i + k for k in range(3)] for i in range(3)]
+    plan = build_plan(prompts, [1, 1, 1], samples=[1, 2, 1], page_size=16)
+    check_plan(plan, prompts)
+    # leaving costs nothing but the 8 tokens past the outer prefix, so request 1's samples share all 42
+    assert [(g.prefix_len, g.members.tolist(), g.outer) for g in plan.groups] == [(40, [0, 2], 0), (42, [1], 0)]
+    assert plan.nesting.outer_len.tolist() == [32]
+    assert plan.planned_prompt_tokens == 32 + (8 + 3 + 3) + (10 + 2 * 1)
+
+
+def test_few_samples_with_short_own_prompts_stay_in_their_group():
+    system = list(range(100, 110))
+    prompts = [system + [200 + i, 300 + i] for i in range(3)]
+    plan = build_plan(prompts, [1, 1, 1], samples=[2, 1, 1], page_size=4)
+    # leaving would recompute 10 tokens to save (2 - 1) x 1: the 2 samples share the group prefix
+    assert [(g.prefix_len, sorted(g.members.tolist())) for g in plan.groups] == [(10, [0, 1, 2])]
+    assert plan.planned_prompt_tokens == 10 + 2 * 2 + 2 + 2
+
+
+# --- subset and without ---------------------------------------------------------------------------------
+
+
+def _nested_prompts():
+    """Two systems; under system A two 32-token blocks of 3 requests each, under B one block of 2."""
+    a, b = list(range(1000, 1032)), list(range(2000, 2032))
+    blocks = [a + list(range(3000, 3032)), a + list(range(4000, 4032)), b + list(range(5000, 5032))]
+    prompts = []
+    for k, size in enumerate([3, 3, 2]):
+        prompts += [blocks[k] + [9000 + len(prompts) + j, 9500 + j] for j in range(size)]
+    return prompts
+
+
+def structure(plan: Plan) -> tuple:
+    """Everything a plan says runs, and its token counts (not ``unique_prompt_tokens``)."""
+    return ([(g.group_id, g.prefix_len, g.members.tolist(), g.outer) for g in plan.groups], plan.order.tolist(),
+            plan.prompt_lens.tolist(), plan.samples.tolist(), [a.tolist() for a in plan.nesting],
+            plan.logical_prompt_tokens, plan.planned_prompt_tokens)
+
+
+def test_subset_keeps_the_outer_prefixes_its_groups_use_and_drops_lone_levels():
+    prompts = _nested_prompts()
+    plan = build_plan(prompts, [1] * 8, page_size=16)
+    check_plan(plan, prompts)
+    assert [len(g.members) for g in plan.groups] == [3, 3, 2] and [g.outer for g in plan.groups] == [0, 0, -1]
+    assert structure(plan.subset(range(3))) == structure(plan)
+    both = plan.subset([1, 0])  # any order: the outer prefix is computed before its first group
+    check_plan(both, {i: prompts[i] for i in both.order.tolist()})
+    assert both.order.tolist() == plan.groups[1].members.tolist() + plan.groups[0].members.tolist()
+    assert both.nesting.outer_len.tolist() == [32] and both.nesting.outer_first.tolist() == [0]
+    # one group under system A: the outer level would have one dependent and computes nothing extra alone
+    one = plan.subset([1, 2])
+    check_plan(one, {i: prompts[i] for i in one.order.tolist()})
+    assert one.nesting.num_outer == 0 and [g.outer for g in one.groups] == [-1, -1]
+    assert one.planned_prompt_tokens == 64 + 3 * 2 + 64 + 2 * 2 and one.unique_prompt_tokens is None
+    # the replicas' subsets compute what the whole plan computes, less each extra copy of a shared level
+    parts = [plan.subset([0]), plan.subset([1, 2])]
+    assert sum(p.planned_prompt_tokens for p in parts) == plan.planned_prompt_tokens + 32
+    assert sum(p.logical_prompt_tokens for p in parts) == plan.logical_prompt_tokens
+    with pytest.raises(ValueError):
+        plan.subset([0, 0])
+    with pytest.raises(ValueError):
+        plan.subset([3])
+
+
+def test_without_removes_requests_and_keeps_indices_and_order():
+    prompts = _nested_prompts()
+    plan = build_plan(prompts, [1] * 8, page_size=16)
+    g1 = plan.groups[1].members.tolist()
+    less = plan.without(g1[:1])
+    check_plan(less, {i: prompts[i] for i in less.order.tolist()})
+    assert [m.tolist() for m in (g.members for g in less.groups)] == [plan.groups[0].members.tolist(), g1[1:],
+                                                                      plan.groups[2].members.tolist()]
+    assert less.planned_prompt_tokens == plan.planned_prompt_tokens - 2
+    gone = less.without(g1[1:])  # group 1 is emptied: system A's level is left with one dependent
+    check_plan(gone, {i: prompts[i] for i in gone.order.tolist()})
+    assert len(gone.groups) == 2 and gone.nesting.num_outer == 0
+    assert gone.planned_prompt_tokens == 64 + 3 * 2 + 64 + 2 * 2
+    assert structure(plan.without([])) == structure(plan)
+    with pytest.raises(ValueError):
+        gone.without(g1[:1])  # no longer a member
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompt_lists, st.randoms(use_true_random=False))
+def test_subsets_and_removals_are_valid_plans(prompts, rnd):
+    prompts = [[7] * 20 + p for p in prompts] + [[8] * 20 + p for p in prompts]  # outer prefixes at page 4
+    n = len(prompts)
+    samples = [rnd.randint(1, 3) for _ in prompts]
+    plan = build_plan(prompts, [rnd.randint(0, 6) for _ in prompts], samples=samples, page_size=4)
+    check_plan(plan, prompts)
+    ids = [g for g in range(len(plan.groups)) if rnd.random() < 0.5]
+    rnd.shuffle(ids)
+    sub = plan.subset(ids)
+    check_plan(sub, {i: prompts[i] for i in sub.order.tolist()})
+    drop = [i for i in range(n) if rnd.random() < 0.3]
+    less = plan.without(drop)
+    check_plan(less, {i: prompts[i] for i in range(n) if i not in set(drop)})
+    assert less.logical_prompt_tokens == plan.logical_prompt_tokens - sum(samples[i] * len(prompts[i]) for i in drop)
 
 
 # --- benchmark workload shapes -----------------------------------------------------------------------
@@ -424,7 +565,7 @@ def test_kv_estimate_counts_an_outer_prefix_once():
 def test_kv_estimate_respects_budget(prompts, budget, rnd):
     out = [rnd.randint(0, 6) for _ in prompts]
     lens = [len(p) for p in prompts]
-    for policy in ("batchllm", "none"):
+    for policy in ("batchllm", "fcfs-lru"):
         est = estimate_peak_kv_tokens(build_plan(prompts, out, policy=policy), lens, out, budget)
         if budget >= est.min_budget:
             assert est.peak_kv_tokens <= budget

@@ -1,88 +1,86 @@
-"""The engine's work, in plan order: shared prefixes and sequences built from a plan's groups.
+"""The engine's work, in plan order: a plan's outer prefixes, group prefixes and samples.
 
-``build_sources`` is the glue between the PLAN stage and the engine. It turns each group into a
-``SharedPrefix`` (when more than one sample shares it) followed by its members' samples, and gives
-neighbouring groups whose prefixes share a head an outer ``SharedPrefix`` that their prefixes extend
-(``plan.nesting``: multi-level sharing). The same function serves one process and each Ray replica
-(which gets a list of whole groups): the nesting is recomputed from the groups it is given.
-
-Unit of work = one shared prefix and the samples below it: a group, or a request with ``n > 1``
-samples that leaves its group because its samples can share its whole prompt but the last token.
+``build_sources`` is the glue between the PLAN stage and the engine, and it decides nothing: the plan's
+groups (``Plan.groups``, final execution groups in execution order) and their outer prefixes
+(``Plan.nesting``: multi-level sharing) become ``SharedPrefix`` and ``Sequence`` objects one to one, so
+the engine computes the prompt tokens the plan counts. The same function serves one process and each
+Ray replica (which runs ``Plan.subset`` of the job's plan).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from collections.abc import Sequence as Seq
 
 import numpy as np
 
 from batchllm.engine.engine import derive_seed
 from batchllm.engine.sequence import Sequence, SharedPrefix
 from batchllm.io.requests import Request
-from batchllm.plan.nesting import MIN_OUTER_TOKENS, nest
 from batchllm.plan.plan import Plan, PrefixGroup
 
 
-class _Unit(NamedTuple):
-    prefix_len: int  # tokens its members' samples share (0: none)
-    members: list[int]  # request indices
-    samples: int  # sum of the members' n
-
-    @property
-    def has_prefix(self) -> bool:
-        """Whether the unit computes a shared prefix of its own (two or more samples share it)."""
-        return self.prefix_len > 0 and self.samples > 1
-
-
-def build_sources(requests: list[Request], plan: Plan | None, eos: frozenset[int], job_seed: int,
-                  page_size: int = 16) -> Iterator[Sequence | SharedPrefix]:
+def build_sources(requests: Seq[Request] | Mapping[int, Request], plan: Plan | None, eos: frozenset[int],
+                  job_seed: int, page_size: int = 16) -> Iterator[Sequence | SharedPrefix]:
     """Yield the engine's work in plan order: outer prefixes, each group's shared prefix, its members' samples.
 
-    Without a plan (the streaming baseline), requests go in input order as independent samples, and a
-    request's ``n > 1`` samples are n sequences that share its prompt only through the page cache, as
-    vLLM fans such a request out into n child requests. Every prefix is
-    yielded before anything that extends it; ``SharedPrefix.unfinished`` counts its dependents exactly.
-    Outer prefixes end on a ``page_size`` boundary (the engine's), so extending them copies no page.
+    ``requests`` maps the plan's request indices to requests (the job's list, or a replica's dict).
+    A group computes its prefix as a ``SharedPrefix`` (extending its outer prefix) when two or more
+    samples share it; otherwise its one sample extends the outer prefix directly. A group with prefix 0
+    runs its members' samples as independent sequences (the baseline plan: a request's ``n`` samples
+    then share its prompt only through the page cache, as vLLM fans such a request out into ``n``
+    child requests). Every prefix is yielded before anything that extends it, and
+    ``SharedPrefix.unfinished`` counts its dependents exactly. ``page_size`` is the engine's: an outer
+    prefix must end on a page boundary (the plan's ``page_size``), so extending it copies no page.
+    ``plan=None`` streams the requests in input order as the baseline plan does.
     """
     ids = itertools.count()
-    if plan is None:  # the baseline plans nothing: stream the requests as they come
+    if plan is None:  # the streaming baseline: input order, nothing shared
         for i, r in enumerate(requests):
-            yield from _unit_sources(requests, _Unit(0, [i], r.sampling.n), None, ids, eos, job_seed)
+            yield from _group_sources(requests, PrefixGroup(i, 0, np.array([i], dtype=np.int64)), None, ids, eos, job_seed)
         return
-    units = list(_units(requests, plan.groups))
-    heads = [requests[u.members[0]].token_ids[: u.prefix_len] for u in units]
-    nesting = nest(heads, align=page_size)
+    nst = plan.nesting
+    if np.any(nst.outer_len % page_size):
+        raise ValueError(f"the plan's outer prefixes do not end on the engine's {page_size}-token page boundary")
+    # dependents of each outer prefix: extending outer prefixes, group prefixes, samples attached directly
+    deps = np.bincount(nst.outer_parent[nst.outer_parent >= 0], minlength=nst.num_outer)
+    for g in plan.groups:
+        if g.outer >= 0:
+            samples = _samples(requests, g)
+            deps[g.outer] += 1 if _shares(g, samples) else samples
 
-    # dependents of each outer prefix: extending outer prefixes, unit prefixes, samples attached directly
-    deps = np.bincount(nesting.outer_parent[nesting.outer_parent >= 0], minlength=nesting.num_outer)
-    for ui, u in enumerate(units):
-        o = nesting.unit_parent[ui]
-        if o >= 0:
-            deps[o] += 1 if u.has_prefix else u.samples
-
-    outers: list[SharedPrefix | None] = [None] * nesting.num_outer
+    outers: list[SharedPrefix | None] = [None] * nst.num_outer
     next_outer = 0
-    for ui, u in enumerate(units):
-        while next_outer < nesting.num_outer and nesting.outer_first[next_outer] == ui:
-            o, par = next_outer, int(nesting.outer_parent[next_outer])
-            outers[o] = SharedPrefix(next(ids), np.ascontiguousarray(heads[ui][: nesting.outer_len[o]]),
-                                     unfinished=int(deps[o]), prefix=outers[par] if par >= 0 else None)
+    for g in plan.groups:
+        while next_outer < nst.num_outer and nst.outer_first[next_outer] == g.group_id:
+            o, par = next_outer, int(nst.outer_parent[next_outer])
+            head = requests[int(g.members[0])].token_ids[: nst.outer_len[o]]
+            outers[o] = SharedPrefix(next(ids), np.ascontiguousarray(head), unfinished=int(deps[o]),
+                                     prefix=outers[par] if par >= 0 else None)
             yield outers[o]
             next_outer += 1
-        o = int(nesting.unit_parent[ui])
-        yield from _unit_sources(requests, u, outers[o] if o >= 0 else None, ids, eos, job_seed)
+        yield from _group_sources(requests, g, outers[g.outer] if g.outer >= 0 else None, ids, eos, job_seed)
 
 
-def _unit_sources(requests, u: _Unit, outer: SharedPrefix | None, ids, eos, job_seed) -> Iterator[Sequence | SharedPrefix]:
-    """A unit's own shared prefix (extending ``outer``), when it has one, then its members' samples."""
+def _samples(requests, g: PrefixGroup) -> int:
+    return sum(requests[int(i)].sampling.n for i in g.members)
+
+
+def _shares(g: PrefixGroup, samples: int) -> bool:
+    """Whether the group computes a shared prefix of its own: two or more samples share it."""
+    return g.prefix_len > 0 and samples > 1
+
+
+def _group_sources(requests, g: PrefixGroup, outer: SharedPrefix | None, ids, eos, job_seed) -> Iterator[Sequence | SharedPrefix]:
+    """A group's own shared prefix (extending ``outer``), when it has one, then its members' samples."""
     parent = outer
-    if u.has_prefix:
-        head = requests[u.members[0]].token_ids[: u.prefix_len]
-        parent = SharedPrefix(next(ids), np.ascontiguousarray(head), unfinished=u.samples, prefix=outer)
+    samples = _samples(requests, g)
+    if _shares(g, samples):
+        head = requests[int(g.members[0])].token_ids[: g.prefix_len]
+        parent = SharedPrefix(next(ids), np.ascontiguousarray(head), unfinished=samples, prefix=outer)
         yield parent
-    for ri in u.members:
+    for ri in g.members.tolist():
         r = requests[ri]
         for sample in range(r.sampling.n):
             yield Sequence(
@@ -95,33 +93,3 @@ def _unit_sources(requests, u: _Unit, outer: SharedPrefix | None, ids, eos, job_
                 eos_ids=eos,
                 prefix=parent,
             )
-
-
-def _units(requests: list[Request], groups: Iterable[PrefixGroup]) -> Iterator[_Unit]:
-    """Each group as a unit, minus its requests whose samples are better off sharing their own prompt:
-    those follow as units of their own (prefix = all but the last prompt token)."""
-    for g in groups:
-        members = [int(i) for i in g.members]
-        alone = [i for i in members if _own_unit_pays(requests[i], g.prefix_len)] if len(members) > 1 else []
-        if alone:
-            leaving = set(alone)
-            members = [i for i in members if i not in leaving]
-        if members:
-            plen, samples = g.prefix_len, sum(requests[i].sampling.n for i in members)
-            if plen == 0 and len(members) == 1 and samples > 1:
-                plen = len(requests[members[0]].token_ids) - 1  # one request's samples: all but the last token
-            yield _Unit(plen, members, samples)
-        for i in alone:
-            yield _Unit(len(requests[i].token_ids) - 1, [i], requests[i].sampling.n)
-
-
-def _own_unit_pays(r: Request, group_prefix: int) -> bool:
-    """Whether a group member with n > 1 samples should share its whole prompt (but the last token)
-    among its samples instead of only the group prefix. When the group prefix is long enough to become
-    an outer prefix of both (``nest``), leaving costs nothing; otherwise it costs recomputing the group
-    prefix once, which must be less than what the samples save."""
-    n = r.sampling.n
-    own = len(r.token_ids) - 1 - group_prefix
-    if n < 2 or own < 1:
-        return False
-    return group_prefix > MIN_OUTER_TOKENS or (n - 1) * own > group_prefix

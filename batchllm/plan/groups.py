@@ -5,7 +5,9 @@ shared prefix computed once plus the members' own suffixes. Which tree nodes bec
 by a gain rule, applied bottom-up by ``PromptPrefixCluster._enlarge_1st_prefix_tokens`` in the authors'
 released code; ``batchllm_groups`` reproduces that procedure on the array trie of ``trie.py``.
 ``order_groups`` then orders groups and members: larger decode ratio first, within a depth-first walk
-of the prefix tree (SGLang: DFS order maximises reuse for an offline batch).
+of the prefix tree (SGLang: DFS order maximises reuse for an offline batch). ``split_samples`` makes
+the ordered groups the final execution groups: a request with ``n > 1`` samples whose samples are
+better off sharing its whole prompt (but the last token) leaves its group for a group of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from batchllm.plan.nesting import MIN_OUTER_TOKENS
 from batchllm.plan.trie import PrefixTrie
 
 
@@ -240,3 +243,45 @@ def order_groups(trie: PrefixTrie, grouping: Grouping, expected_output: np.ndarr
     own_ratio = decode_ratio(out, lens)
     request_order = np.lexsort((np.arange(n), -own_ratio, rank[rg]))
     return group_order_a, request_order
+
+
+def split_samples(prefix_len: np.ndarray, members: list[np.ndarray], lens: np.ndarray,
+                  samples: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    """The final execution groups from ordered groups ``(prefix_len[g], members[g])``: returns
+    ``(prefix lengths, member arrays)`` in execution order. ``lens`` / ``samples`` (n) are indexed by
+    request.
+
+    A member of a group of two or more requests leaves it when ``own_group_pays``; it follows its group
+    as a group of its own that shares all its prompt but the last token among its samples. A group of
+    one request with ``n > 1`` samples and no shared prefix gets that same prefix. The other members
+    keep their group and its prefix, also when only one sample is left to use it (the prefix then
+    shares nothing, but it still places the group under an outer prefix; see ``nesting.py``).
+    """
+    out_len: list[int] = []
+    out_members: list[np.ndarray] = []
+    for plen, m in zip(np.asarray(prefix_len).tolist(), members):
+        m = np.asarray(m, dtype=np.int64)
+        alone = np.zeros(len(m), dtype=bool)
+        if len(m) > 1:
+            alone = np.array([own_group_pays(int(lens[i]), int(samples[i]), plen) for i in m.tolist()], dtype=bool)
+        stay = m[~alone]
+        if len(stay):
+            if plen == 0 and len(stay) == 1 and samples[stay[0]] > 1:
+                plen = int(lens[stay[0]]) - 1  # one request's samples: all but the last token
+            out_len.append(plen)
+            out_members.append(stay)
+        for i in m[alone].tolist():
+            out_len.append(int(lens[i]) - 1)
+            out_members.append(np.array([i], dtype=np.int64))
+    return out_len, out_members
+
+
+def own_group_pays(prompt_len: int, n: int, group_prefix: int) -> bool:
+    """Whether a group member with ``n`` samples should share its whole prompt (but the last token)
+    among its samples instead of only the group prefix. When the group prefix is long enough to become
+    an outer prefix of both (``nesting.nest``), leaving costs nothing; otherwise it costs recomputing
+    the group prefix once, which must be less than what the samples save."""
+    own = prompt_len - 1 - group_prefix
+    if n < 2 or own < 1:
+        return False
+    return group_prefix > MIN_OUTER_TOKENS or (n - 1) * own > group_prefix

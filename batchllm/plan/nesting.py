@@ -62,6 +62,59 @@ class Nesting(NamedTuple):
         par = np.where(self.outer_parent >= 0, self.outer_len[np.maximum(self.outer_parent, 0)], 0)
         return int((self.outer_len - par).sum())
 
+    def restrict(self, units: Sequence[int]) -> Nesting:
+        """The outer prefixes over ``units`` (indices of this nesting's units, in their new execution
+        order), numbered as in ``nest``: listed by first unit, enclosing ones first.
+
+        Only the outer prefixes some of these units extend remain, and of those only the ones with at
+        least two dependents (units or outer prefixes directly below): a level with one dependent
+        computes exactly the tokens that dependent would compute itself and only adds a prefix to wait
+        for, so its dependent takes its place under the next level up. ``nest`` never makes such a level
+        (an outer prefix covers a run of at least two units), so restricting to all units in their order
+        gives this nesting back.
+        """
+        units_l = [int(u) for u in units]
+        parent = self.outer_parent.tolist()
+        used = [False] * self.num_outer
+        for u in units_l:
+            o = int(self.unit_parent[u])
+            while o >= 0 and not used[o]:
+                used[o] = True
+                o = parent[o]
+        deps = [0] * self.num_outer
+        for o in range(self.num_outer):
+            if used[o] and parent[o] >= 0:
+                deps[parent[o]] += 1
+        for u in units_l:
+            if self.unit_parent[u] >= 0:
+                deps[int(self.unit_parent[u])] += 1
+        keep = [d >= 2 for d in deps]
+
+        def up(o: int) -> int:
+            """The nearest kept outer prefix from ``o`` up (``o`` itself when kept), or -1."""
+            while o >= 0 and not keep[o]:
+                o = parent[o]
+            return o
+
+        unit_parent = [up(int(self.unit_parent[u])) for u in units_l]
+        first = {}  # kept outer prefix -> first new unit below it
+        for k, o in enumerate(unit_parent):
+            while o >= 0 and o not in first:
+                first[o] = k
+                o = up(parent[o])
+        depth = {}
+        for o in sorted(first):  # a parent precedes its children in nest's numbering
+            p = up(parent[o])
+            depth[o] = depth[p] + 1 if p >= 0 else 0
+        kept = sorted(first, key=lambda o: (first[o], depth[o]))
+        new_id = {o: i for i, o in enumerate(kept)}
+        return Nesting(
+            np.array([self.outer_len[o] for o in kept], dtype=np.int64),
+            np.array([new_id[up(parent[o])] if up(parent[o]) >= 0 else -1 for o in kept], dtype=np.int64),
+            np.array([first[o] for o in kept], dtype=np.int64),
+            np.array([new_id[o] if o >= 0 else -1 for o in unit_parent], dtype=np.int64),
+        )
+
 
 def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))

@@ -1,81 +1,161 @@
-"""The execution plan of a job: prefix groups, their order, and what they save.
+"""The execution plan of a job: the groups the engine runs, in order, and what they save.
 
 This is the PLAN stage of the pipeline (BatchLLM, arXiv 2412.03594, Sec. 4.1-4.2): one global prefix
 tree over every prompt (``trie.py``), split into single-level prefix groups by the authors' gain rule
-and ordered decode-heavy first within a depth-first walk (``groups.py``); then neighbouring groups whose
-prefixes share a head get an outer prefix computed once for all of them (``nesting.py``: multi-level
-sharing). The engine consumes the result as plain data: groups in execution order, each a shared
-prefix length, its members and the outer prefix its prefix extends.
+and ordered decode-heavy first within a depth-first walk (``groups.py``); then a request with ``n > 1``
+samples leaves its group when its samples are better off sharing its whole prompt
+(``groups.split_samples``); then neighbouring groups whose prefixes share a head get an outer prefix
+computed once for all of them (``nesting.py``: multi-level sharing).
 
-``policy="none"`` gives the baseline: input order, every request its own group with prefix 0.
+The plan is what runs: ``Plan.groups`` are the final execution groups in execution order and
+``Plan.nesting`` the outer prefixes over exactly these groups; ``engine/sources.py`` turns them into
+engine work one to one, so the planned prompt tokens are the prompt tokens the engine computes (with
+enough KV memory: preemption recomputes). ``Plan.subset`` is the part a Ray replica runs,
+``Plan.without`` the plan less the prompts a KV pool cannot hold.
+
+Policies: ``"batchllm"`` plans as above; ``"fcfs-lru"``, the streaming baseline, is the plan of no
+sharing: input order, each request its own group with prefix 0, its ``n`` samples independent
+sequences (the baseline engine shares prompts only through its page cache, as vLLM does).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from batchllm.plan.groups import Grouping, batchllm_groups, order_groups, singleton_groups
+from batchllm.io.requests import Request
+from batchllm.plan.groups import batchllm_groups, order_groups, split_samples
 from batchllm.plan.nesting import Nesting, nest
 from batchllm.plan.trie import PrefixTrie
 
-POLICIES = ("batchllm", "none")
+POLICIES = ("batchllm", "fcfs-lru")
 
 
 @dataclass
 class PrefixGroup:
-    """Requests that run together around one shared prefix.
+    """One execution group: the samples of ``members`` around one shared prefix.
 
-    The first ``prefix_len`` prompt tokens of every member are identical and computed once;
-    ``prefix_len <= len(prompt) - 1`` for every member, so each member computes at least its last token.
-    ``prefix_len == 0`` means no sharing (a singleton, or the baseline plan).
+    The first ``prefix_len`` prompt tokens of every member are identical, and
+    ``prefix_len <= len(prompt) - 1`` for every member, so each sample computes at least its last token.
+    The engine computes the prefix once (beyond its outer prefix) when two or more samples share it;
+    with one sample the prefix still places the group under its outer prefix. ``prefix_len == 0``
+    means no sharing (a lone request, or the baseline plan).
     """
 
-    group_id: int
+    group_id: int  # its position in ``Plan.groups``
     prefix_len: int
-    members: np.ndarray  # request indices (into the input list), in execution order
+    members: np.ndarray  # request indices (into the job's request list), in execution order
     outer: int = -1  # the outer prefix (``Plan.nesting``) this group's prefix extends, or -1
 
 
 @dataclass
 class Plan:
-    """Groups in execution order plus per-request lookups and the prefill token accounting.
+    """The execution groups in order, their outer prefixes, and the prompt token accounting.
 
-    ``order`` is the concatenation of the groups' members; ``prefix_len`` and ``group_of`` are indexed
-    by request index. ``group_id`` equals the group's position in ``groups``. ``nesting`` holds the
-    outer prefixes over the groups (its units are the groups, in order).
+    ``order`` is the concatenation of the groups' members; ``prompt_lens`` and ``samples`` (each
+    request's ``n``) are aligned with ``order``. Request indices are indices into the job's request
+    list, also in a ``subset`` or ``without``. ``nesting`` holds the outer prefixes over the groups
+    (its units are the groups, in order); every outer prefix has at least two dependents.
+
+    Token counts, over every sample of every member: ``logical`` = sum of ``n * len``; ``planned`` =
+    each outer prefix level once + each group's prefix beyond its outer prefix once + each sample's
+    tokens beyond its group's prefix: what the engine computes when nothing is preempted.
+    ``unique_prompt_tokens`` (distinct non-empty prefixes: the best any cache can do) is measured on
+    the prompt tree of a ``"batchllm"`` plan, None where no tree was built (the baseline) or the plan
+    is derived (``subset``, ``without``).
     """
 
     groups: list[PrefixGroup]
     order: np.ndarray
-    prefix_len: np.ndarray
-    group_of: np.ndarray
-    logical_prompt_tokens: int  # sum of prompt lengths
-    unique_prompt_tokens: int  # distinct non-empty prefixes = trie edge length: the best any cache can do
-    planned_prompt_tokens: int  # outer prefixes once + group prefixes beyond their outer + requests beyond their group's
-    nesting: Nesting | None = None
+    prompt_lens: np.ndarray
+    samples: np.ndarray
+    nesting: Nesting
+    logical_prompt_tokens: int
+    planned_prompt_tokens: int
+    unique_prompt_tokens: int | None
 
     def saving(self) -> float:
         """Prefill saving of this plan: ``1 - planned / logical``."""
         return 1.0 - self.planned_prompt_tokens / self.logical_prompt_tokens if self.logical_prompt_tokens else 0.0
 
-    def max_saving(self) -> float:
-        """The most any prefix cache could save: ``1 - unique / logical``."""
+    def max_saving(self) -> float | None:
+        """The most any prefix cache could save: ``1 - unique / logical`` (None: not measured)."""
+        if self.unique_prompt_tokens is None:
+            return None
         return 1.0 - self.unique_prompt_tokens / self.logical_prompt_tokens if self.logical_prompt_tokens else 0.0
 
     @property
     def num_requests(self) -> int:
         return len(self.order)
 
+    def bounds(self) -> np.ndarray:
+        """Group ``g``'s members are ``order[bounds[g] : bounds[g + 1]]`` (length ``len(groups) + 1``)."""
+        return np.concatenate([[0], np.cumsum([len(g.members) for g in self.groups], dtype=np.int64)]).astype(np.int64)
+
+    def subset(self, group_ids: Sequence[int]) -> Plan:
+        """The groups ``group_ids`` (positions in ``groups``), in the given order, as a plan of their own:
+        what a Ray replica runs. Outer prefixes are those the listed groups extend, less levels that
+        would have a single dependent there (``Nesting.restrict``); the token counts are the subset's."""
+        ids = [int(g) for g in group_ids]
+        if len(set(ids)) != len(ids) or any(not 0 <= g < len(self.groups) for g in ids):
+            raise ValueError(f"group ids must be distinct positions in the plan's {len(self.groups)} groups")
+        b = self.bounds()
+        return _from_groups(
+            [self.groups[g].prefix_len for g in ids],
+            [self.groups[g].members for g in ids],
+            [self.prompt_lens[b[g] : b[g + 1]] for g in ids],
+            [self.samples[b[g] : b[g + 1]] for g in ids],
+            self.nesting.restrict(ids),
+            unique=None,
+        )
+
+    def without(self, request_ids: Iterable[int]) -> Plan:
+        """This plan less the requests ``request_ids`` (each a member): the other members keep their
+        groups, prefixes and order; emptied groups go, and outer prefixes as in ``subset``."""
+        drop = np.fromiter((int(i) for i in request_ids), dtype=np.int64)
+        gone = np.isin(self.order, drop)
+        if int(gone.sum()) != len(np.unique(drop)):
+            raise ValueError("every request to remove must be a member of the plan")
+        b = self.bounds()
+        kept = [g for g in range(len(self.groups)) if not gone[b[g] : b[g + 1]].all()]
+        keep = [~gone[b[g] : b[g + 1]] for g in kept]
+        return _from_groups(
+            [self.groups[g].prefix_len for g in kept],
+            [self.groups[g].members[k] for g, k in zip(kept, keep)],
+            [self.prompt_lens[b[g] : b[g + 1]][k] for g, k in zip(kept, keep)],
+            [self.samples[b[g] : b[g + 1]][k] for g, k in zip(kept, keep)],
+            self.nesting.restrict(kept),
+            unique=None,
+        )
+
+
+def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int | None, page_size: int) -> Plan:
+    """The plan of a job's tokenized ``requests`` under ``policy`` (``POLICIES``); request indices are
+    positions in ``requests``. ``page_size`` is the engine's KV page size (outer prefixes end on a page
+    boundary).
+
+    ``"batchllm"`` expects per request ``max_tokens`` (capped by what ``max_model_len`` leaves after the
+    prompt; None: no cap) times ``n`` output tokens, which orders the groups decode-heavy first.
+    """
+    prompts = [r.token_ids for r in requests]
+    samples = np.fromiter((r.sampling.n for r in requests), dtype=np.int64, count=len(requests))
+    cap = max_model_len or np.iinfo(np.int64).max
+    expected = np.fromiter(
+        (min(r.sampling.max_tokens, max(1, cap - len(r.token_ids))) * r.sampling.n for r in requests),
+        dtype=np.float64, count=len(requests),
+    )
+    return build_plan(prompts, expected, samples=samples, policy=policy, page_size=page_size)
+
 
 def build_plan(
     prompts: Sequence,
     expected_output: np.ndarray | Sequence[float],
     *,
+    samples: np.ndarray | Sequence[int] | None = None,
     policy: str = "batchllm",
     min_prefix: int = 1,
     trie: PrefixTrie | None = None,
@@ -84,10 +164,12 @@ def build_plan(
     """Plan a job.
 
     ``prompts``: one non-empty 1-D integer array (or list) of token ids per request.
-    ``expected_output``: per request, the output tokens to expect (``max_tokens`` or an estimate), >= 0.
-    ``policy``: ``"batchllm"`` (global prefix groups, decode-ratio DFS order) or ``"none"`` (identity).
+    ``expected_output``: per request, the output tokens to expect (``max_tokens * n`` or an estimate), >= 0.
+    ``samples``: per request, its number of samples ``n`` (>= 1; None: 1 each).
+    ``policy``: ``"batchllm"`` (global prefix groups, decode-ratio DFS order, the ``n > 1`` split, outer
+    prefixes) or ``"fcfs-lru"`` (the baseline: input order, no sharing; no tree is built).
     ``min_prefix``: a group sharing fewer tokens than this is split into singletons (prefix 0).
-    ``trie``: the prompts' tree if already built (e.g. to plan both policies from one build).
+    ``trie``: the prompts' tree if already built (e.g. to plan several ways from one build).
     ``page_size``: the engine's KV page size; outer prefixes end on a page boundary.
     Raises ``ValueError`` for bad input.
     """
@@ -100,87 +182,118 @@ def build_plan(
         raise ValueError(f"expected_output must have one value per prompt ({len(prompts)}), got shape {out.shape}")
     if not np.all(np.isfinite(out)) or np.any(out < 0):
         raise ValueError("expected_output must be finite and >= 0")
+    n_s = np.ones(len(prompts), dtype=np.int64) if samples is None else np.asarray(samples, dtype=np.int64)
+    if n_s.shape != (len(prompts),) or np.any(n_s < 1):
+        raise ValueError(f"samples must be one integer >= 1 per prompt ({len(prompts)})")
+    lens = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
+    if np.any(lens < 1):
+        raise ValueError("every prompt must have at least one token")
+    if policy == "fcfs-lru":
+        ones = [np.array([i], dtype=np.int64) for i in range(len(prompts))]
+        return _from_groups([0] * len(prompts), ones, [lens[m] for m in ones], [n_s[m] for m in ones],
+                            nest([np.zeros(0, np.int64)] * len(prompts)), unique=None)
     if trie is None:
         trie = PrefixTrie.build(prompts)
     elif trie.num_requests != len(prompts):
         raise ValueError("trie was built over a different number of prompts")
+    grouping = batchllm_groups(trie, min_prefix)
+    group_order, order = order_groups(trie, grouping, out)
+    size = np.bincount(grouping.req_group, minlength=grouping.num_groups)[group_order]
+    members = np.split(order, np.cumsum(size)[:-1]) if len(order) else []
+    plens, members = split_samples(grouping.prefix_len[group_order], members, lens, n_s)
+    heads = [np.asarray(prompts[m[0]])[:p] for p, m in zip(plens, members)]
+    return _from_groups(plens, members, [lens[m] for m in members], [n_s[m] for m in members],
+                        nest(heads, align=page_size), unique=trie.unique_tokens())
 
-    n = trie.num_requests
-    if policy == "none":
-        grouping = singleton_groups(trie)
-        group_order, order = np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)
-    else:
-        grouping = batchllm_groups(trie, min_prefix)
-        group_order, order = order_groups(trie, grouping, out)
-    return _assemble(trie, grouping, group_order, order, page_size)
 
-
-def _assemble(trie: PrefixTrie, grouping: Grouping, group_order: np.ndarray, order: np.ndarray, page_size: int) -> Plan:
-    G, n = grouping.num_groups, trie.num_requests
-    rank = np.empty(G, dtype=np.int64)
-    rank[group_order] = np.arange(G)
-    group_of = rank[grouping.req_group]
-    g_prefix = grouping.prefix_len[group_order]
-    size = np.bincount(group_of, minlength=G)
-    bounds = np.concatenate([[0], np.cumsum(size)]).tolist()
-    groups = [PrefixGroup(g, p, order[bounds[g] : bounds[g + 1]]) for g, p in enumerate(g_prefix.tolist())]
-    heads = [trie.tokens[trie.offsets[g.members[0]] : trie.offsets[g.members[0]] + g.prefix_len] for g in groups]
-    nesting = nest(heads, align=page_size)
-    for g in groups:
-        g.outer = int(nesting.unit_parent[g.group_id])
-    logical = int(trie.lengths.sum())
-    # each group computes its prefix beyond its outer prefix, once; each member its tokens beyond the group prefix
-    outer_saved = sum(nesting.parent_len(g.group_id) for g in groups) - nesting.outer_tokens()
+def _from_groups(prefix_lens: list[int], members: list[np.ndarray], lens: list[np.ndarray], samples: list[np.ndarray],
+                 nesting: Nesting, unique: int | None) -> Plan:
+    """A plan of groups ``(prefix_lens[g], members[g])`` in execution order, their members' prompt lengths
+    and sample counts, and ``nesting`` over them; the token counts follow ``Plan``'s definitions."""
+    groups = [PrefixGroup(g, int(p), np.asarray(m, dtype=np.int64), int(nesting.unit_parent[g]))
+              for g, (p, m) in enumerate(zip(prefix_lens, members))]
+    z = np.zeros(0, dtype=np.int64)
+    order = np.concatenate([g.members for g in groups]) if groups else z
+    lens_a = np.concatenate(lens).astype(np.int64) if groups else z
+    samples_a = np.concatenate(samples).astype(np.int64) if groups else z
     return Plan(
         groups=groups,
         order=order,
-        prefix_len=g_prefix[group_of] if n else np.zeros(0, dtype=np.int64),
-        group_of=group_of,
-        logical_prompt_tokens=logical,
-        unique_prompt_tokens=trie.unique_tokens(),
-        planned_prompt_tokens=logical - int(((size - 1) * g_prefix).sum()) - outer_saved,
+        prompt_lens=lens_a,
+        samples=samples_a,
         nesting=nesting,
+        logical_prompt_tokens=int((samples_a * lens_a).sum()),
+        planned_prompt_tokens=_planned_tokens(groups, nesting, lens_a, samples_a),
+        unique_prompt_tokens=unique,
     )
 
 
-def check_plan(plan: Plan, prompts: Sequence) -> None:
+def _planned_tokens(groups: list[PrefixGroup], nesting: Nesting, lens: np.ndarray, samples: np.ndarray) -> int:
+    """Outer prefix levels once + each group's prefix beyond its outer prefix + each sample's own tokens.
+
+    A group of one sample counts its prefix beyond the outer prefix once and its own tokens once: the
+    same sum as the sample computing everything beyond the outer prefix, which is what the engine does."""
+    plen = np.repeat(np.array([g.prefix_len for g in groups], dtype=np.int64), [len(g.members) for g in groups])
+    own = int((samples * (lens - plen)).sum())
+    beyond_outer = sum(g.prefix_len - nesting.parent_len(g.group_id) for g in groups)
+    return nesting.outer_tokens() + beyond_outer + own
+
+
+def check_plan(plan: Plan, prompts: Sequence | Mapping[int, Sequence]) -> None:
     """Verify a plan against its prompts; raises ``ValueError`` naming the first violation.
 
-    Every request appears exactly once in ``order``; groups are contiguous runs of ``order``; every
-    member starts with its group's prefix (the first member's first ``prefix_len`` tokens) and keeps at
-    least one own token; every group's prefix is longer than its outer prefix and starts with it (the
-    outer prefix's tokens: those of its first group); the token counts match their definitions (except
-    ``unique_prompt_tokens``).
+    ``prompts``: the job's prompts by request index, a list or (for a subset) a mapping; every one of
+    them appears in exactly one group. Groups are contiguous runs of ``order`` with ``group_id`` their
+    position; ``prompt_lens`` are the prompts' lengths, ``samples`` >= 1; every member starts with its
+    group's prefix (the first member's first ``prefix_len`` tokens) and keeps at least one own token;
+    every group's prefix is longer than its outer prefix and starts with it (the outer prefix's tokens:
+    those of its first group), every outer prefix extends its parent and has at least two dependents;
+    the token counts match their definitions (except ``unique_prompt_tokens``).
     """
-    n = len(prompts)
-    if len(plan.order) != n or not np.array_equal(np.sort(plan.order), np.arange(n)):
-        raise ValueError("order is not a permutation of the requests")
+    keys = sorted(prompts) if isinstance(prompts, Mapping) else list(range(len(prompts)))
+    if len(plan.order) != len(keys) or not np.array_equal(np.sort(plan.order), np.asarray(keys, dtype=np.int64)):
+        raise ValueError("order does not hold every request exactly once")
     if not np.array_equal(np.concatenate([g.members for g in plan.groups] or [np.zeros(0, np.int64)]), plan.order):
         raise ValueError("order is not the concatenation of the groups' members")
-    planned = 0
-    lens = np.array([len(p) for p in prompts], dtype=np.int64)
+    lens = np.array([len(prompts[i]) for i in plan.order.tolist()], dtype=np.int64)
+    if not np.array_equal(plan.prompt_lens, lens) or len(plan.samples) != len(lens) or np.any(plan.samples < 1):
+        raise ValueError("prompt_lens / samples disagree with the prompts")
+    nst = plan.nesting
+    if len(nst.unit_parent) != len(plan.groups):
+        raise ValueError("the nesting is over a different number of groups")
+    b = plan.bounds()
+    heads = []
     for gid, g in enumerate(plan.groups):
         if g.group_id != gid or len(g.members) == 0:
             raise ValueError(f"group {gid}: wrong id or no members")
-        if np.any(plan.group_of[g.members] != gid) or np.any(plan.prefix_len[g.members] != g.prefix_len):
-            raise ValueError(f"group {gid}: group_of / prefix_len disagree with the group")
-        if g.prefix_len > lens[g.members].min() - 1:
+        if g.prefix_len > lens[b[gid] : b[gid + 1]].min() - 1:
             raise ValueError(f"group {gid}: prefix_len {g.prefix_len} leaves a member without an own token")
-        head = np.asarray(prompts[g.members[0]])[: g.prefix_len]
+        head = np.asarray(prompts[int(g.members[0])])[: g.prefix_len]
+        heads.append(head)
         for i in g.members[1:].tolist():
             if not np.array_equal(np.asarray(prompts[i])[: g.prefix_len], head):
                 raise ValueError(f"group {gid}: request {i} does not start with the group's prefix")
-        planned += g.prefix_len + int((lens[g.members] - g.prefix_len).sum())
+        if g.outer != int(nst.unit_parent[gid]):
+            raise ValueError(f"group {gid}: its outer prefix disagrees with the nesting")
+    for gid, g in enumerate(plan.groups):
         if g.outer >= 0:
-            nst = plan.nesting
             olen = int(nst.outer_len[g.outer])
-            first = plan.groups[int(nst.outer_first[g.outer])]
-            if olen >= g.prefix_len or not np.array_equal(head[:olen], np.asarray(prompts[first.members[0]])[:olen]):
+            if olen >= g.prefix_len or not np.array_equal(heads[gid][:olen], heads[int(nst.outer_first[g.outer])][:olen]):
                 raise ValueError(f"group {gid}: its prefix does not extend its outer prefix {g.outer}")
-            planned -= olen
-    if plan.nesting is not None:
-        planned += plan.nesting.outer_tokens()
-    if planned != plan.planned_prompt_tokens or int(lens.sum()) != plan.logical_prompt_tokens:
+    deps = np.bincount(nst.unit_parent[nst.unit_parent >= 0], minlength=nst.num_outer)
+    deps += np.bincount(nst.outer_parent[nst.outer_parent >= 0], minlength=nst.num_outer)
+    for o in range(nst.num_outer):
+        par, olen = int(nst.outer_parent[o]), int(nst.outer_len[o])
+        first = heads[int(nst.outer_first[o])]
+        if par >= 0 and (nst.outer_len[par] >= olen or not np.array_equal(first[: nst.outer_len[par]], heads[int(nst.outer_first[par])][: nst.outer_len[par]])):
+            raise ValueError(f"outer prefix {o} does not extend its parent {par}")
+        if deps[o] < 2:
+            raise ValueError(f"outer prefix {o} has fewer than two dependents")
+    planned = sum(int(nst.outer_len[o]) - (int(nst.outer_len[p]) if p >= 0 else 0) for o, p in enumerate(nst.outer_parent.tolist()))
+    for gid, g in enumerate(plan.groups):
+        n, ln = plan.samples[b[gid] : b[gid + 1]], lens[b[gid] : b[gid + 1]]
+        planned += g.prefix_len - (int(nst.outer_len[g.outer]) if g.outer >= 0 else 0) + int((n * (ln - g.prefix_len)).sum())
+    if planned != plan.planned_prompt_tokens or int((plan.samples * lens).sum()) != plan.logical_prompt_tokens:
         raise ValueError("planned / logical prompt token counts are wrong")
 
 
@@ -202,9 +315,9 @@ def estimate_peak_kv_tokens(
     """A simple model of the KV memory a plan needs when it runs in order under a KV budget.
 
     Model (deliberately coarse; the engine's scheduler is the real thing):
-    - requests are admitted strictly in ``plan.order``; a request reserves its own prompt tokens
-      (``len - prefix_len``) plus all its expected output tokens, and its group's prefix is reserved
-      once while any member runs; the next request is admitted as soon as the reservation fits
+    - requests are admitted strictly in ``plan.order``; a request reserves its samples' own prompt
+      tokens (``n * (len - prefix_len)``) plus all its expected output tokens, and its group's prefix is
+      reserved once while any member runs; the next request is admitted as soon as the reservation fits
       ``kv_budget`` (``None``: unbounded; a request that does not fit even alone runs alone);
     - prefill takes no time; each decode step every running request emits one token and then holds
       ``own prompt + tokens emitted`` KV tokens; it finishes after ``round(expected_output)`` steps.
@@ -212,30 +325,40 @@ def estimate_peak_kv_tokens(
     ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full. An outer
     prefix (``plan.nesting``) is held, and reserved, once while any group below it is resident; a group
     then adds only its tokens beyond its outer prefix.
+    ``prompt_lens`` and ``expected_output`` are indexed by request index (the job's list; only the
+    plan's members are read), and ``prompt_lens`` must agree with the plan.
     """
-    lens = np.asarray(prompt_lens, dtype=np.int64)
-    outs = np.rint(np.asarray(expected_output, dtype=np.float64)).astype(np.int64)
+    lens_all = np.asarray(prompt_lens, dtype=np.int64)
+    outs_all = np.rint(np.asarray(expected_output, dtype=np.float64)).astype(np.int64)
     n = plan.num_requests
-    if lens.shape != (n,) or outs.shape != (n,):
-        raise ValueError("prompt_lens and expected_output need one value per request of the plan")
+    top = int(plan.order.max()) + 1 if n else 0
+    if lens_all.ndim != 1 or outs_all.shape != lens_all.shape or len(lens_all) < top:
+        raise ValueError("prompt_lens and expected_output need one value per request index of the plan")
+    lens, outs = lens_all[plan.order], outs_all[plan.order]
+    if not np.array_equal(lens, plan.prompt_lens):
+        raise ValueError("prompt_lens disagree with the plan's")
     if np.any(outs < 0):
         raise ValueError("expected_output must be >= 0")
     if kv_budget is not None and kv_budget < 1:
         raise ValueError(f"kv_budget must be positive, got {kv_budget}")
     if n == 0:
         return KVEstimate(0, 0, 0, 0)
-    own = (lens - plan.prefix_len).tolist()
+    # per position in plan.order: its group, its samples' own prompt tokens
+    grp_a = np.repeat(np.arange(len(plan.groups)), [len(g.members) for g in plan.groups])
+    plen_a = np.array([g.prefix_len for g in plan.groups], dtype=np.int64)[grp_a]
+    own_a = plan.samples * (lens - plen_a)
+    own = own_a.tolist()
     out_l = outs.tolist()
-    grp = plan.group_of.tolist()
+    grp = grp_a.tolist()
     gpre = [g.prefix_len for g in plan.groups]
     nst = plan.nesting
-    o_parent = nst.outer_parent.tolist() if nst is not None else []
-    o_len = nst.outer_len.tolist() if nst is not None else []
+    o_parent = nst.outer_parent.tolist()
+    o_len = nst.outer_len.tolist()
     o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(o_parent)]  # tokens each level adds
-    g_outer = [g.outer for g in plan.groups]  # -1 without nesting
+    g_outer = [g.outer for g in plan.groups]
     gpre = [p - (o_len[o] if o >= 0 else 0) for p, o in zip(gpre, g_outer)]  # beyond the outer prefix
     o_refs = [0] * len(o_len)
-    min_budget = int((lens + outs).max())  # = prefix + own + output of the largest request
+    min_budget = int((plen_a + own_a + outs).max())  # prefix + own + output of the largest request
     budget = float("inf") if kv_budget is None else kv_budget
 
     def outers_to_add(o: int) -> int:
@@ -264,12 +387,11 @@ def estimate_peak_kv_tokens(
     sum_start = 0  # sum of admission times of running requests
     peak = peak_running = 0
     heap: list[tuple[int, int]] = []
-    order = plan.order.tolist()
     nxt, t = 0, 0
     while nxt < n or heap:
         # Admit in plan order while the reservation fits.
         while nxt < n:
-            i = order[nxt]
+            i = nxt  # position in plan.order
             g = grp[i]
             need = own[i] + out_l[i] + (gpre[g] + outers_to_add(g_outer[g]) if refs[g] == 0 else 0)
             if running and reserved + need > budget:

@@ -39,21 +39,24 @@ def _log2_hist(x: np.ndarray) -> dict:
 def plan_stats(plan: Plan, prompt_lens: np.ndarray | Sequence[int]) -> dict:
     """Numbers describing ``plan`` for prompts of lengths ``prompt_lens`` (indexed by request).
 
-    Keys: ``requests``, ``num_groups``, ``shared_groups`` (prefix > 0), ``requests_in_shared_groups``,
+    ``prompt_lens`` is indexed by request index (the job's list; only the plan's members are read).
+    Groups are the plan's execution groups (a request whose ``n`` samples share its own prompt is a
+    group of its own). Keys: ``requests``, ``num_groups``, ``shared_groups`` (prefix > 0), ``requests_in_shared_groups``,
     ``logical_prompt_tokens``, ``unique_prompt_tokens``, ``planned_prompt_tokens``, ``saving``,
-    ``max_saving``, ``saving_of_max`` (saving / max_saving), ``avg_sharing_degree`` (requests per
+    ``max_saving``, ``saving_of_max`` (saving / max_saving; both None when the plan did not measure
+    ``unique_prompt_tokens``), ``avg_sharing_degree`` (requests per
     shared group), ``outer_prefixes`` (shared heads of neighbouring groups' prefixes, computed once);
     ``group_size`` / ``prefix_len`` / ``distinct_len`` as {min, p50, p90, max, mean}
     (prefix over shared groups, distinct = own tokens per request) and ``group_size_hist`` /
     ``prefix_len_hist`` as power-of-two histograms {edges, counts}.
     """
     lens = np.asarray(prompt_lens, dtype=np.int64)
-    if lens.shape != (plan.num_requests,):
-        raise ValueError(f"prompt_lens must have one value per request ({plan.num_requests}), got {lens.shape}")
+    if lens.ndim != 1 or (plan.num_requests and len(lens) <= int(plan.order.max())):
+        raise ValueError(f"prompt_lens must have one value per request index of the plan, got shape {lens.shape}")
     sizes = np.array([len(g.members) for g in plan.groups], dtype=np.int64)
     prefixes = np.array([g.prefix_len for g in plan.groups], dtype=np.int64)
     shared = prefixes > 0
-    distinct = lens - plan.prefix_len
+    distinct = lens[plan.order] - np.repeat(prefixes, sizes)
     saving, max_saving = plan.saving(), plan.max_saving()
     return {
         "requests": plan.num_requests,
@@ -65,9 +68,9 @@ def plan_stats(plan: Plan, prompt_lens: np.ndarray | Sequence[int]) -> dict:
         "planned_prompt_tokens": plan.planned_prompt_tokens,
         "saving": saving,
         "max_saving": max_saving,
-        "saving_of_max": saving / max_saving if max_saving > 0 else 1.0,
+        "saving_of_max": None if max_saving is None else saving / max_saving if max_saving > 0 else 1.0,
         "avg_sharing_degree": float(sizes[shared].mean()) if shared.any() else 0.0,
-        "outer_prefixes": plan.nesting.num_outer if plan.nesting is not None else 0,
+        "outer_prefixes": plan.nesting.num_outer,
         "group_size": _summary(sizes),
         "group_size_hist": _log2_hist(sizes),
         "prefix_len": _summary(prefixes[shared]),
