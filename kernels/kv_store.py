@@ -8,12 +8,12 @@ graph buckets) and are skipped.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from batchllm.kernels.paged_attention import interpreting
+from batchllm.kernels.runtime import check_device, jit, load_triton
+
+triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
 
 
-@triton.jit
+@jit
 def _store_kv_kernel(
     k_ptr, stride_kt, stride_kh,
     v_ptr, stride_vt, stride_vh,
@@ -58,8 +58,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         raise ValueError(f"k and v must share a float dtype, got {k.dtype}, {v.dtype}")
     if len({k.device, v.device, kv_cache.device, slot_mapping.device}) != 1:
         raise ValueError("all tensors must be on one device")
-    if k.device.type != "cuda" and not interpreting():
-        raise ValueError("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    check_device(k.device)
     T, H, D = k.shape
     if T == 0:
         return

@@ -31,18 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
+from batchllm.kernels.runtime import check_device, interpreting, jit, load_triton
 
-# Without a CUDA device the kernels below can only run in Triton's interpreter, which Triton selects
-# when a kernel is defined; every kernel module imports this one before defining its own kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
 
 WORK_FIELDS = 6
 _LN2 = math.log(2.0)
@@ -56,7 +51,7 @@ _LOG2E = 1.0 / _LN2
 
 # stride_bt is the block-table width, which changes from one eager step to the next: left unspecialised, or
 # Triton would compile a variant for width 1, one for widths divisible by 16 and one for the rest.
-@triton.jit(do_not_specialize=["stride_bt"])
+@jit(do_not_specialize=["stride_bt"])
 def _attn_tiles_kernel(
     q_ptr, stride_qt, stride_qh,
     k_ptr, v_ptr, stride_kp, stride_ks, stride_kh,
@@ -143,7 +138,7 @@ def _attn_tiles_kernel(
     tl.store(part_lse_ptr + prow * num_heads + head, lse, mask=partial)
 
 
-@triton.jit
+@jit
 def _merge_partials_kernel(
     part_o_ptr, part_lse_ptr,
     dst_ptr, src_start_ptr, src_ptr,
@@ -268,10 +263,6 @@ class AttentionPlan:
     merge_heads: int
     # host copies, for tests and for the benchmark's report
     work_host: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_sms(device: torch.device) -> int:
@@ -483,8 +474,7 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     devices = {q.device, kv_cache.device, block_tables.device, plan.tok_pos.device}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing the kernels)")
+    check_device(q.device)
 
 
 def run_plan(

@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from batchllm.kernels.paged_attention import (
     AttentionPlan,
     AttentionTuning,
@@ -41,7 +39,6 @@ from batchllm.kernels.paged_attention import (
     check_heads,
     check_lens,
     finish_plan,
-    interpreting,
     num_sms,
     own_items,
     paged_attention_ref,
@@ -50,6 +47,9 @@ from batchllm.kernels.paged_attention import (
     split_kv,
     token_positions,
 )
+from batchllm.kernels.runtime import check_device, jit, load_triton
+
+triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
 
 
 def _group_fields(g: Any) -> tuple[int, int, int]:
@@ -159,7 +159,7 @@ def prefix_shared_attention(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _merge_two_kernel(
     oa_ptr, sa_t, sa_h, la_ptr, sla_t,
     ob_ptr, sb_t, sb_h, lb_ptr, slb_t,
@@ -201,8 +201,7 @@ def merge_attn_states(
         raise ValueError("o_a and o_b need a contiguous head dimension")
     if len({o_a.device, o_b.device, lse_a.device, lse_b.device}) != 1:
         raise ValueError("all inputs must be on one device")
-    if o_a.device.type != "cuda" and not interpreting():
-        raise ValueError("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    check_device(o_a.device)
     out = torch.empty(T, H, D, dtype=out_dtype or o_a.dtype, device=o_a.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=o_a.device)
     if T:

@@ -51,14 +51,12 @@ torch's argmax; rows are addressed through ``rows`` so the random rows are read 
 
 from __future__ import annotations
 
-import math
-
 import torch
-import triton
-import triton.language as tl
-from batchllm.kernels.paged_attention import interpreting
+from batchllm.kernels.runtime import check_device, jit, load_triton
 
-__all__ = ["sample_tokens", "sample_tokens_ref"]
+triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
+
+__all__ = ["sample_tokens"]
 
 # Keys of non-NaN floats lie in [key(-inf), key(+inf)] = [-0x7F800001, 0x7F800000], so the int32
 # extremes are free to serve as sentinels. (Compiled kernels may only read constexpr globals.)
@@ -66,7 +64,7 @@ _KEY_ABOVE = tl.constexpr((1 << 31) - 1)  # above every float32 key
 _KEY_BELOW = tl.constexpr(-(1 << 31))  # below every float32 key
 
 
-@triton.jit
+@jit
 def _float_key(x):
     """int32 key ordered like the float32 ``x`` (NaN aside); +0.0 and -0.0 share a key."""
     b = x.to(tl.int32, bitcast=True)
@@ -74,14 +72,14 @@ def _float_key(x):
     return tl.where(x == 0.0, 0, key)
 
 
-@triton.jit
+@jit
 def _key_float(key):
     """The float32 whose key is ``key`` (inverse of ``_float_key``)."""
     k = key.to(tl.int32)
     return tl.where(k >= 0, k, k ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@jit
 def _load_scaled(row_ptr, offs, V, temp):
     """Logits / temperature as float32, -inf past the row's end; and their keys."""
     raw = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -90,7 +88,7 @@ def _load_scaled(row_ptr, offs, V, temp):
     return x, _float_key(x)
 
 
-@triton.jit
+@jit
 def _kept_by_min_p(x, m, log_min_p, HAS_MIN_P: tl.constexpr):
     """Not dropped by min-p: the negation of torch's ``x - m < log_min_p`` (same float32 operands)."""
     keep = tl.full(x.shape, True, tl.int1)
@@ -104,22 +102,22 @@ def _kept_by_min_p(x, m, log_min_p, HAS_MIN_P: tl.constexpr):
 # murmur3's arithmetic; the torch reference emulates it in int64.
 
 
-@triton.jit
+@jit
 def _rotl32(x, r: tl.constexpr):
     return (x << r) | (x >> (32 - r))
 
 
-@triton.jit
+@jit
 def _mix_k(k):
     return _rotl32(k * 0xCC9E2D51, 15) * 0x1B873593
 
 
-@triton.jit
+@jit
 def _murmur_block(h, k):
     return _rotl32(h ^ _mix_k(k), 13) * 5 + 0xE6546B64
 
 
-@triton.jit
+@jit
 def _row_hash(seed_lo, seed_hi, step):
     """murmur3 state after the row's three words (the part every token id of the row shares)."""
     h = tl.zeros([], tl.uint32)
@@ -128,7 +126,7 @@ def _row_hash(seed_lo, seed_hi, step):
     return _murmur_block(h, step.to(tl.uint32))
 
 
-@triton.jit
+@jit
 def _uniform(h_row, offs):
     """float32 uniforms in (0, 1) for token ids ``offs``: the last block, length, fmix, top 23 bits."""
     h = _murmur_block(h_row, offs.to(tl.uint32)) ^ 16
@@ -141,7 +139,7 @@ def _uniform(h_row, offs):
 # ---- the cut search ---------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _search_cut(row_ptr, V, temp, m, log_min_p, floor_key, lo, hi, target,
                 MASS: tl.constexpr, HAS_MIN_P: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
     """The largest token key ``t`` with ``F(t) >= target``.
@@ -185,7 +183,7 @@ def _search_cut(row_ptr, V, temp, m, log_min_p, floor_key, lo, hi, target,
     return lo
 
 
-@triton.jit
+@jit
 def _kept_mass(row_ptr, V, temp, m, log_min_p, floor_key,
                HAS_MIN_P: tl.constexpr, BLOCK: tl.constexpr):
     """Mass ``sum exp(x - m)`` of the tokens kept so far (key >= floor_key, min-p) and their smallest key."""
@@ -201,7 +199,7 @@ def _kept_mass(row_ptr, V, temp, m, log_min_p, floor_key,
     return tl.sum(total, axis=0), tl.min(low, axis=0).to(tl.int64)
 
 
-@triton.jit
+@jit
 def _sampling_kernel(
     logits_ptr, stride_row, rows_ptr, out_ptr, stride_out, cut_ptr,
     temp_ptr, s_temp, seed_lo_ptr, s_lo, seed_hi_ptr, s_hi, step_ptr, s_step,
@@ -322,8 +320,7 @@ def sample_tokens(
         raise ValueError(f"logits must be a (B, V) float32/bfloat16/float16 tensor, got {tuple(logits.shape)} {logits.dtype}")
     if logits.stride(1) != 1:
         raise ValueError("logits must have unit column stride")
-    if logits.device.type != "cuda" and not interpreting():
-        raise ValueError("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    check_device(logits.device)
     if pivots < 2 or pivots & (pivots - 1):
         raise ValueError(f"pivots must be a power of two >= 2, got {pivots}")
     B, V = logits.shape
@@ -364,39 +361,3 @@ def sample_tokens(
         )
     return (out, cut) if return_cut else out
 
-
-def sample_tokens_ref(
-    logits: torch.Tensor,
-    rows: torch.Tensor,
-    temperature: torch.Tensor,
-    seed_lo: torch.Tensor,
-    seed_hi: torch.Tensor,
-    step: torch.Tensor,
-    *,
-    top_k: torch.Tensor | None = None,
-    top_p: torch.Tensor | None = None,
-    log_min_p: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    return_kept: bool = False,
-):
-    """``sample_tokens`` by the engine sampler's torch code (``truncate`` + ``exponential_race``).
-
-    Same arguments; ``out`` is not modified (a copy is returned). ``return_kept``: also return the
-    (R, V) bool mask of kept tokens. Reads ``top_k`` back to the host (a reference, not a fast path).
-    """
-    from batchllm.engine.sampler import exponential_race, truncate
-
-    B, V = logits.shape
-    x = logits.index_select(0, rows).float() / temperature.reshape(-1, 1)
-    k_max = 0
-    if top_k is not None:
-        top_k = top_k.reshape(-1)
-        enabled = top_k[top_k < V]
-        k_max = int(enabled.max()) if enabled.numel() else 0
-        if not k_max:
-            top_k = None
-    x = truncate(x, log_min_p, top_k, k_max, top_p)
-    tokens = exponential_race(x.softmax(dim=-1), seed_lo.reshape(-1), seed_hi.reshape(-1), step.reshape(-1))
-    result = torch.zeros(B, dtype=torch.int64, device=logits.device) if out is None else out.clone()
-    result[rows] = tokens
-    return (result, x > -math.inf) if return_kept else result

@@ -46,7 +46,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        from batchllm.kernels.runtime import use_interpreter
+
+        use_interpreter(True)  # CPU tensors: the interpreter, even on a machine with a GPU
     from batchllm.engine.attention import get_backend
     from batchllm.engine.engine import LLMEngine
     from batchllm.engine.kv_cache import KVCache

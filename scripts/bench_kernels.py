@@ -411,15 +411,15 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the sections that would start after this many seconds (recorded as skipped)")
     args = ap.parse_args()
-    if args.smoke:
-        import os
+    from batchllm.kernels import runtime
 
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.smoke:
+        runtime.use_interpreter(True)  # CPU tensors: the interpreter, even on a machine with a GPU
         DEV, SMOKE, H, KVH, D = "cpu", True, 4, 1, 16
     elif not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device (or --smoke)", file=sys.stderr)
         return 2
-    import triton
+    triton, _ = runtime.load_triton()
     from batchllm.kernels.paged_attention import AttentionTuning
 
     t0 = time.time()

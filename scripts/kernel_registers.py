@@ -8,8 +8,8 @@ a kernel lists in ``do_not_specialize``). The resource figures are those of the 
 (``cuobjdump -res-usage``, the ptxas shipped in the triton wheel made it); spills are ptxas' spill
 stores + loads for the same PTX and flags (``ptxas -v``).
 
-The kernels must be real ``JITFunction``s, not interpreter functions, so this script switches Triton's
-interpreter off before importing them; run it as its own process:
+The kernels must be real ``JITFunction``s, not interpreter functions, so this script asks
+``batchllm.kernels.runtime`` for compiled kernels before importing them; run it as its own process:
 
     python scripts/kernel_registers.py                # markdown table of the default (fast) set
     python scripts/kernel_registers.py --all --json out.json
@@ -34,13 +34,16 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# before Triton or any kernel module is imported: compiled kernels, not interpreter functions
-os.environ["TRITON_INTERPRET"] = "0"
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice, once per process
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from batchllm.kernels.runtime import use_interpreter  # noqa: E402  (needs ROOT on sys.path)
+
+# before Triton or any kernel module is imported: compiled kernels, not interpreter functions
+use_interpreter(False)
 
 ARCH = 90
 # Llama-3-8B attention: 32 query heads, 8 KV heads, head dim 128, pages of 16 tokens, vocabulary 128256
@@ -186,7 +189,7 @@ def _kernel(ref: str):
     module, fn = ref.split(":")
     kernel = getattr(importlib.import_module(f"batchllm.kernels.{module}"), fn)
     if not hasattr(kernel, "params") or type(kernel).__name__ != "JITFunction":
-        raise RuntimeError(f"{ref} is a {type(kernel).__name__}, not a JITFunction: TRITON_INTERPRET was on at import")
+        raise RuntimeError(f"{ref} is a {type(kernel).__name__}, not a JITFunction: the interpreter was decided before this script's use_interpreter(False)")
     return kernel
 
 

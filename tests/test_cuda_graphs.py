@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 import numpy as np
 import pytest
+import torch
 from batchllm.kernels.backend import TritonAttention
 from batchllm.kernels.paged_attention import AttentionTuning
 
@@ -272,7 +267,7 @@ def test_job_config_validates_the_new_options(tmp_path):
 
 
 def test_attention_auto_resolves_per_device():
-    from batchllm.pipeline import resolve_attention
+    from batchllm.build import resolve_attention
 
     assert resolve_attention("auto", torch.device("cpu")) == "torch"
     assert resolve_attention("auto", torch.device("cuda")) == "triton"

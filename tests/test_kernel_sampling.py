@@ -13,29 +13,26 @@ difference exactly where the float64 recomputation says either answer is correct
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-
 import math
 
 import numpy as np
 import pytest
-import triton
-import triton.language as tl
-from batchllm.kernels.sampling import (
-    _row_hash,
-    _uniform,
-    sample_tokens,
-    sample_tokens_ref,
-)
+import torch
+from batchllm.kernels.runtime import jit, load_triton
+from batchllm.kernels.sampling import _row_hash, _uniform, sample_tokens
 
 from batchllm.engine import sampler as S
-from batchllm.engine.sampler import SamplingBatch, SamplingRow, noise_uniforms, sample
+from batchllm.engine.sampler import (
+    SamplingBatch,
+    SamplingRow,
+    exponential_race,
+    noise_uniforms,
+    sample,
+    truncate,
+)
 from batchllm.sampling_params import SamplingParams
+
+triton, tl = load_triton()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -45,7 +42,7 @@ MARGIN = 1e-5  # relative distance from a rounding boundary that both implementa
 # ---- the RNG ------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit
 def _uniforms_kernel(lo_ptr, hi_ptr, step_ptr, out_ptr, V, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     h = _row_hash(tl.load(lo_ptr + r), tl.load(hi_ptr + r), tl.load(step_ptr + r))
@@ -89,6 +86,42 @@ def _rows_params(R, V, seed, *, top_k=None, top_p=None, min_p=None, temperature=
         "top_p": col(top_p, torch.float32),
         "log_min_p": col(log_min_p, torch.float32),
     }
+
+
+def sample_tokens_ref(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    temperature: torch.Tensor,
+    seed_lo: torch.Tensor,
+    seed_hi: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    log_min_p: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    return_kept: bool = False,
+):
+    """``sample_tokens`` by the engine sampler's torch code (``truncate`` + ``exponential_race``): the
+    kernel's reference (here, not beside the kernel: the engine sampler imports the kernel module).
+
+    Same arguments; ``out`` is not modified (a copy is returned). ``return_kept``: also return the
+    (R, V) bool mask of kept tokens. Reads ``top_k`` back to the host (a reference, not a fast path).
+    """
+    B, V = logits.shape
+    x = logits.index_select(0, rows).float() / temperature.reshape(-1, 1)
+    k_max = 0
+    if top_k is not None:
+        top_k = top_k.reshape(-1)
+        enabled = top_k[top_k < V]
+        k_max = int(enabled.max()) if enabled.numel() else 0
+        if not k_max:
+            top_k = None
+    x = truncate(x, log_min_p, top_k, k_max, top_p)
+    tokens = exponential_race(x.softmax(dim=-1), seed_lo.reshape(-1), seed_hi.reshape(-1), step.reshape(-1))
+    result = torch.zeros(B, dtype=torch.int64, device=logits.device) if out is None else out.clone()
+    result[rows] = tokens
+    return (result, x > -math.inf) if return_kept else result
 
 
 def _boundaries(x, kw, kept):
@@ -304,20 +337,26 @@ def test_sample_backends_agree(dtype, mixed):
         assert torch.equal(got.logprobs, ref.logprobs)
 
 
-def test_backend_switch():
-    assert S.get_sampler_backend() in S.SAMPLER_BACKENDS
-    previous = S.set_sampler_backend("torch")
-    try:
-        assert S.get_sampler_backend() == "torch"
-        assert not S._use_kernel(None, torch.zeros(1, 1, device=DEVICE))
-        assert S._use_kernel("triton", torch.zeros(1, 1))
-        assert S._use_kernel("auto", torch.zeros(1, 1)) is False  # CPU logits: torch
-        with pytest.raises(ValueError):
-            S.set_sampler_backend("cuda")
-        with pytest.raises(ValueError):
-            sample(torch.zeros(1, 4), SamplingBatch.build([_row(seed=1)], 4, "cpu"), backend="fast")
-    finally:
-        S.set_sampler_backend(previous)
+def test_backend_choice():
+    cpu = torch.zeros(1, 1)
+    assert not S._use_kernel("torch", torch.zeros(1, 1, device=DEVICE))
+    assert S._use_kernel("triton", cpu)
+    assert S._use_kernel("auto", cpu) is False  # CPU logits: torch
+    with pytest.raises(ValueError):
+        sample(torch.zeros(1, 4), SamplingBatch.build([_row(seed=1)], 4, "cpu"), backend="fast")
+
+
+def test_backend_argument_decides_the_path(monkeypatch):
+    """``sample``'s default is "auto"; no process-wide setting changes what a call does."""
+    calls = []
+    real = S._sample_with_kernel
+    monkeypatch.setattr(S, "_sample_with_kernel", lambda logits, batch: calls.append(1) or real(logits, batch))
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    batch = SamplingBatch.build([_row(seed=1, top_k=5), _row(seed=2)], 50, "cpu")
+    default = sample(logits, batch)
+    assert not calls  # CPU logits under "auto": the torch path
+    forced = sample(logits, batch, backend="triton")
+    assert calls == [1] and torch.equal(forced.token_ids, default.token_ids)
 
 
 # ---- real vocabulary sizes on the GPU ---------------------------------------------------------------------

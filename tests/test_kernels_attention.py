@@ -6,15 +6,9 @@ tests run compiled, and the ``gpu``-marked ones add realistic sizes.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-
 import numpy as np
 import pytest
+import torch
 from batchllm.kernels.paged_attention import (
     AttentionTuning,
     TileConfig,

@@ -6,16 +6,11 @@ the engine test attaches it to every step to run the prefix-shared path end to e
 
 from __future__ import annotations
 
-import os
 import random
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 import numpy as np
 import pytest
+import torch
 from batchllm.kernels.backend import TritonAttention
 
 from batchllm.engine.model_runner import prefix_groups_for_step

@@ -4,14 +4,8 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-
 import pytest
+import torch
 from batchllm.kernels.kv_store import store_kv, store_kv_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """Every Triton kernel the engine launches compiles for sm_90 (H100/H200) without a GPU, and none spills.
 
-The compile runs ``scripts/kernel_registers.py`` in its own process (Triton's interpreter off there: the
-kernels must be real JITFunctions, and this test process may already hold interpreter ones). The default
+The compile runs ``scripts/kernel_registers.py`` in its own process (compiled kernels there,
+``kernels/runtime.py``: they must be real JITFunctions, and this test process may already hold interpreter ones). The default
 run compiles a representative set (the Llama-3-8B bf16 narrow and wide attention tiles the default
 tuning picks, the float32 test tile, the merge, the KV store and the sampling kernel with every filter);
 ``BATCHLLM_SM90_ALL=1`` compiles every config (all float32 test shapes and sampling variants, ~30 s
@@ -44,9 +44,8 @@ def _missing_backend() -> str | None:
 
 def compile_kernels(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "regs.json"
-    env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out), "--jobs", str(min(8, os.cpu_count() or 1)),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
     if not out.is_file():
         pytest.fail(f"kernel_registers.py wrote nothing (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
@@ -86,6 +85,5 @@ def test_every_kernel_config_compiles_for_sm90_without_spills(tmp_path):
 
 if __name__ == "__main__":
     if "--table" in sys.argv:
-        sys.exit(subprocess.call([sys.executable, str(SCRIPT), "--all", "--allow-spills"], cwd=ROOT,
-                                 env=dict(os.environ, TRITON_INTERPRET="0")))
+        sys.exit(subprocess.call([sys.executable, str(SCRIPT), "--all", "--allow-spills"], cwd=ROOT))
     sys.exit(pytest.main([__file__, "-q"]))

@@ -25,8 +25,8 @@ CUDA and the Triton kernel produce the same uniforms bit for bit (``noise_unifor
 
 Backends: on CUDA the random rows are sampled by the sort-free Triton kernel
 ``batchllm.kernels.sampling.sample_tokens`` (one program per row, same kept sets, same uniforms);
-the torch code here is its reference and the CPU path. ``set_sampler_backend`` (or the environment
-variable ``BATCHLLM_SAMPLER``: auto / torch / triton) forces either; ``sample(..., backend=)`` per call.
+the torch code here is its reference and the CPU path. ``sample(..., backend=)`` chooses per call
+("auto" by default; "torch" or "triton" force one), and the engine passes its ``sampler_backend``.
 Penalties and min_tokens bans run in torch on either backend (``apply_penalties``).
 
 Nothing here reads a device tensor back to the host: every shape and index set is decided from the
@@ -36,7 +36,6 @@ rows in ``SamplingBatch.build``, so ``sample`` only enqueues work.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,10 +51,8 @@ __all__ = [
     "SamplingRow",
     "apply_penalties",
     "exponential_race",
-    "get_sampler_backend",
     "noise_uniforms",
     "sample",
-    "set_sampler_backend",
     "truncate",
 ]
 
@@ -67,21 +64,6 @@ _NOISE_CHUNK_ELEMS = 1 << 24
 
 # "auto": the Triton kernel for CUDA logits, torch otherwise; "torch" / "triton" force one.
 SAMPLER_BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("BATCHLLM_SAMPLER", "auto").strip().lower() or "auto"
-
-
-def set_sampler_backend(name: str) -> str:
-    """Set the process-wide default backend of ``sample`` (one of ``SAMPLER_BACKENDS``); returns the
-    previous one, so a caller (a test, the engine) can restore it."""
-    global _backend
-    if name not in SAMPLER_BACKENDS:
-        raise ValueError(f"sampler backend must be one of {SAMPLER_BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    return previous
-
-
-def get_sampler_backend() -> str:
-    return _backend
 
 
 @dataclass
@@ -246,10 +228,11 @@ class SamplerOutput:
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, backend: str | None = None) -> SamplerOutput:
+def sample(logits: torch.Tensor, batch: SamplingBatch, backend: str = "auto") -> SamplerOutput:
     """Sample one token per row of ``logits`` (B, V); any float dtype (computed in float32).
 
-    ``backend``: one of ``SAMPLER_BACKENDS``, None for the process default (``set_sampler_backend``).
+    ``backend``: one of ``SAMPLER_BACKENDS``: "auto" (the Triton kernel for CUDA logits when Triton
+    imports, torch otherwise), "torch" or "triton" (forced).
     Both backends give the same tokens (see ``batchllm.kernels.sampling`` for the exact statement).
     ``logits`` is not modified. Raises ValueError when its shape does not match ``batch`` or the
     backend is unknown.
@@ -286,10 +269,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, backend: str | None = Non
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
 
 
-def _use_kernel(backend: str | None, logits: torch.Tensor) -> bool:
+def _use_kernel(backend: str, logits: torch.Tensor) -> bool:
     """Whether the random rows go to the Triton kernel: forced by "triton", never with "torch", and
     with "auto" for CUDA logits when Triton imports (a CUDA machine without it keeps working)."""
-    backend = _backend if backend is None else backend
     if backend not in SAMPLER_BACKENDS:
         raise ValueError(f"sampler backend must be one of {SAMPLER_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -301,8 +283,8 @@ _KERNEL_MODULE: object = None  # None: not tried yet; False: Triton missing
 
 
 def _kernel_module():
-    """``batchllm.kernels.sampling``, imported on first use (never on a CPU-only path: importing
-    ``batchllm.kernels`` there switches Triton to its interpreter); None when Triton is missing."""
+    """``batchllm.kernels.sampling``, imported on first use (importing Triton and defining the kernel
+    takes seconds, which a CPU-only run never needs); None when Triton is missing."""
     global _KERNEL_MODULE
     if _KERNEL_MODULE is None:
         try:
