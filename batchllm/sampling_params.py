@@ -6,11 +6,19 @@ place that validates them: a bad value raises ``ValueError`` with a message fit 
 ``UNSUPPORTED_FIELDS`` / ``unsupported_field``: the request fields of vLLM's and OpenAI's APIs that
 batchllm does not implement, and which of their values change nothing (the readers make any other value
 an ``unsupported_parameter`` error record).
+
+Structured output (``STRUCTURED_FIELDS``): OpenAI's ``response_format``, vLLM's ``guided_json`` /
+``guided_regex`` / ``guided_choice`` / ``guided_grammar`` and its ``structured_outputs`` object (and the
+older name of that object, ``guided_decoding``) become one ``StructuredOutput`` on ``SamplingParams``
+(``structured_output_from_fields``). ``STRUCTURED_OUTPUT_APPLIED`` says whether the engine applies it;
+while it does not, ``structured_refusal`` makes such a row an ``unsupported_parameter`` error record
+rather than letting it run unconstrained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Callable, Mapping
 
@@ -23,6 +31,63 @@ _GREEDY_EPS = 1e-5
 # hours or being silently clamped: a bad row becomes an invalid_parameter error record instead.
 MAX_TOKENS_LIMIT = 1 << 24  # 16,777,216 tokens: beyond any model's context
 MAX_N = 1024  # samples per request
+
+
+# Whether the engine constrains decoding with ``SamplingParams.structured``. The one switch that the engine's
+# wiring of batchllm.engine.structured flips: until then a row that asks for structured output is refused
+# (``structured_refusal``), never run unconstrained.
+STRUCTURED_OUTPUT_APPLIED = False
+
+# Request fields that ask for structured output, with vLLM's and OpenAI's names.
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs", "guided_decoding")
+# The constraint keys of vLLM's ``structured_outputs`` object (``StructuredOutputsParams``; ``guided_decoding``
+# is its older name, ``GuidedDecodingParams``) and what each becomes.
+_OBJECT_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar", "json_object": "json"}
+# Keys of that object that only tune a constraint: (test for a value that batchllm honours, why).
+_OBJECT_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "disable_any_whitespace": (lambda v: isinstance(v, bool), "must be true or false"),
+    "disable_fallback": (lambda v: isinstance(v, bool), "must be true or false (batchllm has one grammar engine)"),
+    "disable_additional_properties": (lambda v: v is False, "batchllm applies additionalProperties as the schema gives it"),
+    "whitespace_pattern": (lambda v: False, "batchllm allows JSON's whitespace or none (disable_any_whitespace)"),
+    "structural_tag": (lambda v: False, "batchllm has no structural tags"),
+    "backend": (lambda v: v in ("auto", "guidance", "llguidance", "xgrammar"), "batchllm constrains with llguidance"),
+}
+# Any JSON object (OpenAI's json_object mode; vLLM's json_object).
+_ANY_OBJECT_SCHEMA = '{"type":"object"}'
+
+
+class InvalidStructuredOutput(ValueError):
+    """A structured-output request whose schema, regex, choice list or grammar is malformed (an
+    ``invalid_structured_output`` error record), as opposed to a misshapen request field (``ValueError``:
+    ``invalid_parameter``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output text, in a form that hashes by content (the engine compiles each
+    distinct one once per job) and pickles (it travels to Ray replicas).
+
+    ``kind``, ``spec``:
+      ``"json"``: ``spec`` is a JSON schema's compact JSON text (key order kept: it orders the output's keys);
+        OpenAI's ``json_object`` mode is the schema ``{"type":"object"}``.
+      ``"regex"``: a regular expression the whole output matches (Rust ``regex`` syntax, as vLLM's backends).
+      ``"choice"``: the JSON text of a list of strings; the output is exactly one of them.
+      ``"grammar"``: a context-free grammar as vLLM's ``guided_grammar`` takes it: EBNF in the GBNF dialect of
+        llama.cpp and xgrammar (vLLM's default backend; ``root ::= ...``), or Lark (vLLM's guidance backend).
+    ``any_whitespace``: JSON may carry whitespace between tokens (vLLM's default); False (vLLM's
+    ``disable_any_whitespace``) allows none, which keeps small models from padding with whitespace.
+    """
+
+    kind: str
+    spec: str
+    any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json", "regex", "choice", "grammar"):
+            raise ValueError(f"structured output kind must be json, regex, choice or grammar, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured output spec must be text, got {type(self.spec).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +113,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # Set from the structured-output request fields (STRUCTURED_FIELDS), never from a field of this name.
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -95,17 +162,22 @@ class SamplingParams:
 
         Values are coerced strictly: a temperature of ``"hot"`` or a max_tokens of ``1.5`` is an error,
         never silently truncated. A row that overrides nothing gets ``defaults`` itself (the object is
-        frozen, so a million such rows share one), which keeps reading fast.
+        frozen, so a million such rows share one), which keeps reading fast. Structured-output fields
+        (``STRUCTURED_FIELDS``) replace the defaults' constraint (``response_format: {"type": "text"}``
+        clears it); a malformed schema, regex, choice list or grammar raises ``InvalidStructuredOutput``.
         """
         base = defaults if defaults is not None else _DEFAULTS
         overrides: dict[str, Any] = {}
         for alias in MAX_TOKENS_ALIASES:
             if fields.get(alias) is not None and fields.get("max_tokens") is None:
                 overrides["max_tokens"] = _coerce("max_tokens", fields[alias])
-        for name in _FIELD_NAMES:
+        for name in SAMPLING_FIELD_NAMES:
             value = fields.get(name)
             if value is not None:
                 overrides[name] = _coerce(name, value)
+        structured = {k: fields[k] for k in STRUCTURED_FIELDS if fields.get(k) is not None}
+        if structured:
+            overrides["structured"] = structured_output_from_fields(structured)
         if not overrides:
             return base
         return dataclasses.replace(base, **overrides)  # __post_init__ validates the combination
@@ -169,8 +241,120 @@ def _as_int(name: str, value: Any) -> int:
     raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
-_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+# The request fields that set SamplingParams' fields of the same name (``structured`` has its own fields).
+SAMPLING_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "structured")
 _DEFAULTS = SamplingParams()
+
+
+# ------------------------------------------------------------------------------------ structured output
+
+
+def structured_output_from_fields(fields: Mapping[str, Any]) -> StructuredOutput | None:
+    """The one constraint that ``fields`` (non-null values of ``STRUCTURED_FIELDS``) ask for; None when they
+    ask for none (``response_format: {"type": "text"}``, an empty ``structured_outputs``).
+
+    Semantics are vLLM's and OpenAI's: ``response_format`` ``{"type": "json_object"}`` (any JSON object),
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (the schema
+    is enforced whatever ``strict`` says, as in vLLM), ``{"type": "text"}`` (no constraint);
+    ``guided_json`` (a schema, as an object or its JSON text), ``guided_regex``, ``guided_choice`` (a list
+    of strings), ``guided_grammar`` (see ``StructuredOutput``); ``structured_outputs`` / ``guided_decoding``:
+    an object with one of ``json``, ``regex``, ``choice``, ``grammar``, ``json_object: true``, and
+    optionally ``disable_any_whitespace``. More than one constraint is a ``ValueError`` (vLLM refuses
+    it too), as is a field of the wrong shape; a malformed constraint is ``InvalidStructuredOutput``.
+    """
+    found: list[tuple[str, StructuredOutput]] = []
+    whitespace = True
+    for name in STRUCTURED_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if name == "response_format":
+            so = _response_format(value)
+        elif name in ("structured_outputs", "guided_decoding"):
+            so, whitespace = _structured_object(name, value)
+        else:
+            so = _constraint(name, name.removeprefix("guided_"), value)
+        if so is not None:
+            found.append((name, so))
+    if len(found) > 1:
+        raise ValueError("a request can ask for one structured output only, got "
+                         + " and ".join(name for name, _ in found))
+    if not found:
+        return None
+    so = found[0][1]
+    return so if whitespace else dataclasses.replace(so, any_whitespace=False)
+
+
+def structured_refusal(params: SamplingParams) -> str | None:
+    """The error message for a request whose structured output the engine does not apply yet
+    (``STRUCTURED_OUTPUT_APPLIED`` is False); None when it has none or the engine applies it."""
+    if params.structured is None or STRUCTURED_OUTPUT_APPLIED:
+        return None
+    return (f"structured output ({params.structured.kind}) is not yet applied by batchllm's engine; the row "
+            "would run unconstrained, so it is refused")
+
+
+def _response_format(value: Any) -> StructuredOutput | None:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ValueError(f"response_format must be an object with a type, got {_shown(value)}")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json", _ANY_OBJECT_SCHEMA)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or spec.get("schema") is None:
+            raise ValueError('response_format of type json_schema needs "json_schema": {"name": ..., "schema": {...}}, '
+                             f"got {_shown(value)}")
+        return _constraint("response_format.json_schema.schema", "json", spec["schema"])
+    raise ValueError(f'response_format type must be "text", "json_object" or "json_schema", got {kind!r}')
+
+
+def _structured_object(name: str, value: Any) -> tuple[StructuredOutput | None, bool]:
+    """(constraint, any_whitespace) of a ``structured_outputs`` / ``guided_decoding`` object."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object, got {_shown(value)}")
+    given = {k: v for k, v in value.items() if v is not None and not (k == "json_object" and v is False)}
+    unknown = sorted(k for k in given if k not in _OBJECT_KINDS and k not in _OBJECT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {name} (it takes {', '.join(_OBJECT_KINDS)})")
+    for key in sorted(set(given) & set(_OBJECT_OPTIONS)):
+        ok, why = _OBJECT_OPTIONS[key]
+        if not ok(given[key]):
+            raise ValueError(f"{name}.{key} = {_shown(given[key])} is not supported: {why}")
+    kinds = [k for k in _OBJECT_KINDS if k in given]
+    if len(kinds) > 1:
+        raise ValueError(f"{name} can hold one of {', '.join(_OBJECT_KINDS)}, got {' and '.join(kinds)}")
+    whitespace = not given.get("disable_any_whitespace", False)
+    if not kinds:
+        return None, whitespace
+    key = kinds[0]
+    if key == "json_object":
+        if given[key] is not True:
+            raise ValueError(f"{name}.json_object must be true or false, got {_shown(given[key])}")
+        return StructuredOutput("json", _ANY_OBJECT_SCHEMA), whitespace
+    return _constraint(f"{name}.{key}", _OBJECT_KINDS[key], given[key]), whitespace
+
+
+def _constraint(where: str, kind: str, value: Any) -> StructuredOutput:
+    """One constraint of ``kind`` from a request value; ``where`` names the field in error messages."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise InvalidStructuredOutput(f"{where} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise InvalidStructuredOutput(f"{where} must be a JSON schema object, got {_shown(value)}")
+        return StructuredOutput("json", json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    if kind == "choice":
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) for c in value):
+            raise ValueError(f"{where} must be a non-empty list of strings, got {_shown(value)}")
+        return StructuredOutput("choice", json.dumps(list(value), ensure_ascii=False))
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where} must be a non-empty string, got {_shown(value)}")
+    return StructuredOutput(kind, value)
 
 
 # ------------------------------------------------------------------------------ fields batchllm lacks
@@ -189,18 +373,11 @@ def _number(x: float) -> Callable[[Any], bool]:
 # A field given with any other value makes the row an ``unsupported_parameter`` error record: running it
 # without the field would give unconstrained, unranked or otherwise different text than the user asked
 # for, silently. Null always means "not given". ``best_of`` is checked against the row's n separately.
-_NO_STRUCTURED = "batchllm has no structured output (constrained decoding)"
 _NO_TOOLS = "batchllm passes no tools to the chat template and parses no tool calls"
 UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
-    "response_format": (lambda v: v == {"type": "text"}, _NO_STRUCTURED + '; {"type": "text"} is accepted'),
-    "guided_json": (None, _NO_STRUCTURED),
-    "guided_regex": (None, _NO_STRUCTURED),
-    "guided_choice": (None, _NO_STRUCTURED),
-    "guided_grammar": (None, _NO_STRUCTURED),
-    "guided_decoding": (None, _NO_STRUCTURED),
-    "guided_decoding_backend": (None, _NO_STRUCTURED),
-    "guided_whitespace_pattern": (None, _NO_STRUCTURED),
-    "structured_outputs": (None, _NO_STRUCTURED),
+    "guided_decoding_backend": (_equals("auto", "guidance", "llguidance", "xgrammar"),
+                                "batchllm constrains decoding with llguidance"),
+    "guided_whitespace_pattern": (None, "batchllm allows JSON's whitespace or none (disable_any_whitespace)"),
     "use_beam_search": (_equals(False), "batchllm has no beam search"),
     "length_penalty": (_number(1.0), "length_penalty applies to beam search, which batchllm lacks"),
     "best_of": (None, "batchllm returns every sample it generates; use n"),

@@ -19,7 +19,8 @@ from batchllm.io.readers import ColumnMapping, read_requests, resolve_keep_colum
 from batchllm.io.requests import Request, RowError
 from batchllm.io.writer import OUTPUT_SCHEMA, read_results
 from batchllm.pipeline import run_job
-from batchllm.sampling_params import UNSUPPORTED_FIELDS, unsupported_field
+from batchllm import sampling_params
+from batchllm.sampling_params import UNSUPPORTED_FIELDS, SamplingParams, StructuredOutput, unsupported_field
 
 BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=4, temperature=0.0, preview=0)
 CHAT = [{"role": "user", "content": "hi"}]
@@ -42,9 +43,7 @@ def openai_line(cid, url="/v1/chat/completions", **body):
 # ------------------------------------------------------------------------------ unsupported parameters
 
 CHANGING = [
-    ("response_format", {"type": "json_object"}), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
-    ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"json": {}}),
-    ("use_beam_search", True), ("best_of", 3), ("lora_request", {"lora_name": "x"}), ("prompt_logprobs", 1),
+    ("guided_whitespace_pattern", " *"), ("guided_decoding_backend", "outlines"), ("use_beam_search", True), ("best_of", 3), ("lora_request", {"lora_name": "x"}), ("prompt_logprobs", 1),
     ("echo", True), ("logit_bias", {"50256": -100}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("stream", True), ("include_stop_str_in_output", True),
 ]
@@ -128,18 +127,124 @@ def test_nested_sampling_params(tmp_path):
 
 def test_parquet_columns_are_checked_too(tmp_path):
     path = str(tmp_path / "in.parquet")
-    pq.write_table(pa.table({"prompt": ["a", "b"], "guided_regex": [None, "x+"]}), path)
-    ok, bad = read([path])
-    assert isinstance(ok, Request) and bad.error_code == rq.UNSUPPORTED_PARAMETER and "guided_regex" in bad.error_message
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "guided_regex": [None, "x+", None], "echo": [None, None, True]}), path)
+    ok, bad, echo = read([path])
+    assert isinstance(ok, Request) and bad.error_code == rq.UNSUPPORTED_PARAMETER and "structured output (regex)" in bad.error_message
+    assert echo.error_code == rq.UNSUPPORTED_PARAMETER and echo.error_message.startswith("echo = ")
 
 
 def test_unsupported_field_helper():
     assert unsupported_field({"best_of": 2}, n=2) is None
     assert unsupported_field({"top_logprobs": 2}, n=1, chat=True) is None
     assert unsupported_field({"top_logprobs": 2}, n=1)[0] == "top_logprobs"
-    assert unsupported_field({"guided_json": {}, "echo": True}, n=1, names=["echo"])[0] == "echo"
-    assert {"response_format", "guided_json", "use_beam_search", "best_of", "lora_request", "prompt_logprobs", "echo",
+    assert unsupported_field({"prompt_logprobs": 1, "echo": True}, n=1, names=["echo"])[0] == "echo"
+    assert {"guided_whitespace_pattern", "use_beam_search", "best_of", "lora_request", "prompt_logprobs", "echo",
             "logit_bias", "tools", "tool_choice", "functions"} <= set(UNSUPPORTED_FIELDS)
+
+
+# ------------------------------------------------------------------------------------- structured output
+
+SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}, "required": ["b"]}
+SCHEMA_TEXT = '{"type":"object","properties":{"b":{"type":"integer"},"a":{"type":"string"}},"required":["b"]}'
+STRUCTURED = [  # (field, value, the StructuredOutput it asks for)
+    ("response_format", {"type": "json_object"}, StructuredOutput("json", '{"type":"object"}')),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}},
+     StructuredOutput("json", SCHEMA_TEXT)),
+    ("guided_json", SCHEMA, StructuredOutput("json", SCHEMA_TEXT)),
+    ("guided_json", json.dumps(SCHEMA), StructuredOutput("json", SCHEMA_TEXT)),
+    ("guided_regex", "[0-9]{3}", StructuredOutput("regex", "[0-9]{3}")),
+    ("guided_choice", ["yes", "no"], StructuredOutput("choice", '["yes", "no"]')),
+    ("guided_grammar", 'root ::= "a"+', StructuredOutput("grammar", 'root ::= "a"+')),
+    ("structured_outputs", {"json": SCHEMA, "disable_any_whitespace": True}, StructuredOutput("json", SCHEMA_TEXT, False)),
+    ("structured_outputs", {"json_object": True}, StructuredOutput("json", '{"type":"object"}')),
+    ("structured_outputs", {"choice": ["a"], "regex": None}, StructuredOutput("choice", '["a"]')),
+    ("guided_decoding", {"grammar": "start: /[ab]+/"}, StructuredOutput("grammar", "start: /[ab]+/")),
+]
+
+
+@pytest.fixture
+def applied(monkeypatch):
+    """The engine applies structured output (the switch the engine's wiring flips)."""
+    monkeypatch.setattr(sampling_params, "STRUCTURED_OUTPUT_APPLIED", True)
+
+
+@pytest.mark.parametrize("name,value,expected", STRUCTURED)
+def test_structured_output_rows_are_refused_while_the_engine_does_not_apply_them(tmp_path, name, value, expected):
+    assert sampling_params.STRUCTURED_OUTPUT_APPLIED is False
+    flat = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "p", name: value}, {"custom_id": "b", "prompt": "p"},
+                                              {"prompt": "p", "sampling_params": {name: value}}])
+    body = write_jsonl(tmp_path / "b.jsonl", [openai_line("c", **{name: value}),
+                                             openai_line("d", url="/v1/completions", **{name: value})])
+    bad, ok, nested = read([flat])
+    assert isinstance(ok, Request) and ok.sampling.structured is None
+    for row in (bad, nested, *read([body])):
+        assert row.error_code == rq.UNSUPPORTED_PARAMETER
+        assert row.error_message == (f"structured output ({expected.kind}) is not yet applied by batchllm's engine; "
+                                     "the row would run unconstrained, so it is refused")
+
+
+@pytest.mark.parametrize("name,value,expected", STRUCTURED)
+def test_structured_output_fields_in_rows_nested_and_bodies(tmp_path, applied, name, value, expected):
+    flat = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", name: value}, {"prompt": "p", "sampling_params": {name: value}}])
+    body = write_jsonl(tmp_path / "b.jsonl", [openai_line("c", **{name: value}),
+                                             openai_line("d", url="/v1/completions", **{name: value})])
+    rows = read([flat]) + read([body])
+    assert all(isinstance(r, Request) and r.sampling.structured == expected for r in rows)
+
+
+def test_structured_output_conflicts_and_malformed_specs_are_error_rows(tmp_path, applied):
+    rows = [
+        {"prompt": "p", "guided_json": SCHEMA, "guided_regex": "a"},
+        {"prompt": "p", "response_format": {"type": "json_object"}, "sampling_params": {"guided_choice": ["a"]}},
+        {"prompt": "p", "structured_outputs": {"json": SCHEMA, "regex": "a"}},
+        {"prompt": "p", "guided_json": "{not json"},
+        {"prompt": "p", "guided_json": [1, 2]},
+        {"prompt": "p", "guided_choice": []},
+        {"prompt": "p", "response_format": {"type": "json_schema"}},
+        {"prompt": "p", "structured_outputs": {"jsn": {}}},
+        {"prompt": "p", "structured_outputs": {"regex": "a", "whitespace_pattern": " "}},
+        {"prompt": "p", "response_format": {"type": "text"}, "guided_regex": "a+"},
+        {"prompt": "p", "guided_regex": "a+", "sampling_params": {"guided_regex": "b+"}},
+    ]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    two, across, inside, text, array, empty, no_schema, typo, option, text_and_regex, nested_wins = read([path])
+    assert two.error_code == rq.INVALID_PARAMETER and "one structured output only, got guided_json and guided_regex" in two.error_message
+    assert across.error_code == rq.INVALID_PARAMETER and "response_format and guided_choice" in across.error_message
+    assert inside.error_code == rq.INVALID_PARAMETER and "json and regex" in inside.error_message
+    assert text.error_code == array.error_code == rq.INVALID_STRUCTURED_OUTPUT == "invalid_structured_output"
+    assert "guided_json is not valid JSON" in text.error_message and "JSON schema object" in array.error_message
+    assert empty.error_code == no_schema.error_code == typo.error_code == option.error_code == rq.INVALID_PARAMETER
+    assert "unknown key 'jsn' in structured_outputs" in typo.error_message
+    assert "structured_outputs.whitespace_pattern" in option.error_message
+    assert text_and_regex.sampling.structured == StructuredOutput("regex", "a+")  # {"type": "text"} constrains nothing
+    assert nested_wins.sampling.structured == StructuredOutput("regex", "b+")
+
+
+def test_structured_output_names_used_as_data_columns_stay_data(tmp_path, applied):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "response_format": "short"}])
+    (r,) = read([path], mapping=ColumnMapping(prompt_template="{prompt} in {response_format}"))
+    assert isinstance(r, Request) and r.prompt == "p in short" and r.sampling.structured is None
+    (e,) = read([path])
+    assert e.error_code == rq.INVALID_PARAMETER and "response_format must be an object" in e.error_message
+
+
+def test_structured_output_in_parquet_and_over_job_defaults(tmp_path, applied):
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "guided_regex": [None, "x+", None],
+                             "response_format": [None, None, json.dumps({"type": "text"})]}), path)
+    defaults = SamplingParams(structured=StructuredOutput("choice", '["d"]'))
+    default, regex, text = read([path], defaults=defaults)
+    assert default.sampling is defaults and regex.sampling.structured == StructuredOutput("regex", "x+")
+    assert text.error_code == rq.INVALID_PARAMETER  # a Parquet string is not an object
+    (cleared,) = read([write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "response_format": {"type": "text"}}])],
+                      defaults=defaults)
+    assert cleared.sampling.structured is None
+
+
+def test_guided_decoding_backend_that_keeps_the_meaning_is_accepted(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "guided_decoding_backend": b} for b in ("xgrammar", "outlines")])
+    ok, other = read([path])
+    assert isinstance(ok, Request) and other.error_code == rq.UNSUPPORTED_PARAMETER
 
 
 # ------------------------------------------------------------------------------------- chat and system

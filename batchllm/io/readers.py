@@ -32,6 +32,11 @@ A native row carries:
   ``sampling_params`` object; a nested value overrides the flat one, and both override the job's
   defaults. ``max_new_tokens`` / ``max_completion_tokens`` alias ``max_tokens``. Flat fields share the
   row's namespace, so a data column called e.g. ``n`` is read as a sampling field.
+- structured-output fields (``sampling_params.STRUCTURED_FIELDS``: ``response_format``, ``guided_json``...),
+  flat (unless the job names the column as data) or in ``sampling_params``; in OpenAI bodies too. A
+  conflicting or misshapen one is an ``invalid_parameter`` error, a malformed schema / regex / grammar an
+  ``invalid_structured_output`` one, and while the engine does not apply them
+  (``sampling_params.structured_refusal``) a row that asks for one is ``unsupported_parameter``.
 
 Null (JSON null, a null Parquet cell, NaN) means "not given" everywhere. Per-row problems become a
 ``RowError`` (codes in ``batchllm.io.requests``) and the job goes on; problems with a whole input (missing,
@@ -61,6 +66,7 @@ from batchllm.io.requests import (
     DUPLICATE_CUSTOM_ID,
     INVALID_MESSAGES,
     INVALID_PARAMETER,
+    INVALID_STRUCTURED_OUTPUT,
     MALFORMED_JSON,
     MISSING_PROMPT,
     PROMPT_TOO_LONG,
@@ -74,15 +80,18 @@ from batchllm.sampling_params import (
     FLAT_UNSUPPORTED,
     MAX_TOKENS_ALIASES,
     NEUTRAL_BODY_FIELDS,
+    SAMPLING_FIELD_NAMES,
+    STRUCTURED_FIELDS,
     UNSUPPORTED_FIELDS,
+    InvalidStructuredOutput,
     SamplingParams,
+    structured_refusal,
     unsupported_field,
 )
 
 __all__ = ["ColumnMapping", "detect_format", "read_requests", "count_rows", "resolve_keep_columns", "input_identity", "is_hub_dataset_name"]
 
-_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-_SAMPLING_KEYS = _SAMPLING_NAMES | frozenset(MAX_TOKENS_ALIASES)
+_SAMPLING_KEYS = frozenset(SAMPLING_FIELD_NAMES) | frozenset(MAX_TOKENS_ALIASES) | frozenset(STRUCTURED_FIELDS)
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 _OPENAI_KEYS = ("custom_id", "method", "url", "body")
@@ -279,6 +288,7 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
     # columns the job names as data (mapped, template fields, kept) are never read as unsupported request fields
     data = {mapping.id_column, mapping.prompt_column, mapping.messages_column, *template_fields, *keep}
     flat_checked = tuple(sorted(FLAT_UNSUPPORTED - data))
+    flat_data = frozenset(STRUCTURED_FIELDS) & data
     for i, (path, fmt) in enumerate(zip(paths, formats)):
         prefix = os.path.basename(os.path.normpath(path)) + ":" if several else ""
         mask = skip[i] if skip is not None and skip[i] is not None and len(skip[i]) else None
@@ -294,11 +304,11 @@ def _generate(paths, formats, mapping, template_fields, defaults, batch_rows, sk
                 rows = ((index, row) for index, row in rows if index >= len(mask) or not mask[index])
         for index, row in rows:
             yield _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars, keep,
-                          flat_checked)
+                          flat_checked, flat_data)
 
 
 def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defaults, max_chars=None, keep=None,
-            flat_checked=()) -> Request | RowError:
+            flat_checked=(), flat_data=frozenset()) -> Request | RowError:
     """Turn one parsed row (or a parse failure) into a record; claims the row's custom_id in ``seen``."""
     if isinstance(row, _RowFailure):
         return RowError(path, index, row.code, row.message, kept=dict.fromkeys(keep) if keep else None)
@@ -329,18 +339,23 @@ def _record(path, fmt, index, row, prefix, seen, mapping, template_fields, defau
             prompt, fields, unsupported = _openai_request(row)
         else:
             prompt = _native_prompt(row, mapping, template_fields, max_chars)
-            fields, unsupported = _native_sampling(row, flat_checked)
+            fields, unsupported = _native_sampling(row, flat_checked, flat_data)
         if max_chars is not None and len(prompt.get("prompt") or "") > max_chars:
             raise _RowFailure(PROMPT_TOO_LONG, f"prompt has {len(prompt['prompt']):,} characters, more than the "
                                                f"model's context can hold (at most {max_chars:,})")
         prompt = _chat_rules(prompt, mapping, fmt)
         try:
             sampling = SamplingParams.from_fields(fields, defaults) if fields else defaults
+        except InvalidStructuredOutput as e:
+            raise _RowFailure(INVALID_STRUCTURED_OUTPUT, str(e)) from None
         except ValueError as e:
             raise _RowFailure(INVALID_PARAMETER, str(e)) from None
         found = unsupported_field(unsupported, sampling.n) if unsupported else None
         if found is not None:
             raise _RowFailure(UNSUPPORTED_PARAMETER, found[1])
+        refused = structured_refusal(sampling)
+        if refused is not None:
+            raise _RowFailure(UNSUPPORTED_PARAMETER, refused)
     except _RowFailure as f:
         return RowError(path, index, f.code, f.message, custom_id, kept=kept)
     return Request(custom_id=custom_id, input_file=path, input_index=index, sampling=sampling, kept=kept, **prompt)
@@ -420,11 +435,13 @@ def _native_prompt(row: dict, mapping: ColumnMapping, template_fields: tuple[str
     return {"prompt_token_ids": _check_token_ids(value)}
 
 
-def _native_sampling(row: dict, flat_checked: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+def _native_sampling(row: dict, flat_checked: Sequence[str] = (),
+                     flat_data: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:
     """(sampling fields, request fields batchllm does not implement) of a native row: flat fields, overridden
     by those nested in ``sampling_params``. Of the flat fields only ``flat_checked`` names count as request
-    fields batchllm lacks (the others share the row with data); in ``sampling_params`` every one does."""
-    fields = _sampling_subset(row)
+    fields batchllm lacks (the others share the row with data); in ``sampling_params`` every one does.
+    ``flat_data``: structured-output field names the job uses as data columns, not read as requests."""
+    fields = {k: v for k, v in _sampling_subset(row).items() if k not in flat_data}
     unsupported = {k: row[k] for k in flat_checked if not _is_null(row.get(k))}
     nested = row.get("sampling_params")
     if nested is not None:

@@ -59,5 +59,8 @@ PROMPT_TOO_LONG = "prompt_too_long"
 TEMPLATE_ERROR = "template_error"
 UNSUPPORTED_ENDPOINT = "unsupported_endpoint"
 UNSUPPORTED_PARAMETER = "unsupported_parameter"  # a request field batchllm does not implement (sampling_params.UNSUPPORTED_FIELDS)
+# a malformed JSON schema, regex, choice list or grammar (sampling_params.InvalidStructuredOutput, or the
+# grammar engine's message when it compiles one: batchllm.engine.structured)
+INVALID_STRUCTURED_OUTPUT = "invalid_structured_output"
 TOKENIZATION_ERROR = "tokenization_error"
 ENGINE_ERROR = "engine_error"  # scale-out: the request's group failed on every attempt (docs/scale-out.md)
