@@ -1,0 +1,123 @@
+"""The plan is what runs: the engine computes exactly the prompt tokens the plan counts.
+
+Every workload of docs/benchmarks.md (``bench/workloads.py``, at small sizes) is planned with
+``plan_requests`` and run through ``build_sources`` on a random small model with a KV pool large enough
+that nothing is preempted; the saving the plan promises (``Plan.saving``) must be the saving the
+engine achieves (1 - ``prompt_tokens_computed`` / logical prompt tokens of every sample), token for
+token. Also with ``n > 1`` samples (the split into groups of their own), and for subsets: the parts a
+set of Ray replicas runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchllm.bench.workloads import make_workload
+from batchllm.engine.attention import get_backend
+from batchllm.engine.engine import LLMEngine
+from batchllm.engine.kv_cache import KVCache
+from batchllm.engine.scheduler import SchedulerConfig
+from batchllm.engine.sources import build_sources
+from batchllm.io.requests import Request
+from batchllm.plan.plan import Plan, check_plan, plan_requests
+from batchllm.sampling_params import SamplingParams
+from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
+
+PAGE = 4
+# small shapes of the five workloads; outer prefixes need levels of 16+ tokens (nesting.MIN_OUTER_TOKENS)
+WORKLOADS = {
+    "shared-prefix": dict(groups=3, per_group=4, prefix_len=40, suffix_len=6, output_len=3),
+    "prefix-grid": dict(prefix_lens=[0, 18, 40], share_degrees=[2, 4], output_lens=[2], suffix_len=5, requests=8),
+    "no-sharing": dict(requests=8, suffix_len=10, output_len=3),
+    "decode-heavy-mix": dict(groups=4, per_group=3, prefix_len=40, suffix_len=6, output_len=6, short_output_len=2),
+    "nested": dict(prefix_len=40, groups=3, sub_prefix_len=20, per_group=3, suffix_len=5, output_len=3),
+}
+
+CFG = tiny_config()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(CFG, random_state_dict(CFG, seed=3))
+
+
+def requests_of(rows: list[dict], n: list[int] | None = None) -> list[Request]:
+    out = []
+    for i, row in enumerate(rows):
+        sp = SamplingParams(n=n[i] if n else 1, max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)
+        r = Request(custom_id=row["custom_id"], input_file="f", input_index=i, sampling=sp,
+                    prompt_token_ids=list(row["prompt_token_ids"]))
+        r.token_ids = np.asarray(row["prompt_token_ids"], dtype=np.int32)
+        out.append(r)
+    return out
+
+
+def run(model, requests, plan: Plan) -> tuple[int, dict]:
+    """Run ``plan`` with no memory pressure; returns (prompt tokens computed, outputs by (request, sample)).
+    ``requests``: the job's list, or a replica's {index: request}."""
+    rs = requests.values() if isinstance(requests, dict) else requests
+    need = sum(r.sampling.n * (len(r.token_ids) + r.sampling.max_tokens + PAGE) for r in rs)
+    kv = KVCache(CFG, need // PAGE + 8, PAGE, torch.float32, "cpu")
+    sched = SchedulerConfig(page_size=PAGE, max_num_batched_tokens=64, max_num_seqs=None, max_model_len=CFG.max_position_embeddings)
+    engine = LLMEngine(model, FakeTokenizer(), kv, get_backend("torch"), sched, torch.device("cpu"), CFG.vocab_size)
+    done: dict = {}
+    engine.run(build_sources(requests, plan, frozenset(), 0, page_size=PAGE),
+               lambda s: done.setdefault((s.request_index, s.sample_index), s.output_ids))
+    assert engine.scheduler.num_preemptions == 0
+    return engine.scheduler.prompt_tokens_computed, done
+
+
+def achieved_saving(computed: int, requests) -> float:
+    logical = sum(r.sampling.n * len(r.token_ids) for r in requests)
+    return 1.0 - computed / logical
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_planned_saving_is_the_achieved_saving_on_every_workload(model, name):
+    for cell in make_workload(name, WORKLOADS[name], vocab_size=CFG.vocab_size).cells:
+        requests = requests_of(cell.rows)
+        plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE)
+        check_plan(plan, [r.token_ids for r in requests])
+        computed, done = run(model, requests, plan)
+        assert len(done) == len(requests)
+        assert computed == plan.planned_prompt_tokens, cell.label
+        assert achieved_saving(computed, requests) == plan.saving()
+        if name in ("shared-prefix", "nested"):
+            assert plan.saving() > 0.5
+
+
+def test_planned_saving_is_achieved_with_many_samples_and_the_outputs_do_not_change(model):
+    # the nested workload with n > 1 on some requests: some leave their group to share their own prompt
+    rows = make_workload("nested", WORKLOADS["nested"], vocab_size=CFG.vocab_size).cells[0].rows
+    n = [[1, 2, 5][i % 3] for i in range(len(rows))]
+    requests = requests_of(rows, n)
+    plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE)
+    check_plan(plan, [r.token_ids for r in requests])
+    assert any(len(g.members) == 1 and g.prefix_len == len(requests[g.members[0]].token_ids) - 1 for g in plan.groups)
+    computed, done = run(model, requests, plan)
+    assert computed == plan.planned_prompt_tokens
+    assert achieved_saving(computed, requests) == plan.saving()
+    # the baseline plan (no sharing) gives the same greedy outputs
+    base = plan_requests(requests, "fcfs-lru", CFG.max_position_embeddings, PAGE)
+    base_computed, base_done = run(model, requests, base)
+    assert base_computed == base.planned_prompt_tokens == base.logical_prompt_tokens
+    assert base_done == done
+
+
+def test_replica_subsets_compute_what_they_plan_and_together_cover_the_job(model):
+    rows = make_workload("nested", WORKLOADS["nested"], vocab_size=CFG.vocab_size).cells[0].rows
+    requests = requests_of(rows)
+    plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE)
+    _, whole = run(model, requests, plan)
+    G = len(plan.groups)
+    got: dict = {}
+    for ids in (list(range(0, G, 2)), list(range(1, G, 2))):
+        part = plan.subset(ids)
+        mine = {i: requests[i] for i in part.order.tolist()}  # a replica receives only its requests
+        check_plan(part, {i: r.token_ids for i, r in mine.items()})
+        computed, done = run(model, mine, part)
+        assert computed == part.planned_prompt_tokens
+        got.update(done)
+    assert got == whole
