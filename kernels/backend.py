@@ -1,4 +1,4 @@
-"""``TritonAttention``: the attention backend built on ``batchllm.kernels`` (registered as "triton").
+"""``TritonAttention``: the attention backend built on ``batchllm.kernels`` (``get_backend("triton")``).
 
 Per step it plans once (host-side numpy, reused by every layer of the step) and per layer it stores the
 new K/V and runs the planned launches: with ``meta.prefix_groups`` the prefix-shared path (Hydragen /
@@ -31,11 +31,7 @@ from batchllm.kernels.paged_attention import (
 )
 from batchllm.kernels.prefix_attention import plan_prefix_shared_attention
 
-from batchllm.engine.attention import (
-    AttentionBackend,
-    AttentionMetadata,
-    register_backend,
-)
+from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
 from batchllm.engine.cuda_graphs import StaticDecodeMetadata
 
 # at most this many key ranges per decode row in a graphed step: each is a program even when empty
@@ -53,7 +49,6 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "triton"
-    cuda_graph_safe = True  # store skips slot -1 in-kernel; graphed decode plans read only device tensors
 
     def __init__(self, tuning: AttentionTuning | None = None, min_group_size: int = 2):
         self.tuning = tuning or AttentionTuning()
@@ -90,6 +85,10 @@ class TritonAttention(AttentionBackend):
         return out
 
     # -- graphed decode steps ----------------------------------------------------------------------
+    def supports_cuda_graphs(self) -> bool:
+        """True: the store skips slot -1 in-kernel, and graphed decode plans read only device tensors."""
+        return True
+
     def static_decode_splits(self, bucket: int, num_kv_heads: int, device: torch.device) -> int:
         """Key ranges per row of a graphed decode step of ``bucket`` rows: enough programs for about
         ``programs_per_sm`` per SM (flash-decoding), at most ``MAX_STATIC_SPLITS``; 1 when splitting is off."""
@@ -149,6 +148,3 @@ class TritonAttention(AttentionBackend):
                              resolve_merge_heads(num_heads, self.tuning))
         self._static_plans[key] = plan
         return plan
-
-
-register_backend("triton", TritonAttention)

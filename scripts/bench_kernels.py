@@ -156,7 +156,7 @@ class GroupCase:
 
 def build_group(case: GroupCase):
     """A paged cache where every request's table starts with the shared prefix pages, then its own pages."""
-    from batchllm.engine.attention import AttentionMetadata, PrefixGroupDescriptor
+    from batchllm.engine.attention_backend import AttentionMetadata, PrefixGroupDescriptor
 
     B, P, own = case.requests, case.prefix, case.own
     if P % PAGE or own % PAGE:
@@ -305,7 +305,8 @@ def mixed_step(reps: int) -> dict:
         run_plan,
     )
 
-    from batchllm.engine.attention import AttentionMetadata, TorchAttention
+    from batchllm.engine.attention import TorchAttention
+    from batchllm.engine.attention_backend import AttentionMetadata
 
     rng = np.random.default_rng(0)
     n_dec, chunk, hist, ctx = (8, 16, 32, (20, 60)) if SMOKE else (256, 256, 1024, (512, 2048))

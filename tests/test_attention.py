@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from batchllm.engine import attention
-from batchllm.engine.attention import (
-    AttentionMetadata,
-    PrefixGroupDescriptor,
-    TorchAttention,
-)
+from batchllm.engine.attention import TorchAttention
+from batchllm.engine.attention_backend import AttentionMetadata, PrefixGroupDescriptor
 
 
 def split_backend() -> TorchAttention:

@@ -16,7 +16,8 @@ from batchllm.kernels.backend import TritonAttention
 from batchllm.kernels.paged_attention import AttentionTuning
 
 from batchllm.engine import cuda_graphs
-from batchllm.engine.attention import PrefixGroupDescriptor, TorchAttention
+from batchllm.engine.attention import TorchAttention
+from batchllm.engine.attention_backend import PrefixGroupDescriptor
 from batchllm.engine.engine import LLMEngine
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.model_runner import ModelRunner
@@ -170,7 +171,19 @@ def test_cuda_mode_degrades_to_eager_without_a_gpu_or_a_graph_safe_backend(caplo
     with caplog.at_level(logging.INFO):
         assert ModelRunner(model, kv, TorchAttention(), "cpu", graphs="cuda", max_model_len=32).graphs is None
         assert ModelRunner(model, kv, TorchAttention(), "cpu", graphs="auto", max_model_len=32).graphs is None
-    assert not TorchAttention.__dict__.get("cuda_graph_safe") and TritonAttention.cuda_graph_safe
+    assert not TorchAttention().supports_cuda_graphs() and TritonAttention().supports_cuda_graphs()
+
+
+def test_graph_hooks_are_declared_with_defaults():
+    """Every hook the runner and the graphs call is an ``AttentionBackend`` method; a backend that
+    overrides none (the torch one) is never captured and needs no work list."""
+    backend = TorchAttention()
+    assert not backend.supports_cuda_graphs() and not cuda_graphs.graph_safe(backend)
+    assert backend.static_decode_splits(8, 2, torch.device("cpu")) == 0
+    with pytest.raises(NotImplementedError):
+        backend.fill_static_decode_work(np.zeros((8, 6), np.int32), np.ones(8, np.int64), 1, 4)
+    triton = TritonAttention()
+    assert triton.supports_cuda_graphs() and triton.static_decode_splits(8, 2, torch.device("cpu")) >= 1
 
 
 def test_failed_capture_warns_once_and_runs_eagerly(caplog, monkeypatch):

@@ -13,14 +13,9 @@ import pytest
 import torch
 from batchllm.kernels.backend import TritonAttention
 
-from batchllm.engine.model_runner import prefix_groups_for_step
-from batchllm.engine.attention import (
-    AttentionMetadata,
-    PrefixGroupDescriptor,
-    TorchAttention,
-    get_backend,
-)
-from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.attention import TorchAttention, get_backend
+from batchllm.engine.attention_backend import AttentionMetadata, PrefixGroupDescriptor
+from batchllm.engine.model_runner import ModelRunner, prefix_groups_for_step
 from batchllm.engine.sequence import Sequence
 from batchllm.sampling_params import SamplingParams
 from tests import engine_utils
@@ -30,8 +25,10 @@ from tests.test_kernels_attention import make_step
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_registered_as_triton():
-    assert isinstance(get_backend("triton"), TritonAttention)
+def test_backends_by_name():
+    assert isinstance(get_backend("triton"), TritonAttention) and isinstance(get_backend("torch"), TorchAttention)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_backend("flash")
 
 
 def _step_meta(ql, sl, groups, bt, page_size):

@@ -1,83 +1,16 @@
-"""The attention-backend interface and its torch reference implementation.
+"""``TorchAttention``, the attention backend in torch, and ``get_backend``, the backends by name.
 
-Every engine step is one flat batch of tokens: decode tokens of running sequences first (one query
-each), then prefill chunks (several queries each, causal inside the chunk, attending to the sequence's
-paged history). ``AttentionMetadata`` describes that batch; a backend stores the step's K/V into the
-paged cache and computes attention for all queries. The Triton kernels (``batchllm.kernels``) implement
-the same interface; ``TorchAttention`` stays as the reference they are tested against.
-
-KV cache layout, one tensor per layer::
-
-    kv_cache[layer] : (2, num_pages, page_size, num_kv_heads, head_dim)    # [0] = K, [1] = V
-    slot s          = page * page_size + offset            (slot_mapping holds one per new token)
-    block_tables[i] = the pages of sequence i, in order; entries past its length are padding (0)
-
-A sequence's tokens ``[0, seq_len)`` live at ``block_tables[i][t // page_size]``, offset
-``t % page_size``. Pages may be shared between sequences (a prefix group's prefix); sharing is visible
-only through the page tables, so a backend needs no extra information to be correct.
-``prefix_groups`` lets a backend exploit sharing (prefix-shared attention): read a shared prefix once for
-all members. Both backends do.
+The interface (``AttentionMetadata``, ``AttentionBackend``, the KV cache layout) is
+``batchllm.engine.attention_backend``. ``TorchAttention`` is the reference the Triton kernels
+(``batchllm.kernels.backend.TritonAttention``) are tested against, and the CPU engine's path.
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclasses.dataclass
-class PrefixGroupDescriptor:
-    """Consecutive sequences ``seq_start:seq_end`` of the step have identical K/V at positions
-    ``[0, prefix_len)`` and each has seq_len >= prefix_len. A backend may read the prefix through
-    ``block_tables[seq_start]`` alone; ``prefix_len`` counts tokens and may end inside a page (each
-    member's private copy of the partial last prefix page holds the same prefix tokens)."""
-
-    seq_start: int
-    seq_end: int
-    prefix_len: int
-
-
-@dataclasses.dataclass
-class AttentionMetadata:
-    """One step's attention inputs. Device tensors plus the few host-side sizes backends branch on.
-
-    Sequences are ordered decodes first: ``query_lens[i] == 1`` for ``i < num_decodes``.
-    """
-
-    query_start_loc: torch.Tensor  # (S+1,) int32: query tokens of seq i are [qsl[i], qsl[i+1])
-    seq_lens: torch.Tensor  # (S,) int32: KV length of seq i after this step (history + new tokens)
-    block_tables: torch.Tensor  # (S, max_pages) int32
-    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token; -1 = padding, not stored
-    num_decodes: int
-    query_lens_host: list[int]
-    seq_lens_host: list[int]
-    prefix_groups: list[PrefixGroupDescriptor] | None = None
-    has_padding: bool = False  # some slot_mapping entries are -1 (padded rows); known on the host: no sync
-
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_host)
-
-
-class AttentionBackend(abc.ABC):
-    """Stores new K/V into the paged cache and computes attention for one layer of one step."""
-
-    name: str = "abstract"
-
-    @abc.abstractmethod
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Write ``k``, ``v`` of shape (T, num_kv_heads, head_dim) into ``kv_cache`` at ``meta.slot_mapping``."""
-
-    @abc.abstractmethod
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Attention of ``q`` (T, num_heads, head_dim) over each sequence's cached K/V; returns (T, num_heads, head_dim).
-
-        Must be called after ``store_kv`` for the same step (a query attends to its own token).
-        """
+from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
 
 
 # torch's fused CPU flash-attention kernel: blocked (no score matrix in memory) and it returns the
@@ -156,7 +89,7 @@ class TorchAttention(AttentionBackend):
     # Decodes are memory bound and always split (2.4 ms -> 1.3 ms with 256-token prefixes).
     split_prefill: bool = False
 
-    def store_kv(self, k, v, kv_cache, meta):
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
         slots = meta.slot_mapping
         flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
@@ -166,7 +99,7 @@ class TorchAttention(AttentionBackend):
         flat[0].index_copy_(0, slots, k)
         flat[1].index_copy_(0, slots, v)
 
-    def forward(self, q, kv_cache, meta, scale):
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd, n = meta.num_decodes, meta.num_seqs
         qlens, slens = meta.query_lens_host, meta.seq_lens_host
         row = [0] * (n + 1)
@@ -362,18 +295,16 @@ def _prefill_batches(seqs, qlens, slens, kv_lo, page_size: int) -> list[list[int
     return batches
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttention}
-
-
-def register_backend(name: str, cls: type[AttentionBackend]) -> None:
-    _BACKENDS[name] = cls
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend registered under ``name`` ('torch'; 'triton' once the kernels register it)."""
-    if name == "triton" and name not in _BACKENDS:
-        import batchllm.kernels.backend  # noqa: F401  (registers itself)
-    try:
-        return _BACKENDS[name]()
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}") from None
+    """A new attention backend: "torch" (``TorchAttention``) or "triton" (``TritonAttention``, which
+    imports Triton and defines the kernels: only here, on first use). Raises ValueError for another name."""
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        from batchllm.kernels.backend import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")

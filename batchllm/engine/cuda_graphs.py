@@ -12,9 +12,10 @@ changes between replays:
 * ``query_lens_host`` / ``seq_lens_host`` are fixed per bucket (1, and the full width ``W * page_size``)
   and ``prefix_groups`` is None: a graphed step uses plain paged decode. The prefix-shared path, whose
   work list depends on the groups, runs only in eager steps (``prefer_graph`` decides per step);
-* the Triton backend's work list (``decode_work``, ``kv_splits`` pieces per row, fixed per bucket) is
-  a device section filled on the host each step (``TritonAttention.fill_static_decode_work``); its
-  launch grid and merge lists depend on the bucket only;
+* a backend's work list (``decode_work``, ``kv_splits`` pieces per row, fixed per bucket: the
+  backend's ``static_decode_splits``) is a device section filled on the host each step (its
+  ``fill_static_decode_work``); the Triton backend's launch grid and merge lists depend on the bucket
+  only;
 * the graph ends at the final hidden states of all B rows; the caller runs the LM head eagerly on the
   first n. (Logits inside the graph would pin one B x vocab float32 output per bucket, all buckets
   alive at once: gigabytes for a 128k vocabulary, none of it reusable.)
@@ -35,7 +36,7 @@ from collections.abc import Iterable
 
 import torch
 
-from batchllm.engine.attention import (
+from batchllm.engine.attention_backend import (
     AttentionBackend,
     AttentionMetadata,
     PrefixGroupDescriptor,
@@ -97,10 +98,10 @@ def prefer_graph(seq_lens: Iterable[int], groups: Iterable[PrefixGroupDescriptor
 
 
 def graph_safe(backend: AttentionBackend) -> bool:
-    """Whether ``backend`` may be captured: its decode path reads only device tensors and skips slot -1
-    without a host sync. The torch reference is not (its padded store indexes by a mask, its static decode
-    gathers every row's full width); it still runs graph steps in ``static`` mode."""
-    return bool(getattr(backend, "cuda_graph_safe", False))
+    """Whether ``backend`` may be captured (``AttentionBackend.supports_cuda_graphs``). The torch
+    reference may not (its padded store indexes by a mask, its static decode gathers every row's full
+    width); it still runs graph steps in ``static`` mode."""
+    return backend.supports_cuda_graphs()
 
 
 class DecodeGraphs:

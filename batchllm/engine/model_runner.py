@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from batchllm.engine import cuda_graphs
-from batchllm.engine.attention import (
+from batchllm.engine.attention_backend import (
     AttentionBackend,
     AttentionMetadata,
     PrefixGroupDescriptor,
@@ -87,10 +87,9 @@ class ModelRunner:
     def _init_graphs(self, mode: str, max_model_len: int, max_graph_batch: int) -> None:
         cfg = self.model.config
         width = -(-max_model_len // self.page_size)
-        splits_of = getattr(self.backend, "static_decode_splits", None)
         layouts, splits = {}, {}
         for b in cuda_graphs.capture_sizes(max_graph_batch):
-            s = splits_of(b, cfg.num_kv_heads, self.device) if splits_of is not None else 0
+            s = self.backend.static_decode_splits(b, cfg.num_kv_heads, self.device)
             layouts[b] = step_layout(b, b, width, b, b * s * 6)
             splits[b] = s
         if not layouts:
