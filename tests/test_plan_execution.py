@@ -32,7 +32,7 @@ WORKLOADS = {
     "prefix-grid": dict(prefix_lens=[0, 18, 40], share_degrees=[2, 4], output_lens=[2], suffix_len=5, requests=8),
     "no-sharing": dict(requests=8, suffix_len=10, output_len=3),
     "decode-heavy-mix": dict(groups=4, per_group=3, prefix_len=40, suffix_len=6, output_len=6, short_output_len=2),
-    "nested": dict(prefix_len=40, groups=3, sub_prefix_len=20, per_group=3, suffix_len=5, output_len=3),
+    "nested": dict(prefix_len=40, groups=3, sub_prefix_len=24, per_group=3, suffix_len=5, output_len=3),
 }
 
 CFG = tiny_config()
@@ -86,6 +86,8 @@ def test_planned_saving_is_the_achieved_saving_on_every_workload(model, name):
         assert achieved_saving(computed, requests) == plan.saving()
         if name in ("shared-prefix", "nested"):
             assert plan.saving() > 0.5
+        if name == "nested":  # one group per sub-prefix, the system prompt an outer prefix of all three
+            assert len(plan.groups) == 3 and plan.nesting.outer_len.tolist() == [40]
 
 
 def test_planned_saving_is_achieved_with_many_samples_and_the_outputs_do_not_change(model):
@@ -115,9 +117,19 @@ def test_replica_subsets_compute_what_they_plan_and_together_cover_the_job(model
     got: dict = {}
     for ids in (list(range(0, G, 2)), list(range(1, G, 2))):
         part = plan.subset(ids)
+        assert part.nesting.num_outer == (1 if len(ids) > 1 else 0)  # a lone group computes the system prompt itself
         mine = {i: requests[i] for i in part.order.tolist()}  # a replica receives only its requests
         check_plan(part, {i: r.token_ids for i, r in mine.items()})
         computed, done = run(model, mine, part)
         assert computed == part.planned_prompt_tokens
         got.update(done)
     assert got == whole
+
+
+def test_sources_refuse_a_plan_made_for_another_page_size():
+    rows = make_workload("nested", WORKLOADS["nested"], vocab_size=CFG.vocab_size).cells[0].rows
+    requests = requests_of(rows)
+    plan = plan_requests(requests, "batchllm", None, PAGE)
+    assert plan.nesting.outer_len.tolist() == [40]
+    with pytest.raises(ValueError, match="page boundary"):
+        build_sources(requests, plan, frozenset(), 0, page_size=16)

@@ -21,9 +21,9 @@ from batchllm.io.requests import Request
 from batchllm.plan.plan import Plan, PrefixGroup
 
 
-def build_sources(requests: Seq[Request] | Mapping[int, Request], plan: Plan | None, eos: frozenset[int],
+def build_sources(requests: Seq[Request] | Mapping[int, Request], plan: Plan, eos: frozenset[int],
                   job_seed: int, page_size: int = 16) -> Iterator[Sequence | SharedPrefix]:
-    """Yield the engine's work in plan order: outer prefixes, each group's shared prefix, its members' samples.
+    """The engine's work in plan order, lazily: outer prefixes, each group's shared prefix, its members' samples.
 
     ``requests`` maps the plan's request indices to requests (the job's list, or a replica's dict).
     A group computes its prefix as a ``SharedPrefix`` (extending its outer prefix) when two or more
@@ -32,17 +32,17 @@ def build_sources(requests: Seq[Request] | Mapping[int, Request], plan: Plan | N
     then share its prompt only through the page cache, as vLLM fans such a request out into ``n``
     child requests). Every prefix is yielded before anything that extends it, and
     ``SharedPrefix.unfinished`` counts its dependents exactly. ``page_size`` is the engine's: an outer
-    prefix must end on a page boundary (the plan's ``page_size``), so extending it copies no page.
-    ``plan=None`` streams the requests in input order as the baseline plan does.
+    prefix must end on a page boundary (the plan's ``page_size``), so extending it copies no page;
+    ``ValueError`` otherwise.
     """
-    ids = itertools.count()
-    if plan is None:  # the streaming baseline: input order, nothing shared
-        for i, r in enumerate(requests):
-            yield from _group_sources(requests, PrefixGroup(i, 0, np.array([i], dtype=np.int64)), None, ids, eos, job_seed)
-        return
-    nst = plan.nesting
-    if np.any(nst.outer_len % page_size):
+    if np.any(plan.nesting.outer_len % page_size):
         raise ValueError(f"the plan's outer prefixes do not end on the engine's {page_size}-token page boundary")
+    return _sources(requests, plan, eos, job_seed)
+
+
+def _sources(requests, plan: Plan, eos: frozenset[int], job_seed: int) -> Iterator[Sequence | SharedPrefix]:
+    ids = itertools.count()
+    nst = plan.nesting
     # dependents of each outer prefix: extending outer prefixes, group prefixes, samples attached directly
     deps = np.bincount(nst.outer_parent[nst.outer_parent >= 0], minlength=nst.num_outer)
     for g in plan.groups:
