@@ -16,7 +16,6 @@ copying in the tensors ``loader.iter_weights`` yields (HF names), one at a time.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
@@ -24,24 +23,12 @@ from typing import Any
 
 import torch
 
+from batchllm.bench.peer_run import PeerRun
 from batchllm.errors import BatchLLMError
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
 
 PEERS = ("transformers", "transformers-cb", "vllm")
-
-
-@dataclasses.dataclass
-class PeerRun:
-    """One peer run over a request set. ``outputs``: custom_id -> generated token ids (trimmed to the
-    request's max_tokens); ``decode_batches``: sequences per decode step, as (size, steps) pairs;
-    ``peak_kv_tokens``: KV cache slots held at the peak (None when the peer does not say)."""
-
-    wall_s: float
-    outputs: dict[str, list[int]]
-    decode_batches: list[tuple[int, int]]
-    peak_kv_tokens: int | None
-    prompt_tokens_computed: int | None
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from batchllm.bench.peers import PeerRun
+from batchllm.bench.peer_run import PeerRun
 from batchllm.errors import BatchLLMError
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
