@@ -19,7 +19,7 @@ from batchllm.engine.sequence import SharedPrefix
 from batchllm.engine.sources import build_sources
 from batchllm.io.requests import Request
 from batchllm.plan.nesting import nest
-from batchllm.plan.plan import build_plan, check_plan
+from batchllm.plan.plan import build_plan, check_plan, plan_requests
 from batchllm.sampling_params import SamplingParams
 from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
 
@@ -42,23 +42,23 @@ def test_two_levels_under_one_system_prompt():
     assert n.outer_len.tolist() == [100, 150, 150]
     assert n.outer_parent.tolist() == [-1, 0, 0]
     assert n.outer_first.tolist() == [0, 0, 3]
-    assert n.unit_parent.tolist() == [1, 1, 1, 2, 2, 2, 0]
+    assert n.group_parent.tolist() == [1, 1, 1, 2, 2, 2, 0]
     assert n.outer_tokens() == 100 + 50 + 50
 
 
 def test_only_neighbours_nest_and_short_levels_are_skipped():
     s = np.arange(40)
-    # units 0 and 2 share 40 tokens but are not adjacent; 3 and 4 share only 10 (< 16)
+    # groups 0 and 2 share 40 tokens but are not adjacent; 3 and 4 share only 10 (< 16)
     heads = [arr(s, [1, 2]), arr(np.arange(300, 340)), arr(s, [3, 4]), arr(np.arange(10), [7] * 30), arr(np.arange(10), [8] * 30)]
     n = nest(heads)
-    assert n.num_outer == 0 and n.unit_parent.tolist() == [-1] * 5
+    assert n.num_outer == 0 and n.group_parent.tolist() == [-1] * 5
     assert nest([arr(s, [1]), arr(s, [2])], min_tokens=41).num_outer == 0
 
 
-def test_outer_prefix_leaves_every_unit_an_own_token():
+def test_outer_prefix_leaves_every_group_an_own_token():
     s = np.arange(30)
-    n = nest([arr(s, [1, 2, 3]), s.astype(np.int32), arr(s, [9])])  # the middle unit's prefix is all of s
-    assert n.outer_len.tolist() == [29] and n.unit_parent.tolist() == [0, 0, 0]
+    n = nest([arr(s, [1, 2, 3]), s.astype(np.int32), arr(s, [9])])  # the middle group's prefix is all of s
+    assert n.outer_len.tolist() == [29] and n.group_parent.tolist() == [0, 0, 0]
 
 
 def test_outer_prefixes_end_on_a_page_boundary():
@@ -142,9 +142,9 @@ def run(requests, plan, *, num_pages=400, budget=64, reserve=1.0):
 
 def test_engine_computes_each_level_once_and_matches_unshared_outputs():
     reqs = nested_requests(0)
-    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0), page_size=4)
+    plan = plan_requests(reqs, "batchllm", None, page_size=4)
     assert plan.nesting.num_outer == 2 and all(g.outer >= 0 for g in plan.groups)
-    plain, _ = run(reqs, None)
+    plain, _ = run(reqs, plan_requests(reqs, "fcfs-lru", None, page_size=4))
     got, engine = run(reqs, plan)
     assert got == plain
     assert engine.scheduler.prompt_tokens_computed == plan.planned_prompt_tokens
@@ -160,8 +160,8 @@ def test_nested_prefixes_under_any_memory(seed, num_pages, budget, reserve, n_la
     """Preemption, requeued prefixes and small budgets: the same greedy outputs as an unshared roomy
     run, and every page back in the pool."""
     reqs = nested_requests(seed, n_last)
-    plan = build_plan([r.token_ids for r in reqs], np.full(len(reqs), 6.0), page_size=4)
-    plain, _ = run(reqs, None)
+    plan = plan_requests(reqs, "batchllm", None, page_size=4)
+    plain, _ = run(reqs, plan_requests(reqs, "fcfs-lru", None, page_size=4))
     got, engine = run(reqs, plan, num_pages=num_pages, budget=budget, reserve=reserve)
     assert got == plain
     engine.pool.check_integrity()

@@ -7,10 +7,10 @@ prefix* computes it once for all of them, and each group's prefix is then comput
 (the group prefix's pages start with the outer prefix's pages, shared). Outer prefixes nest: a system
 prompt, a tool list under it, the groups under that.
 
-``nest`` finds them from the units of work in execution order (a unit = a group's prefix and its
-members): units that share a head are adjacent in the plan's depth-first order, so the shared heads are
-the intervals of the longest-common-prefix array of neighbouring units (the LCP-interval tree of
-``trie.py``, built here over units instead of prompts). Units that are not adjacent simply do not share
+``nest`` finds them from the plan's final execution groups in execution order (a group's prefix and
+its members): groups that share a head are adjacent in the plan's depth-first order, so the shared heads
+are the intervals of the longest-common-prefix array of neighbouring groups (the LCP-interval tree of
+``trie.py``, built here over groups instead of prompts). Groups that are not adjacent simply do not share
 an outer prefix: less saving, never a wrong result.
 
 An outer prefix ends on a page boundary (``align``): the prefixes extending it then share all its
@@ -31,28 +31,28 @@ MIN_OUTER_TOKENS = 16
 
 
 class Nesting(NamedTuple):
-    """Outer prefixes over a list of units (in execution order).
+    """Outer prefixes over a list of groups (in execution order).
 
     ``outer_len[o]``: tokens of outer prefix ``o`` (from position 0); ``outer_parent[o]``: the outer
-    prefix it extends, or -1; ``outer_first[o]``: the first unit below it (outer prefixes are listed in
-    the order they must be computed: by first unit, enclosing ones first).
-    ``unit_parent[u]``: the innermost outer prefix unit ``u``'s prefix extends, or -1.
-    Invariants: every unit below ``o`` has a prefix longer than ``outer_len[o]`` that starts with it;
+    prefix it extends, or -1; ``outer_first[o]``: the first group below it (outer prefixes are listed in
+    the order they must be computed: by first group, enclosing ones first).
+    ``group_parent[g]``: the innermost outer prefix group ``g``'s prefix extends, or -1.
+    Invariants: every group below ``o`` has a prefix longer than ``outer_len[o]`` that starts with it;
     a child's length exceeds its parent's by at least the ``min_tokens`` of ``nest``.
     """
 
     outer_len: np.ndarray
     outer_parent: np.ndarray
     outer_first: np.ndarray
-    unit_parent: np.ndarray
+    group_parent: np.ndarray
 
     @property
     def num_outer(self) -> int:
         return len(self.outer_len)
 
-    def parent_len(self, unit: int) -> int:
-        """Tokens of unit's prefix that its outer prefix already computes (0 without one)."""
-        o = int(self.unit_parent[unit])
+    def parent_len(self, group: int) -> int:
+        """Tokens of group's prefix that its outer prefix already computes (0 without one)."""
+        o = int(self.group_parent[group])
         return int(self.outer_len[o]) if o >= 0 else 0
 
     def outer_tokens(self) -> int:
@@ -62,22 +62,22 @@ class Nesting(NamedTuple):
         par = np.where(self.outer_parent >= 0, self.outer_len[np.maximum(self.outer_parent, 0)], 0)
         return int((self.outer_len - par).sum())
 
-    def restrict(self, units: Sequence[int]) -> Nesting:
-        """The outer prefixes over ``units`` (indices of this nesting's units, in their new execution
-        order), numbered as in ``nest``: listed by first unit, enclosing ones first.
+    def restrict(self, groups: Sequence[int]) -> Nesting:
+        """The outer prefixes over ``groups`` (indices of this nesting's groups, in their new execution
+        order), numbered as in ``nest``: listed by first group, enclosing ones first.
 
-        Only the outer prefixes some of these units extend remain, and of those only the ones with at
-        least two dependents (units or outer prefixes directly below): a level with one dependent
+        Only the outer prefixes some of these groups extend remain, and of those only the ones with at
+        least two dependents (groups or outer prefixes directly below): a level with one dependent
         computes exactly the tokens that dependent would compute itself and only adds a prefix to wait
         for, so its dependent takes its place under the next level up. ``nest`` never makes such a level
-        (an outer prefix covers a run of at least two units), so restricting to all units in their order
+        (an outer prefix covers a run of at least two groups), so restricting to all groups in their order
         gives this nesting back.
         """
-        units_l = [int(u) for u in units]
+        groups_l = [int(g) for g in groups]
         parent = self.outer_parent.tolist()
         used = [False] * self.num_outer
-        for u in units_l:
-            o = int(self.unit_parent[u])
+        for u in groups_l:
+            o = int(self.group_parent[u])
             while o >= 0 and not used[o]:
                 used[o] = True
                 o = parent[o]
@@ -85,9 +85,9 @@ class Nesting(NamedTuple):
         for o in range(self.num_outer):
             if used[o] and parent[o] >= 0:
                 deps[parent[o]] += 1
-        for u in units_l:
-            if self.unit_parent[u] >= 0:
-                deps[int(self.unit_parent[u])] += 1
+        for u in groups_l:
+            if self.group_parent[u] >= 0:
+                deps[int(self.group_parent[u])] += 1
         keep = [d >= 2 for d in deps]
 
         def up(o: int) -> int:
@@ -96,9 +96,9 @@ class Nesting(NamedTuple):
                 o = parent[o]
             return o
 
-        unit_parent = [up(int(self.unit_parent[u])) for u in units_l]
-        first = {}  # kept outer prefix -> first new unit below it
-        for k, o in enumerate(unit_parent):
+        group_parent = [up(int(self.group_parent[u])) for u in groups_l]
+        first = {}  # kept outer prefix -> first new group below it
+        for k, o in enumerate(group_parent):
             while o >= 0 and o not in first:
                 first[o] = k
                 o = up(parent[o])
@@ -112,7 +112,7 @@ class Nesting(NamedTuple):
             np.array([self.outer_len[o] for o in kept], dtype=np.int64),
             np.array([new_id[up(parent[o])] if up(parent[o]) >= 0 else -1 for o in kept], dtype=np.int64),
             np.array([first[o] for o in kept], dtype=np.int64),
-            np.array([new_id[o] if o >= 0 else -1 for o in unit_parent], dtype=np.int64),
+            np.array([new_id[o] if o >= 0 else -1 for o in group_parent], dtype=np.int64),
         )
 
 
@@ -125,23 +125,23 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, align: int = 1) -> Nesting:
-    """Outer prefixes for units whose shared prefixes (token arrays, execution order) are ``prefixes``.
+    """Outer prefixes for groups whose shared prefixes (token arrays, execution order) are ``prefixes``.
 
-    A unit with an empty prefix never nests. The outer prefix of a run of units is shorter than the
-    shortest prefix in the run, so every unit's own prefix still adds a token, and its length is a
+    A group with an empty prefix never nests. The outer prefix of a run of groups is shorter than the
+    shortest prefix in the run, so every group's own prefix still adds a token, and its length is a
     multiple of ``align`` (the KV page size).
     """
     if min_tokens < 1 or align < 1:
         raise ValueError(f"min_tokens and align must be >= 1, got {min_tokens}, {align}")
     G = len(prefixes)
     plen = np.array([len(p) for p in prefixes], dtype=np.int64)
-    lcp = [0] * (G + 1)  # lcp[i]: tokens units i-1 and i share; lcp[0] = lcp[G] = 0
+    lcp = [0] * (G + 1)  # lcp[i]: tokens groups i-1 and i share; lcp[0] = lcp[G] = 0
     pl = plen.tolist()
     for i in range(1, G):
         if pl[i - 1] and pl[i]:
             lcp[i] = _lcp(prefixes[i - 1], prefixes[i])
 
-    # LCP intervals: (depth, first unit, last unit) for every run of >= 2 units sharing `depth` tokens
+    # LCP intervals: (depth, first group, last group) for every run of >= 2 groups sharing `depth` tokens
     intervals: list[tuple[int, int, int]] = []
     stack = [(0, 0)]
     for i in range(1, G + 1):
@@ -158,7 +158,7 @@ def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, ali
     outer_parent: list[int] = []
     outer_first: list[int] = []
     outer_last: list[int] = []
-    unit_parent = np.full(G, -1, dtype=np.int64)
+    group_parent = np.full(G, -1, dtype=np.int64)
     open_: list[int] = []  # kept outer prefixes enclosing the current interval
     for d, s, e in intervals:
         while open_ and outer_last[open_[-1]] < s:
@@ -166,17 +166,17 @@ def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, ali
         length = min(d, int(plen[s : e + 1].min()) - 1) // align * align
         base = outer_len[open_[-1]] if open_ else 0
         if length - base < min_tokens:
-            continue  # too short a level: these units stay with the enclosing outer prefix
+            continue  # too short a level: these groups stay with the enclosing outer prefix
         o = len(outer_len)
         outer_len.append(length)
         outer_parent.append(open_[-1] if open_ else -1)
         outer_first.append(s)
         outer_last.append(e)
-        unit_parent[s : e + 1] = o  # inner intervals (later in this order) overwrite their part
+        group_parent[s : e + 1] = o  # inner intervals (later in this order) overwrite their part
         open_.append(o)
     return Nesting(
         np.asarray(outer_len, dtype=np.int64),
         np.asarray(outer_parent, dtype=np.int64),
         np.asarray(outer_first, dtype=np.int64),
-        unit_parent,
+        group_parent,
     )

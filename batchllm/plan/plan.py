@@ -59,7 +59,7 @@ class Plan:
     ``order`` is the concatenation of the groups' members; ``prompt_lens`` and ``samples`` (each
     request's ``n``) are aligned with ``order``. Request indices are indices into the job's request
     list, also in a ``subset`` or ``without``. ``nesting`` holds the outer prefixes over the groups
-    (its units are the groups, in order); every outer prefix has at least two dependents.
+    (over the groups, in order); every outer prefix has at least two dependents.
 
     Token counts, over every sample of every member: ``logical`` = sum of ``n * len``; ``planned`` =
     each outer prefix level once + each group's prefix beyond its outer prefix once + each sample's
@@ -210,7 +210,7 @@ def _from_groups(prefix_lens: list[int], members: list[np.ndarray], lens: list[n
                  nesting: Nesting, unique: int | None) -> Plan:
     """A plan of groups ``(prefix_lens[g], members[g])`` in execution order, their members' prompt lengths
     and sample counts, and ``nesting`` over them; the token counts follow ``Plan``'s definitions."""
-    groups = [PrefixGroup(g, int(p), np.asarray(m, dtype=np.int64), int(nesting.unit_parent[g]))
+    groups = [PrefixGroup(g, int(p), np.asarray(m, dtype=np.int64), int(nesting.group_parent[g]))
               for g, (p, m) in enumerate(zip(prefix_lens, members))]
     z = np.zeros(0, dtype=np.int64)
     order = np.concatenate([g.members for g in groups]) if groups else z
@@ -259,7 +259,7 @@ def check_plan(plan: Plan, prompts: Sequence | Mapping[int, Sequence]) -> None:
     if not np.array_equal(plan.prompt_lens, lens) or len(plan.samples) != len(lens) or np.any(plan.samples < 1):
         raise ValueError("prompt_lens / samples disagree with the prompts")
     nst = plan.nesting
-    if len(nst.unit_parent) != len(plan.groups):
+    if len(nst.group_parent) != len(plan.groups):
         raise ValueError("the nesting is over a different number of groups")
     b = plan.bounds()
     heads = []
@@ -273,14 +273,14 @@ def check_plan(plan: Plan, prompts: Sequence | Mapping[int, Sequence]) -> None:
         for i in g.members[1:].tolist():
             if not np.array_equal(np.asarray(prompts[i])[: g.prefix_len], head):
                 raise ValueError(f"group {gid}: request {i} does not start with the group's prefix")
-        if g.outer != int(nst.unit_parent[gid]):
+        if g.outer != int(nst.group_parent[gid]):
             raise ValueError(f"group {gid}: its outer prefix disagrees with the nesting")
     for gid, g in enumerate(plan.groups):
         if g.outer >= 0:
             olen = int(nst.outer_len[g.outer])
             if olen >= g.prefix_len or not np.array_equal(heads[gid][:olen], heads[int(nst.outer_first[g.outer])][:olen]):
                 raise ValueError(f"group {gid}: its prefix does not extend its outer prefix {g.outer}")
-    deps = np.bincount(nst.unit_parent[nst.unit_parent >= 0], minlength=nst.num_outer)
+    deps = np.bincount(nst.group_parent[nst.group_parent >= 0], minlength=nst.num_outer)
     deps += np.bincount(nst.outer_parent[nst.outer_parent >= 0], minlength=nst.num_outer)
     for o in range(nst.num_outer):
         par, olen = int(nst.outer_parent[o]), int(nst.outer_len[o])
