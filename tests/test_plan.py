@@ -444,6 +444,28 @@ def test_without_removes_requests_and_keeps_indices_and_order():
         gone.without(g1[:1])  # no longer a member
 
 
+def test_check_plan_names_what_is_wrong():
+    import dataclasses
+
+    prompts = _nested_prompts()
+    plan = build_plan(prompts, [1] * 8, page_size=16)
+    bad = [
+        (dataclasses.replace(plan, planned_prompt_tokens=plan.planned_prompt_tokens - 1), "token counts"),
+        (dataclasses.replace(plan, samples=plan.samples * 0), "samples"),
+        # group 2 (system B) under system A's outer prefix
+        (dataclasses.replace(plan, groups=plan.groups[:2] + [dataclasses.replace(plan.groups[2], outer=0)],
+                             nesting=plan.nesting._replace(group_parent=np.array([0, 0, 0]))), "does not extend"),
+        # system A's level over group 0 alone: one dependent
+        (dataclasses.replace(plan, groups=[plan.groups[0], dataclasses.replace(plan.groups[1], outer=-1), plan.groups[2]],
+                             nesting=plan.nesting._replace(group_parent=np.array([0, -1, -1]))), "two dependents"),
+    ]
+    for p, what in bad:
+        with pytest.raises(ValueError, match=what):
+            check_plan(p, prompts)
+    with pytest.raises(ValueError, match="exactly once"):
+        check_plan(plan, prompts + [[1, 2]])
+
+
 @settings(max_examples=100, deadline=None)
 @given(prompt_lists, st.randoms(use_true_random=False))
 def test_subsets_and_removals_are_valid_plans(prompts, rnd):
@@ -558,6 +580,18 @@ def test_kv_estimate_counts_an_outer_prefix_once():
     # Budget 100: the first group reserves 32 + 32 + 4 x 4 = 80; the second's first member needs 32 + 4
     # more (the outer prefix is resident) and waits for the first group to finish.
     assert estimate_peak_kv_tokens(plan, lens, [3] * 8, kv_budget=100) == (80, 4, 6, 68)
+
+
+def test_kv_estimate_counts_every_sample_s_own_prompt_tokens():
+    # one request, 5 prompt tokens, n = 3, 6 expected output tokens in all: its samples share 4 tokens
+    plan = build_plan([[1, 2, 3, 4, 5]], [6], samples=[3])
+    assert [(g.prefix_len, g.members.tolist()) for g in plan.groups] == [(4, [0])]
+    assert estimate_peak_kv_tokens(plan, [5], [6]) == (4 + 3 * 1 + 6, 1, 6, 13)
+    # the baseline computes the prompt once per sample
+    base = build_plan([[1, 2, 3, 4, 5]], [6], samples=[3], policy="fcfs-lru")
+    assert estimate_peak_kv_tokens(base, [5], [6]) == (3 * 5 + 6, 1, 6, 21)
+    with pytest.raises(ValueError):
+        estimate_peak_kv_tokens(plan, [4], [6])  # not the plan's prompt
 
 
 @settings(max_examples=100, deadline=None)
