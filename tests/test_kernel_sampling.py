@@ -13,6 +13,7 @@ difference exactly where the float64 recomputation says either answer is correct
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -357,6 +358,28 @@ def test_backend_argument_decides_the_path(monkeypatch):
     assert not calls  # CPU logits under "auto": the torch path
     forced = sample(logits, batch, backend="triton")
     assert calls == [1] and torch.equal(forced.token_ids, default.token_ids)
+
+
+def test_engine_passes_its_sampler_backend(monkeypatch):
+    """``LLMEngine(sampler_backend=)`` reaches ``sample``: "triton" sends the random rows to the kernel
+    (the interpreter on a CPU), "torch" never does, and both generate the same tokens."""
+    from batchllm.engine.engine import LLMEngine
+    from tests import engine_utils
+
+    cfg = engine_utils.tiny_config(num_layers=1)
+    model = engine_utils.build(cfg, engine_utils.random_state_dict(cfg, seed=5))
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=5, ignore_eos=True)
+    kernel_calls = []
+    real = S._sample_with_kernel
+    monkeypatch.setattr(S, "_sample_with_kernel", lambda logits, batch: kernel_calls.append(1) or real(logits, batch))
+    outputs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(engine_utils, "LLMEngine", functools.partial(LLMEngine, sampler_backend=backend))
+        done, engine = engine_utils.run_engine(model, cfg, [[1, 2, 3, 4, 5], [6, 7, 8]], params)
+        assert engine.sampler_backend == backend
+        outputs[backend] = {k: [list(s.output_ids) for s in v] for k, v in done.items()}
+        assert bool(kernel_calls) == (backend == "triton")
+    assert outputs["triton"] == outputs["torch"]
 
 
 # ---- real vocabulary sizes on the GPU ---------------------------------------------------------------------

@@ -13,10 +13,9 @@ that transformers imports by that name. In a checkout or an editable install thi
   the two-way log-sum-exp merge.
 - ``kv_store``: writes a step's new K/V into the paged cache.
 - ``sampling``: sort-free sampling with the sampler's hash RNG.
-- ``backend``: ``TritonAttention``, registered as attention backend "triton" when imported.
-
-Without a CUDA device the kernels can only run in Triton's interpreter; ``paged_attention`` (imported
-first by every kernel module) turns it on there unless TRITON_INTERPRET is already set.
+- ``backend``: ``TritonAttention``, the attention backend ``engine.attention.get_backend("triton")`` builds.
+- ``runtime``: where the kernels run (compiled for the GPU, or Triton's interpreter without one): one
+  decision per process, explicit (``use_interpreter``) or from the device, applied before Triton loads.
 """
 
 from pathlib import Path
