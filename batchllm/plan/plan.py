@@ -104,14 +104,9 @@ class Plan:
         if len(set(ids)) != len(ids) or any(not 0 <= g < len(self.groups) for g in ids):
             raise ValueError(f"group ids must be distinct positions in the plan's {len(self.groups)} groups")
         b = self.bounds()
-        return _from_groups(
-            [self.groups[g].prefix_len for g in ids],
-            [self.groups[g].members for g in ids],
-            [self.prompt_lens[b[g] : b[g + 1]] for g in ids],
-            [self.samples[b[g] : b[g + 1]] for g in ids],
-            self.nesting.restrict(ids),
-            unique=None,
-        )
+        pos = np.concatenate([np.arange(b[g], b[g + 1]) for g in ids]) if ids else np.zeros(0, dtype=np.int64)
+        return _from_groups([self.groups[g].prefix_len for g in ids], [self.groups[g].members for g in ids],
+                            self.prompt_lens[pos], self.samples[pos], self.nesting.restrict(ids), unique=None)
 
     def without(self, request_ids: Iterable[int]) -> Plan:
         """This plan less the requests ``request_ids`` (each a member): the other members keep their
@@ -122,15 +117,9 @@ class Plan:
             raise ValueError("every request to remove must be a member of the plan")
         b = self.bounds()
         kept = [g for g in range(len(self.groups)) if not gone[b[g] : b[g + 1]].all()]
-        keep = [~gone[b[g] : b[g + 1]] for g in kept]
-        return _from_groups(
-            [self.groups[g].prefix_len for g in kept],
-            [self.groups[g].members[k] for g, k in zip(kept, keep)],
-            [self.prompt_lens[b[g] : b[g + 1]][k] for g, k in zip(kept, keep)],
-            [self.samples[b[g] : b[g + 1]][k] for g, k in zip(kept, keep)],
-            self.nesting.restrict(kept),
-            unique=None,
-        )
+        members = [self.groups[g].members[~gone[b[g] : b[g + 1]]] for g in kept]
+        return _from_groups([self.groups[g].prefix_len for g in kept], members, self.prompt_lens[~gone],
+                            self.samples[~gone], self.nesting.restrict(kept), unique=None)
 
 
 def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int | None, page_size: int) -> Plan:
@@ -189,8 +178,7 @@ def build_plan(
     if np.any(lens < 1):
         raise ValueError("every prompt must have at least one token")
     if policy == "fcfs-lru":
-        ones = [np.array([i], dtype=np.int64) for i in range(len(prompts))]
-        return _from_groups([0] * len(prompts), ones, [lens[m] for m in ones], [n_s[m] for m in ones],
+        return _from_groups(np.zeros(len(prompts), dtype=np.int64), list(np.arange(len(prompts))[:, None]), lens, n_s,
                             nest([np.zeros(0, np.int64)] * len(prompts)), unique=None)
     if trie is None:
         trie = PrefixTrie.build(prompts)
@@ -202,41 +190,42 @@ def build_plan(
     members = np.split(order, np.cumsum(size)[:-1]) if len(order) else []
     plens, members = split_samples(grouping.prefix_len[group_order], members, lens, n_s)
     heads = [np.asarray(prompts[m[0]])[:p] for p, m in zip(plens, members)]
-    return _from_groups(plens, members, [lens[m] for m in members], [n_s[m] for m in members],
-                        nest(heads, align=page_size), unique=trie.unique_tokens())
+    order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
+    return _from_groups(plens, members, lens[order], n_s[order], nest(heads, align=page_size), unique=trie.unique_tokens())
 
 
-def _from_groups(prefix_lens: list[int], members: list[np.ndarray], lens: list[np.ndarray], samples: list[np.ndarray],
+def _from_groups(prefix_lens: Sequence[int], members: list[np.ndarray], lens: np.ndarray, samples: np.ndarray,
                  nesting: Nesting, unique: int | None) -> Plan:
-    """A plan of groups ``(prefix_lens[g], members[g])`` in execution order, their members' prompt lengths
-    and sample counts, and ``nesting`` over them; the token counts follow ``Plan``'s definitions."""
-    groups = [PrefixGroup(g, int(p), np.asarray(m, dtype=np.int64), int(nesting.group_parent[g]))
-              for g, (p, m) in enumerate(zip(prefix_lens, members))]
-    z = np.zeros(0, dtype=np.int64)
-    order = np.concatenate([g.members for g in groups]) if groups else z
-    lens_a = np.concatenate(lens).astype(np.int64) if groups else z
-    samples_a = np.concatenate(samples).astype(np.int64) if groups else z
+    """A plan of groups ``(prefix_lens[g], members[g])`` (int64 arrays) in execution order, with ``nesting``
+    over them; ``lens`` / ``samples`` are the members' prompt lengths and sample counts, aligned with
+    the concatenated members. The token counts follow ``Plan``'s definitions."""
+    groups = [PrefixGroup(g, p, m, o) for g, (p, m, o) in
+              enumerate(zip(np.asarray(prefix_lens, dtype=np.int64).tolist(), members, nesting.group_parent.tolist()))]
+    order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
+    lens, samples = np.asarray(lens, dtype=np.int64), np.asarray(samples, dtype=np.int64)
     return Plan(
         groups=groups,
         order=order,
-        prompt_lens=lens_a,
-        samples=samples_a,
+        prompt_lens=lens,
+        samples=samples,
         nesting=nesting,
-        logical_prompt_tokens=int((samples_a * lens_a).sum()),
-        planned_prompt_tokens=_planned_tokens(groups, nesting, lens_a, samples_a),
+        logical_prompt_tokens=int((samples * lens).sum()),
+        planned_prompt_tokens=_planned_tokens(np.asarray(prefix_lens, dtype=np.int64), members, nesting, lens, samples),
         unique_prompt_tokens=unique,
     )
 
 
-def _planned_tokens(groups: list[PrefixGroup], nesting: Nesting, lens: np.ndarray, samples: np.ndarray) -> int:
+def _planned_tokens(prefix_lens: np.ndarray, members: list[np.ndarray], nesting: Nesting, lens: np.ndarray,
+                    samples: np.ndarray) -> int:
     """Outer prefix levels once + each group's prefix beyond its outer prefix + each sample's own tokens.
 
     A group of one sample counts its prefix beyond the outer prefix once and its own tokens once: the
     same sum as the sample computing everything beyond the outer prefix, which is what the engine does."""
-    plen = np.repeat(np.array([g.prefix_len for g in groups], dtype=np.int64), [len(g.members) for g in groups])
-    own = int((samples * (lens - plen)).sum())
-    beyond_outer = sum(g.prefix_len - nesting.parent_len(g.group_id) for g in groups)
-    return nesting.outer_tokens() + beyond_outer + own
+    plen = np.repeat(prefix_lens, [len(m) for m in members]) if members else np.zeros(0, dtype=np.int64)
+    gp = nesting.group_parent
+    outer = nesting.outer_len[np.maximum(gp, 0)] if nesting.num_outer else np.zeros(len(gp), dtype=np.int64)
+    beyond_outer = int((prefix_lens - np.where(gp >= 0, outer, 0)).sum())
+    return nesting.outer_tokens() + beyond_outer + int((samples * (lens - plen)).sum())
 
 
 def check_plan(plan: Plan, prompts: Sequence | Mapping[int, Sequence]) -> None:
