@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from batchllm.models.quant import QuantConfig, check_shape, parse_quantization_config
+
 # HF `architectures` / `model_type` values this decoder implements.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -38,10 +40,22 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # None: unquantized. Otherwise how the decoder's projections are stored (config.json's quantization_config)
+    quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.quant is not None:
+            for name, (out_features, in_features) in self.projection_shapes().items():
+                check_shape(self.quant, out_features, in_features, name)
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each HF projection of a decoder layer, e.g. ``"q_proj": (q, h)``."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
     @property
     def num_parameters(self) -> int:
@@ -63,7 +77,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """From a Hugging Face ``config.json`` dict; raises ValueError for an unsupported architecture."""
+        """From a Hugging Face ``config.json`` dict; raises ValueError (one line) for an unsupported architecture
+        or quantization (``quantization_config``, or ``compression_config`` in older compressed-tensors
+        checkpoints: a quantized checkpoint is never loaded as if it were not)."""
         archs = cfg.get("architectures") or []
         model_type = None
         for a in archs:
@@ -93,6 +109,8 @@ class ModelConfig:
                 rope_scaling = None
             elif rtype not in ("llama3", "linear"):
                 raise ValueError(f"unsupported rope scaling type {rtype!r} (supported: llama3, linear)")
+        quant_raw = cfg.get("quantization_config", cfg.get("compression_config"))
+        quant = None if quant_raw is None else parse_quantization_config(quant_raw)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
@@ -113,6 +131,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            quant=quant,
         )
 
     def to_hf(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from batchllm.errors import BatchLLMError
+from batchllm.models import quant
 from batchllm.models.config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -23,40 +25,60 @@ SINGLE_NAME = "model.safetensors"
 
 
 def weight_names(cfg: ModelConfig) -> list[str]:
-    """The Hugging Face parameter names of a model with this config, in canonical order."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            names.append(f"{p}self_attn.{proj}_proj.weight")
-            if cfg.attention_bias and proj != "o":
-                names.append(f"{p}self_attn.{proj}_proj.bias")
-        if cfg.qk_norm:
-            names += [f"{p}self_attn.q_norm.weight", f"{p}self_attn.k_norm.weight"]
-        names += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
-        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    names.append("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    """The Hugging Face parameter names of a model with this config, in canonical order.
+
+    A quantized config (``cfg.quant``) names each projection's checkpoint tensors instead of its
+    ``weight`` (``quant.checkpoint_shapes``: e.g. ``weight_packed``, ``weight_scale``, ``weight_shape``).
+    """
+    return list(weight_shapes(cfg))
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Expected shape of each parameter (out_features first, as nn.Linear stores it)."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    by_suffix = {
-        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "o_proj.weight": (h, q),
-        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
-        "q_norm.weight": (cfg.head_dim,), "k_norm.weight": (cfg.head_dim,),
-        "gate_proj.weight": (cfg.intermediate_size, h), "up_proj.weight": (cfg.intermediate_size, h),
-        "down_proj.weight": (h, cfg.intermediate_size),
-        "layernorm.weight": (h,), "model.norm.weight": (h,),
-        "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
-    }
-    out = {}
-    for n in weight_names(cfg):
-        out[n] = next(s for suf, s in by_suffix.items() if n.endswith(suf))
+    """Expected shape of each parameter (out_features first, as nn.Linear stores it), in canonical order."""
+    h = cfg.hidden_size
+    proj = cfg.projection_shapes()
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+
+    def projection(prefix: str, name: str) -> None:
+        out_features, in_features = proj[name]
+        if cfg.quant is None:
+            out[f"{prefix}{name}.weight"] = (out_features, in_features)
+        else:
+            out.update(quant.checkpoint_shapes(cfg.quant, f"{prefix}{name}", out_features, in_features))
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            projection(f"{p}self_attn.", name)
+            if cfg.attention_bias and name != "o_proj":
+                out[f"{p}self_attn.{name}.bias"] = (proj[name][0],)
+        if cfg.qk_norm:
+            out[f"{p}self_attn.q_norm.weight"] = (cfg.head_dim,)
+            out[f"{p}self_attn.k_norm.weight"] = (cfg.head_dim,)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            projection(f"{p}mlp.", name)
+        out[f"{p}input_layernorm.weight"] = (h,)
+        out[f"{p}post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
     return out
+
+
+# safetensors dtype of each quantized checkpoint tensor kind (scales: any float type)
+_QUANT_DTYPES = {"fp8": {".weight": "F8_E4M3"}, "int4": {".weight_packed": "I32", ".weight_zero_point": "I32",
+                                                        ".weight_shape": "I64"}}
+
+
+def _quantized_tensor(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:
+    """(kind suffix, out_features, in_features) when ``name`` is a quantized projection's tensor, else None."""
+    if cfg.quant is None or not name.startswith("model.layers."):
+        return None
+    module, _, leaf = name.rpartition(".")
+    proj = module.rpartition(".")[2]
+    if proj not in quant.PROJECTIONS or leaf == "bias":
+        return None
+    return ("." + leaf, *cfg.projection_shapes()[proj])
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -149,23 +171,34 @@ def _iter_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: st
     shapes = weight_shapes(cfg)
     with ExitStack() as stack:
         handles = [(f, stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))) for f in safetensors_files(folder)]
-        plan: list[tuple[object, str]] = []
+        plan: list[tuple[object, str, tuple[str, int, int] | None]] = []
         seen: set[str] = set()
         for f, h in handles:
             for name in h.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 if name not in shapes or name in seen:
                     continue
                 got = tuple(h.get_slice(name).get_shape())
-                if got != shapes[name]:
+                qt = _quantized_tensor(cfg, name)
+                if got != shapes[name] and not (qt and qt[0] == ".weight_scale" and math.prod(got) == math.prod(shapes[name])):
                     raise BatchLLMError(f"{f.name}: {name} has shape {got}, config.json implies {shapes[name]}")
+                want = _QUANT_DTYPES[cfg.quant.scheme].get(qt[0]) if qt else None
+                if want is not None and h.get_slice(name).get_dtype() != want:
+                    raise BatchLLMError(f"{f.name}: {name} is {h.get_slice(name).get_dtype()}, its quantization_config "
+                                        f"implies {want}")
                 seen.add(name)
-                plan.append((h, name))
+                plan.append((h, name, qt))
         missing = [n for n in shapes if n not in seen]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise BatchLLMError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:3])}{more}")
-        for h, name in plan:
-            yield name, h.get_tensor(name).to(device=device, dtype=dtype)
+        for h, name, qt in plan:
+            if qt is None:
+                yield name, h.get_tensor(name).to(device=device, dtype=dtype)
+                continue
+            tensor = h.get_tensor(name)
+            if qt[0] == ".weight_shape" and tensor.tolist() != list(qt[1:]):
+                raise BatchLLMError(f"{folder}: {name} is {tensor.tolist()}, config.json implies {list(qt[1:])}")
+            yield name, quant.to_model_layout(cfg.quant, name, tensor, qt[1]).to(device=device)
 
 
 def load_tokenizer(folder: Path):

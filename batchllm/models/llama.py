@@ -16,7 +16,7 @@ from torch import nn
 
 from batchllm.engine.attention import AttentionBackend, AttentionMetadata
 from batchllm.models.config import ModelConfig
-from batchllm.models.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from batchllm.models.layers import Linear, RMSNorm, RotaryEmbedding, make_linear, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -25,8 +25,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, cfg.quant)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, cfg.quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -49,8 +49,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, cfg.quant)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.quant)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -113,7 +113,12 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into this model's (fused) parameters; raises ValueError on a gap or mismatch."""
+        """Copy HF-named tensors into this model's (fused) parameters; raises ValueError on a gap or mismatch.
+
+        Quantized projections take their checkpoint tensors in ``quant.to_model_layout``'s layout (every
+        tensor of a fused projection is sliced along the output dimension, as its weight is); a per-tensor
+        FP8 scale fills its shard's rows; ``weight_shape`` entries were checked by the loader and are skipped.
+        """
         cfg = self.config
         params = dict(self.named_parameters())
         shard_sizes = {
@@ -131,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
                     target = target.replace(f".{frag}.", f".{fused}.")
                     shard = (fused, idx)
                     break
-            if target.endswith("rotary_emb.inv_freq"):
+            if target.endswith("rotary_emb.inv_freq") or target.endswith(".weight_shape"):
                 continue
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in a {cfg.model_type} model")
@@ -143,13 +148,15 @@ class LlamaForCausalLM(nn.Module):
                 key = f"{target}#{shard[1]}"
             else:
                 dest, key = param.data, target
+            if target.endswith(".weight_scale") and tensor.shape == (1, 1) and dest.shape[-1] == 1:
+                tensor = tensor.expand_as(dest)  # a per-tensor FP8 scale, kept per row
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, model {tuple(dest.shape)}")
             dest.copy_(tensor)
             filled.add(key)
         expected = set()
         for pname, _ in params.items():
-            fused = next((f for f in shard_sizes if pname.endswith(f"{f}.weight") or pname.endswith(f"{f}.bias")), None)
+            fused = next((f for f in shard_sizes if f".{f}." in pname), None)
             if fused:
                 expected.update(f"{pname}#{i}" for i in range(len(shard_sizes[fused])))
             else:
