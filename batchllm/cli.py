@@ -92,6 +92,7 @@ def run(
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray, one GPU each (CPU with --device cpu); needs pip install 'batchllm[ray]'."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster; default: a local Ray when --replicas > 1)."),
     ray_start_timeout: Optional[float] = typer.Option(None, help="Seconds Ray may take to start or connect before the job fails (default 300)."),
+    replica_start_timeout: Optional[float] = typer.Option(None, help="Seconds the Ray replicas may take to start and load the model before the job fails (default 1800)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous job's results in the output folder instead of resuming it."),
     verify: bool = typer.Option(False, "--verify", help="When the output folder holds a job to continue, check every committed shard's sha256 first (default: sizes only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
@@ -114,7 +115,7 @@ def run(
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
-        ray_start_timeout=ray_start_timeout,
+        ray_start_timeout=ray_start_timeout, replica_start_timeout=replica_start_timeout,
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
@@ -139,6 +140,7 @@ def resume(
     replicas: Optional[int] = typer.Option(None, help="Engine replicas on Ray (may differ from the first run)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run the replicas on ('auto': the running cluster)."),
     ray_start_timeout: Optional[float] = typer.Option(None, help="Seconds Ray may take to start or connect (default 300)."),
+    replica_start_timeout: Optional[float] = typer.Option(None, help="Seconds the replicas may take to load the model (default 1800)."),
     verify: bool = typer.Option(False, "--verify", help="Check every committed shard's sha256 first (default: sizes only)."),
     repair: bool = typer.Option(False, "--repair", help="Drop committed shards that are missing or fail the sha256 check from the manifest, then rerun exactly their rows."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or preview."),
@@ -160,7 +162,7 @@ def resume(
     for name, value in (("device", device), ("shard_rows", shard_rows), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("kv_cache_tokens", kv_cache_tokens), ("gpu_memory_utilization", gpu_memory_utilization),
                         ("enforce_eager", enforce_eager), ("replicas", replicas), ("ray_address", ray_address),
-                        ("ray_start_timeout", ray_start_timeout)):
+                        ("ray_start_timeout", ray_start_timeout), ("replica_start_timeout", replica_start_timeout)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()
@@ -340,7 +342,8 @@ def stats(
     import json
 
     from batchllm.config import DTYPE_ALIASES, JobConfig
-    from batchllm.pipeline import DTYPES, job_stats
+    from batchllm.build import DTYPES
+    from batchllm.pipeline import job_stats
 
     _set_verbose(verbose)
     dtype = DTYPE_ALIASES.get(dtype, dtype)  # vLLM's spellings: half, float

@@ -66,6 +66,7 @@ class JobConfig:
     replicas: int = 1
     ray_address: str | None = None  # None: a local Ray instance when replicas > 1; "auto": the running cluster
     ray_start_timeout: float = 300.0  # seconds ray.init may take before the job fails with one line
+    replica_start_timeout: float = 1800.0  # seconds replicas may take to start and load the model (downloads included)
 
     def sampling_defaults(self) -> SamplingParams:
         try:
@@ -255,6 +256,7 @@ SCHEMA: dict[str, _Rule] = {
     "replicas": _Rule("int", lo=1, hi=1 << 16),
     "ray_address": _OPT_STR,
     "ray_start_timeout": _Rule("float", lo=0, hi=86400, lo_open=True),
+    "replica_start_timeout": _Rule("float", lo=0, hi=7 * 86400, lo_open=True),
 }
 
 

@@ -37,6 +37,6 @@ def ray_local():
 def tiny():
     """The dummy:tiny model on the CPU in float32, loaded once per test module (jobs take it via ``loaded=``)."""
     from batchllm.config import JobConfig
-    from batchllm.pipeline import load_model
+    from batchllm.build import load_model
 
     return load_model(JobConfig(model="dummy:tiny", device="cpu", dtype="float32"))

@@ -222,8 +222,9 @@ def test_reused_engine_runs_equal_fresh_engine_runs(tiny, tmp_path, kv_tokens):
     """A run on the bench's shared engine gives exactly the tokens, cached tokens and statistics of a
     run on a fresh engine, for both policies, in any order and repeated (clean pool and prefix cache)."""
     from batchllm.bench.engines import BenchEngines
+    from batchllm.build import make_engine, model_max_len
     from batchllm.config import JobConfig
-    from batchllm.pipeline import make_engine, model_max_len, run_job
+    from batchllm.pipeline import run_job
 
     rows = workloads.make_workload("shared-prefix", dict(groups=2, per_group=4, prefix_len=40, suffix_len=8, output_len=5)).cells[0].rows
     path = tmp_path / "in.jsonl"

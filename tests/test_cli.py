@@ -160,7 +160,7 @@ def test_unknown_flag_and_bad_value_are_one_error_line_exit_2(capsys):
 def test_vllm_dtype_spellings():
     import torch
 
-    from batchllm.pipeline import resolve_dtype
+    from batchllm.build import resolve_dtype
 
     cpu = torch.device("cpu")
     for spelling, dtype in (("half", torch.float16), ("float16", torch.float16), ("bfloat16", torch.bfloat16),

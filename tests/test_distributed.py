@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from tests.job_utils import SigintAt
 from batchllm.config import JobConfig
 from batchllm.distributed import assign
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import MARKER, read_manifest_file, read_results
+from batchllm.io.writer import MARKER, read_results
+from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.jobs.status import read_status
 from batchllm.pipeline import run_job
@@ -31,17 +33,20 @@ BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=6, tem
 
 
 def test_group_costs_count_prefix_once_own_tokens_and_outputs():
-    # group 0: two members sharing 4 tokens; group 1: a lone request with n=3 (shares all but its last
-    # token among its samples); group 2: a lone request, n=1
+    # group 0: two members sharing 4 tokens; group 1: a lone request with n=3 whose samples share all
+    # but its last token (as the plan gives it); group 2: a lone request, n=1
     members = [np.array([0, 1]), np.array([2]), np.array([3])]
     lens = np.array([10, 6, 5, 7])
     n = np.array([1, 2, 3, 1])
     max_tokens = np.array([8, 8, 4, 2])
-    costs, rows = assign.group_costs(members, [4, 0, 0], lens, n, max_tokens)
+    costs, rows = assign.group_costs(members, [4, 4, 0], lens, n, max_tokens)
     assert rows.tolist() == [3, 3, 1]
     assert costs.tolist() == [4 + (10 - 4) + 2 * (6 - 4) + 8 + 2 * 8, 4 + 3 * 1 + 3 * 4, 7 + 2]
-    costs_w, _ = assign.group_costs(members, [4, 0, 0], lens, n, max_tokens, output_weight=0.0)
+    costs_w, _ = assign.group_costs(members, [4, 4, 0], lens, n, max_tokens, output_weight=0.0)
     assert costs_w.tolist() == [14, 7, 7]
+    # the baseline's plan shares nothing: a lone request's n samples each compute the whole prompt
+    costs_b, _ = assign.group_costs(members, [0, 0, 0], lens, n, max_tokens, output_weight=0.0)
+    assert costs_b.tolist() == [10 + 2 * 6, 3 * 5, 7]
 
 
 def test_balance_lpt_is_balanced_and_keeps_plan_order():
@@ -170,7 +175,7 @@ def assert_exactly_once_and_same(out, ref) -> list[dict]:
 
 def replica_of_rows(out) -> dict:
     """custom_id -> replica whose shard holds it (driver-written shards have no replica)."""
-    m = read_manifest_file(str(out))
+    m = read_manifest(str(out))
     import pyarrow.parquet as pq
 
     owner = {}
@@ -178,6 +183,71 @@ def replica_of_rows(out) -> dict:
         for cid in pq.read_table(os.path.join(str(out), s["file"]), columns=["custom_id"]).column(0).to_pylist():
             owner[cid] = s.get("replica")
     return owner
+
+
+def job_plan():
+    """The plan the driver makes of ``rows_spec``'s requests (plan_requests' expected outputs and samples)."""
+    specs = [r for r in rows_spec() if not isinstance(r, str)]
+    n = np.array([r.get("n", 1) for r in specs])
+    plan = build_plan([np.array(r["prompt_token_ids"]) for r in specs],
+                      np.array([r.get("max_tokens", 6) for r in specs], dtype=float) * n, samples=n)
+    return specs, plan
+
+
+def by_value() -> None:
+    """Ray pickles this module's hook classes by value: its workers need not import the tests package."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class ShardLog:
+    """``ReplicaHooks``: each replica appends "<replica> <shard name>" to ``path`` when it has written a
+    shard, and sleeps ``seconds`` after its first one, so a test can kill it between writing a shard and
+    the driver committing it."""
+
+    def __init__(self, path, seconds: float):
+        self.path, self.seconds, self.slept = str(path), seconds, False
+
+    def started(self, replica_id: int) -> None:
+        pass
+
+    def engine_step(self, replica_id: int, unit_id: int, requests) -> None:
+        pass
+
+    def shard_written(self, replica_id: int, shard_name: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{replica_id} {shard_name}\n")
+        if not self.slept:
+            self.slept = True
+            time.sleep(self.seconds)
+
+
+def _local_filesystem(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def file_uris_as_object_store(on: bool = True) -> None:
+    """In this process: file:// folders with object-store semantics (write-once objects, a lease), or back."""
+    from batchllm.io import storage
+
+    storage.register_filesystem("file", _local_filesystem if on else None, atomic_rename=False if on else None)
+
+
+class ObjectStoreReplicas:
+    """``ReplicaHooks``: every replica starts by giving file:// folders object-store semantics, as the
+    test does in the driver's process (a registration holds in its own process only)."""
+
+    def started(self, replica_id: int) -> None:
+        file_uris_as_object_store()
+
+    def engine_step(self, replica_id: int, unit_id: int, requests) -> None:
+        pass
+
+    def shard_written(self, replica_id: int, shard_name: str) -> None:
+        pass
 
 
 def dist_cfg(inp, out, **kw) -> JobConfig:
@@ -194,9 +264,7 @@ def test_two_replicas_every_row_once_groups_whole_same_texts(ray_local, job, tmp
     assert summary.samples == sum(1 for r in got if r["error_code"] is None)
     assert summary.cached_tokens > 0  # prefixes were shared inside the replicas
     # groups never split: the driver's plan, recomputed here, puts each group on one replica
-    specs = [r for r in rows_spec() if not isinstance(r, str)]
-    plan = build_plan([np.array(r["prompt_token_ids"]) for r in specs],
-                      np.array([r.get("max_tokens", 6) * r.get("n", 1) for r in specs], dtype=float))
+    specs, plan = job_plan()
     owner = replica_of_rows(out)
     shared = [g for g in plan.groups if len(g.members) > 1 and g.prefix_len > 0]
     assert len(shared) >= 4
@@ -215,12 +283,12 @@ def test_two_replicas_every_row_once_groups_whole_same_texts(ray_local, job, tmp
     assert s2.done_before == 49 and s2.samples == 0
 
 
-def test_replica_killed_after_writing_a_shard_job_completes_exactly_once(ray_local, job, tmp_path, monkeypatch):
+def test_replica_killed_after_writing_a_shard_job_completes_exactly_once(ray_local, job, tmp_path):
     inp, ref = job
     out = tmp_path / "out"
     hook = tmp_path / "hook.log"
     # each replica sleeps 2 s between writing its first shard and returning it: the kill lands in that window
-    monkeypatch.setenv("BATCHLLM_TEST_REPLICA_HOOK", f"{hook}:2.0")
+    by_value()
     names, killed = {}, {}
 
     def progress(event, info):
@@ -233,11 +301,11 @@ def test_replica_killed_after_writing_a_shard_job_completes_exactly_once(ray_loc
                 ray_local.kill(ray_local.get_actor(names[replica]))
                 killed.update(replica=replica, shard=shard)
 
-    summary = run_job(dist_cfg(inp, out), progress=progress)
+    summary = run_job(dist_cfg(inp, out), progress=progress, replica_hooks=ShardLog(hook, 2.0))
     assert killed, "the test never killed a replica"
     assert_exactly_once_and_same(out, ref)
     assert summary.replica_failures == 1
-    m = read_manifest_file(str(out))
+    m = read_manifest(str(out))
     assert killed["shard"] not in {s["file"] for s in m["shards"]}  # written, never committed...
     assert not (out / killed["shard"]).exists()  # ...and deleted
     assert all(s.get("replica") != killed["replica"] or s["file"] < killed["shard"] for s in m["shards"])
@@ -260,7 +328,7 @@ def test_sigint_with_replicas_then_resume_with_one_process(ray_local, job, tiny,
     per_request = collections.Counter(r["custom_id"] for r in partial)
     assert all(c == (2 if cid and int(cid[1:]) % 7 == 0 else 1) for cid, c in per_request.items())
     assert read_status(str(out))["status"] == "cancelled"
-    assert {f for f in os.listdir(out) if f.startswith("shard-")} == {s["file"] for s in read_manifest_file(str(out))["shards"]}
+    assert {f for f in os.listdir(out) if f.startswith("shard-")} == {s["file"] for s in read_manifest(str(out))["shards"]}
     # resume in one process (no Ray), same folder
     s = run_job(JobConfig(inputs=[inp], output=str(out), **BASE), loaded=tiny)
     assert s.done_before == len(per_request) and s.replicas == 1
@@ -309,19 +377,20 @@ def test_cli_replicas_from_job_file_and_resume_override(ray_local, job, tmp_path
                   f'temperature = 0.9\nreplicas = 2\n')
     r = CliRunner().invoke(app, ["run", "--job", str(jf), "-o", str(out), "-q"])
     assert r.exit_code == 0, r.output
-    m = read_manifest_file(str(out))
+    m = read_manifest(str(out))
     assert m["job"]["replicas"] == 2 and m["summary"]["replicas"] == 2
     assert_exactly_once_and_same(out, ref)
     shown = CliRunner().invoke(app, ["show", str(out)])
     assert shown.exit_code == 0 and "replicas" in shown.output and "1: idle" in shown.output
     r = CliRunner().invoke(app, ["resume", str(out), "--replicas", "1", "-q"])
     assert r.exit_code == 0, r.output
-    assert read_manifest_file(str(out))["job"]["replicas"] == 1
+    assert read_manifest(str(out))["job"]["replicas"] == 1
 
 
-def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path, monkeypatch):
+def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path, monkeypatch, request):
     """A URI output folder with object-store semantics (write-once shards, no rename, a lease instead of
-    flock): file:// made to behave like s3:// by the storage test hook, in the driver and the replicas.
+    flock): file:// made to behave like s3:// (``storage.register_filesystem``), in the driver and, through
+    their hooks, the replicas.
     Each replica writes its shards there, the driver commits them; show, export and a rerun read it."""
     from batchllm.io import storage
     from batchllm.jobs.export import export_job
@@ -330,18 +399,20 @@ def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path
     inp, ref = job
     out = tmp_path / "out"
     uri = f"file://{out}"
-    monkeypatch.setenv(storage.OBJECT_STORE_FILE_URI_ENV, "1")
+    by_value()
+    file_uris_as_object_store()
+    request.addfinalizer(lambda: file_uris_as_object_store(False))
     monkeypatch.setattr(storage, "LEASE_SETTLE_S", 0.01)
     real = JobConfig.with_absolute_paths  # until config.py keeps URIs as they are (see tests/test_storage.py)
     monkeypatch.setattr(JobConfig, "with_absolute_paths", lambda self: dataclasses.replace(real(self), output=self.output))
     assert isinstance(storage.open_storage(uri), storage.ArrowStorage)
-    summary = run_job(dist_cfg(inp, uri))
+    summary = run_job(dist_cfg(inp, uri), replica_hooks=ObjectStoreReplicas())
     assert summary.replicas == 2
     assert_exactly_once_and_same(uri, ref)
     assert set(replica_of_rows(out).values()) == {0, 1, None}
     files = set(os.listdir(out))
     job_files = {".manifest.json", ".status.json", MARKER}
-    assert files == job_files | {s["file"] for s in read_manifest_file(uri)["shards"]}  # lease gone
+    assert files == job_files | {s["file"] for s in read_manifest(uri)["shards"]}  # lease gone
     state = job_state(uri)
     assert state["status"] == "completed" and not state["running"] and state["done"] == 49
     assert export_job(uri, "jsonl", str(tmp_path / "all.jsonl")).rows == len(ref)

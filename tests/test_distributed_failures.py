@@ -1,5 +1,5 @@
 """Failure paths of the Ray driver (batchllm.distributed), on a local Ray with 2 CPU replicas of
-dummy:tiny, faults injected through the replicas' test hook (``BATCHLLM_TEST_REPLICA_FAULTS``): engine
+dummy:tiny, faults injected through the replicas' hooks (``Faults``, a ``ReplicaHooks``): engine
 errors retried on the other replica and a replica retired after failing unit after unit, a poison group
 that becomes ``engine_error`` rows after its attempts (replicas kept in service), a replica that cannot
 start followed by every replica lost (committed results kept, resumable), and prompts longer than a
@@ -10,23 +10,23 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 
-import numpy as np
 import pytest
 
 from batchllm.config import JobConfig
 from batchllm.distributed import driver
-from batchllm.distributed.replica import FAULTS_ENV
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import read_manifest_file, read_results
+from batchllm.io.writer import read_results
+from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.show import job_state
 from batchllm.jobs.status import read_status
 from batchllm.pipeline import run_job
-from batchllm.plan.plan import build_plan
 from tests.test_distributed import (
     BASE,
     assert_exactly_once_and_same,
     dist_cfg,
+    job_plan,
     keyed,
     reference_job,
     replica_of_rows,
@@ -34,18 +34,63 @@ from tests.test_distributed import (
 )
 
 
+class InjectedFault(RuntimeError):
+    """Raised by ``Faults``, standing for any engine error."""
+
+
+class Faults:
+    """``ReplicaHooks`` that inject faults; ``spec`` is comma-separated items:
+      start@R     replica R raises while starting (before its model loads)
+      raise@R#K   replica R's engine raises during the K-th unit it runs (1-based), after one engine step
+      exit@R#K    replica R's process exits (os._exit) during the K-th unit it runs, after one engine step
+      poison=ID   every replica's engine raises, after one step, in any unit holding custom_id ID
+    Each replica holds its own copy (Ray pickles it to every actor), so the unit count is per replica."""
+
+    def __init__(self, spec: str):
+        self.start: set[int] = set()
+        self.fail: dict[str, set[tuple[int, int]]] = {"raise": set(), "exit": set()}
+        self.poison: set[str] = set()
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            if item.startswith("poison="):
+                self.poison.add(item.removeprefix("poison="))
+                continue
+            kind, _, where = item.partition("@")
+            replica, _, unit = where.partition("#")
+            if kind == "start":
+                self.start.add(int(replica))
+            else:
+                self.fail[kind].add((int(replica), int(unit)))
+        self.unit_id: int | None = None
+        self.units_run = 0
+
+    def started(self, replica_id: int) -> None:
+        if replica_id in self.start:
+            raise InjectedFault(f"injected start failure of replica {replica_id}")
+
+    def engine_step(self, replica_id: int, unit_id: int, requests) -> None:
+        if unit_id != self.unit_id:
+            self.unit_id, self.units_run = unit_id, self.units_run + 1
+        if (replica_id, self.units_run) in self.fail["exit"]:
+            os._exit(1)
+        poisoned = any(r.custom_id in self.poison for r in requests.values())
+        if (replica_id, self.units_run) in self.fail["raise"] or poisoned:
+            raise InjectedFault(f"injected engine error in unit {self.units_run} of replica {replica_id}")
+
+    def shard_written(self, replica_id: int, shard_name: str) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny):
     return reference_job(tmp_path_factory.mktemp("faults"), tiny)
 
 
-def run_with_faults(monkeypatch, faults: str, cfg: JobConfig):
-    monkeypatch.setenv(FAULTS_ENV, faults)
+def run_with_faults(faults: str, cfg: JobConfig):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas need not import the tests package
     events: collections.Counter = collections.Counter()
-    try:
-        return run_job(cfg, progress=lambda e, i: events.update([e])), events
-    finally:
-        monkeypatch.delenv(FAULTS_ENV)
+    return run_job(cfg, progress=lambda e, i: events.update([e]), replica_hooks=Faults(faults)), events
 
 
 def replicas_of(out) -> dict[int, dict]:
@@ -53,15 +98,15 @@ def replicas_of(out) -> dict[int, dict]:
 
 
 def no_orphans(out) -> None:
-    listed = {s["file"] for s in read_manifest_file(str(out))["shards"]}
+    listed = {s["file"] for s in read_manifest(str(out))["shards"]}
     files = set(os.listdir(out))
     assert {f for f in files if f.startswith("shard-")} == listed and not [f for f in files if f.endswith(".tmp")]
 
 
-def test_replica_failing_unit_after_unit_is_retired(ray_local, job, tmp_path, monkeypatch):
+def test_replica_failing_unit_after_unit_is_retired(ray_local, job, tmp_path):
     inp, ref = job
     out = tmp_path / "out"
-    summary, events = run_with_faults(monkeypatch, "raise@1#1,raise@1#2,raise@1#3", dist_cfg(inp, out))
+    summary, events = run_with_faults("raise@1#1,raise@1#2,raise@1#3", dist_cfg(inp, out))
     assert_exactly_once_and_same(out, ref)
     assert events["unit_failed"] == driver.RETIRE_AFTER and summary.replica_failures == 1
     reps = replicas_of(out)
@@ -70,14 +115,12 @@ def test_replica_failing_unit_after_unit_is_retired(ray_local, job, tmp_path, mo
     assert {v for v in replica_of_rows(out).values()} == {0, None}
 
 
-def test_poison_group_becomes_engine_error_rows_after_its_attempts(ray_local, job, tmp_path, monkeypatch):
+def test_poison_group_becomes_engine_error_rows_after_its_attempts(ray_local, job, tmp_path):
     inp, ref = job
     out = tmp_path / "out"
-    summary, _ = run_with_faults(monkeypatch, "poison=q12", dist_cfg(inp, out))
+    summary, _ = run_with_faults("poison=q12", dist_cfg(inp, out))
     # the plan's group holding q12 (the driver plans the same requests the same way)
-    specs = [r for r in rows_spec() if not isinstance(r, str)]
-    plan = build_plan([np.array(r["prompt_token_ids"]) for r in specs],
-                      np.array([r.get("max_tokens", 6) * r.get("n", 1) for r in specs], dtype=float))
+    specs, plan = job_plan()
     group = next(g for g in plan.groups if 12 in g.members.tolist())
     poisoned = {specs[i]["custom_id"] for i in group.members.tolist()}
     got = read_results(str(out), verify=True).to_pylist()
@@ -98,13 +141,13 @@ def test_poison_group_becomes_engine_error_rows_after_its_attempts(ray_local, jo
     no_orphans(out)
 
 
-def test_replica_failing_to_start_then_every_replica_lost_keeps_committed_results(ray_local, job, tiny, tmp_path, monkeypatch):
+def test_replica_failing_to_start_then_every_replica_lost_keeps_committed_results(ray_local, job, tiny, tmp_path):
     """Replica 1 cannot start: the job runs on replica 0 alone, which commits a unit, then dies in its
     second: no replica is left. The job fails with one line; what was committed stays and resumes."""
     inp, ref = job
     out = tmp_path / "out"
     with pytest.raises(BatchLLMError, match=r"every replica was lost .*shards committed so far are kept: batchllm resume"):
-        run_with_faults(monkeypatch, "start@1,exit@0#2", dist_cfg(inp, out))
+        run_with_faults("start@1,exit@0#2", dist_cfg(inp, out))
     partial = read_results(str(out), verify=True).to_pylist()
     keys = [(r["custom_id"], r["sample_index"]) for r in partial]
     assert len(keys) == len(set(keys)) and 1 < len(partial) < len(ref)

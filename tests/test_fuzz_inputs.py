@@ -27,9 +27,9 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from batchllm import pipeline
 from batchllm.config import SCHEMA, load_job_file, merge
 from batchllm.errors import BatchLLMError
+from batchllm.io import tokenize as tokenization
 from batchllm.io.readers import ColumnMapping, read_requests
 from batchllm.io.requests import Request, RowError
 from batchllm.models import dummy, dummy_tokenizer, hf_folder, loader
@@ -101,7 +101,7 @@ def test_fuzz_jsonl_rows_reader_and_tokenizer(tmp_path, tok, lines, template):
         if isinstance(r, RowError):
             assert r.error_code and r.error_message and isinstance(r.input_index, int)
     reqs = [r for r in records if isinstance(r, Request)]
-    kept, errors = pipeline.tokenize(reqs, tok, max_model_len=64, vocab_size=tok.vocab_size)
+    kept, errors = tokenization.tokenize(reqs, tok, max_model_len=64, vocab_size=tok.vocab_size)
     assert len(kept) + len(errors) == len(reqs)
     assert all(len(r.token_ids) < 64 for r in kept)
 

@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from tests.job_utils import run_main
 
-from batchllm import pipeline
+from batchllm import build, pipeline
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
+from batchllm.io import tokenize as tokenization
 from batchllm.io.readers import ColumnMapping, read_requests
 from batchllm.io.requests import Request, RowError
 from batchllm.jobs.signals import StoppedOutsideJob, raise_on_signals, stop_on_signals
@@ -58,8 +59,8 @@ class _Spy:
 
 def test_max_token_chars_is_the_dummy_vocabularys_longest_entry(tok):
     longest = max(len(t) for t in tok.get_vocab())
-    assert pipeline.max_token_chars(tok) == longest == len("<|assistant|>")
-    assert pipeline.max_prompt_chars(tok, 100) == longest * 99
+    assert tokenization.max_token_chars(tok) == longest == len("<|assistant|>")
+    assert tokenization.max_prompt_chars(tok, 100) == longest * 99
 
 
 def test_30mb_prompt_is_prompt_too_long_without_being_tokenized(tok):
@@ -69,7 +70,7 @@ def test_30mb_prompt_is_prompt_too_long_without_being_tokenized(tok):
     ok = Request("ok", "f", 1, SamplingParams(), prompt="hello")
     chat = Request("chat", "f", 2, SamplingParams(), messages=[{"role": "user", "content": "x" * 2_000_000}])
     ids = Request("ids", "f", 3, SamplingParams(), prompt_token_ids=[5] * 5000)
-    kept, errors = pipeline.tokenize([big, ok, chat, ids], spy, max_model_len=4096, vocab_size=tok.vocab_size)
+    kept, errors = tokenization.tokenize([big, ok, chat, ids], spy, max_model_len=4096, vocab_size=tok.vocab_size)
     assert [r.custom_id for r in kept] == ["ok"]
     assert {e.custom_id: e.error_code for e in errors} == {"big": rq.PROMPT_TOO_LONG, "chat": rq.PROMPT_TOO_LONG,
                                                            "ids": rq.PROMPT_TOO_LONG}
@@ -79,12 +80,12 @@ def test_30mb_prompt_is_prompt_too_long_without_being_tokenized(tok):
 
 def test_prompt_just_under_the_character_bound_is_still_tokenized(tok):
     # the bound only refuses prompts that cannot fit: a long prompt within it goes on to the token check
-    limit = pipeline.max_prompt_chars(tok, 64)
+    limit = tokenization.max_prompt_chars(tok, 64)
     r = Request("r", "f", 0, SamplingParams(), prompt="a" * limit)
-    kept, errors = pipeline.tokenize([r], tok, max_model_len=64, vocab_size=tok.vocab_size)
+    kept, errors = tokenization.tokenize([r], tok, max_model_len=64, vocab_size=tok.vocab_size)
     assert not kept and errors[0].error_code == rq.PROMPT_TOO_LONG and "tokens" in errors[0].error_message
     short = Request("s", "f", 0, SamplingParams(), prompt="a" * 10)
-    assert pipeline.tokenize([short], tok, max_model_len=64, vocab_size=tok.vocab_size)[0] == [short]
+    assert tokenization.tokenize([short], tok, max_model_len=64, vocab_size=tok.vocab_size)[0] == [short]
 
 
 def test_reader_refuses_prompts_over_max_prompt_chars(tmp_path):
@@ -141,24 +142,24 @@ def test_cpu_kv_pool_under_ulimit_v_is_sized_from_the_rlimit(monkeypatch):
     # issue 13: under `ulimit -v 5000000` the pool was sized from MemAvailable and numpy's allocation failed
     mcfg = dummy.preset_config("tiny")
     cfg = JobConfig(inputs=["a"], output="o", page_size=16)
-    monkeypatch.setattr(pipeline, "_meminfo_available", lambda: 64 << 30)
-    monkeypatch.setattr(pipeline, "_cgroup_headroom", lambda: [])
-    monkeypatch.setattr(pipeline, "_rlimit_headroom", lambda: [])
-    free = pipeline.kv_pool_pages(cfg, mcfg, pipeline.torch.device("cpu"), pipeline.torch.float32, 256)
-    monkeypatch.setattr(pipeline, "_rlimit_headroom", lambda: [400 << 20])
-    limited = pipeline.kv_pool_pages(cfg, mcfg, pipeline.torch.device("cpu"), pipeline.torch.float32, 256)
-    monkeypatch.setattr(pipeline, "_cgroup_headroom", lambda: [200 << 20, 1 << 40])
-    cgroup = pipeline.kv_pool_pages(cfg, mcfg, pipeline.torch.device("cpu"), pipeline.torch.float32, 256)
-    page = pipeline.KVCache.bytes_per_page(mcfg, 16, pipeline.torch.float32)
+    monkeypatch.setattr(build, "_meminfo_available", lambda: 64 << 30)
+    monkeypatch.setattr(build, "_cgroup_headroom", lambda: [])
+    monkeypatch.setattr(build, "_rlimit_headroom", lambda: [])
+    free = build.kv_pool_pages(cfg, mcfg, build.torch.device("cpu"), build.torch.float32, 256)
+    monkeypatch.setattr(build, "_rlimit_headroom", lambda: [400 << 20])
+    limited = build.kv_pool_pages(cfg, mcfg, build.torch.device("cpu"), build.torch.float32, 256)
+    monkeypatch.setattr(build, "_cgroup_headroom", lambda: [200 << 20, 1 << 40])
+    cgroup = build.kv_pool_pages(cfg, mcfg, build.torch.device("cpu"), build.torch.float32, 256)
+    page = build.KVCache.bytes_per_page(mcfg, 16, build.torch.float32)
     assert free == (4 << 30) // page  # the 4 GiB cap
     assert limited == int(0.25 * (400 << 20) // page) and cgroup == int(0.25 * (200 << 20) // page)
 
 
 def test_cgroup_v2_and_rlimit_headroom_read_from_the_system():
     # whatever this machine has, each source is either absent or a number, and the minimum is used
-    for h in (*pipeline._cgroup_headroom(), *pipeline._rlimit_headroom()):
+    for h in (*build._cgroup_headroom(), *build._rlimit_headroom()):
         assert isinstance(h, int)
-    assert pipeline._available_ram() <= (pipeline._meminfo_available() or 1 << 62)
+    assert build._available_ram() <= (build._meminfo_available() or 1 << 62)
 
 
 def test_cgroup_v2_headroom_walks_up_the_hierarchy(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_cgroup_v2_headroom_walks_up_the_hierarchy(tmp_path, monkeypatch):
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr("builtins.open", fake_open)
-    assert pipeline._cgroup_headroom() == [200 << 20]
+    assert build._cgroup_headroom() == [200 << 20]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS semantics")

@@ -12,10 +12,11 @@ import json
 import pytest
 import torch
 
+from batchllm.build import load_model
 from batchllm.config import JobConfig
 from batchllm.io.writer import read_results
 from batchllm.models.tokenizer import encode_chat, encode_prompt
-from batchllm.pipeline import load_model, run_job
+from batchllm.pipeline import run_job
 
 pytestmark = pytest.mark.slow
 

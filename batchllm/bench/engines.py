@@ -1,6 +1,6 @@
 """One engine setup for every run of a bench process: KV cache, pool sizing and decode graphs built once.
 
-``run_job`` builds its engine with ``pipeline.make_engine``: a KV pool sized from a memory profile (on
+``run_job`` builds its engine with ``build.make_engine``: a KV pool sized from a memory profile (on
 CUDA a warm-up forward at the step token budget), the KV tensors, and CUDA graphs for up to 67 decode
 batch sizes. A bench calls ``run_job`` once per policy, repeat and prefix-grid cell, and paid that
 setup (inside each run's wall time) every time. ``BenchEngines`` does it once per bench:
@@ -19,7 +19,7 @@ empty prefix cache; no step statistics), with the KV tensors zeroed after the pr
 called by the harness outside the timed region) exactly as a fresh ``KVCache`` is.
 
 The harness passes this object to ``run_job`` as its ``engine_factory``; a run whose engine options
-differ from the bench's gets a fresh engine from ``pipeline.make_engine``.
+differ from the bench's gets a fresh engine from ``build.make_engine``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ENGINE_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "attention", "enforce
 
 class BenchEngines:
     """The shared engine parts of one bench (module docstring); ``self(cfg, lm, max_model_len)`` has
-    ``pipeline.make_engine``'s signature and returns a fresh ``LLMEngine`` over them.
+    ``build.make_engine``'s signature and returns a fresh ``LLMEngine`` over them.
 
     ``graphs``: the runner's graph mode ("auto": CUDA graphs on CUDA unless ``enforce_eager``; "static"
     runs the graph path eagerly, for CPU tests). ``setup_s``: seconds spent building; ``engines_built``
@@ -52,15 +52,15 @@ class BenchEngines:
 
     def __init__(self, base: JobConfig, lm, policies: list[str] | tuple[str, ...], max_seqs: int, *,
                  graphs: str | None = None, log=None):
-        from batchllm import pipeline
+        from batchllm import build
 
         t0 = time.perf_counter()
         self.base, self.lm = base, lm
         say = log or (lambda msg: None)
         mcfg, dev = lm.config, lm.device
-        self.budget = base.max_num_batched_tokens or pipeline.default_token_budget(dev)
-        self.backend = get_backend(pipeline.resolve_attention(base.attention, dev))
-        limits = [pipeline.policy_limits(dataclasses.replace(base, policy=p))[0] for p in policies] or [None]
+        self.budget = base.max_num_batched_tokens or build.default_token_budget(dev)
+        self.backend = get_backend(build.resolve_attention(base.attention, dev))
+        limits = [build.policy_limits(dataclasses.replace(base, policy=p))[0] for p in policies] or [None]
         most_seqs = max(cuda_graphs.DEFAULT_MAX_GRAPH_BATCH if m is None else m for m in limits)
         # what any run of this bench can have in one step: sampled rows, decoding sequences
         reach = max(1, min(self.budget, max(self.budget if m is None else m for m in limits), max_seqs))
@@ -68,9 +68,9 @@ class BenchEngines:
         graph_batch = cuda_graphs.reachable_graph_batch(graph_max, reach)
         self.graphs = graphs or ("off" if base.enforce_eager else "auto")
         uses_graphs = self.graphs != "off" and dev.type == "cuda" and cuda_graphs.graph_safe(self.backend)
-        pages = pipeline.kv_pool_pages(base, mcfg, dev, lm.dtype, self.budget, model=lm.model, backend=self.backend,
+        pages = build.kv_pool_pages(base, mcfg, dev, lm.dtype, self.budget, model=lm.model, backend=self.backend,
                                        sample_rows=reach, graph_batch=graph_batch if uses_graphs else 0)
-        self.max_model_len = pipeline.fit_to_pool(pages, base.page_size, pipeline.model_max_len(base, mcfg))
+        self.max_model_len = build.fit_to_pool(pages, base.page_size, build.model_max_len(base, mcfg))
         self.kv = KVCache(mcfg, pages, base.page_size, lm.dtype, dev)
         # every decoding sequence holds at least one page of its own: the pool bounds the decode batch too
         self.graph_batch = cuda_graphs.reachable_graph_batch(graph_max, min(reach, pages))
@@ -88,15 +88,15 @@ class BenchEngines:
         return lm is self.lm and all(getattr(cfg, f) == getattr(self.base, f) for f in ENGINE_FIELDS)
 
     def __call__(self, cfg: JobConfig, lm, max_model_len: int) -> tuple[LLMEngine, frozenset[int]]:
-        from batchllm import pipeline
+        from batchllm import build
 
-        if not self.matches(cfg, lm) or max_model_len != pipeline.model_max_len(self.base, lm.config):
+        if not self.matches(cfg, lm) or max_model_len != build.model_max_len(self.base, lm.config):
             self.fresh_engines += 1
-            return pipeline.make_engine(cfg, lm, max_model_len)
+            return build.make_engine(cfg, lm, max_model_len)
         if self._dirty:  # the harness calls release() after each run, outside the timed region
             self.release()
-        sched = pipeline.scheduler_config(cfg, self.budget, self.max_model_len)
-        caching = pipeline.policy_limits(cfg)[2]
+        sched = build.scheduler_config(cfg, self.budget, self.max_model_len)
+        caching = build.policy_limits(cfg)[2]
         # graphs="off": this engine's own runner is a throwaway (no capture); it runs on the shared one
         engine = LLMEngine(lm.model, lm.tokenizer, self.kv, self.backend, sched, lm.device, lm.config.vocab_size,
                            prefix_caching=caching, graphs="off")

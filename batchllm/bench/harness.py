@@ -153,7 +153,7 @@ class _Probe:
                 (ModelRunner, "prepare", "prepare inputs"), (ModelRunner, "run", "forward"),
                 (LLMEngine, "_sample_and_append", "sample+stop"), (ShardWriter, "add", "write"),
                 (ShardWriter, "add_request", "write"), (ShardWriter, "close", "write"),
-                (pipeline, "read_and_tokenize", "read+tokenize"), (pipeline, "make_plan", "plan"),
+                (pipeline, "read_and_tokenize", "read+tokenize"), (pipeline, "plan_requests", "plan"),
             ):
                 if hasattr(owner, name):  # the pipeline may change under us: time what exists
                     self._patch(owner, name, lambda orig, kind=kind: self._timed(kind, orig, sync=kind == "forward"))
@@ -281,7 +281,7 @@ def run_bench(
     reported as ``model.engine_setup_s`` (not in any run's wall time); ``graphs`` overrides its graph
     mode ("static": the graph path run eagerly, for CPU tests).
     """
-    from batchllm.pipeline import resolve_device, resolve_dtype
+    from batchllm.build import resolve_device, resolve_dtype
 
     say = log or (lambda msg: None)
     policies, peers = list(policies), list(peers)
@@ -398,7 +398,8 @@ def _run_policies(ctx: _Context, base: JobConfig, policies: list[str], profile: 
     """Each policy on each cell, ``ctx.repeat`` times, with one loaded model and one engine setup; fills
     the cells' results and hands the report to ``ctx.emit`` after every run."""
     from batchllm.bench.engines import BenchEngines
-    from batchllm.pipeline import load_model, run_job
+    from batchllm.build import load_model
+    from batchllm.pipeline import run_job
 
     t = time.perf_counter()
     lm = load_model(base)
@@ -520,7 +521,7 @@ def _run_peer(ctx: _Context, src, base: JobConfig, peer: str, batch_size: int, m
 def _load_vllm(ctx: _Context, src, base: JobConfig, max_batch_tokens: int | None):
     """The vLLM peer's engine on the bench's weights (``vllm_peer``), with the fcfs-lru baseline's limits."""
     from batchllm.bench import vllm_peer
-    from batchllm.pipeline import default_token_budget, kv_pool_pages, model_max_len
+    from batchllm.build import default_token_budget, kv_pool_pages, model_max_len
 
     folder = vllm_peer.export_hf_folder(src, ctx.mcfg, ctx.dt, os.path.join(ctx.tmp, "vllm-model"))
     longest = max(len(r["prompt_token_ids"]) + r["max_tokens"] for c in ctx.cells for r in c["cell"].rows)

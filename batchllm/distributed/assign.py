@@ -7,11 +7,11 @@ Contracts:
   saving survives scale-out. Every function here moves group indices (positions in ``Plan.groups``),
   never requests.
 - Cost of a group (``group_costs``): the prompt tokens the engine computes for it (the shared prefix
-  once, plus each sample's own tokens) plus its expected output tokens (``max_tokens`` per sample,
-  weighted by ``output_weight``). It follows ``engine.sources.build_sources``: a lone request with
-  ``n > 1`` shares all but its last prompt token among its samples. Outer prefixes (computed once per
-  replica for neighbouring groups) and the own prefixes of ``n > 1`` members are not modelled: the
-  estimate errs high for such groups.
+  once when two or more samples share it, plus each sample's own tokens) plus its expected output
+  tokens (``max_tokens`` per sample, weighted by ``output_weight``). Groups are the plan's final
+  execution groups (a lone request with ``n > 1`` already has its prompt but the last token as its
+  prefix). Outer prefixes (computed once per replica for neighbouring groups) are not modelled: the
+  estimate errs high for groups under one.
 - ``balance``: longest-processing-time-first (LPT) greedy, each group to the least loaded replica; the
   heaviest load is at most 4/3 of the optimum (Graham). Each replica's groups come back in plan order,
   so the decode-heavy-first ordering of the plan holds on every replica.
@@ -56,9 +56,7 @@ def group_costs(
     n = np.asarray(samples, dtype=np.int64)[members]
     mt = np.asarray(max_tokens, dtype=np.float64)[members]
     rows = np.add.reduceat(n, starts)
-    plen = np.asarray(prefix_lens, dtype=np.int64).copy()
-    lone = (plen == 0) & (sizes == 1) & (rows > 1)
-    plen[lone] = lens[starts[lone]] - 1
+    plen = np.asarray(prefix_lens, dtype=np.int64)
     shared = np.where((plen > 0) & (rows > 1), plen, 0)
     own = np.add.reduceat(n * (lens - np.repeat(shared, sizes)), starts)
     output = np.add.reduceat(n * mt, starts)

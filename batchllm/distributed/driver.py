@@ -1,12 +1,13 @@
 """The Ray driver: whole prefix groups to engine replicas, their shards into the job's manifest.
 
-``run_distributed`` replaces the engine stage of ``pipeline._run`` when ``--replicas N > 1`` or
+``run_distributed`` replaces the engine stage of ``pipeline.run_job`` when ``--replicas N > 1`` or
 ``--ray-address`` is given. Reading, tokenizing and planning have already happened in this process,
 once, over the whole (remaining) input; so has committing the read phase's error rows.
 
 Contracts:
-- Groups are never split (``assign``): each unit sent to a replica is a list of whole groups with
-  their members, and the replica's engine computes each shared prefix once.
+- Groups are never split (``assign``): each unit sent to a replica is ``plan.subset`` of whole groups
+  of the job's plan (with the outer prefixes they extend), and the replica's engine computes each
+  shared prefix once.
 - Balance: groups go to replicas by estimated cost (LPT, ``assign.balance``), cut into units of about
   1/``UNITS_PER_REPLICA`` of a replica's share (and at most ``--shard-rows`` rows). A replica that runs
   out of its own units steals the last unit of the most loaded replica.
@@ -45,9 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
-import statistics
 import threading
 import time
 import uuid
@@ -55,20 +54,23 @@ from typing import Any, Callable
 
 import numpy as np
 
+from batchllm.config import JobConfig
 from batchllm.distributed import assign
-from batchllm.distributed.replica import Replica
+from batchllm.distributed.replica import Replica, ReplicaHooks, UnitResult
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
-from batchllm.io.requests import RowError
-from batchllm.io.writer import discard_shard
-from batchllm.plan.plan import PrefixGroup
+from batchllm.io.requests import Request, RowError
+from batchllm.io.writer import ShardWriter, discard_shard
+from batchllm.jobs.recorder import ResultRecorder
+from batchllm.jobs.results import JobSummary, batch_stats, record_error
+from batchllm.jobs.signals import StopFlag
+from batchllm.plan.plan import Plan
 
 UNITS_PER_REPLICA = 4  # units per replica's share: more = finer stealing and commits, more calls
 MAX_ATTEMPTS = 3  # runs of one group that fail before its requests become ENGINE_ERROR rows
 RETIRE_AFTER = 3  # units failing in a row on one replica (no success between) before it is retired
 ENGINE_ERROR = rq.ENGINE_ERROR  # row error code of requests whose group failed MAX_ATTEMPTS times
 POLL_S = 0.5  # progress polling / status refresh period
-READY_TIMEOUT_S = float(os.environ.get("BATCHLLM_REPLICA_START_TIMEOUT", 1800))  # model download + load
 # ray.init: a local instance starts in seconds (7 s measured on a 2-core machine at load 4), a remote one
 # connects in less; past this the job fails with one line instead of waiting with no output
 
@@ -188,16 +190,32 @@ class RayCluster:
             self.started = False
 
 
-def run_distributed(cluster: RayCluster, cfg, requests, plan, *, emit: Callable[[str, dict], None], summary, writer,
-                    recorder, stop, model_name: str) -> bool:
-    """Run ``requests`` (planned as ``plan``; None for fcfs-lru) on ``cfg.replicas`` Ray replicas,
-    committing through ``writer``. Fills ``summary``; returns True when stopped by a signal."""
-    groups = plan.groups if plan is not None else [PrefixGroup(i, 0, np.array([i])) for i in range(len(requests))]
+@dataclasses.dataclass(frozen=True)
+class DistributedJob:
+    """A job's engine stage as the driver runs it: the planned requests, and where rows, counts, progress
+    events and stop requests go."""
+
+    cfg: JobConfig
+    requests: list[Request]  # the job's (remaining) requests; ``plan`` indexes them
+    plan: Plan
+    emit: Callable[[str, dict], None]  # run_job's progress hook
+    summary: JobSummary
+    writer: ShardWriter  # the manifest's only writer: commits the replicas' shards
+    recorder: ResultRecorder
+    stop: StopFlag
+    model_name: str
+    hooks: ReplicaHooks | None = None  # given to every replica (tests)
+
+
+def run_distributed(cluster: RayCluster, job: DistributedJob) -> bool:
+    """Run ``job.requests`` on ``cfg.replicas`` Ray replicas, each unit a ``plan.subset``, committing
+    through ``job.writer``. Fills ``job.summary``; returns True when stopped by a signal."""
+    groups, requests = job.plan.groups, job.requests
     lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=len(requests))
     n = np.fromiter((r.sampling.n for r in requests), dtype=np.int64, count=len(requests))
     max_tokens = np.fromiter((r.sampling.max_tokens for r in requests), dtype=np.int64, count=len(requests))
     costs, rows = assign.group_costs([g.members for g in groups], [g.prefix_len for g in groups], lens, n, max_tokens)
-    run = _Driver(cluster, cfg, requests, groups, costs, rows, emit, summary, writer, recorder, stop, model_name)
+    run = _Driver(cluster, job, costs, rows)
     try:
         return run.run()
     finally:
@@ -205,12 +223,13 @@ def run_distributed(cluster: RayCluster, cfg, requests, plan, *, emit: Callable[
 
 
 class _Driver:
-    def __init__(self, cluster, cfg, requests, groups, costs, rows, emit, summary, writer, recorder, stop, model_name):
-        self.cluster, self.ray, self.cfg = cluster, cluster.ray, cfg
-        self.requests, self.groups = requests, groups
-        self.costs, self.rows = costs, rows
-        self.emit, self.summary, self.writer, self.recorder, self.stop = emit, summary, writer, recorder, stop
-        self.model_name = model_name
+    def __init__(self, cluster: RayCluster, job: DistributedJob, costs: np.ndarray, rows: np.ndarray):
+        self.cluster, self.ray, self.cfg = cluster, cluster.ray, job.cfg
+        self.requests, self.plan, self.groups = job.requests, job.plan, job.plan.groups
+        self.hooks = job.hooks
+        self.costs, self.rows = costs, rows  # per group: estimated cost, output rows
+        self.emit, self.summary, self.writer, self.recorder, self.stop = job.emit, job.summary, job.writer, job.recorder, job.stop
+        self.model_name = job.model_name
         self.replicas: dict[int, _ReplicaState] = {}
         self.inflight: dict[Any, _Running] = {}  # ObjectRef of run_unit -> what it runs
         self.attempts: dict[int, int] = {}  # group -> failed runs of it alone
@@ -229,20 +248,17 @@ class _Driver:
         device, num_gpus = cluster.device, cluster.num_gpus
         dtype = str(cluster.dtype).removeprefix("torch.") if cluster.dtype is not None else cfg.dtype
         spec = dataclasses.replace(cfg, device=device, dtype=dtype, replicas=1, ray_address=None).to_dict()
-        env = {k: v for k, v in os.environ.items() if k.startswith("BATCHLLM_TEST_")}
         options: dict[str, Any] = {"num_cpus": 1, "num_gpus": num_gpus, "max_concurrency": 2}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
         actor_cls = ray.remote(Replica)
         # unique per run: a killed actor's name may stay taken for a moment after ray.kill
         tag = f"{self.writer.manifest['job_id'][:12]}-{uuid.uuid4().hex[:8]}"
         self.summary.replicas = cfg.replicas
         for r in range(cfg.replicas):
             name = f"batchllm-{tag}-r{r}"
-            actor = actor_cls.options(name=name, **options).remote(spec, list(self.writer.manifest["input_files"]), r)
+            actor = actor_cls.options(name=name, **options).remote(spec, list(self.writer.manifest["input_files"]), r, self.hooks)
             self.replicas[r] = _ReplicaState(r, actor, name)
         pending = {rs.actor.ready.remote(): rs for rs in self.replicas.values()}
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + cfg.replica_start_timeout  # model download + load
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for ref in ready:
@@ -258,8 +274,8 @@ class _Driver:
             if self.stop:
                 return
             if pending and time.monotonic() > deadline:
-                raise BatchLLMError(f"{len(pending)} replica(s) did not load the model within {READY_TIMEOUT_S:.0f} s "
-                                    "(set BATCHLLM_REPLICA_START_TIMEOUT to wait longer)")
+                raise BatchLLMError(f"{len(pending)} replica(s) did not load the model within {cfg.replica_start_timeout:.0f} s "
+                                    "(--replica-start-timeout SECONDS waits longer)")
         live = self.live()
         if not live:
             errors = "; ".join(sorted({rs.error or "unknown error" for rs in self.replicas.values()}))
@@ -308,7 +324,10 @@ class _Driver:
                 self.finish(ref)
             if time.monotonic() - self._last_poll >= POLL_S:
                 self.poll()
-        self._batch_stats()
+        seqs = np.concatenate(self.step_seqs) if self.step_seqs else np.zeros(0, dtype=np.int32)
+        toks = np.concatenate(self.step_tokens) if self.step_tokens else np.zeros(0, dtype=np.int32)
+        s = self.summary
+        s.num_steps, s.batch_seqs, s.batch_tokens = batch_stats(seqs.tolist(), toks.tolist())
         self.refresh_status(force=True)
         return self.stopping
 
@@ -322,18 +341,18 @@ class _Driver:
         uid = self.next_unit_id
         self.next_unit_id += 1
         shard = self.writer.reserve_shard_name()
-        spec = [(int(self.groups[g].prefix_len), self.groups[g].members.tolist()) for g in unit.tolist()]
-        reqs = {i: self.requests[i] for _, members in spec for i in members}
-        ref = rs.actor.run_unit.remote(uid, shard, spec, reqs)
+        sub = self.plan.subset(unit.tolist())
+        reqs = {i: self.requests[i] for g in sub.groups for i in g.members.tolist()}
+        ref = rs.actor.run_unit.remote(uid, shard, sub, reqs)
         self.inflight[ref] = _Running(r, uid, unit, shard, time.time())
         rs.state = "running"
-        self.emit("unit_started", {"replica": r, "unit": uid, "shard": shard, "groups": len(spec), "requests": len(reqs)})
+        self.emit("unit_started", {"replica": r, "unit": uid, "shard": shard, "groups": len(sub.groups), "requests": len(reqs)})
 
     def finish(self, ref) -> None:
         run = self.inflight.pop(ref)
         rs = self.replicas[run.replica]
         try:
-            res = self.ray.get(ref)
+            res: UnitResult = self.ray.get(ref)
         except _lost_errors(self.ray) as e:
             self.unit_failed(run, e, lost=True)
             return
@@ -348,7 +367,7 @@ class _Driver:
             self.unit_failed(run, e, lost=True)
             return
         rs.failures_in_a_row = 0
-        entry = res["entry"]
+        entry = res.entry
         if entry is not None:
             self.writer.commit_entries([entry])
             self.recorder.add_committed(entry)
@@ -358,20 +377,20 @@ class _Driver:
                 self.summary.errors += k
                 self.summary.errors_by_code[code] = self.summary.errors_by_code.get(code, 0) + k
         rs.units_done += 1
-        self.summary.prompt_tokens_computed += res["prompt_tokens_computed"]
-        self.summary.num_preemptions += res["num_preemptions"]
-        self.step_seqs.append(res["step_seqs"])
-        self.step_tokens.append(res["step_tokens"])
+        self.summary.prompt_tokens_computed += res.prompt_tokens_computed
+        self.summary.num_preemptions += res.num_preemptions
+        self.step_seqs.append(res.step_seqs)
+        self.step_tokens.append(res.step_tokens)
         room = self.cfg.preview - len(self.summary.preview)
         if room > 0:
-            self.summary.preview.extend(res["preview"][:room])
+            self.summary.preview.extend(res.preview[:room])
         # the progress bar learns the unit's last samples now (polling saw only part of them)
         # (samples of prompt_too_long rows count too: the bar's total planned them)
-        done_samples = (entry["samples"] if entry is not None else 0) + res.get("error_samples", 0)
+        done_samples = (entry["samples"] if entry is not None else 0) + res.error_samples
         self._report(done_samples - rs.live.get("samples", 0), res_new_tokens=0)
         rs.live = {}
         self.emit("unit_committed", {"replica": run.replica, "unit": run.unit_id, "shard": run.shard,
-                                     "rows": entry["rows"] if entry else 0, "stopped": res["stopped"]})
+                                     "rows": entry["rows"] if entry else 0, "stopped": res.stopped})
         self.dispatch(run.replica)
         self.refresh_status()
 
@@ -426,9 +445,6 @@ class _Driver:
         if lost or self.attempts[g] < MAX_ATTEMPTS:
             self.queue.requeue([groups], failed_on)
             return
-        # imported here: pipeline imports this module (lazily) and is loaded by the time a group fails
-        from batchllm.pipeline import record_error
-
         message = f"the request's prefix group failed on {MAX_ATTEMPTS} attempts on the replicas (last: {error})"
         for i in self.groups[g].members.tolist():
             r = self.requests[i]
@@ -488,14 +504,6 @@ class _Driver:
                 live[k] += rs.live.get(k, 0)
         self.recorder.status.set_replicas(self.replica_table())
         self.recorder.update_status(force=force, live=live)
-
-    def _batch_stats(self) -> None:
-        seqs = np.concatenate(self.step_seqs) if self.step_seqs else np.zeros(0, dtype=np.int32)
-        toks = np.concatenate(self.step_tokens) if self.step_tokens else np.zeros(0, dtype=np.int32)
-        self.summary.num_steps = len(seqs)
-        if len(seqs):
-            self.summary.batch_seqs = (int(seqs.min()), float(statistics.median(seqs.tolist())), int(seqs.max()))
-            self.summary.batch_tokens = (int(toks.min()), float(statistics.median(toks.tolist())), int(toks.max()))
 
     # -------------------------------------------------------------------------------------- cleanup
 

@@ -6,9 +6,10 @@ The actor is threaded (``max_concurrency=2``): ``run_unit`` runs in one thread w
 ``stop`` answer from the other.
 
 Contracts:
-- ``run_unit`` runs the given groups through the same engine and ``build_sources`` as a single-process
-  run, so a request's samples (seeded from job seed, custom_id and sample index) are the same whichever
-  replica runs them and with whatever neighbours.
+- ``run_unit`` runs a subset of the job's plan (``Plan.subset``: whole groups with their outer
+  prefixes) through the same engine and the same ``execute.run_plan`` as a single-process run, so a
+  request's samples (seeded from job seed, custom_id and sample index) are the same whichever replica
+  runs them and with whatever neighbours.
 - Results go to ONE shard file under the name the driver reserved, written durably but not committed:
   the returned manifest entry is what the driver lists in the manifest. A replica never touches the
   manifest, the folder lock or the status file.
@@ -17,14 +18,17 @@ Contracts:
   resume redoes them.
 - Prompts longer than this replica's KV pool holds (``engine.cfg.max_model_len``, which ``make_engine``
   lowers to the pool size when the pool is smaller than the context) become ``prompt_too_long`` error
-  rows in the unit's shard, as the single-process pipeline makes them: they never reach the engine,
-  which could not schedule them.
+  rows in the unit's shard, as in one process (``run_plan``): they never reach the engine, which could
+  not schedule them.
 - Failures: an exception out of the engine (or anything else in ``run_unit``) propagates to the driver,
   which retries the unit elsewhere (see ``driver``); the engine starts each run from a fresh page pool,
   so the replica stays usable. A shard that cannot be written raises ``CommitError`` (a job-level
   failure: a full disk or a missing bucket is not fixed by another replica).
 - The output folder is a path or a pyarrow filesystem URI (``batchllm.io.storage``); the replica writes
   its shard through the same storage as the driver, never the manifest, status or lock.
+- ``ReplicaHooks``: an optional object the job passes in (``run_job(..., replica_hooks=...)``), pickled
+  to every replica, called where tests inject faults: at start, after every engine step, after a shard
+  is written. Production runs pass none.
 - Tensor parallelism later: a replica is the unit that owns "one model instance"; a TP replica would
   hold several GPUs (``num_gpus=k``, placement group) and run a TP engine behind this same interface.
 """
@@ -34,60 +38,69 @@ from __future__ import annotations
 import os
 import threading
 import time
-import types
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from batchllm.config import JobConfig
-from batchllm.io import requests as rq
 from batchllm.io.requests import Request, RowError
-from batchllm.io.writer import CommitError, encode_shard, storage_of, write_shard_file
-from batchllm.plan.plan import PrefixGroup
-
-# Test hook: "PATH:SECONDS" makes a replica append "<replica> <shard name>" to PATH each time it has
-# written a shard, and sleep after its first one, so a test can kill it between writing a shard and the driver committing it. The
-# driver forwards it (and every BATCHLLM_TEST_* variable) to the actors; unset in normal use.
-REPLICA_HOOK_ENV = "BATCHLLM_TEST_REPLICA_HOOK"
-# Test hook (fault injection), forwarded to the actors like the one above; comma-separated items:
-#   start@R     replica R raises while starting (before its model loads)
-#   raise@R#K   replica R's engine raises during the K-th unit it runs (1-based), after one engine step
-#   exit@R#K    replica R's process exits (os._exit) during the K-th unit it runs, after one engine step
-#   poison=ID   every replica's engine raises, after one step, in any unit holding custom_id ID
-# Unset in normal use.
-FAULTS_ENV = "BATCHLLM_TEST_REPLICA_FAULTS"
+from batchllm.io.storage import storage_of
+from batchllm.io.writer import CommitError, encode_shard, write_shard_file
+from batchllm.plan.plan import Plan
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the ``FAULTS_ENV`` test hook, standing for any engine error."""
+class ReplicaHooks(Protocol):
+    """Points where the job's caller acts inside every replica (tests inject faults here). The object is
+    pickled to each replica, which calls its own copy; an exception from a hook is a failure at that point:
+    the replica cannot start (``started``), the unit fails (``engine_step``, ``shard_written``)."""
+
+    def started(self, replica_id: int) -> None:
+        """The replica starts, before its model loads."""
+
+    def engine_step(self, replica_id: int, unit_id: int, requests: Mapping[int, Request]) -> None:
+        """An engine step of unit ``unit_id`` (its requests) ended."""
+
+    def shard_written(self, replica_id: int, shard_name: str) -> None:
+        """A unit's shard was written, before the driver has it (or commits it)."""
 
 
-class _Stopped(Exception):
-    """Internal: ``stop`` was called; raised from the engine's step callback to leave its loop."""
+class UnitResult(NamedTuple):
+    """What ``Replica.run_unit`` returns to the driver."""
+
+    unit: int
+    replica: int
+    entry: dict[str, Any] | None  # the shard's manifest entry; None when no row was written
+    stopped: bool
+    error_samples: int  # samples of the prompt_too_long rows (the driver's progress planned them)
+    seconds: float
+    preview: list[dict[str, str]]
+    prompt_tokens_computed: int
+    num_preemptions: int
+    step_seqs: np.ndarray  # sequences per engine step
+    step_tokens: np.ndarray  # tokens per engine step
 
 
 class Replica:
-    def __init__(self, job_spec: dict[str, Any], input_files: list[str], replica_id: int):
+    def __init__(self, job_spec: dict[str, Any], input_files: list[str], replica_id: int, hooks: ReplicaHooks | None = None):
         # imported here: the driver process never needs torch's engine stack for this module
-        from batchllm import pipeline
+        from batchllm.build import load_model, make_engine, model_max_len
 
         t0 = time.perf_counter()
         self.cfg = JobConfig.from_spec(job_spec)
         self.replica_id = replica_id
-        self._faults = _parse_faults(os.environ.get(FAULTS_ENV, ""), replica_id)
-        if self._faults["start"]:
-            raise InjectedFault(f"injected start failure of replica {replica_id} ({FAULTS_ENV})")
-        self._units_run = 0
+        self.hooks = hooks
+        if hooks is not None:
+            hooks.started(replica_id)
         self.storage = storage_of(self.cfg.output)  # one filesystem client for every shard
         self.file_ids = {p: i for i, p in enumerate(input_files)}
-        self.lm = pipeline.load_model(self.cfg)
-        self.max_model_len = pipeline.model_max_len(self.cfg, self.lm.config)
-        self.engine, self.eos = pipeline.make_engine(self.cfg, self.lm, self.max_model_len)
+        self.lm = load_model(self.cfg)
+        self.max_model_len = model_max_len(self.cfg, self.lm.config)
+        self.engine, self.eos = make_engine(self.cfg, self.lm, self.max_model_len)
         self.load_seconds = time.perf_counter() - t0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._live = self._zero()
-        self._hook = os.environ.get(REPLICA_HOOK_ENV)
 
     @staticmethod
     def _zero() -> dict[str, Any]:
@@ -115,58 +128,30 @@ class Replica:
         with self._lock:
             return dict(self._live)
 
-    def run_unit(self, unit_id: int, shard_name: str, groups: list[tuple[int, list[int]]],
-                 requests: dict[int, Request]) -> dict[str, Any]:
-        """Run ``groups`` ((prefix_len, member request indices), in order) and write their rows as
-        ``shard_name``. Returns the shard's manifest entry (None if nothing completed) and the unit's
-        statistics."""
-        from batchllm.pipeline import (
-            _prompt_preview,
-            build_sources,
-            completion_row,
-            error_row,
-        )
+    def run_unit(self, unit_id: int, shard_name: str, plan: Plan, requests: dict[int, Request]) -> UnitResult:
+        """Run ``plan`` (a ``Plan.subset`` of the job's plan; ``requests``: its members by global index) and
+        write its rows, whole requests only, as ``shard_name``."""
+        from batchllm.execute import EngineCallbacks, run_plan
+        from batchllm.jobs.results import error_row
 
-        cfg, engine = self.cfg, self.engine
-        self._units_run += 1
         with self._lock:
             self._live = self._zero()
             self._live["unit"] = unit_id
         rows: list[dict[str, Any]] = []
-        # prompts this replica's KV pool cannot hold: error rows, as in pipeline._run (same message)
-        fits = engine.cfg.max_model_len
-        kept_groups = []
+        pending: dict[int, list[dict[str, Any]]] = {}  # request index -> its finished samples' rows so far
         error_samples = 0
-        for plen, members in groups:
-            kept = []
-            for i in members:
-                r = requests[i]
-                if len(r.token_ids) < fits:
-                    kept.append(i)
-                    continue
-                error_samples += r.sampling.n
-                rows.append(error_row(RowError(
-                    r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
-                    f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
-                    "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id)))
-            if kept:  # the kept members still share the group's prefix
-                kept_groups.append((plen, kept))
-        plan = types.SimpleNamespace(groups=[PrefixGroup(k, plen, np.asarray(m, dtype=np.int64)) for k, (plen, m) in enumerate(kept_groups)])
-        fault = self._fault_for(requests, kept_groups)
-        pending: dict[int, list[dict[str, Any]]] = {}
-        preview: list[dict[str, Any]] = []
-        steps_before = len(engine.step_stats)
 
-        def on_finish(seq) -> None:
-            req = requests[seq.request_index]
-            row = completion_row(req, seq)
-            got = pending.setdefault(seq.request_index, [])
+        def too_long(req: Request, err: RowError) -> None:
+            nonlocal error_samples
+            error_samples += req.sampling.n
+            rows.append(error_row(err))
+
+        def finished(index: int, req: Request, seq, row: dict[str, Any]) -> None:
+            got = pending.setdefault(index, [])
             got.append(row)
-            if len(preview) < cfg.preview:
-                preview.append({"custom_id": req.custom_id, "prompt": _prompt_preview(req), "text": seq.text})
             done = len(got) == req.sampling.n
-            if done:
-                del pending[seq.request_index]
+            if done:  # the shard holds whole requests only
+                del pending[index]
                 rows.extend(sorted(got, key=lambda r: r["sample_index"]))
             with self._lock:
                 live = self._live
@@ -176,21 +161,15 @@ class Replica:
                 live["cached"] += seq.num_cached
                 live["requests"] += int(done)
 
-        def on_step(stats) -> None:
+        def step(stats) -> None:
             with self._lock:
                 self._live["new_tokens"] += stats.new_output_tokens
-            if fault is not None:
-                fault()
-            if self._stop.is_set():
-                raise _Stopped
+            if self.hooks is not None:
+                self.hooks.engine_step(self.replica_id, unit_id, requests)
 
-        t0 = time.perf_counter()
-        stopped = False
-        try:
-            engine.run(build_sources(requests, plan, self.eos, cfg.seed, cfg.page_size), on_finish, on_step)
-        except _Stopped:
-            stopped = True
-        seconds = time.perf_counter() - t0
+        cfg = self.cfg
+        run = run_plan(self.engine, self.eos, requests, plan, seed=cfg.seed, page_size=cfg.page_size, preview=cfg.preview,
+                       callbacks=EngineCallbacks(too_long, finished, step, self._stop.is_set))
         entry = None
         if rows:
             data, entry = encode_shard(rows, self._file_id)
@@ -201,69 +180,15 @@ class Replica:
             except OSError as e:
                 raise CommitError(f"replica {self.replica_id} cannot write {shard_name} to {cfg.output}: "
                                   f"{e.strerror or e} (the shards committed before stay valid)") from None
-            if self._hook:
-                self._test_hook(shard_name)
-        steps = engine.step_stats[steps_before:]
-        sched = engine.scheduler
-        return {
-            "unit": unit_id,
-            "replica": self.replica_id,
-            "entry": entry,
-            "stopped": stopped,
-            "error_samples": error_samples,  # samples the driver planned for the prompt_too_long rows
-            "seconds": seconds,
-            "preview": preview,
-            "prompt_tokens_computed": sched.prompt_tokens_computed if sched is not None else 0,
-            "num_preemptions": sched.num_preemptions if sched is not None else 0,
-            "step_seqs": np.array([s.num_seqs for s in steps], dtype=np.int32),
-            "step_tokens": np.array([s.num_tokens for s in steps], dtype=np.int32),
-        }
-
-    def _test_hook(self, shard_name: str) -> None:
-        path, _, seconds = self._hook.rpartition(":")
-        with open(path, "a") as f:
-            f.write(f"{self.replica_id} {shard_name}\n")
-        if not getattr(self, "_hook_slept", False):
-            self._hook_slept = True
-            time.sleep(float(seconds or 0))
-
-    def _fault_for(self, requests: dict[int, Request], groups: list[tuple[int, list[int]]]):
-        """The ``FAULTS_ENV`` fault this unit meets (a callable for the engine's step callback), or None."""
-        f = self._faults
-        if self._units_run in f["exit"]:
-            return lambda: os._exit(1)
-        poisoned = f["poison"] and any(requests[i].custom_id in f["poison"] for _, m in groups for i in m)
-        if self._units_run in f["raise"] or poisoned:
-            what = f"unit {self._units_run} of replica {self.replica_id}"
-
-            def fail() -> None:
-                raise InjectedFault(f"injected engine error in {what} ({FAULTS_ENV})")
-
-            return fail
-        return None
+            if self.hooks is not None:
+                self.hooks.shard_written(self.replica_id, shard_name)
+        return UnitResult(unit_id, self.replica_id, entry, run.stopped, error_samples, run.seconds, run.preview,
+                          run.prompt_tokens_computed, run.num_preemptions,
+                          np.array([s.num_seqs for s in run.steps], dtype=np.int32),
+                          np.array([s.num_tokens for s in run.steps], dtype=np.int32))
 
     def _file_id(self, path: str) -> int:
         fid = self.file_ids.get(path)
         if fid is None:  # the driver sends rows named after the manifest's input_files only
             raise ValueError(f"row from an input file the job does not list: {path}")
         return fid
-
-
-def _parse_faults(spec: str, replica_id: int) -> dict[str, Any]:
-    """``FAULTS_ENV``'s items that concern replica ``replica_id``."""
-    out: dict[str, Any] = {"start": False, "raise": set(), "exit": set(), "poison": set()}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        if item.startswith("poison="):
-            out["poison"].add(item.removeprefix("poison="))
-            continue
-        kind, _, where = item.partition("@")
-        replica, _, unit = where.partition("#")
-        if int(replica) != replica_id:
-            continue
-        if kind == "start":
-            out["start"] = True
-        elif kind in ("raise", "exit"):
-            out[kind].add(int(unit))
-        else:
-            raise ValueError(f"{FAULTS_ENV}: unknown fault {item!r}")
-    return out

@@ -1,0 +1,111 @@
+"""ENGINE stage: a plan's requests through an engine, written once for one process and the Ray replicas.
+
+``run_plan`` is what the single-process job (``batchllm.pipeline``) and each Ray replica
+(``batchllm.distributed.replica.Replica.run_unit``, on its ``Plan.subset``) call between planning and
+writing. It owns what both need alike:
+
+- prompts this engine's KV pool cannot hold (``engine.cfg.max_model_len``, lowered to the pool by
+  ``build.fit_to_pool``) become ``prompt_too_long`` rows and leave the plan (``Plan.without``): they never
+  reach the engine, which could not schedule them;
+- the engine's work is exactly the plan (``engine.sources.build_sources``);
+- every finished sample becomes its output row (``jobs.results.completion_row``), handed to the caller
+  with the sample; the first ``preview`` of them are kept for the run's preview;
+- a stop request (``callbacks.stop``, checked after every engine step) ends the run after that step:
+  nothing more is admitted, and the caller commits the requests that completed;
+- the run's statistics: steps, prompt tokens computed, preemptions, seconds.
+
+What happens to the rows (a recorder and the job's writer, or a replica's shard) is the caller's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from batchllm.engine.engine import LLMEngine, StepStats
+from batchllm.engine.sequence import Sequence
+from batchllm.engine.sources import build_sources
+from batchllm.io import requests as rq
+from batchllm.io.requests import Request, RowError
+from batchllm.jobs.results import completion_row, prompt_preview
+from batchllm.plan.plan import Plan
+
+
+@dataclass(frozen=True)
+class EngineCallbacks:
+    """What ``run_plan`` tells its caller, and asks it.
+
+    ``too_long(request, error)``: a request the KV pool cannot hold, as its error row's record.
+    ``finished(request_index, request, sequence, row)``: a sample finished; ``row`` is its output row.
+    ``step(stats)``: an engine step ended (after ``finished`` for the samples it finished).
+    ``stop()``: True to end the run after the current step.
+    """
+
+    too_long: Callable[[Request, RowError], None]
+    finished: Callable[[int, Request, Sequence, dict[str, Any]], None]
+    step: Callable[[StepStats], None]
+    stop: Callable[[], bool]
+
+
+class EngineRun(NamedTuple):
+    """What one ``run_plan`` did."""
+
+    stopped: bool  # ended by ``callbacks.stop`` (complete requests were handed on, the rest were not run out)
+    seconds: float  # wall time inside the engine
+    steps: list[StepStats]  # this run's engine steps
+    prompt_tokens_computed: int  # prefill work actually done (shared prefixes once, recomputation included)
+    num_preemptions: int
+    preview: list[dict[str, str]]  # the first finished samples: custom_id, prompt, text
+
+
+class _Stopped(Exception):
+    """Internal: ``callbacks.stop()`` said so; raised from the engine's step callback to leave its loop."""
+
+
+def too_long_error(r: Request, fits: int) -> RowError:
+    """The ``prompt_too_long`` row of a request whose prompt a KV pool of ``fits`` tokens per sequence
+    cannot hold."""
+    return RowError(r.input_file, r.input_index, rq.PROMPT_TOO_LONG,
+                    f"prompt has {len(r.token_ids)} tokens; the KV cache holds at most {fits} tokens per sequence "
+                    "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id, kept=r.kept)
+
+
+def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Request], plan: Plan, *, seed: int,
+             page_size: int, preview: int, callbacks: EngineCallbacks) -> EngineRun:
+    """Run ``plan`` (request indices into ``requests``: the job's list, or a replica's dict of its plan's
+    members) through ``engine``; see the module docstring. Exceptions of the engine or of a callback
+    propagate (the engine starts its next run from a fresh page pool)."""
+    fits = engine.cfg.max_model_len
+    too_long = [int(i) for g in plan.groups for i in g.members if len(requests[int(i)].token_ids) >= fits]
+    for i in too_long:
+        callbacks.too_long(requests[i], too_long_error(requests[i], fits))
+    if too_long:
+        plan = plan.without(too_long)
+    shown: list[dict[str, str]] = []
+
+    def on_finish(seq: Sequence) -> None:
+        req = requests[seq.request_index]
+        if len(shown) < preview:
+            shown.append({"custom_id": req.custom_id, "prompt": prompt_preview(req), "text": seq.text})
+        callbacks.finished(seq.request_index, req, seq, completion_row(req, seq))
+
+    def on_step(stats: StepStats) -> None:
+        callbacks.step(stats)
+        if callbacks.stop():
+            raise _Stopped  # out of engine.run: nothing more is admitted
+
+    if not plan.groups:  # nothing the pool can hold: the engine does not run (its scheduler is a previous run's)
+        return EngineRun(False, 0.0, [], 0, 0, shown)
+    steps_before = len(engine.step_stats)
+    t0 = time.perf_counter()
+    stopped = False
+    try:
+        engine.run(build_sources(requests, plan, eos, seed, page_size), on_finish, on_step)
+    except _Stopped:
+        stopped = True
+    seconds = time.perf_counter() - t0
+    sched = engine.scheduler  # this run's
+    return EngineRun(stopped, seconds, engine.step_stats[steps_before:], sched.prompt_tokens_computed,
+                     sched.num_preemptions, shown)

@@ -1,0 +1,129 @@
+"""A job's output rows and its run summary: completion and error rows, the counts of ``JobSummary``.
+
+``completion_row`` / ``error_row`` are the rows of ``io.writer.OUTPUT_SCHEMA`` (plus the kept input
+columns), built the same way in one process and on each Ray replica. ``JobSummary`` is what
+``pipeline.run_job`` returns and what the manifest records at the end of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence as Seq
+from typing import NamedTuple
+
+from batchllm.engine.sequence import Sequence
+from batchllm.io.requests import Request, RowError
+from batchllm.jobs.recorder import ResultRecorder
+
+@dataclasses.dataclass
+class JobSummary:
+    """What a run of a job did: ``run_job``'s result, the summary the manifest records at the end of the
+    run (``to_dict``), the CLI's summary table and the bench's figures. Counts are this run's unless
+    noted."""
+
+    requests: int = 0  # every request of the job, earlier runs included
+    done_before: int = 0  # requests finished by earlier runs (resume)
+    errors: int = 0  # rows that failed in this run
+    samples: int = 0
+    prompt_tokens: int = 0  # as the user sees them (every sample's prompt)
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    load_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    prompt_tokens_computed: int = 0  # prefill work actually done (shared prefixes once, recomputation included)
+    planned_saving: float | None = None  # what the plan promised (None for the streaming baseline)
+    max_saving: float | None = None  # the most any prefix cache could save on these prompts
+    num_steps: int = 0
+    num_preemptions: int = 0
+    batch_seqs: tuple[int, float, int] = (0, 0.0, 0)  # min / median / max sequences per step
+    batch_tokens: tuple[int, float, int] = (0, 0.0, 0)
+    errors_by_code: dict[str, int] = dataclasses.field(default_factory=dict)
+    replicas: int = 1  # engine replicas (batchllm.distributed); 1: this process
+    replica_failures: int = 0  # replicas lost during the run (their work was redone elsewhere)
+    preview: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def achieved_saving(self) -> float:
+        """1 - prompt tokens computed / prompt tokens as the user sees them."""
+        return 1.0 - self.prompt_tokens_computed / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["output_tok_s"], d["total_tok_s"] = self.output_tok_s, self.total_tok_s
+        d["achieved_saving"] = self.achieved_saving
+        return d
+
+
+def error_row(err: RowError) -> dict:
+    return {
+        "custom_id": err.custom_id,
+        "input_file": err.input_file,
+        "input_index": err.input_index,
+        "error_code": err.error_code,
+        "error_message": err.error_message,
+        **(err.kept or {}),
+    }
+
+
+def completion_row(req: Request, seq: Sequence) -> dict:
+    row = {
+        "custom_id": req.custom_id,
+        "input_file": req.input_file,
+        "input_index": req.input_index,
+        "sample_index": seq.sample_index,
+        "text": seq.text,
+        "finish_reason": seq.finish_reason,
+        "prompt_tokens": seq.prompt_len,
+        "completion_tokens": len(seq.output_ids),
+        "cached_tokens": seq.num_cached,
+        "token_ids": seq.output_ids,
+        "request_type": "chat" if req.messages is not None else "completion",
+        **(req.kept or {}),  # --keep-columns
+    }
+    if seq.logprobs is not None:
+        row["logprobs"] = seq.logprobs
+        row["top_logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in alts] for alts in seq.top_logprobs]
+    return row
+
+
+def record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
+    """Count ``err`` in the summary (total and per code) and hand its row to the recorder."""
+    summary.errors += 1
+    summary.errors_by_code[err.error_code] = summary.errors_by_code.get(err.error_code, 0) + 1
+    recorder.error(error_row(err))
+
+
+def prompt_preview(req: Request) -> str:
+    """The text ``--preview`` shows for a request: its last chat message, its prompt, or a token count."""
+    if req.messages is not None:
+        return str(req.messages[-1].get("content", ""))
+    if req.prompt is not None:
+        return req.prompt
+    return f"<{len(req.prompt_token_ids)} token ids>"
+
+
+class BatchStats(NamedTuple):
+    """Engine steps of a run and the (min, median, max) sequences and tokens per step."""
+
+    num_steps: int
+    batch_seqs: tuple[int, float, int]
+    batch_tokens: tuple[int, float, int]
+
+
+def batch_stats(step_seqs: Seq[int], step_tokens: Seq[int]) -> BatchStats:
+    """``BatchStats`` of a run from each step's sequence and token counts (all replicas' steps together
+    in a distributed run); zeros for a run without a step."""
+    if not len(step_seqs):
+        return BatchStats(0, (0, 0.0, 0), (0, 0.0, 0))
+    seqs, toks = [int(s) for s in step_seqs], [int(t) for t in step_tokens]
+    return BatchStats(len(seqs), (min(seqs), float(statistics.median(seqs)), max(seqs)),
+                      (min(toks), float(statistics.median(toks)), max(toks)))
