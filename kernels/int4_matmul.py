@@ -17,13 +17,13 @@ not import Triton).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from batchllm.kernels import paged_attention  # noqa: F401  (turns Triton's interpreter on without CUDA)
+from batchllm.kernels.runtime import check_device, jit, load_triton
+
+triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
 
 
-@triton.jit
+@jit
 def _int4_matmul_kernel(
     x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, stride_sn, y_ptr, stride_ym,
     M, N, K,
@@ -95,6 +95,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                          f"with scale {tuple(scale.shape)}")
     if zero is not None and (zero.shape != scale.shape or zero.dtype != torch.int8):
         raise ValueError(f"int4_matmul: zero points {tuple(zero.shape)} {zero.dtype}, expected {tuple(scale.shape)} int8")
+    check_device(x.device)
     group_size = K // scale.shape[1]
     if not supported(group_size):
         return int4_linear_reference(x, packed, scale, zero, bias)

@@ -8,14 +8,8 @@ against compressed-tensors' own ``pack_to_int32`` / ``unpack_from_int32`` where 
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
-
 import pytest
+import torch
 
 from batchllm.kernels.int4_matmul import int4_matmul, tiles
 from batchllm.models import quant
