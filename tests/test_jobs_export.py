@@ -197,7 +197,7 @@ def test_show_finished_and_interrupted(job):
 
 def test_export_of_a_running_job_is_refused(job, tmp_path):
     """A process holding the folder's lock: the job is running, an export would miss what it commits next."""
-    from batchllm.io.writer import storage_of
+    from batchllm.io.storage import storage_of
 
     lock = storage_of(job).lock()
     lock.acquire()

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchllm.io.writer import COMMIT_HOOK_ENV, read_results, read_shard_bytes
+from batchllm.io.writer import read_results, read_shard_bytes
 
 JOB = ["--model", "dummy:tiny", "--device", "cpu", "--dtype", "float32", "--max-tokens", "10", "--temperature", "0.9",
        "--seed", "3", "-q"]
@@ -28,9 +28,14 @@ def cli(*args, env=None, timeout=300):
                           env={**os.environ, **(env or {})})
 
 
-def spawn(args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "batchllm", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(args, marker, seconds):
+    """``batchllm ARGS`` in a subprocess whose shard commits record each phase in ``marker`` and pause
+    ``seconds`` there, so a kill can land inside a phase."""
+    return subprocess.Popen([sys.executable, "-m", "tests.commit_phase_runner", marker, str(seconds), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,7 @@ def test_sigkill_at_random_points_then_resume(job_input, reference, tmp_path):
             os.remove(marker)
         resume = committed and rng.random() < 0.5  # alternate `batchllm resume` and rerunning `run`
         args = ["resume", out, "-q"] if resume else ["run", job_input, "-o", out, *JOB, "--shard-rows", "3"]
-        p = spawn(args, env={COMMIT_HOOK_ENV: f"{marker}:0.3"})
+        p = spawn(args, marker, 0.3)
         if kind == "delay":
             time.sleep(arg if arg is not None else rng.uniform(1.0, 7.0))
         else:
@@ -136,7 +141,7 @@ def test_sigkill_at_random_points_then_resume(job_input, reference, tmp_path):
 def test_sigterm_commits_and_prints_resume_hint(job_input, reference, tmp_path):
     out = str(tmp_path / "out")
     marker = str(tmp_path / "phases")
-    p = spawn(["run", job_input, "-o", out, *JOB, "--shard-rows", "4"], env={COMMIT_HOOK_ENV: f"{marker}:0.2"})
+    p = spawn(["run", job_input, "-o", out, *JOB, "--shard-rows", "4"], marker, 0.2)
     deadline = time.time() + 60
     while time.time() < deadline and not (os.path.exists(marker) and open(marker).read().count("manifest-written") >= 2):
         time.sleep(0.02)

@@ -13,7 +13,7 @@ from tests.job_utils import SigintAt
 
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
-from batchllm.io import writer as w
+from batchllm.io import storage
 from batchllm.io.writer import CommitError, read_results
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.status import read_status
@@ -127,10 +127,11 @@ def test_disk_full_mid_run_then_resume(tiny, tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return open(path, *a, **k)
 
-    monkeypatch.setattr(w, "open", full_open, raising=False)
+    real_open_local = storage.open_local
+    monkeypatch.setattr(storage, "open_local", full_open)
     with pytest.raises(CommitError, match="No space left on device.*resume with: batchllm resume"):
         run(tiny, [inp], out, shard_rows=3)
-    monkeypatch.delattr(w, "open")
+    monkeypatch.setattr(storage, "open_local", real_open_local)
     partial = read_results(str(out), verify=True).to_pylist()
     assert 0 < len(partial) < len(ref) and len(read_manifest(str(out))["shards"]) == 2
     assert read_status(str(out))["status"] == "failed"

@@ -21,10 +21,10 @@ from tests.job_utils import SigintAt, run_main
 
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
-from batchllm.io import writer as w
-from batchllm.io.writer import MARKER, CommitError, ShardWriter, read_results
+from batchllm.io import storage
+from batchllm.io.writer import MARKER, CommitError, DamagedJob, ShardWriter, read_results
 from batchllm.jobs.export import export_job
-from batchllm.jobs.integrity import DamagedJob, repair_job, verify_job
+from batchllm.jobs.integrity import repair_job, verify_job
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.show import job_state, show_job
 from batchllm.jobs.signals import JobInterrupted
@@ -293,10 +293,11 @@ def test_disk_full_at_the_read_complete_manifest_write_is_a_commit_error_not_a_t
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return open(path, *a, **k)
 
-    monkeypatch.setattr(w, "open", full_open, raising=False)
+    real_open_local = storage.open_local
+    monkeypatch.setattr(storage, "open_local", full_open)
     with pytest.raises(CommitError, match="cannot write the manifest in .*No space left on device.*resume with"):
         run(tiny, [inp], out, shard_rows=100)
-    monkeypatch.delattr(w, "open")
+    monkeypatch.setattr(storage, "open_local", real_open_local)
     s = run(tiny, [inp], out, shard_rows=100)
     assert s.samples == 8 and len(rows_by_key(out)) == 8
 

@@ -16,7 +16,7 @@ from pyarrow import fs as pafs
 from batchllm.config import JobConfig
 from batchllm.errors import BatchLLMError
 from batchllm.io import storage as st
-from batchllm.io.writer import ShardWriter, read_manifest_file, read_results
+from batchllm.io.writer import ShardWriter, read_results
 from batchllm.jobs.export import export_job
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.show import is_running, job_state
@@ -107,7 +107,7 @@ def test_writer_on_object_store_commits_and_cleans_orphans(memfs):
         wr.add(row(i))
     wr.close()
     assert not is_running(uri) and not memfs.get_file_info(f"bucket/job/{st.LOCK}").is_file  # lease released
-    m = read_manifest_file(uri)
+    m = read_manifest(uri)
     # under a lease each run tags its shard names: a run that lost the folder cannot overwrite them
     names = [s["file"] for s in m["shards"]]
     tag = names[0].split("-")[2].split(".")[0]
@@ -157,12 +157,12 @@ def test_lease_renewed_and_a_lost_lease_stops_manifest_writes(memfs):
 
     wr = ShardWriter(uri, 1)
     wr.add(row(0))
-    before = read_manifest_file(uri)
+    before = read_manifest(uri)
     # another process took the folder over (this one stalled longer than the TTL)
     s.replace(st.LOCK, json.dumps({"token": "thief", "renewed_at": time.time(), "ttl": 60}).encode())
     with pytest.raises(BatchLLMError, match="no longer holds memtest://bucket/job: its lease was taken over"):
         wr.add(row(1))
-    assert read_manifest_file(uri) == before  # nothing written over the new holder's manifest
+    assert read_manifest(uri) == before  # nothing written over the new holder's manifest
     wr.abandon()
     assert json.loads(s.read_bytes(st.LOCK))["token"] == "thief"  # release leaves someone else's lease alone
 
@@ -305,7 +305,7 @@ def test_a_stalled_holder_loses_the_folder_and_never_overwrites_the_new_holders_
     wr2.add(row(1))
     with pytest.raises(BatchLLMError, match="no longer holds"):
         wr.add(row(2))  # the stale run writes nothing more: no shard, no manifest
-    m = read_manifest_file(uri)
+    m = read_manifest(uri)
     assert [s_["rows"] for s_ in m["shards"]] == [1, 1]
     assert read_results(uri, verify=True)["input_index"].to_pylist() == [0, 1]
     assert len({n.split("-")[2] for n in (x["file"] for x in m["shards"])}) == 2  # one tag per run

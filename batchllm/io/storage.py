@@ -1,7 +1,8 @@
 """Where a job folder lives: a local path, or any pyarrow filesystem URI (``s3://``, ``gs://``, ...).
 
 ``open_storage(location)`` gives the one object through which the writer, the job folder, .status.json,
-show, export and the Ray replicas read and write a job folder. Names are flat file names inside the
+show, export and the Ray replicas read and write a job folder (``storage_of`` takes a location or a
+``Storage`` already open, and opens local files through ``open_local``). Names are flat file names inside the
 folder (``.manifest.json``, ``shard-00001.parquet``...). Two implementations, with these guarantees:
 
 ``LocalStorage`` (a path, or a ``file://`` URI, which is the same folder): the behaviour batchllm always
@@ -28,7 +29,7 @@ whole (one object) and a crash between the two leaves both, which the writer set
 
 The lock of an ArrowStorage folder is a lease (``Lease``): an object ``.batchllm.lock`` naming its
 holder, renewed every ``ttl / 4`` seconds by a background thread, taken over by another process only
-once it has not been renewed for ``ttl`` seconds (``BATCHLLM_LEASE_TTL``, default 60). It is advisory:
+once it has not been renewed for ``ttl`` seconds (``Lease``'s argument, default 60). It is advisory:
 nothing on the store stops a process that ignores it, and mutual exclusion rests on (a) the store being
 strongly consistent (S3, GCS and Azure are), (b) an acquirer re-reading the lease ``settle`` seconds
 after writing it (two processes racing for a free lease: the one whose write landed last wins, the
@@ -58,12 +59,8 @@ from typing import IO, Any
 from batchllm.errors import BatchLLMError
 
 LOCK = ".batchllm.lock"
-LEASE_TTL_S = float(os.environ.get("BATCHLLM_LEASE_TTL", "60"))
+LEASE_TTL_S = 60.0  # a lease's default time to live (``Lease``'s ``ttl``)
 LEASE_SETTLE_S = 1.0  # wait between writing a lease and re-reading it (see the module docstring)
-# Test hook: "1" makes file:// URIs use ArrowStorage with object-store semantics (write-once, lease)
-# instead of LocalStorage, so the object-store code paths run across processes (Ray replicas) on a
-# local disk. Unset in normal use.
-OBJECT_STORE_FILE_URI_ENV = "BATCHLLM_TEST_FILE_URI_AS_OBJECT_STORE"
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _RENAME_IS_ATOMIC = {"local"}  # pyarrow filesystem type names whose move() is a rename
@@ -71,6 +68,7 @@ _RENAME_IS_ATOMIC = {"local"}  # pyarrow filesystem type names whose move() is a
 # first: neither way replaces the manifest atomically, so such folders are refused.
 _REFUSED_SCHEMES = {"hdfs", "viewfs"}
 _FACTORIES: dict[str, Callable[[str], tuple[Any, str]]] = {}
+_ATOMIC_RENAME: dict[str, bool] = {}  # register_filesystem's atomic_rename, by scheme, where it was given
 
 Hook = Callable[[str], None]
 
@@ -80,14 +78,23 @@ def is_uri(location: str) -> bool:
     return bool(_URI_RE.match(str(location)))
 
 
-def register_filesystem(scheme: str, factory: Callable[[str], tuple[Any, str]] | None) -> None:
+def register_filesystem(scheme: str, factory: Callable[[str], tuple[Any, str]] | None, *,
+                        atomic_rename: bool | None = None) -> None:
     """Make ``scheme://`` URIs resolve through ``factory(uri) -> (pyarrow FileSystem, path)``, e.g. an
     fsspec filesystem wrapped in ``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``, or an in-memory one
-    in tests. ``None`` removes the registration. Applies in this process only (not in Ray replicas)."""
+    in tests. ``None`` removes the registration. Applies in this process only (not in Ray replicas).
+
+    ``atomic_rename``: whether job folders there are written through a temporary and a rename (True) or
+    as write-once objects (False); None judges by the filesystem's type (``ArrowStorage``). Registering
+    ``file`` with pyarrow's own resolver and ``atomic_rename=False`` gives a local folder object-store
+    semantics (write-once objects, a lease): how tests run those code paths across processes."""
+    _ATOMIC_RENAME.pop(scheme, None)
     if factory is None:
         _FACTORIES.pop(scheme, None)
-    else:
-        _FACTORIES[scheme] = factory
+        return
+    _FACTORIES[scheme] = factory
+    if atomic_rename is not None:
+        _ATOMIC_RENAME[scheme] = atomic_rename
 
 
 def open_storage(location: str, opener: Callable[..., IO[bytes]] = open) -> Storage:
@@ -103,8 +110,8 @@ def open_storage(location: str, opener: Callable[..., IO[bytes]] = open) -> Stor
                             "mounted folder, or an object store")
     if scheme in _FACTORIES:
         fs, path = _FACTORIES[scheme](location)
-        return ArrowStorage(fs, path, location)
-    if scheme == "file" and os.environ.get(OBJECT_STORE_FILE_URI_ENV) != "1":
+        return ArrowStorage(fs, path, location, atomic_rename=_ATOMIC_RENAME.get(scheme))
+    if scheme == "file":
         return LocalStorage(_file_uri_path(location), opener, location)
     try:
         from pyarrow import fs as pafs
@@ -112,8 +119,21 @@ def open_storage(location: str, opener: Callable[..., IO[bytes]] = open) -> Stor
         fs, path = pafs.FileSystem.from_uri(location)
     except (OSError, ValueError, ImportError) as e:  # unknown scheme (ArrowInvalid), credentials, region lookup
         raise BatchLLMError(f"cannot open output folder {location}: {e}") from None
-    atomic_rename = None if scheme != "file" else False  # the test hook above: object-store semantics
-    return ArrowStorage(fs, path, location, atomic_rename=atomic_rename)
+    return ArrowStorage(fs, path, location)
+
+
+def open_local(path: str, mode: str) -> IO[bytes]:
+    """How ``storage_of``'s local folders open the files they write: ``open``. A test patches this name
+    to simulate a full disk."""
+    return open(path, mode)
+
+
+def storage_of(output_dir: str | Storage) -> Storage:
+    """The storage of a job folder given as a path, a URI or already a ``Storage``."""
+    if isinstance(output_dir, Storage):
+        return output_dir
+    # looked up at call time, so a patched ``open_local`` is the one used
+    return open_storage(output_dir, opener=lambda path, mode: open_local(path, mode))
 
 
 def _file_uri_path(uri: str) -> str:
@@ -469,9 +489,9 @@ class Lease:
     ``{"token", "host", "pid", "acquired_at", "renewed_at", "ttl"}`` (see the module docstring for
     what it guarantees and what it cannot)."""
 
-    def __init__(self, storage: ArrowStorage, ttl: float | None = None, settle: float | None = None):
+    def __init__(self, storage: ArrowStorage, ttl: float = LEASE_TTL_S, settle: float | None = None):
         self.storage = storage
-        self.ttl = float(ttl if ttl is not None else LEASE_TTL_S)
+        self.ttl = float(ttl)
         self.settle = LEASE_SETTLE_S if settle is None else settle
         self.token = uuid.uuid4().hex
         self._acquired_at = 0.0

@@ -43,6 +43,12 @@ write-once PUT per file on object stores) and how the folder is locked (``flock`
 lease object on object stores). The protocol above is the same on both: a shard is complete before the
 manifest lists it, and the manifest is replaced whole.
 
+Which module owns what (imports point one way, downwards): ``batchllm.io.storage`` the folder itself
+(files, atomic writes, locks, ``storage_of``); ``batchllm.jobs.manifest`` the manifest's names and its
+one reader (``read_manifest``) and the job's fingerprint; this module the shard encoding (``encode_shard``,
+``shard_bytes_problem``, pending names), the commit protocol, the folder's ownership and reading results
+back; ``batchllm.jobs.integrity`` checks and repairs of a whole folder on top of it.
+
 Failures to write (disk full, a deleted or read-only folder) raise ``CommitError``, a BatchLLMError
 with one line; what was committed before stays valid and the job can resume.
 
@@ -70,15 +76,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.storage import (
-    FolderLock,
-    Lease,
-    Storage,
-    is_uri,
-    open_storage,
-)
+from batchllm.io.storage import FolderLock, Lease, Storage, is_uri, storage_of
 from batchllm.jobs.completed import encode_done
-from batchllm.jobs.manifest import LEGACY_MANIFEST, MANIFEST, MANIFEST_VERSION, read_manifest_bytes
+from batchllm.jobs.manifest import LEGACY_MANIFEST, MANIFEST, MANIFEST_VERSION, read_manifest
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -115,22 +115,14 @@ STATUS = ".status.json"
 LEGACY_STATUS = "status.json"  # what earlier versions wrote: still read, removed when the folder moves on
 MARKER = ".batchllm-job"  # marks a folder as a batchllm job folder (see ``claim_job_folder``)
 _SHARD_RE = re.compile(r"^shard-\d{5,}(-[0-9a-f]{8})?\.parquet$")
-# Test hook: "PATH:SECONDS" appends each commit phase's name to PATH and sleeps, so a test can land a
-# SIGKILL inside a commit. Read once per writer; unset in normal use.
-COMMIT_HOOK_ENV = "BATCHLLM_TEST_COMMIT_HOOK"
 
 
 class CommitError(BatchLLMError):
     """A shard or the manifest could not be written; committed shards are intact."""
 
 
-def storage_of(output_dir: str | Storage) -> Storage:
-    """The storage of a job folder given as a path, a URI or already a ``Storage``."""
-    if isinstance(output_dir, Storage):
-        return output_dir
-    # local files are opened through this module's ``open``, looked up at call time, so a test can
-    # simulate a full disk by patching ``batchllm.io.writer.open``
-    return open_storage(output_dir, opener=lambda path, mode: open(path, mode))
+class DamagedJob(BatchLLMError):
+    """A listed shard is missing or does not match the manifest; the message says how to repair."""
 
 
 def lock_folder(storage: Storage, output_dir: str):
@@ -246,7 +238,10 @@ def is_job_folder(output_dir: str | Storage) -> bool:
     cannot be read."""
     try:
         storage = storage_of(output_dir)
-        return storage.exists(MARKER) or _is_batchllm_manifest(read_manifest_bytes(storage)[1])
+        if storage.exists(MARKER):
+            return True
+        manifest = read_manifest(storage)
+        return manifest is not None and "job_id" in manifest
     except (OSError, BatchLLMError):
         return False
 
@@ -275,6 +270,9 @@ class ShardWriter:
     old one before any old shard is removed). ``fingerprint`` and ``input_files`` (the file-id order) go into a new manifest. ``lock``:
     the folder's lock (``FolderLock`` or ``Lease``) when the caller already holds it; the writer checks
     it before every manifest write and releases it on close. ``output_dir``: a path or a URI.
+    ``on_commit_phase``: called with each phase's name as a shard commit passes it ("shard-written": the
+    pending file is durable; "manifest-written": the commit point; "shard-renamed": visible), so a test
+    can land a kill inside a phase; it may block, never raise.
     """
 
     def __init__(
@@ -288,6 +286,7 @@ class ShardWriter:
         input_files: list[str] | None = None,
         lock: FolderLock | Lease | None = None,
         extra_fields: Iterable[pa.Field] = (),
+        on_commit_phase: Callable[[str], None] | None = None,
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
@@ -332,7 +331,7 @@ class ShardWriter:
         self._buffer: list[dict[str, Any]] = []
         self._buffer_requests = 0
         self.rows_written = 0  # rows committed by this writer (this run)
-        self._hook = _commit_hook()
+        self._on_phase = on_commit_phase or _no_phase
         self._unpromoted: list[str] = []  # listed shards whose rename failed: retried at close
         inputs = [*(input_files or []), *((job_spec or {}).get("inputs") or []), *self.manifest["input_files"]]
         try:
@@ -375,14 +374,15 @@ class ShardWriter:
         entry["file"] = name
         self._lock.check()  # a run that lost its folder writes nothing more into it
         try:
-            write_shard_file(self.storage, name, data, self._hook)  # hidden, pending: no reader sees it yet
+            write_shard_file(self.storage, name, data)  # hidden, pending: no reader sees it yet
+            self._on_phase("shard-written")
             self.manifest["shards"].append(entry)
             try:
                 self._write_manifest()  # the commit point
             except BaseException:
                 self.manifest["shards"].pop()  # the pending file is now an orphan: the next writer deletes it
                 raise
-            self._hook("manifest-written")
+            self._on_phase("manifest-written")
         except OSError as e:
             raise CommitError(
                 f"cannot commit {name} to {self.output_dir}: {e.strerror or e} (the {len(self.manifest['shards'])} "
@@ -436,7 +436,7 @@ class ShardWriter:
         except OSError:
             self._unpromoted.append(name)
             return
-        self._hook("shard-renamed")
+        self._on_phase("shard-renamed")
 
     def write_manifest(self, **extra: Any) -> None:
         """Replace .manifest.json whole, after checking this process still holds the folder (a lost lease
@@ -519,12 +519,24 @@ def encode_shard(rows: list[dict[str, Any]], file_id: Callable[[str], int], sche
     return data, entry
 
 
-def write_shard_file(output_dir: str | Storage, name: str, data: bytes, hook: Callable[[str], None] | None = None) -> None:
+def shard_bytes_problem(entry: dict[str, Any], data: bytes | None) -> str | None:
+    """Why a shard's bytes (None: missing) do not match what ``encode_shard`` recorded in its manifest
+    entry (size, then sha256; the full integrity check), or None when they do."""
+    if data is None:
+        return "missing"
+    want = entry.get("bytes")
+    if want is not None and len(data) != want:
+        return f"{len(data):,} bytes, the manifest records {want:,}"
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "sha256 differs from the manifest's"
+    return None
+
+
+def write_shard_file(output_dir: str | Storage, name: str, data: bytes) -> None:
     """Write shard bytes durably under the hidden ``pending_name(name)`` (locally: fsynced; on an object
     store: one PUT). Not yet committed: only a manifest entry makes a shard part of the job, and only
     then is it renamed to ``name`` (``ShardWriter.commit_entries``). Raises OSError (nothing is left)."""
     storage_of(output_dir).write_direct(pending_name(name), data)
-    (hook or (lambda phase: None))("shard-written")
 
 
 def discard_shard(output_dir: str | Storage, name: str) -> None:
@@ -569,19 +581,8 @@ def _shard_number(name: str) -> int:
     return int(name.removeprefix("shard-").split(".")[0].split("-")[0])
 
 
-def _commit_hook():
-    spec = os.environ.get(COMMIT_HOOK_ENV)
-    if not spec:
-        return lambda phase: None
-    path, _, seconds = spec.rpartition(":")
-    delay = float(seconds or 0)
-
-    def hook(phase: str) -> None:
-        with open(path, "a") as f:
-            f.write(phase + "\n")
-        time.sleep(delay)
-
-    return hook
+def _no_phase(phase: str) -> None:
+    pass
 
 
 def committed_totals(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -604,24 +605,17 @@ def committed_totals(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_manifest_file(output_dir: str | Storage) -> dict[str, Any]:
-    """The folder's manifest (``.manifest.json``, or an earlier version's ``manifest.json``), parsed;
-    FileNotFoundError when there is none."""
-    storage = storage_of(output_dir)
-    data = read_manifest_bytes(storage)[1]
-    if data is None:
-        raise FileNotFoundError(f"no {MANIFEST} in {storage.location}")
-    return json.loads(data)
-
-
 def read_results(output_dir: str | Storage, verify: bool = False) -> pa.Table:
     """All committed rows of a job folder (shards listed in the manifest), in commit order.
 
-    ``verify`` checks each shard's sha256 against the manifest (BatchLLMError on a mismatch).
-    Shards written before ``request_type`` existed get it as a null column.
+    ``verify`` checks each shard's size and sha256 against the manifest (``DamagedJob`` on a mismatch).
+    Shards written before ``request_type`` existed get it as a null column. BatchLLMError when the
+    folder holds no job (``read_manifest``).
     """
     storage = storage_of(output_dir)
-    manifest = read_manifest_file(storage)
+    manifest = read_manifest(storage)
+    if manifest is None:
+        raise BatchLLMError(f"{storage.location} holds no batchllm job (no {MANIFEST})")
     tables = [_read_shard(storage, s, verify) for s in manifest["shards"]]
     if not tables:
         return OUTPUT_SCHEMA.empty_table()
@@ -633,8 +627,6 @@ def _read_shard(output_dir: str | Storage, entry: dict[str, Any], verify: bool) 
     size and sha256 (``DamagedJob`` otherwise, naming the repair)."""
     storage = storage_of(output_dir)
     if verify:
-        from batchllm.jobs.integrity import DamagedJob, shard_bytes_problem  # it imports this module
-
         data = read_shard_bytes(storage, entry["file"])
         problem = shard_bytes_problem(entry, data)
         if problem is not None:

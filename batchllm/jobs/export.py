@@ -70,9 +70,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.storage import is_uri, open_storage
-from batchllm.io.writer import _normalised, _within, is_job_folder, read_shard_bytes, shard_table, storage_of
-from batchllm.jobs.integrity import Damage, DamagedJob, damage_message, shard_bytes_problem
+from batchllm.io.storage import is_uri, open_storage, storage_of
+from batchllm.io.writer import (
+    DamagedJob,
+    _normalised,
+    _within,
+    is_job_folder,
+    read_shard_bytes,
+    shard_bytes_problem,
+    shard_table,
+)
+from batchllm.jobs.integrity import Damage, damage_message
 from batchllm.jobs.manifest import read_manifest
 
 FORMATS = ("parquet", "jsonl", "openai")

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.storage import FolderLock, Lease
-from batchllm.io.writer import lock_folder, storage_of
+from batchllm.io.storage import FolderLock, Lease, storage_of
+from batchllm.io.writer import lock_folder
 from batchllm.jobs.completed import CompletedSet
 from batchllm.jobs.integrity import verify_job
 from batchllm.jobs.manifest import check_same_job, read_manifest

@@ -7,7 +7,7 @@ Every shard the manifest lists must exist and match what the manifest recorded w
   and the sha256 of its bytes, reading every shard once.
 
 A damaged job (a listed shard missing, truncated, replaced or with a flipped bit) is reported in one
-line (``DamagedJob``) that names the shards and how to repair it: ``batchllm resume DIR --repair`` drops
+line (``DamagedJob``, from ``batchllm.io.writer``: ``read_results(verify=True)`` raises it too) that names the shards and how to repair it: ``batchllm resume DIR --repair`` drops
 the damaged shards from the manifest (``repair_job``), so the resume reruns exactly their rows. The
 repair also clears the manifest's ``read_complete`` flag: the resume then reads every input row again
 (and skips the finished ones), so a dropped error record (a duplicate ``custom_id``, say) is produced
@@ -27,27 +27,23 @@ visible). batchllm never reads them (not done, so their rows are redone) and the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from typing import Any
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.storage import Storage
+from batchllm.io.storage import Storage, storage_of
 from batchllm.io.writer import (
     _SHARD_RE,
+    DamagedJob,
     claim_job_folder,
     lock_folder,
     pending_name,
     read_shard_bytes,
-    storage_of,
+    shard_bytes_problem,
     store_manifest,
 )
 from batchllm.jobs.manifest import read_manifest
-
-
-class DamagedJob(BatchLLMError):
-    """A listed shard is missing or does not match the manifest; the message says how to repair."""
 
 
 @dataclasses.dataclass
@@ -71,16 +67,10 @@ def check_shards(output_dir: str | Storage, manifest: dict[str, Any], full: bool
             size = None if data is None else len(data)
         reason = _fast_problem(entry, size)
         if reason is None and full:
-            data = read_shard_bytes(storage, name)
-            reason = "missing" if data is None else _bytes_problem(entry, data)
+            reason = shard_bytes_problem(entry, read_shard_bytes(storage, name))
         if reason is not None:
             damaged.append(Damage(str(name), int(entry.get("rows") or 0), reason))
     return damaged
-
-
-def shard_bytes_problem(entry: dict[str, Any], data: bytes | None) -> str | None:
-    """Why a shard's bytes do not match its manifest entry (the full check), or None when they do."""
-    return "missing" if data is None else _bytes_problem(entry, data)
 
 
 def _fast_problem(entry: dict[str, Any], size: int | None) -> str | None:
@@ -89,15 +79,6 @@ def _fast_problem(entry: dict[str, Any], size: int | None) -> str | None:
     want = entry.get("bytes")
     if want is not None and size != want:
         return f"{size:,} bytes, the manifest records {want:,}"
-    return None
-
-
-def _bytes_problem(entry: dict[str, Any], data: bytes) -> str | None:
-    want = entry.get("bytes")
-    if want is not None and len(data) != want:
-        return f"{len(data):,} bytes, the manifest records {want:,}"
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return "sha256 differs from the manifest's"
     return None
 
 

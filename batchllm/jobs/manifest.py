@@ -25,6 +25,7 @@ import os
 from typing import Any, Mapping
 
 from batchllm.errors import BatchLLMError
+from batchllm.io.storage import Storage, storage_of
 
 MANIFEST = ".manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # what earlier versions wrote: still read, replaced by MANIFEST at the next write
@@ -112,33 +113,25 @@ def check_same_job(manifest: Mapping[str, Any], fingerprint: Mapping[str, Any], 
         )
 
 
-def read_manifest(output_dir: Any) -> dict[str, Any] | None:
-    """The folder's manifest, or None when there is none; BatchLLMError when it cannot be used.
-    ``output_dir``: a path, a URI or a ``batchllm.io.storage.Storage``."""
-    from batchllm.io.writer import storage_of  # the writer imports this module
-
+def read_manifest(output_dir: str | Storage) -> dict[str, Any] | None:
+    """The folder's manifest (``.manifest.json``, else an earlier version's ``manifest.json``), parsed;
+    None when there is neither; BatchLLMError (one line) when it cannot be read or is not a batchllm
+    manifest (a JSON object with a ``shards`` list). ``output_dir``: a path, a URI or a ``Storage``."""
     storage = storage_of(output_dir)
     path = storage.display(MANIFEST)
     try:
-        name, data = read_manifest_bytes(storage)
+        data = storage.read_bytes(MANIFEST)
+        if data is None:
+            path = storage.display(LEGACY_MANIFEST)
+            data = storage.read_bytes(LEGACY_MANIFEST)
         if data is None:
             return None
-        path = storage.display(name)
         manifest = json.loads(data)
     except (OSError, ValueError) as e:
         raise BatchLLMError(f"cannot read {path}: {e}; use --overwrite to start the job over") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise BatchLLMError(f"{path} is not a batchllm manifest; use --overwrite to start the job over")
     return manifest
-
-
-def read_manifest_bytes(storage: Any) -> tuple[str, bytes | None]:
-    """``(name, bytes)`` of the folder's manifest: ``.manifest.json``, else a legacy ``manifest.json``
-    (bytes None when there is neither). Raises OSError."""
-    data = storage.read_bytes(MANIFEST)
-    if data is not None:
-        return MANIFEST, data
-    return LEGACY_MANIFEST, storage.read_bytes(LEGACY_MANIFEST)
 
 
 def tokenizer_hash(tok: Any) -> str:

@@ -6,7 +6,7 @@ the job (or an earlier version's ``manifest.json`` / ``status.json``), so it
 is safe to run while the job writes. Whether a job is still running is read from the folder lock (held by
 the writing process for as long as it lives), so a killed job shows as interrupted, not as running. On an
 object store the lock is a lease (``batchllm.io.storage``): a killed job shows as running until its lease
-expires (``BATCHLLM_LEASE_TTL``, 60 s). The folder may be a path or any pyarrow filesystem URI.
+expires (the ``ttl`` its holder gave it, 60 s by default). The folder may be a path or any pyarrow filesystem URI.
 
 It also checks the job's integrity (``batchllm.jobs.integrity``): every listed shard exists with its
 recorded size (with ``verify``: and its sha256); a damaged job shows its damaged shards and the repair
@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import committed_totals, storage_of
+from batchllm.io.storage import storage_of
+from batchllm.io.writer import committed_totals
 from batchllm.jobs.integrity import check_shards, damage_message, pending_shards, unlisted_shards
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.status import read_status

@@ -39,7 +39,8 @@ import time
 from typing import Any
 
 from batchllm.errors import BatchLLMError
-from batchllm.io.writer import LEGACY_STATUS, STATUS, storage_of
+from batchllm.io.storage import storage_of
+from batchllm.io.writer import LEGACY_STATUS, STATUS
 
 IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "in_progress", "completed", "failed", "cancelled"
 WRITE_INTERVAL_S = 2.0  # the most often ``update`` rewrites the file (tests lower it)
