@@ -77,6 +77,25 @@ def test_open_storage_kinds(memfs, tmp_path):
     assert st.is_uri("s3://b/k") and st.is_uri("gs://b") and not st.is_uri("/tmp/x") and not st.is_uri("out")
 
 
+def test_registered_file_scheme_gives_a_local_folder_object_store_semantics(tmp_path, monkeypatch):
+    """How tests run the object-store paths on a local disk (across processes too): file:// registered
+    with pyarrow's own resolver and atomic_rename=False; removing the registration restores the default."""
+    uri = f"file://{tmp_path}/job"
+    monkeypatch.setattr(st, "LEASE_SETTLE_S", 0.01)
+    st.register_filesystem("file", pafs.FileSystem.from_uri, atomic_rename=False)
+    try:
+        s = st.open_storage(uri)
+        assert isinstance(s, st.ArrowStorage) and not s.atomic_rename and isinstance(s.lock(), st.Lease)
+        wr = ShardWriter(uri, 1)
+        wr.add(row(0))
+        wr.close()
+        assert read_results(uri, verify=True)["input_index"].to_pylist() == [0]
+    finally:
+        st.register_filesystem("file", None)
+    assert isinstance(st.open_storage(uri), st.LocalStorage)
+    assert read_results(uri)["input_index"].to_pylist() == [0]  # the same folder, read as a local one
+
+
 @pytest.mark.parametrize("kind", ["object", "subtree"])
 def test_arrow_storage_primitives(memfs, tmp_path, kind):
     if kind == "object":

@@ -1,4 +1,5 @@
-"""The job manifest's identity part: the fingerprint of what changes outputs, and reading it back.
+"""The job manifest's identity part: the fingerprint of what changes outputs, and reading it back
+(``read_manifest``, the one reader: run, resume, show, export, integrity and ``read_results`` use it).
 
 ``.manifest.json`` (written by ``batchllm.io.writer.ShardWriter``, atomically) holds:
 - ``job``: the job spec (every JobConfig option), enough for ``batchllm resume DIR`` to rerun it;
