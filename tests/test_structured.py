@@ -138,11 +138,12 @@ def test_invalid_spec_is_a_compile_error_with_the_engine_message(byte_level, spe
 # ----------------------------------------------------------------------------------------------- masks
 
 
-def test_apply_bitmask_touches_the_constrained_rows_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the numpy path, the torch one
+def test_apply_bitmask_touches_the_constrained_rows_only(dtype):
     g = torch.Generator().manual_seed(0)
     vocab = 1000
     bitmask = torch.randint(-2**31, 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=g)
-    logits = torch.randn(6, vocab, generator=g)
+    logits = torch.randn(6, vocab, generator=g).to(dtype)
     before = logits.clone()
     rows = [4, 0, 2]
     apply_bitmask(logits, bitmask, rows)
@@ -156,11 +157,14 @@ def test_apply_bitmask_touches_the_constrained_rows_only():
     assert torch.equal(torch.isinf(whole), torch.isinf(logits[rows]))  # bitmask row i -> logits row i
 
 
-def test_async_fill_equals_the_batch_fill_and_the_single_fill(byte_level):
-    _, compiler = byte_level
+@pytest.mark.parametrize("threads", [1, 2])
+def test_async_fill_equals_the_batch_fill_and_the_single_fill(byte_level, threads):
+    tok, _ = byte_level
+    cfg = preset_config("tiny")
+    compiler = GrammarCompiler(tok, cfg.vocab_size, cfg.eos_token_ids, threads=threads)
     specs = [StructuredOutput("json", json.dumps(gen_schema(random.Random(i)))) for i in range(8)]
     matchers = [compiler.matcher(s) for s in specs]
-    (brace,) = byte_level[0].encode("{", add_special_tokens=False)
+    (brace,) = tok.encode("{", add_special_tokens=False)
     for m in matchers[::2]:
         assert m.accept(brace)
     a, b, c = (compiler.allocate_bitmask(8) for _ in range(3))
@@ -169,6 +173,7 @@ def test_async_fill_equals_the_batch_fill_and_the_single_fill(byte_level):
     for i, m in enumerate(matchers):
         m.fill_bitmask(c, i)
     assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(a[0], a[1])
+    compiler.close()
 
 
 # --------------------------------------------------------------------------------------------- matchers
