@@ -174,6 +174,18 @@ def test_quantized_checkpoint_changes_outputs(checkpoints, tmp_path):
     assert [list(done[i][0].output_ids) for i, p in enumerate(PROMPTS)] != ours
 
 
+@pytest.mark.parametrize("name", ["fp8-tensor-w8a8", "int4-g128-asym"])
+def test_a_bfloat16_model_runs_the_quantized_layers_in_bfloat16(checkpoints, name):
+    src = loader.resolve_model(str(checkpoints[name]))
+    cfg = loader.load_config(src)
+    model = build_model(cfg, loader.iter_weights(src, cfg, torch.bfloat16, "cpu"), torch.bfloat16, "cpu")
+    for proj, inputs in ((model.layers[0].self_attn.qkv_proj, cfg.hidden_size),
+                         (model.layers[1].mlp.down_proj, cfg.intermediate_size)):
+        y = proj(torch.randn(3, inputs, dtype=torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and y.isfinite().all() and proj.weight_scale.dtype == torch.float32
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_config_reads_each_scheme(checkpoints):
     got = {name: loader.load_config(loader.resolve_model(str(path))).quant
            for name, path in checkpoints.items() if name != "fp8-static"}

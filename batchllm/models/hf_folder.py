@@ -152,6 +152,10 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor on device in dtype), one tensor at a time, file by file.
 
+    A quantized checkpoint's projection tensors keep their stored types, in the layer's layout
+    (``quant.to_model_layout``: FP8 / packed int32 weights as stored, scales float32, zero points int8);
+    their safetensors dtypes are checked with the shapes, ``weight_shape`` values as they are read.
+
     Every name of ``weight_names(cfg)`` is yielded exactly once; extra checkpoint entries (rotary inv_freq
     buffers, an lm_head copy in a tied model) are skipped. Missing or mis-shaped tensors raise BatchLLMError
     before anything is loaded (safetensors headers are read without touching the data); so does a file

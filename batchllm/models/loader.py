@@ -104,6 +104,9 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor in ``dtype`` on ``device``) for every parameter, one tensor at a time.
 
+    A quantized HF folder (``cfg.quant``) yields its projections' quantized tensors instead, in the
+    types the quantized layers keep (``hf_folder.iter_weights``).
+
     Each name of ``expected_weight_names(cfg)`` comes exactly once (order depends on the source). Only
     the tensor being yielded is held, so peak memory is about the model's size in ``dtype``, plus one
     tensor's float32 copy for GGUF (dequantization happens in float32).
