@@ -128,3 +128,17 @@ def test_fp8_layer_on_the_cpu_is_the_reference():
     x = torch.randn(3, 64)
     expect = quant.fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias, True)
     assert torch.equal(layer(x), expect)
+
+
+def test_fp8_scaled_mm_call_matches_the_reference_where_torch_runs_it_on_the_cpu():
+    """The GPU path's exact torch._scaled_mm call (operand layouts, row-wise scale shapes), run by
+    torch's CPU implementation where it has one (torch 2.13 does): it must equal the reference's math."""
+    layer = _fp8_layer(48, 64, "cpu")
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    try:
+        got = layer._scaled_mm(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch {torch.__version__} has no CPU torch._scaled_mm for this call ({type(e).__name__})")
+    expect = quant.fp8_linear_reference(x.float(), layer.weight, layer.weight_scale, layer.bias.float(), True)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 48)
+    torch.testing.assert_close(got.float(), expect, rtol=1e-2, atol=1e-2 * expect.abs().max().item())

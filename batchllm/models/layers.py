@@ -75,10 +75,9 @@ class Fp8Linear(nn.Module):
         # mat2 must be column-major: the (out, in) row-major weight transposed is exactly that
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.t(),
                              out_dtype=torch.bfloat16)
-        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], -1)
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
 class Int4Linear(nn.Module):
