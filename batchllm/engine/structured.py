@@ -1,20 +1,21 @@
 """Structured output: grammar-constrained decoding with llguidance (the grammar engine of vLLM's ``guidance``
 backend and of llama.cpp's), independent of the engine's step.
 
-Why llguidance (measured on this project's 2-core CPU, SmolLM2's 49,152-token GGUF tokenizer and the dummy
-presets' byte-level ones, 64 random JSON schemas, a batch of 64 sequences each with its own schema; the
-figures are in the issue 17 report): compiling a schema costs ~0.45 ms median (xgrammar 0.2.9: 1-4 ms median,
-10-15 ms p90), as llguidance builds its lexer lazily instead of precomputing a token-mask cache per grammar;
-xgrammar fills a mask faster (~6 us a row against ~20 us), but in a job where every request has its own
-schema the compile is paid per request, and llguidance's compile-plus-masks total for a request of a
-hundred tokens is the lower one (~2.5 ms against ~4.5 ms). It has no torch / transformers pin (xgrammar
-requires both), takes GBNF and Lark grammars, and drops the GIL while it computes a mask, so the fill
-overlaps the model's forward.
+Why llguidance (measured on this project's 2-core CPU, shared and loaded, with SmolLM2's 49,152-token GGUF
+tokenizer and the dummy presets' byte-level ones, 64 random JSON schemas, a batch of 64 sequences each with
+its own schema; all figures in the issue 17 report): compiling a schema costs 0.45 ms median, 1.3 ms mean
+(xgrammar 0.2.9: 5-7 ms median, 12 ms mean, 30 ms p90), as llguidance builds its lexer lazily instead of
+precomputing a token-mask cache per grammar. xgrammar fills masks faster (0.3-0.4 ms per 64 rows against
+1.1-1.4 ms), but when every request has its own schema the compile is paid per request: compile plus the
+masks of a 100-token request come to ~7 ms with llguidance against ~13 ms with xgrammar. llguidance also
+has no torch / transformers pin (xgrammar requires both), takes GBNF and Lark grammars, and drops the GIL
+while it computes a mask, so the fill overlaps the model's forward.
 
 Contracts (what the engine's wiring relies on):
 
-- ``GrammarCompiler``: one per job (and per Ray replica): the tokenizer's llguidance view (built once,
-  0.1-0.4 s) and the compiled grammars, cached by content (``StructuredOutput`` hashes by its text), so each
+- ``GrammarCompiler``: one per job, and one per Ray replica (it does not pickle; the ``StructuredOutput``
+  specs travel): the tokenizer's llguidance view (built once: 0.1-0.4 s on an idle CPU, up to 2 s under
+  load) and the compiled grammars, cached by content (``StructuredOutput`` hashes by its text), so each
   distinct spec compiles once. ``compile`` returns a ``Grammar`` or a ``CompileError`` whose ``message`` is
   the grammar engine's, one line, for an ``invalid_structured_output`` error row; the job goes on.
 - ``GrammarMatcher``: one per sequence (each of a request's ``n`` samples has its own), created from a
@@ -36,6 +37,8 @@ Contracts (what the engine's wiring relies on):
   ban (the grammar's other tokens remain). ``ignore_eos``: generation goes on to ``max_tokens`` with the
   forced EOS tokens, which the detokenizer skips as special tokens, so the text stays the grammar's
   complete output (a benchmark can force equal lengths this way).
+- A stop string or ``max_tokens`` may end an output before its grammar does (``finish_reason`` "stop" /
+  "length"), as in vLLM: such an output need not parse; only one ended by EOS under its grammar does.
 - A token outside the mask (``accept`` returns False) means the mask was not applied to that row: the
   matcher is then in an error state until ``restore`` / ``reset``.
 """
