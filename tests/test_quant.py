@@ -241,6 +241,7 @@ def test_other_quantization_methods_are_refused_naming_the_method(tmp_path, chec
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=100), "group_size 100"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*q_proj"]), "targets"),
     (lambda q: q.update(config_groups={}), "no config_groups"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"), "activation-ordered groups"),
 ])
 def test_unsupported_compressed_tensors_schemes_are_refused(tmp_path, checkpoints, edit, why):
     assert why in _refusal(_with_quant_config(tmp_path, checkpoints["int4-g128"], edit))
@@ -268,6 +269,20 @@ def test_quantized_tensor_of_the_wrong_dtype_is_refused(tmp_path, checkpoints):
     cfg = loader.load_config(src)
     with pytest.raises(BatchLLMError, match=f"{name} is BF16, its quantization_config implies F8_E4M3"):
         list(loader.iter_weights(src, cfg, torch.float32, "cpu"))
+
+
+def test_a_quantization_tensor_batchllm_would_not_apply_is_refused(tmp_path, checkpoints):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "g-idx"
+    folder.mkdir()
+    (folder / "config.json").write_text((checkpoints["int4-g128"] / "config.json").read_text())
+    sd = load_file(str(checkpoints["int4-g128"] / "model.safetensors"))
+    sd["model.layers.0.self_attn.o_proj.weight_g_idx"] = torch.arange(256, dtype=torch.int32) // 128
+    save_file(sd, str(folder / "model.safetensors"))
+    src = loader.resolve_model(str(folder))
+    with pytest.raises(BatchLLMError, match="o_proj.weight_g_idx is not part of the quantization"):
+        list(loader.iter_weights(src, loader.load_config(src), torch.float32, "cpu"))
 
 
 def test_int4_shapes_that_do_not_fill_whole_groups_are_refused():

@@ -179,6 +179,10 @@ def _iter_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: st
         seen: set[str] = set()
         for f, h in handles:
             for name in h.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if name not in shapes and _quantized_tensor(cfg, name) is not None:
+                    # a per-projection tensor the quantized layer would not apply (g_idx, input_scale...)
+                    raise BatchLLMError(f"{f.name}: {name} is not part of the quantization batchllm reads from "
+                                        "config.json; the checkpoint is not loaded rather than loaded without it")
                 if name not in shapes or name in seen:
                     continue
                 got = tuple(h.get_slice(name).get_shape())

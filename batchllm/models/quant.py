@@ -120,6 +120,8 @@ def _parse_group(name: str, group: Any, default_format: Any, refuse) -> QuantCon
     wtype, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
     if w.get("dynamic"):
         raise refuse("dynamic weight quantization")
+    if w.get("actorder") == "group":  # groups in activation order: a weight_g_idx permutation per layer
+        raise refuse("activation-ordered groups (actorder 'group')")
     # naive-quantized is what compressed-tensors writes for FP8 weights without activation quantization:
     # the same tensors (e4m3 weight, float scale) as float-quantized
     if fmt in ("float-quantized", "naive-quantized") and wtype == "float" and bits == 8:
