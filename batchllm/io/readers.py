@@ -441,7 +441,9 @@ def _native_sampling(row: dict, flat_checked: Sequence[str] = (),
     by those nested in ``sampling_params``. Of the flat fields only ``flat_checked`` names count as request
     fields batchllm lacks (the others share the row with data); in ``sampling_params`` every one does.
     ``flat_data``: structured-output field names the job uses as data columns, not read as requests."""
-    fields = {k: v for k, v in _sampling_subset(row).items() if k not in flat_data}
+    fields = _sampling_subset(row)
+    for name in flat_data:
+        fields.pop(name, None)
     unsupported = {k: row[k] for k in flat_checked if not _is_null(row.get(k))}
     nested = row.get("sampling_params")
     if nested is not None:
