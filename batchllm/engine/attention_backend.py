@@ -60,7 +60,6 @@ class AttentionMetadata:
     prefix_groups: list[PrefixGroupDescriptor] | None = None
     has_padding: bool = False  # some slot_mapping entries are -1 (padded rows); known on the host: no sync
 
-
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
