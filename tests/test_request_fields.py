@@ -169,8 +169,9 @@ def applied(monkeypatch):
 
 
 @pytest.mark.parametrize("name,value,expected", STRUCTURED)
-def test_structured_output_rows_are_refused_while_the_engine_does_not_apply_them(tmp_path, name, value, expected):
-    assert sampling_params.STRUCTURED_OUTPUT_APPLIED is False
+def test_structured_output_rows_are_refused_while_the_engine_does_not_apply_them(tmp_path, monkeypatch, name, value,
+                                                                                 expected):
+    monkeypatch.setattr(sampling_params, "STRUCTURED_OUTPUT_APPLIED", False)
     flat = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "p", name: value}, {"custom_id": "b", "prompt": "p"},
                                               {"prompt": "p", "sampling_params": {name: value}}])
     body = write_jsonl(tmp_path / "b.jsonl", [openai_line("c", **{name: value}),

@@ -95,6 +95,7 @@ def test_structured_output_replaces_the_defaults_constraint():
 
 def test_structured_refusal_follows_the_engine_switch(monkeypatch):
     p = SamplingParams.from_fields({"guided_choice": ["a", "b"]})
+    monkeypatch.setattr(sampling_params, "STRUCTURED_OUTPUT_APPLIED", False)
     assert structured_refusal(SamplingParams()) is None
     assert "not yet applied" in structured_refusal(p)
     monkeypatch.setattr(sampling_params, "STRUCTURED_OUTPUT_APPLIED", True)
