@@ -236,6 +236,7 @@ def test_other_quantization_methods_are_refused_naming_the_method(tmp_path, chec
 @pytest.mark.parametrize("edit, why", [
     (lambda q: q.update(ignore=[]), "quantized lm_head"),
     (lambda q: q.update(ignore=["lm_head", "re:.*down_proj"]), "unquantized projections"),
+    (lambda q: q.update(ignore=["lm_head", "model.layers.1.self_attn.o_proj"]), "unquantized projections"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantized KV cache"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=8), "format 'pack-quantized' with 8-bit int"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=100), "group_size 100"),

@@ -110,7 +110,7 @@ class ModelConfig:
             elif rtype not in ("llama3", "linear"):
                 raise ValueError(f"unsupported rope scaling type {rtype!r} (supported: llama3, linear)")
         quant_raw = cfg.get("quantization_config", cfg.get("compression_config"))
-        quant = None if quant_raw is None else parse_quantization_config(quant_raw)
+        quant = None if quant_raw is None else parse_quantization_config(quant_raw, int(cfg["num_hidden_layers"]))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(

@@ -34,6 +34,8 @@ SUPPORTED = ("compressed-tensors float-quantized FP8 (W8A8 with dynamic per-toke
 # the LM head, which must be in `ignore`).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -61,10 +63,11 @@ class QuantConfig:
         return in_features // self.group_size if self.strategy == "group" else 1
 
 
-def parse_quantization_config(raw: Any) -> QuantConfig:
+def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig:
     """The QuantConfig of a config.json ``quantization_config`` value; ValueError (one line) otherwise.
 
-    The message names what the checkpoint uses and what batchllm supports.
+    The message names what the checkpoint uses and what batchllm supports. ``num_layers``: the decoder's
+    depth, to test ``ignore`` against every projection's module name.
     """
     if not isinstance(raw, Mapping):
         raise ValueError(f"unreadable quantization_config ({type(raw).__name__}); batchllm supports {SUPPORTED}")
@@ -90,9 +93,10 @@ def parse_quantization_config(raw: Any) -> QuantConfig:
     ignore = raw.get("ignore") or []
     if not any(_matches(p, "lm_head") for p in ignore):
         raise refuse("a quantized lm_head (not in 'ignore')")
+    modules = [f"model.layers.{i}.{'mlp' if proj in MLP_PROJECTIONS else 'self_attn'}.{proj}"
+               for i in range(num_layers) for proj in PROJECTIONS]
     for pattern in ignore:  # an ignored projection would leave layers with mixed precision
-        hit = next((proj for proj in PROJECTIONS if _matches(pattern, f"model.layers.0.x.{proj}")), None)
-        if hit is not None:
+        if any(_matches(pattern, m) for m in modules):
             raise refuse(f"unquantized projections ('ignore' holds {pattern!r})")
     return parsed.pop()
 
