@@ -172,15 +172,14 @@ def checkpoint_shapes(q: QuantConfig, prefix: str, out_features: int, in_feature
 
 
 def check_shape(q: QuantConfig, out_features: int, in_features: int, prefix: str) -> None:
-    """ValueError unless the projection's shape fits the scheme (int4: whole groups and packed words)."""
+    """ValueError unless the projection's shape fits the scheme (int4: whole groups and packed words; zero
+    points may end in a partly filled word, cut off by ``to_model_layout``)."""
     if q.scheme != "int4":
         return
     if in_features % 8:
         raise ValueError(f"{prefix}: in_features {in_features} is not a multiple of 8 (int4 packing)")
     if q.strategy == "group" and in_features % q.group_size:
         raise ValueError(f"{prefix}: in_features {in_features} is not a multiple of group_size {q.group_size}")
-    if not q.symmetric and out_features % 8:
-        raise ValueError(f"{prefix}: out_features {out_features} is not a multiple of 8 (packed zero points)")
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
