@@ -214,7 +214,7 @@ def _num(x: float) -> str:
 
 
 _INT64 = 2**63 - 1
-# vLLM's dtype spellings, accepted wherever a dtype is (``pipeline.resolve_dtype`` maps them)
+# vLLM's dtype spellings, accepted wherever a dtype is (``build.resolve_dtype`` maps them)
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
 _PATH, _OPT_STR = _Rule("str"), _Rule("str", optional=True)
