@@ -336,40 +336,10 @@ def estimate_peak_kv_tokens(
     grp_a = np.repeat(np.arange(len(plan.groups)), [len(g.members) for g in plan.groups])
     plen_a = np.array([g.prefix_len for g in plan.groups], dtype=np.int64)[grp_a]
     own_a = plan.samples * (lens - plen_a)
-    own = own_a.tolist()
-    out_l = outs.tolist()
-    grp = grp_a.tolist()
-    gpre = [g.prefix_len for g in plan.groups]
-    nst = plan.nesting
-    o_parent = nst.outer_parent.tolist()
-    o_len = nst.outer_len.tolist()
-    o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(o_parent)]  # tokens each level adds
-    g_outer = [g.outer for g in plan.groups]
-    gpre = [p - (o_len[o] if o >= 0 else 0) for p, o in zip(gpre, g_outer)]  # beyond the outer prefix
-    o_refs = [0] * len(o_len)
     min_budget = int((plen_a + own_a + outs).max())  # prefix + own + output of the largest request
+    own, out_l, grp = own_a.tolist(), outs.tolist(), grp_a.tolist()
     budget = float("inf") if kv_budget is None else kv_budget
-
-    def outers_to_add(o: int) -> int:
-        """Tokens of the not-yet-resident outer prefixes on the chain from ``o`` up."""
-        add = 0
-        while o >= 0 and o_refs[o] == 0:
-            add += o_own[o]
-            o = o_parent[o]
-        return add
-
-    def outer_refs(o: int, delta: int) -> int:
-        """Add ``delta`` (+1 / -1) to the chain from ``o`` up; returns the tokens that became (non-)resident."""
-        changed = 0
-        while o >= 0:
-            o_refs[o] += delta
-            if o_refs[o] != (1 if delta > 0 else 0):
-                break
-            changed += o_own[o]
-            o = o_parent[o]
-        return changed
-
-    refs = [0] * len(gpre)
+    prefixes = _Prefixes(plan)
     reserved = 0  # prefixes of resident groups + (own + output) of running requests
     held_fixed = 0  # prefixes of resident groups + own prompt tokens of running requests
     running = 0
@@ -378,18 +348,14 @@ def estimate_peak_kv_tokens(
     heap: list[tuple[int, int]] = []
     nxt, t = 0, 0
     while nxt < n or heap:
-        # Admit in plan order while the reservation fits.
+        # Admit in plan order (i: position in plan.order) while the reservation fits.
         while nxt < n:
-            i = nxt  # position in plan.order
-            g = grp[i]
-            need = own[i] + out_l[i] + (gpre[g] + outers_to_add(g_outer[g]) if refs[g] == 0 else 0)
+            i = nxt
+            need = own[i] + out_l[i] + prefixes.to_add(grp[i])
             if running and reserved + need > budget:
                 break
-            if refs[g] == 0:
-                held_fixed += gpre[g] + outer_refs(g_outer[g], +1)
-            refs[g] += 1
+            held_fixed += prefixes.acquire(grp[i]) + own[i]
             reserved += need
-            held_fixed += own[i]
             running += 1
             sum_start += t
             heapq.heappush(heap, (t + out_l[i], i))
@@ -400,14 +366,56 @@ def estimate_peak_kv_tokens(
         peak = max(peak, held_fixed + running * t - sum_start)
         while heap and heap[0][0] == t:
             _, i = heapq.heappop(heap)
-            g = grp[i]
-            refs[g] -= 1
-            reserved -= own[i] + out_l[i]
-            held_fixed -= own[i]
-            if refs[g] == 0:
-                gone = gpre[g] + outer_refs(g_outer[g], -1)
-                reserved -= gone
-                held_fixed -= gone
+            gone = prefixes.release(grp[i])
+            reserved -= own[i] + out_l[i] + gone
+            held_fixed -= own[i] + gone
             running -= 1
             sum_start -= t - out_l[i]
     return KVEstimate(int(peak), peak_running, int(t), min_budget)
+
+
+class _Prefixes:
+    """Residency of a plan's group and outer prefixes in ``estimate_peak_kv_tokens``: a group's prefix
+    (its tokens beyond its outer prefix) is resident while any member runs, an outer prefix level (its
+    tokens beyond its parent) while any group below it is resident."""
+
+    def __init__(self, plan: Plan):
+        nst = plan.nesting
+        self.o_parent = nst.outer_parent.tolist()
+        o_len = nst.outer_len.tolist()
+        self.o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(self.o_parent)]
+        self.g_outer = [g.outer for g in plan.groups]
+        self.g_own = [g.prefix_len - (o_len[g.outer] if g.outer >= 0 else 0) for g in plan.groups]
+        self.g_refs = [0] * len(plan.groups)
+        self.o_refs = [0] * nst.num_outer
+
+    def to_add(self, g: int) -> int:
+        """Tokens that admitting a member of group ``g`` would make resident."""
+        if self.g_refs[g]:
+            return 0
+        add, o = self.g_own[g], self.g_outer[g]
+        while o >= 0 and self.o_refs[o] == 0:
+            add += self.o_own[o]
+            o = self.o_parent[o]
+        return add
+
+    def acquire(self, g: int) -> int:
+        """A member of ``g`` starts; returns the tokens that became resident."""
+        self.g_refs[g] += 1
+        return self.g_own[g] + self._outer_refs(self.g_outer[g], +1) if self.g_refs[g] == 1 else 0
+
+    def release(self, g: int) -> int:
+        """A member of ``g`` finishes; returns the tokens that stopped being resident."""
+        self.g_refs[g] -= 1
+        return self.g_own[g] + self._outer_refs(self.g_outer[g], -1) if self.g_refs[g] == 0 else 0
+
+    def _outer_refs(self, o: int, delta: int) -> int:
+        """Add ``delta`` (+1 / -1) to the chain from ``o`` up; returns the tokens that became (non-)resident."""
+        changed = 0
+        while o >= 0:
+            self.o_refs[o] += delta
+            if self.o_refs[o] != (1 if delta > 0 else 0):
+                break
+            changed += self.o_own[o]
+            o = self.o_parent[o]
+        return changed
