@@ -332,6 +332,16 @@ def test_weight_bytes_of_llama_3_8b_match_the_format_arithmetic(q):
           f"whole model {(proj_bytes + rest) / 2**30:.2f} GiB")
 
 
+@pytest.mark.parametrize("name", ["fp8-tensor-w8a8", "fp8-channel-w8a16", "int4-g128", "int4-g128-asym", "int4-channel"])
+def test_loaded_projection_bytes_match_the_format_arithmetic(checkpoints, name):
+    """Measured at load on the CPU: the bytes the projections hold are what QuantConfig.weight_bytes says."""
+    src = loader.resolve_model(str(checkpoints[name]))
+    cfg = loader.load_config(src)
+    model = build_model(cfg, loader.iter_weights(src, cfg, torch.bfloat16, "cpu"), torch.bfloat16, "cpu")
+    held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "proj." in n)
+    assert held == cfg.num_layers * sum(cfg.quant.weight_bytes(o, i) for o, i in cfg.projection_shapes().values())
+
+
 def test_expected_names_of_a_quantized_config():
     cfg = dataclasses.replace(TINY, quant=quant.QuantConfig("int4", "group", 128, symmetric=False))
     shapes = hf_folder.weight_shapes(cfg)
