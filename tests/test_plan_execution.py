@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchllm.bench.workloads import make_workload
 from batchllm.engine.attention import get_backend
@@ -133,3 +135,24 @@ def test_sources_refuse_a_plan_made_for_another_page_size():
     assert plan.nesting.outer_len.tolist() == [40]
     with pytest.raises(ValueError, match="page boundary"):
         build_sources(requests, plan, frozenset(), 0, page_size=16)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.randoms(use_true_random=False))
+def test_planned_tokens_are_computed_tokens_on_random_jobs(model, rnd):
+    """Systems over blocks over own tokens, random lengths (page boundaries anywhere) and n in 1..4."""
+    rows = []
+    for _ in range(rnd.randint(1, 2)):
+        system = [rnd.randrange(16, 97) for _ in range(rnd.randint(0, 30))]
+        for _ in range(rnd.randint(1, 3)):
+            block = system + [rnd.randrange(16, 97) for _ in range(rnd.randint(0, 20))]
+            rows += [{"custom_id": str(len(rows) + j), "max_tokens": rnd.randint(1, 3),
+                      "prompt_token_ids": block + [rnd.randrange(16, 97) for _ in range(rnd.randint(1, 12))]}
+                     for j in range(rnd.randint(1, 3))]
+    rnd.shuffle(rows)
+    requests = requests_of(rows, [rnd.choice([1, 1, 2, 4]) for _ in rows])
+    plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE)
+    check_plan(plan, [r.token_ids for r in requests])
+    computed, done = run(model, requests, plan)
+    assert computed == plan.planned_prompt_tokens
+    assert len(done) == sum(r.sampling.n for r in requests)
