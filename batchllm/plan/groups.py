@@ -148,12 +148,6 @@ def batchllm_groups(trie: PrefixTrie, min_prefix: int = 1) -> Grouping:
     return Grouping(req_new, prefix_out, anchor_out)
 
 
-def singleton_groups(trie: PrefixTrie) -> Grouping:
-    """One group per request, prefix 0, anchored at the request's own node."""
-    n = trie.num_requests
-    return Grouping(np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64), trie.term_node.copy())
-
-
 def decode_ratio(expected_output: np.ndarray, prompt_tokens: np.ndarray) -> np.ndarray:
     """Expected output tokens per prompt token (0 where nothing is computed)."""
     out = np.asarray(expected_output, dtype=np.float64)

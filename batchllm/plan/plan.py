@@ -58,12 +58,14 @@ class Plan:
 
     ``order`` is the concatenation of the groups' members; ``prompt_lens`` and ``samples`` (each
     request's ``n``) are aligned with ``order``. Request indices are indices into the job's request
-    list, also in a ``subset`` or ``without``. ``nesting`` holds the outer prefixes over the groups
-    (over the groups, in order); every outer prefix has at least two dependents.
+    list, also in a ``subset`` or ``without``. ``nesting`` holds the outer prefixes over exactly these
+    groups, in order; every outer prefix has at least two dependents (groups or outer prefixes directly
+    below it).
 
-    Token counts, over every sample of every member: ``logical`` = sum of ``n * len``; ``planned`` =
-    each outer prefix level once + each group's prefix beyond its outer prefix once + each sample's
-    tokens beyond its group's prefix: what the engine computes when nothing is preempted.
+    Token counts, over every sample of every member: ``logical_prompt_tokens`` = sum of ``n * len``;
+    ``planned_prompt_tokens`` = each outer prefix level once + each group's prefix beyond its outer
+    prefix once + each sample's tokens beyond its group's prefix: what the engine computes when
+    nothing is preempted (``tests/test_plan_execution.py``).
     ``unique_prompt_tokens`` (distinct non-empty prefixes: the best any cache can do) is measured on
     the prompt tree of a ``"batchllm"`` plan, None where no tree was built (the baseline) or the plan
     is derived (``subset``, ``without``).
