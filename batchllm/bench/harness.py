@@ -110,6 +110,7 @@ class _Probe:
         self.peak_pages = 0
         self.page_bytes = 0
         self.steps: list = []  # the engine's StepStats (the engine itself is not kept: it holds the KV pool)
+        self.engine = None  # the engine while it runs
         self.times: dict[str, float] = defaultdict(float)
         self._stack: list[float] = []  # child time of each open timed call (exclusive timing)
         self._saved: list[tuple[Any, str, Any]] = []
@@ -127,24 +128,26 @@ class _Probe:
 
         def run(orig):
             def wrapper(engine, *a, **k):
+                probe.engine = engine
                 try:
                     return orig(engine, *a, **k)
                 finally:
-                    probe.steps = engine.step_stats
+                    probe.steps, probe.engine = engine.step_stats, None
             return wrapper
 
-        def schedule(orig):
-            def wrapper(sched, *a, **k):
-                step = orig(sched, *a, **k)
-                # every page this step needs is allocated now and nothing has finished yet: the step's peak
-                probe.peak_pages = max(probe.peak_pages, sched.pool.num_pages - sched.pool.num_free)
-                if not probe.page_bytes:
-                    probe.page_bytes = sum(layer[:, 0].numel() * layer.element_size() for layer in sched.kv.layers)
-                return step
+        def forward(orig):
+            def wrapper(runner, *a, **k):
+                # the step is scheduled (every page it needs allocated) and nothing has finished yet: its peak
+                pool = probe.engine.pool if probe.engine is not None else None
+                if pool is not None:
+                    probe.peak_pages = max(probe.peak_pages, pool.num_pages - pool.num_free)
+                    if not probe.page_bytes:
+                        probe.page_bytes = sum(layer[:, 0].numel() * layer.element_size() for layer in probe.engine.kv.layers)
+                return orig(runner, *a, **k)
             return wrapper
 
         self._patch(LLMEngine, "run", run)
-        self._patch(Scheduler, "schedule", schedule)
+        self._patch(ModelRunner, "run", forward)
         if self.profile:
             for owner, name, kind in (
                 (KVCache, "__init__", "setup/teardown"), (LLMEngine, "__init__", "setup/teardown"),
