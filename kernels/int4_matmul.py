@@ -23,7 +23,10 @@ from batchllm.kernels.runtime import check_device, jit, load_triton
 triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
 
 
-@jit
+# M (the step's token count) changes every step: left unspecialised, one compile serves every batch
+# of a tile size (Triton would otherwise build variants for M == 1 and M % 16 == 0, some of them
+# first met while a CUDA graph is being captured)
+@jit(do_not_specialize=["M"])
 def _int4_matmul_kernel(
     x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, stride_sn, y_ptr, stride_ym,
     M, N, K,
