@@ -32,6 +32,7 @@ BAD_VALUES = [
     ("dtype", '"float8"'), ("attention", "1"), ("device", "[1]"), ("preview", "-1"), ("max_model_len", "0"),
     ("max_num_batched_tokens", "1.5"), ("ray_address", "1"), ("system_prompt", "[]"), ("messages_column", "{a = 1}"),
     ("prompt_column", "false"), ("temperature", "nan"), ("temperature", "inf"), ("seed", "1.5"),
+    ("replica_start_timeout", "0"), ("replica_start_timeout", '"1h"'),
 ]
 
 

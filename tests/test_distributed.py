@@ -419,6 +419,32 @@ def test_replicas_write_shards_into_an_object_store_uri(ray_local, job, tmp_path
     assert run_job(dist_cfg(inp, uri)).done_before == 49  # a rerun finds everything done
 
 
+class SlowStart:
+    """``ReplicaHooks``: every replica takes ``seconds`` to start (a slow model download)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def started(self, replica_id: int) -> None:
+        time.sleep(self.seconds)
+
+    def engine_step(self, replica_id: int, unit_id: int, requests) -> None:
+        pass
+
+    def shard_written(self, replica_id: int, shard_name: str) -> None:
+        pass
+
+
+def test_replicas_slower_to_start_than_replica_start_timeout_fail_the_job_with_one_line(ray_local, job, tmp_path):
+    inp, _ = job
+    by_value()
+    t0 = time.monotonic()
+    with pytest.raises(BatchLLMError, match=r"^2 replica\(s\) did not load the model within 1 s \(--replica-start-timeout"):
+        run_job(dist_cfg(inp, tmp_path / "out", replica_start_timeout=1.0), replica_hooks=SlowStart(60))
+    assert time.monotonic() - t0 < 30
+    assert read_status(str(tmp_path / "out"))["status"] == "failed"
+
+
 def test_ray_start_that_hangs_is_a_bounded_wait_with_one_line(monkeypatch):
     # issue 13 item 12: on a busy 2-core machine a run with --replicas 2 showed nothing for 240 s; ray.init is
     # now bounded (--ray-start-timeout) and fails with one line instead of waiting silently
