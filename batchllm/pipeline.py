@@ -182,7 +182,9 @@ def run_job(cfg: JobConfig, progress: ProgressHook | None = None, loaded: Loaded
         emit("ray_starting", {"address": cfg.ray_address, "replicas": cfg.replicas})
         cluster = RayCluster(cfg)
     try:
-        return _run_job(_Job(cfg, emit, JobSummary(), loaded, engine_factory, cluster, replica_hooks), overwrite)
+        job = _Job(cfg=cfg, emit=emit, summary=JobSummary(), loaded=loaded, engine_factory=engine_factory, cluster=cluster,
+                   replica_hooks=replica_hooks)
+        return _run_job(job, overwrite)
     finally:
         if cluster is not None:
             cluster.close()
@@ -221,7 +223,7 @@ def _run_job(job: _Job, overwrite: bool) -> JobSummary:
     recorder.update_status(stage="loading", force=True)
     try:
         with stop_on_signals() as stop:
-            _run(job, _Output(src, tok, folder, writer, recorder, stop))
+            _run(job, _Output(src=src, tokenizer=tok, folder=folder, writer=writer, recorder=recorder, stop=stop))
     except JobInterrupted:
         status.finish(CANCELLED)
         raise
@@ -307,8 +309,9 @@ def _run(job: _Job, out: _Output) -> None:
         from batchllm.distributed.driver import DistributedJob, run_distributed
 
         t0 = time.perf_counter() - read_seconds
-        stopped = run_distributed(job.cluster, DistributedJob(cfg, requests, plan, job.emit, summary, writer, recorder, out.stop,
-                                                              out.src.display_name, job.replica_hooks))
+        stopped = run_distributed(job.cluster, DistributedJob(
+            cfg=cfg, requests=requests, plan=plan, emit=job.emit, summary=summary, writer=writer, recorder=recorder,
+            stop=out.stop, model_name=out.src.display_name, hooks=job.replica_hooks))
         summary.wall_seconds = time.perf_counter() - t0 - summary.load_seconds  # reading counts, starting replicas not
     else:
         stopped = _generate(job, out, requests, plan, max_model_len, read_seconds)
