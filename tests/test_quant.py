@@ -190,6 +190,31 @@ def test_a_bfloat16_model_runs_the_quantized_layers_in_bfloat16(checkpoints, nam
     assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
+def test_batchllm_run_on_a_quantized_folder(tmp_path, capsys):
+    """The command line end to end (pipeline, engine, writer) on an int4 folder that carries a tokenizer;
+    the completions are the engine's greedy tokens on the same model."""
+    import pyarrow.parquet as pq
+
+    from batchllm.models.dummy_tokenizer import build_tokenizer
+    from tests.job_utils import run_main
+
+    cfg = dataclasses.replace(TINY, vocab_size=320)  # the byte-level dummy tokenizer needs 256 bytes + specials
+    folder = write_checkpoint(tmp_path / "int4", _schemes()["int4-g128-asym"], cfg)
+    build_tokenizer(cfg).save_pretrained(str(folder))
+    rows_in = [{"prompt": p, "ignore_eos": True} for p in ("hello", "quantized world")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+    code, err = run_main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", str(folder),
+                          "--max-tokens", "6", "--temperature", "0"], capsys)
+    assert code == 0, err
+    rows = sorted(pq.read_table(str(tmp_path / "out")).to_pylist(), key=lambda r: r["input_index"])
+    src = loader.resolve_model(str(folder))
+    prompts = [loader.load_tokenizer(src).encode(r["prompt"]) for r in rows_in]
+    model = build_model(cfg, loader.iter_weights(src, cfg, torch.float32, "cpu"), torch.float32, "cpu")
+    done, _ = run_engine(model, cfg, prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert [list(r["token_ids"]) for r in rows] == [list(done[i][0].output_ids) for i in range(2)]
+
+
 def test_config_reads_each_scheme(checkpoints):
     got = {name: loader.load_config(loader.resolve_model(str(path))).quant
            for name, path in checkpoints.items() if name != "fp8-static"}
