@@ -210,8 +210,9 @@ def test_batchllm_run_on_a_quantized_folder(tmp_path, capsys):
     rows = sorted(pq.read_table(str(tmp_path / "out")).to_pylist(), key=lambda r: r["input_index"])
     src = loader.resolve_model(str(folder))
     prompts = [loader.load_tokenizer(src).encode(r["prompt"]) for r in rows_in]
-    model = build_model(cfg, loader.iter_weights(src, cfg, torch.float32, "cpu"), torch.float32, "cpu")
-    done, _ = run_engine(model, cfg, prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    mcfg = loader.load_config(src)
+    model = build_model(mcfg, loader.iter_weights(src, mcfg, torch.float32, "cpu"), torch.float32, "cpu")
+    done, _ = run_engine(model, mcfg, prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [list(r["token_ids"]) for r in rows] == [list(done[i][0].output_ids) for i in range(2)]
 
 
