@@ -28,7 +28,7 @@ from tests.engine_utils import run_engine
 # compressed-tensors and transformers' Llama import Triton: decide where batchllm's kernels run first, or
 # a kernel test module collected after this one finds Triton loaded in the other mode
 load_triton()
-ct = pytest.importorskip("compressed_tensors")
+pytest.importorskip("compressed_tensors")
 
 # 256 inputs: two int4 groups of 128 per row for the attention and gate/up projections, four for down_proj
 TINY = ModelConfig(model_type="llama", vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
