@@ -277,7 +277,7 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     sched_cfg = scheduler_config(cfg, budget, max_model_len)
     engine = LLMEngine(
         lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=prefix_caching,
-        graphs=graphs, max_graph_batch=graph_batch,
+        graphs=graphs, max_graph_batch=graph_batch, sampler_backend=cfg.sampler,
     )
     return engine, frozenset(eos_token_ids(lm.tokenizer, mcfg))
 

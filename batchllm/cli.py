@@ -80,6 +80,7 @@ def run(
     keep_columns: Optional[str] = typer.Option(None, "--keep-columns", help="Input columns to carry into the output rows: A,B or all."),
     policy: Optional[str] = typer.Option(None, help="batchllm (global prefix plan) | fcfs-lru (streaming baseline)."),
     attention: Optional[str] = typer.Option(None, help="Attention backend: auto | torch | triton."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler backend: auto (the Triton kernel for CUDA logits) | torch | triton."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Cap on running sequences (default: KV memory only)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
@@ -111,7 +112,7 @@ def run(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, id_column=id_column,
         prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
         system_prompt=system_prompt, chat=chat, keep_columns=keep_columns, policy=policy, attention=attention,
-        max_num_batched_tokens=max_num_batched_tokens,
+        sampler=sampler, max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
@@ -191,7 +192,7 @@ def show(
     """Summarise a job, running or finished: progress, throughput, errors by code, prefix reuse.
 
     Exits 1 with the repair command when a committed shard is missing or does not match the manifest."""
-    from batchllm.jobs.integrity import DamagedJob
+    from batchllm.io.writer import DamagedJob
     from batchllm.jobs.show import show_job
 
     s = show_job(output_dir, out, verify=verify)

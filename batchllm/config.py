@@ -51,6 +51,7 @@ class JobConfig:
     # engine
     policy: str = "batchllm"
     attention: str = "auto"  # auto | torch | triton
+    sampler: str = "auto"  # auto | torch | triton: where random rows are sampled (same tokens either way)
     page_size: int = 16
     max_num_batched_tokens: int | None = None  # per-step token budget; None: per-device default
     max_num_seqs: int | None = None
@@ -244,6 +245,7 @@ SCHEMA: dict[str, _Rule] = {
     "keep_columns": _OPT_STR,
     "policy": _Rule("str", choices=("batchllm", "fcfs-lru")),
     "attention": _Rule("str", choices=("auto", "torch", "triton")),
+    "sampler": _Rule("str", choices=("auto", "torch", "triton")),
     "page_size": _Rule("int", lo=1, hi=1 << 16),
     "max_num_batched_tokens": _Rule("int", optional=True, lo=1, hi=1 << 31),
     "max_num_seqs": _Rule("int", optional=True, lo=1, hi=1 << 31),

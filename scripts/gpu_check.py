@@ -333,10 +333,10 @@ def env_report(path: Path) -> int:
     check("python -m batchllm --help", cli)
     if torch.cuda.is_available():
         def triton_on_gpu():
-            from batchllm.kernels.paged_attention import interpreting
+            from batchllm.kernels.runtime import interpreting
 
             if interpreting():
-                raise RuntimeError("TRITON_INTERPRET is on although CUDA is available")
+                raise RuntimeError("the kernels run in Triton's interpreter although CUDA is available")
             return "compiled"
 
         check("Triton compiles (interpreter off)", triton_on_gpu)

@@ -99,7 +99,7 @@ class BenchEngines:
         caching = build.policy_limits(cfg)[2]
         # graphs="off": this engine's own runner is a throwaway (no capture); it runs on the shared one
         engine = LLMEngine(lm.model, lm.tokenizer, self.kv, self.backend, sched, lm.device, lm.config.vocab_size,
-                           prefix_caching=caching, graphs="off")
+                           prefix_caching=caching, graphs="off", sampler_backend=cfg.sampler)
         engine.runner = self.runner
         self.engines_built += 1
         self._dirty = True

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 
 from batchllm.bench import peers as peers_mod
+from batchllm.bench.peer_run import PeerRun
 from batchllm.bench.workloads import Cell, make_workload, write_jsonl
 from batchllm.config import DTYPE_CHOICES, JobConfig
 from batchllm.errors import BatchLLMError
@@ -117,7 +118,7 @@ class _Probe:
 
     def __enter__(self) -> "_Probe":
         from batchllm import pipeline
-        from batchllm.engine.attention import AttentionBackend
+        from batchllm.engine.attention_backend import AttentionBackend
         from batchllm.engine.engine import LLMEngine
         from batchllm.engine.kv_cache import KVCache
         from batchllm.engine.model_runner import ModelRunner
@@ -479,14 +480,14 @@ def _run_peer(ctx: _Context, src, base: JobConfig, peer: str, batch_size: int, m
         closer = vp.close
         extra["version"] = ctx.peer_versions["vllm"] = vp.version or "?"
 
-        def run(rows: list[dict]) -> peers_mod.PeerRun:
+        def run(rows: list[dict]) -> PeerRun:
             r = vp.run(rows, ctx.dev)
             extra["torch_threads"] = vp.threads  # vLLM's CPU worker may set its own
             return r
     else:
         hf = peers_mod.load_hf_model(src, ctx.mcfg, ctx.dt, ctx.dev)
 
-        def run(rows: list[dict]) -> peers_mod.PeerRun:
+        def run(rows: list[dict]) -> PeerRun:
             if peer == "transformers":
                 return peers_mod.run_static(hf, rows, ctx.dev, batch_size=batch_size)
             return peers_mod.run_continuous(hf, rows, ctx.dev, max_batch_tokens)
