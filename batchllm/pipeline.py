@@ -268,9 +268,12 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
     absolute paths. Inputs are identified through ``readers.input_identity``: a local path as the
     manifest module does, a URI through its filesystem, a hub dataset by its cached data, ``--split``
     included."""
+    sampling = dataclasses.asdict(cfg.sampling_defaults())
+    if sampling["structured"] is None:  # folders written before structured output have no such key: they resume
+        del sampling["structured"]
     fp = build_fingerprint(
         weights=loader.weights_fingerprint(src), model_name=src.display_name, tokenizer=tok,
-        sampling=dataclasses.asdict(cfg.sampling_defaults()), seed=cfg.seed, columns=cfg.column_mapping_dict(),
+        sampling=sampling, seed=cfg.seed, columns=cfg.column_mapping_dict(),
         max_model_len=cfg.max_model_len, dtype=str(dtype).removeprefix("torch."), inputs=[],
     )
     fp["inputs"] = [input_identity(p, cfg.split) for p in cfg.inputs]

@@ -190,3 +190,15 @@ def test_cli_run_with_a_cached_hub_model(hub, tmp_path, capsys):
     code, err = run_main(["run", *common[:2], str(tmp_path / "out2"), *common[3:], "--model", "org/absent"], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and str(hub) in lines[0]
+
+
+def test_the_fingerprint_of_a_job_without_structured_output_is_the_one_earlier_versions_wrote(tmp_path):
+    """Job folders written before structured output existed resume: their fingerprint's sampling section
+    has exactly these keys, and a job that asks for no constraint must produce the same section."""
+    src = loader.resolve_model("dummy:tiny")
+    cfg = JobConfig(inputs=[], output=str(tmp_path / "o"), model="dummy:tiny")
+    fp = job_fingerprint(cfg, src, loader.load_tokenizer(src), torch.float32)
+    assert sorted(fp["sampling"]) == [
+        "frequency_penalty", "ignore_eos", "logprobs", "max_tokens", "min_p", "min_tokens", "n", "presence_penalty",
+        "repetition_penalty", "seed", "stop", "stop_token_ids", "temperature", "top_k", "top_p",
+    ]
