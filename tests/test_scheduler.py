@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchllm.engine import admission
 from batchllm.engine.kv_cache import KVCache, OutOfPages, PagePool
+from batchllm.engine.kv_manager import KVManager
 from batchllm.engine.scheduler import Scheduler, SchedulerConfig
 from batchllm.engine.sequence import Sequence, SharedPrefix
 from batchllm.sampling_params import SamplingParams
@@ -79,9 +81,9 @@ def make_seq(i, prompt_len, max_tokens=4, prefix=None):
 def make_scheduler(items, num_pages=64, page_size=4, budget=10, max_num_seqs=None, reserve=1.0):
     cfg = tiny_config()
     kv = KVCache(cfg, num_pages, page_size, __import__("torch").float32, "cpu")
-    pool = PagePool(num_pages)
+    manager = KVManager(kv)
     sc = SchedulerConfig(page_size=page_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=512, growth_reserve=reserve)
-    return Scheduler(pool, kv, sc, iter(items)), pool
+    return Scheduler(manager, sc, iter(items)), manager.pool
 
 
 def fake_decode(sched, step):
@@ -168,11 +170,12 @@ def test_members_wait_for_their_prefix_and_share_its_pages():
     sched.check_idle_integrity()
 
 
-def test_members_of_a_page_aligned_prefix_start_in_its_last_chunk():
+def test_members_of_a_page_aligned_prefix_start_in_its_last_chunk(monkeypatch):
     prefix = SharedPrefix(0, np.arange(8, dtype=np.int32), unfinished=2)
     m1 = Sequence(1, 0, 0, np.arange(10, dtype=np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
     m2 = Sequence(2, 1, 0, np.concatenate([np.arange(8), [50, 51, 52]]).astype(np.int32), SamplingParams(max_tokens=1), 0, frozenset(), prefix=prefix)
     sched, pool = make_scheduler([prefix, m1, m2], budget=6, page_size=4)
+    monkeypatch.setattr(sched.kv_manager.kv, "copy_pages", lambda *a: pytest.fail("a page-aligned prefix copies no page"))
     step = sched.schedule()
     assert step.items == [prefix] and step.num_tokens == [6]  # 2 prefix tokens left: nobody may start
     fake_decode(sched, step)
@@ -180,7 +183,7 @@ def test_members_of_a_page_aligned_prefix_start_in_its_last_chunk():
     # the prefix's last chunk is in this step and it ends on a page boundary: its members start in the
     # same step (as vLLM's same-step cache hits), sharing both full pages, nothing copied or recomputed
     assert step.items == [prefix, m1, m2] and step.num_tokens == [2, 2, 2]
-    assert m1.num_cached == 8 and m1.pages[:2] == prefix.pages and not sched._copies
+    assert m1.num_cached == 8 and m1.pages[:2] == prefix.pages
     assert pool.refcount[prefix.pages[0]] == 3
     fake_decode(sched, step)
     while sched.has_work():
@@ -194,8 +197,6 @@ def test_members_of_a_page_aligned_prefix_start_in_its_last_chunk():
 def test_projected_peak_equals_brute_force_simulation(specs, page_size):
     """The admission rule's projected peak: exact path equals a step-by-step simulation; the O(n log n)
     bound used for huge batches never under-estimates it."""
-    import batchllm.engine.scheduler as sched_mod
-
     seqs = []
     for i, (length, max_tokens) in enumerate(specs):
         s = make_seq(i, length, max_tokens=max_tokens)
@@ -210,12 +211,12 @@ def test_projected_peak_equals_brute_force_simulation(specs, page_size):
         for t in range(0, max(s.params.max_tokens for s in seqs) + 1)
     )
     assert sched._projected_peak_pages(sched._growth_rows()) == max(brute, held)
-    old = sched_mod._EXACT_PEAK_CELLS
-    sched_mod._EXACT_PEAK_CELLS = 0
+    old = admission.EXACT_PEAK_CELLS
+    admission.EXACT_PEAK_CELLS = 0
     try:
         bound = sched._projected_peak_pages(sched._growth_rows())
     finally:
-        sched_mod._EXACT_PEAK_CELLS = old
+        admission.EXACT_PEAK_CELLS = old
     assert max(brute, held) <= bound <= max(brute, held) + len(seqs)
 
 

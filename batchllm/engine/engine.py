@@ -16,9 +16,10 @@ import torch
 
 from batchllm.engine.cuda_graphs import DEFAULT_MAX_GRAPH_BATCH
 from batchllm.engine.detokenizer import IncrementalDetokenizer, decode_all, find_stop
-from batchllm.engine.kv_cache import KVCache, PagePool
+from batchllm.engine.kv_cache import KVCache
+from batchllm.engine.kv_manager import KVManager
 from batchllm.engine.model_runner import ModelRunner
-from batchllm.engine.prefix_cache import PrefixCachingPool
+from batchllm.engine.prefix_cache import PrefixCachingKVManager
 from batchllm.engine.sampler import SamplingBatch, SamplingRow, sample
 from batchllm.engine.scheduler import Scheduler, SchedulerConfig
 from batchllm.engine.sequence import Sequence, SharedPrefix
@@ -68,7 +69,8 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.prefix_caching = prefix_caching
         self.sampler_backend = sampler_backend
-        self.pool = self._new_pool()
+        self.kv_manager = self._new_kv_manager()
+        self.pool = self.kv_manager.pool  # the run's page pool: its counters, for callers and tests
         self.runner = ModelRunner(model, kv, backend, device, graphs=graphs,
                                   max_model_len=sched_cfg.max_model_len, max_graph_batch=max_graph_batch)
         self.scheduler: Scheduler | None = None
@@ -84,8 +86,9 @@ class LLMEngine:
 
         Each run starts from a fresh page pool, so a run that was interrupted (an exception out of a
         callback) leaves nothing behind for the next one on the same engine."""
-        self.pool = self._new_pool()
-        self.scheduler = Scheduler(self.pool, self.kv, self.cfg, source)
+        self.kv_manager = self._new_kv_manager()
+        self.pool = self.kv_manager.pool
+        self.scheduler = Scheduler(self.kv_manager, self.cfg, source)
         while self.scheduler.has_work():
             stats = self.step(on_finish)
             self.step_stats.append(stats)
@@ -93,11 +96,9 @@ class LLMEngine:
                 on_step(stats)
         self.scheduler.check_idle_integrity()
 
-    def _new_pool(self) -> PagePool:
+    def _new_kv_manager(self) -> KVManager:
         # the streaming baseline caches pages by content hash (vLLM's APC); the BatchLLM plan needs no cache
-        if self.prefix_caching:
-            return PrefixCachingPool(self.kv.num_pages, self.kv.page_size)
-        return PagePool(self.kv.num_pages)
+        return PrefixCachingKVManager(self.kv) if self.prefix_caching else KVManager(self.kv)
 
     def step(self, on_finish: Callable[[Sequence], None]) -> StepStats:
         t0 = time.perf_counter()
@@ -111,7 +112,7 @@ class LLMEngine:
         if samplers:
             finished = self._sample_and_append(logits, samplers, on_finish)
         return StepStats(
-            num_seqs=sum(1 for it in step.items if isinstance(it, Sequence)),
+            num_seqs=sum(1 for it in step.items if it.generates),
             num_decodes=step.num_decodes,
             num_tokens=step.total_tokens,
             num_finished=finished,

@@ -10,6 +10,10 @@ vLLM's v1 KV cache manager, reproduced on our page pool:
   tail goes first); allocation takes pages from the head and drops their hash (LRU eviction);
 - a cache hit on an unreferenced page takes it out of the queue.
 
+``PrefixCachingPool`` is that allocator and index; ``PrefixCachingKVManager`` is the KV manager's
+prefix-caching strategy on top of it: it looks up a waiting sequence's cached pages, starts the sequence
+from them, and registers each item's full pages as they are scheduled (keeping each item's hash chain).
+
 The BatchLLM policy does not use this: its plan knows every prefix in advance and keeps each exactly
 as long as its group runs (``SharedPrefix``).
 """
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 
 from batchllm.engine.kv_cache import OutOfPages, PagePool
+from batchllm.engine.kv_manager import KVManager
+from batchllm.engine.sequence import Schedulable
 
 
 def page_hash(parent: bytes, tokens: np.ndarray) -> bytes:
@@ -112,7 +119,8 @@ class PrefixCachingPool(PagePool):
                 self._page_of[h] = p
                 self._hash_of[p] = h
 
-    def check_integrity(self, cached_pages: int = 0) -> None:
+    def check_integrity(self) -> None:
+        """Every page is in the free queue (free or cached, evictable) or in use, never both."""
         in_use = int((self.refcount > 0).sum())
         if (self.refcount < 0).any():
             raise RuntimeError("negative refcount")
@@ -123,3 +131,58 @@ class PrefixCachingPool(PagePool):
             raise RuntimeError(f"page leak: {len(self._queue)} free + {in_use} in use != {self.num_pages}")
         if len(self._page_of) != len(self._hash_of):
             raise RuntimeError("hash maps out of sync")
+
+
+class CacheHit(NamedTuple):
+    """Cached full pages a sequence can start from, and their chained hashes (opaque to the scheduler)."""
+
+    pages: list[int]
+    hashes: list[bytes]
+
+
+class PrefixCachingKVManager(KVManager):
+    """The KV manager of the streaming baseline: pages cached by content, reused across requests."""
+
+    pool: PrefixCachingPool
+
+    def __init__(self, kv):
+        super().__init__(kv)
+        self._hashes: dict[Schedulable, list[bytes]] = {}  # hash chain of each item's registered pages
+
+    def _new_pool(self, num_pages: int) -> PrefixCachingPool:
+        return PrefixCachingPool(num_pages, self.page_size)
+
+    def lookup(self, s: Schedulable) -> CacheHit | None:
+        """The longest run of cached full pages of ``s``'s tokens; None for an item that starts after a
+        shared prefix (its head comes from the prefix)."""
+        if s.prefix is not None:
+            return None
+        limit = s.total_len - 1  # the last token is always computed: it yields the logits
+        return CacheHit(*self.pool.lookup(s.token_slice(0, limit), limit))
+
+    def pages_to_admit(self, s: Schedulable, hit: CacheHit | None) -> int:
+        need = super().pages_to_admit(s, hit)
+        if hit is not None:  # reused pages need no allocation, but reviving evictable ones uses free slots
+            need += self.pool.num_evictable(hit.pages) - len(hit.pages)
+        return need
+
+    def admit(self, s: Schedulable, hit: CacheHit | None) -> None:
+        """Start ``s`` from its cached pages; ``num_cached`` keeps the value of the first admission (as
+        vLLM reports it)."""
+        if hit is not None and hit.pages:
+            self.pool.share(hit.pages)
+            s.pages = list(hit.pages)
+            self._hashes[s] = list(hit.hashes)
+            s.num_computed = len(hit.pages) * self.page_size
+            if s.num_preemptions == 0:
+                s.num_cached = min(s.num_computed, s.prompt_len)
+        super().admit(s, hit)
+
+    def on_scheduled(self, s: Schedulable, num_computed: int) -> None:
+        """Register ``s``'s full pages up to ``num_computed`` now, at scheduling time, as vLLM v1 does: a
+        request admitted later in the same step already hits them."""
+        self.pool.register(s.pages, self._hashes.setdefault(s, []), s.token_slice, num_computed)
+
+    def release(self, s: Schedulable) -> None:
+        super().release(s)
+        self._hashes.pop(s, None)

@@ -10,13 +10,16 @@ Token accounting, the one rule the scheduler and runner share::
 A decode is just q == 1; a prefill chunk is q > 1; recomputation after preemption resets num_computed
 (to the shared prefix length when the sequence belongs to a group) and recomputes prompt and output
 alike.
+
+``Sequence`` and ``SharedPrefix`` are both ``Schedulable``: the protocol below is everything the
+scheduler and the KV manager read or write on a unit of work, so neither asks which kind it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -27,6 +30,35 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class Schedulable(Protocol):
+    """A unit of work the scheduler runs and the KV manager holds pages for.
+
+    ``pages`` cover ``tokens[:len(pages) * page_size]``; the first ``prefix.length`` tokens come from the
+    outer ``prefix`` (its full pages shared, its partial last page copied) when there is one.
+    ``generates``: a sampled sequence (decodes, counts against ``max_num_seqs``, grows as it outputs)
+    rather than a shared prefix (prefill only, done once all its tokens are computed).
+    """
+
+    generates: ClassVar[bool]
+    prefix: SharedPrefix | None
+    pages: list[int]
+    num_computed: int
+    num_cached: int
+    num_preemptions: int
+    status: SeqStatus
+
+    @property
+    def prompt_len(self) -> int: ...
+
+    @property
+    def total_len(self) -> int: ...
+
+    @property
+    def num_pending(self) -> int: ...
+
+    def token_slice(self, start: int, end: int) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,17 +72,23 @@ class SharedPrefix:
     computed. ``unfinished`` counts member samples not finished plus extending prefixes not released.
     """
 
+    generates: ClassVar[bool] = False
     prefix_id: int
     token_ids: np.ndarray  # the prefix tokens (int32), from position 0 (outer prefix's tokens included)
     unfinished: int  # dependents (member samples, extending prefixes) not done yet
     pages: list[int] = dataclasses.field(default_factory=list)
     prefix: SharedPrefix | None = None  # the outer prefix this one extends
     num_computed: int = 0
+    num_cached: int = 0  # leading tokens shared from the outer prefix, not computed
+    num_preemptions: int = 0  # times its pages were released before its dependents were done
     status: SeqStatus = SeqStatus.WAITING
 
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+    # a prefix is all prompt: these name its length in the protocol's terms
+    prompt_len = total_len = length
 
     @property
     def ready(self) -> bool:
@@ -60,9 +98,15 @@ class SharedPrefix:
     def num_pending(self) -> int:
         return self.length - self.num_computed
 
+    def token_slice(self, start: int, end: int) -> np.ndarray:
+        return self.token_ids[start:end]
+
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
+    """One sample of one request: its prompt, its output so far, and its sampling state."""
+
+    generates: ClassVar[bool] = True
     seq_id: int
     request_index: int  # index into the job's request list
     sample_index: int
@@ -73,7 +117,6 @@ class Sequence:
     prefix: SharedPrefix | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
-    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-caching pool only
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens whose KV came from a shared prefix (or cache), not computed
     status: SeqStatus = SeqStatus.WAITING
