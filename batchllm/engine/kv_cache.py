@@ -36,9 +36,6 @@ class PagePool:
         self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int32)  # page 0 handed out first
         self._num_free = num_pages
         self.refcount = np.zeros(num_pages, dtype=np.int32)
-        # Hooks for a cache of unreferenced-but-kept pages (the streaming baseline's LRU): pages whose
-        # refcount drops to 0 go to ``on_unreferenced`` instead of the free stack when it is set.
-        self.on_unreferenced = None
 
     @property
     def num_free(self) -> int:
@@ -68,27 +65,18 @@ class PagePool:
             np.add.at(self.refcount, idx, 1)
 
     def release(self, pages: list[int]) -> None:
-        """Drop one reference from each page; pages reaching zero are freed (or handed to the cache hook)."""
+        """Drop one reference from each page; pages reaching zero go back on the free stack."""
         for p in pages:
             rc = self.refcount[p] - 1
             if rc < 0:
                 raise RuntimeError(f"page {p} released more often than referenced")
             self.refcount[p] = rc
             if rc == 0:
-                if self.on_unreferenced is not None and self.on_unreferenced(p):
-                    continue
-                self.push_free(p)
+                self._free[self._num_free] = p
+                self._num_free += 1
 
-    def push_free(self, page: int) -> None:
-        """Return an unreferenced page to the free stack (used by release and by cache eviction)."""
-        self._free[self._num_free] = page
-        self._num_free += 1
-
-    def check_integrity(self, cached_pages: int = 0) -> None:
-        """Raise AssertionError-like RuntimeError if the pool's bookkeeping is inconsistent.
-
-        ``cached_pages``: pages held unreferenced by a prefix cache (neither free nor in use).
-        """
+    def check_integrity(self) -> None:
+        """Raise RuntimeError if the pool's bookkeeping is inconsistent (free + in use == total)."""
         free = self._free[: self._num_free]
         # bincount, not np.unique: linear, and this runs at the end of every job over up to millions of pages
         if len(free) and np.bincount(free, minlength=self.num_pages).max() > 1:
@@ -98,10 +86,8 @@ class PagePool:
         if (self.refcount < 0).any():
             raise RuntimeError("negative refcount")
         in_use = int((self.refcount > 0).sum())
-        if self._num_free + in_use + cached_pages != self.num_pages:
-            raise RuntimeError(
-                f"page leak: {self._num_free} free + {in_use} in use + {cached_pages} cached != {self.num_pages}"
-            )
+        if self._num_free + in_use != self.num_pages:
+            raise RuntimeError(f"page leak: {self._num_free} free + {in_use} in use != {self.num_pages}")
 
 
 class KVCache:
