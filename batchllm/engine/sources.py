@@ -34,6 +34,10 @@ def build_sources(requests: Seq[Request] | Mapping[int, Request], plan: Plan, eo
     ``SharedPrefix.unfinished`` counts its dependents exactly. ``page_size`` is the engine's: an outer
     prefix must end on a page boundary (the plan's ``page_size``), so extending it copies no page;
     ``ValueError`` otherwise.
+
+    Every member's tokens are checked against the prefixes it extends, token for token (``ValueError``
+    on a mismatch): a page-tree plan (``plan/pages.py``) groups prompts by 64-bit page hashes, and a
+    hash collision must stop the job rather than attach a sample to another prompt's KV.
     """
     if np.any(plan.nesting.outer_len % page_size):
         raise ValueError(f"the plan's outer prefixes do not end on the engine's {page_size}-token page boundary")
@@ -76,12 +80,16 @@ def _group_sources(requests, g: PrefixGroup, outer: SharedPrefix | None, ids, eo
     """A group's own shared prefix (extending ``outer``), when it has one, then its members' samples."""
     parent = outer
     samples = _samples(requests, g)
+    head = requests[int(g.members[0])].token_ids[: g.prefix_len]
+    if outer is not None and not np.array_equal(head[: len(outer.token_ids)], outer.token_ids):
+        raise ValueError(f"plan group {g.group_id}: its prefix does not extend its outer prefix's tokens")
     if _shares(g, samples):
-        head = requests[int(g.members[0])].token_ids[: g.prefix_len]
         parent = SharedPrefix(next(ids), np.ascontiguousarray(head), unfinished=samples, prefix=outer)
         yield parent
     for ri in g.members.tolist():
         r = requests[ri]
+        if not np.array_equal(r.token_ids[: g.prefix_len], head):
+            raise ValueError(f"plan group {g.group_id}: request {ri} does not start with the group's prefix")
         for sample in range(r.sampling.n):
             yield Sequence(
                 seq_id=next(ids),

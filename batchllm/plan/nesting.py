@@ -131,15 +131,23 @@ def nest(prefixes: Sequence[np.ndarray], min_tokens: int = MIN_OUTER_TOKENS, ali
     shortest prefix in the run, so every group's own prefix still adds a token, and its length is a
     multiple of ``align`` (the KV page size).
     """
+    plen = [len(p) for p in prefixes]
+    lcp = [_lcp(prefixes[i - 1], prefixes[i]) if plen[i - 1] and plen[i] else 0 for i in range(1, len(prefixes))]
+    return nest_by_lcp(plen, lcp, min_tokens, align)
+
+
+def nest_by_lcp(prefix_lens: Sequence[int], lcp: Sequence[int], min_tokens: int = MIN_OUTER_TOKENS,
+                align: int = 1) -> Nesting:
+    """``nest`` from the groups' prefix lengths and ``lcp[i - 1]``, the tokens the prefixes of groups
+    ``i - 1`` and ``i`` share (0 where either is empty). An ``lcp`` rounded down to a multiple of
+    ``align`` gives the same outer prefixes as the exact one: their lengths are rounded down anyway."""
     if min_tokens < 1 or align < 1:
         raise ValueError(f"min_tokens and align must be >= 1, got {min_tokens}, {align}")
-    G = len(prefixes)
-    plen = np.array([len(p) for p in prefixes], dtype=np.int64)
-    lcp = [0] * (G + 1)  # lcp[i]: tokens groups i-1 and i share; lcp[0] = lcp[G] = 0
-    pl = plen.tolist()
-    for i in range(1, G):
-        if pl[i - 1] and pl[i]:
-            lcp[i] = _lcp(prefixes[i - 1], prefixes[i])
+    G = len(prefix_lens)
+    plen = np.asarray(prefix_lens, dtype=np.int64).reshape(G)
+    if len(lcp) != max(G - 1, 0):
+        raise ValueError(f"lcp needs one value per pair of neighbouring groups ({max(G - 1, 0)}), got {len(lcp)}")
+    lcp = [0, *(int(x) for x in lcp), 0]  # lcp[i]: tokens groups i-1 and i share; lcp[0] = lcp[G] = 0
 
     # LCP intervals: (depth, first group, last group) for every run of >= 2 groups sharing `depth` tokens
     intervals: list[tuple[int, int, int]] = []

@@ -13,6 +13,12 @@ engine work one to one, so the planned prompt tokens are the prompt tokens the e
 enough KV memory: preemption recomputes). ``Plan.subset`` is the part a Ray replica runs,
 ``Plan.without`` the plan less the prompts a KV pool cannot hold.
 
+Planners (``build_plan``'s ``planner``): the token tree (``trie.py``: token-exact prefixes, every
+prompt token in memory) or the page tree (``pages.py``: one 64-bit symbol per KV page, so memory grows
+with pages, built streaming; a prefix is shared up to the last full page two prompts have in common,
+or whole between identical prompts). ``"auto"`` takes the token tree up to ``TOKEN_PLAN_MAX_TOKENS``
+prompt tokens. Both give a ``Plan`` of the same form, executed the same way.
+
 Policies: ``"batchllm"`` plans as above; ``"fcfs-lru"``, the streaming baseline, is the plan of no
 sharing: input order, each request its own group with prefix 0, its ``n`` samples independent
 sequences (the baseline engine shares prompts only through its page cache, as vLLM does).
@@ -29,10 +35,15 @@ import numpy as np
 
 from batchllm.io.requests import Request
 from batchllm.plan.groups import batchllm_groups, order_groups, split_samples
-from batchllm.plan.nesting import Nesting, nest
+from batchllm.plan.nesting import Nesting, nest, nest_by_lcp
+from batchllm.plan.pages import PagePrompts, page_trie
 from batchllm.plan.trie import PrefixTrie
 
 POLICIES = ("batchllm", "fcfs-lru")
+PLANNERS = ("auto", "tokens", "pages")
+# "auto" plans jobs of up to this many prompt tokens on the token tree (about 12 bytes per token, so
+# under 1 GB here), bigger ones on the page tree (about 1 byte per token: ``pages.py``).
+TOKEN_PLAN_MAX_TOKENS = 1 << 26
 
 
 @dataclass
@@ -143,7 +154,7 @@ def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int |
 
 
 def build_plan(
-    prompts: Sequence,
+    prompts: Sequence | PagePrompts,
     expected_output: np.ndarray | Sequence[float],
     *,
     samples: np.ndarray | Sequence[int] | None = None,
@@ -151,10 +162,12 @@ def build_plan(
     min_prefix: int = 1,
     trie: PrefixTrie | None = None,
     page_size: int = 16,
+    planner: str = "auto",
 ) -> Plan:
     """Plan a job.
 
-    ``prompts``: one non-empty 1-D integer array (or list) of token ids per request.
+    ``prompts``: one non-empty 1-D integer array (or list) of token ids per request, or their pages
+    (``PagePrompts`` of the same ``page_size``: the page tree, whatever ``planner`` says).
     ``expected_output``: per request, the output tokens to expect (``max_tokens * n`` or an estimate), >= 0.
     ``samples``: per request, its number of samples ``n`` (>= 1; None: 1 each).
     ``policy``: ``"batchllm"`` (global prefix groups, decode-ratio DFS order, the ``n > 1`` split, outer
@@ -162,10 +175,17 @@ def build_plan(
     ``min_prefix``: a group sharing fewer tokens than this is split into singletons (prefix 0).
     ``trie``: the prompts' tree if already built (e.g. to plan several ways from one build).
     ``page_size``: the engine's KV page size; outer prefixes end on a page boundary.
+    ``planner``: ``"tokens"``, ``"pages"`` or ``"auto"`` (see the module docstring; page size 1: tokens).
     Raises ``ValueError`` for bad input.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown plan policy {policy!r}; expected one of {POLICIES}")
+    if planner not in PLANNERS:
+        raise ValueError(f"unknown planner {planner!r}; expected one of {PLANNERS}")
+    if isinstance(prompts, PagePrompts):
+        prompts.finish()
+        if prompts.page_size != page_size:
+            raise ValueError(f"the prompts' pages have {prompts.page_size} tokens, the plan's {page_size}")
     if isinstance(min_prefix, bool) or not isinstance(min_prefix, (int, np.integer)) or min_prefix < 1:
         raise ValueError(f"min_prefix must be an integer >= 1, got {min_prefix!r}")
     out = np.asarray(expected_output, dtype=np.float64)
@@ -176,14 +196,22 @@ def build_plan(
     n_s = np.ones(len(prompts), dtype=np.int64) if samples is None else np.asarray(samples, dtype=np.int64)
     if n_s.shape != (len(prompts),) or np.any(n_s < 1):
         raise ValueError(f"samples must be one integer >= 1 per prompt ({len(prompts)})")
-    lens = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
+    if isinstance(prompts, PagePrompts):
+        lens = prompts.lengths
+    else:
+        lens = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
     if np.any(lens < 1):
         raise ValueError("every prompt must have at least one token")
     if policy == "fcfs-lru":
         return _from_groups(np.zeros(len(prompts), dtype=np.int64), list(np.arange(len(prompts))[:, None]), lens, n_s,
                             nest([np.zeros(0, np.int64)] * len(prompts)), unique=None)
     if trie is None:
-        trie = PrefixTrie.build(prompts)
+        by_pages = isinstance(prompts, PagePrompts) or page_size > 1 and (
+            planner == "pages" or planner == "auto" and int(lens.sum()) > TOKEN_PLAN_MAX_TOKENS)
+        if by_pages:
+            trie = page_trie(prompts if isinstance(prompts, PagePrompts) else PagePrompts.of(prompts, page_size))
+        else:
+            trie = PrefixTrie.build(prompts)
     elif trie.num_requests != len(prompts):
         raise ValueError("trie was built over a different number of prompts")
     grouping = batchllm_groups(trie, min_prefix)
@@ -191,9 +219,12 @@ def build_plan(
     size = np.bincount(grouping.req_group, minlength=grouping.num_groups)[group_order]
     members = np.split(order, np.cumsum(size)[:-1]) if len(order) else []
     plens, members = split_samples(grouping.prefix_len[group_order], members, lens, n_s)
-    heads = [np.asarray(prompts[m[0]])[:p] for p, m in zip(plens, members)]
+    # the tokens neighbouring groups' prefixes share: where outer prefixes can go
+    lcp = [trie.common_prefix(int(a[0]), int(b[0]), min(pa, pb)) if pa and pb else 0
+           for pa, pb, a, b in zip(plens[:-1], plens[1:], members[:-1], members[1:])]
     order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
-    return _from_groups(plens, members, lens[order], n_s[order], nest(heads, align=page_size), unique=trie.unique_tokens())
+    return _from_groups(plens, members, lens[order], n_s[order], nest_by_lcp(plens, lcp, align=page_size),
+                        unique=trie.unique_tokens())
 
 
 def _from_groups(prefix_lens: Sequence[int], members: list[np.ndarray], lens: np.ndarray, samples: np.ndarray,

@@ -125,6 +125,11 @@ class PrefixTrie:
     Per node, in depth-first preorder: ``depth`` (path length from the root), ``parent`` (-1 for the
     root), ``lo``/``hi`` (range of sorted positions below it), ``rep`` (a request whose tokens spell
     the path). Invariant: ``parent[v] < v`` and the subtree of ``v`` is node ids ``[v, end[v])``.
+
+    ``page_size == 1``: a token tree, ``tokens`` are the prompts' token ids. ``page_size > 1``: a page
+    tree (``pages.page_trie``): ``tokens`` are the prompts' page symbols, ``offsets`` / ``sym_lens``
+    index them, and ``lengths``, ``depth`` and ``lcp`` are in tokens; ``path`` and ``prompt`` need token
+    ids, so a page tree has none.
     """
 
     tokens: np.ndarray
@@ -137,6 +142,8 @@ class PrefixTrie:
     lo: np.ndarray
     hi: np.ndarray
     term_node: np.ndarray
+    page_size: int = 1
+    sym_lens: np.ndarray | None = None
 
     @classmethod
     def build(cls, prompts: Sequence) -> PrefixTrie:
@@ -196,13 +203,40 @@ class PrefixTrie:
         ids = 1 + np.argsort(self.parent[1:], kind="stable")
         return ptr, ids
 
+    def common_prefix(self, i: int, j: int, limit: int) -> int:
+        """Tokens requests ``i`` and ``j`` share within their first ``limit`` tokens: exact in a token
+        tree; in a page tree the full pages they share (the exact count rounded down to a page)."""
+        if self.page_size == 1:
+            return _common(self.prompt(i)[:limit], self.prompt(j)[:limit])
+        k = limit // self.page_size
+        si, sj = self.symbols_of(i)[:k], self.symbols_of(j)[:k]
+        return _common(si, sj) * self.page_size
+
+    def symbols_of(self, i: int) -> np.ndarray:
+        """Page symbols of request ``i`` (a page tree only)."""
+        return self.tokens[self.offsets[i] : self.offsets[i] + self.sym_lens[i]]
+
     def path(self, v: int) -> np.ndarray:
-        """Token ids of node ``v``'s full path from the root (a view into ``tokens``)."""
+        """Token ids of node ``v``'s full path from the root (a view into ``tokens``; a token tree only)."""
+        self._need_tokens()
         r = int(self.rep[v])
         return self.tokens[self.offsets[r] : self.offsets[r] + self.depth[v]]
 
     def prompt(self, i: int) -> np.ndarray:
+        """Token ids of request ``i`` (a token tree only)."""
+        self._need_tokens()
         return self.tokens[self.offsets[i] : self.offsets[i] + self.lengths[i]]
+
+    def _need_tokens(self) -> None:
+        if self.page_size != 1:
+            raise ValueError("a page tree holds page symbols, not token ids")
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two 1-D arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
 
 
 def _lcp_interval_tree(lcp: np.ndarray, sorted_len: np.ndarray):

@@ -1,0 +1,191 @@
+"""Prompts reduced to their KV pages: the input of the page-granular planner.
+
+The engine shares KV at page granularity, so the plan of a big job need not hold every prompt token:
+``PagePrompts`` keeps, per prompt, one 64-bit *symbol* per page of ``page_size`` tokens (8 bytes per
+page: half a byte per token at 16-token pages) and its token length. Full pages get a chained hash,
+``h_j = mix(h_{j-1} * M + content(page j))`` (the scheme of ``engine/prefix_cache.page_hash``, in 64
+bits and vectorised); a partial last page of ``r`` tokens gets the same chain over its ``r`` tokens
+with ``r`` folded in, so it equals another prompt's last symbol only when both prompts are the same.
+Prompts are added in batches and can be dropped once added (``add``): the plan is built streaming.
+
+``page_trie`` builds the prefix tree (``trie.PrefixTrie``) over these symbol sequences: its depths and
+lengths are in tokens, so ``groups.py`` and ``nesting.py`` run on it unchanged. A node at ``d``
+symbols is ``d`` full pages (``d * page_size`` tokens) or, when its last symbol is a partial page,
+the whole of identical prompts. What this gives up against the token-exact tree: two prompts that
+diverge inside a page share only the pages before it, and a prompt that is a prefix of another
+shares only its full pages with it (its partial last page is its own symbol).
+
+Collisions. Symbols are compared position by position from the first page (``trie.adjacent_lcp``), so
+two prompts are wrongly merged only if two *different* pages following the *same* shared prefix get
+the same symbol. With ``k`` distinct pages after a common prefix that is one of ``k^2 / 2`` pairs, each
+colliding with probability ``2^-64`` for a well-mixed hash: summed over a job's branch points (for
+10,000,000 prompts under 300 system prompts, about ``300 * 33,000^2 / 2 = 1.7e11`` pairs) the chance of
+any merge is below ``1e-8``. And nothing runs on a hash: ``engine/sources.py`` checks every member's
+tokens against its group's prefix token for token and raises on a mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree, adjacent_lcp
+
+_M = np.uint64(0x9E3779B97F4A7C15)  # chain multiplier (odd)
+_SEED = np.uint64(0x2545F4914F6CDD1D)  # the chain's start: h_{-1}
+_MAX_PAGE = 1 << 12
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (a bijection of uint64 with full avalanche), element-wise."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+# Per position in a page: an odd random weight, so a page's content sum depends on token order.
+_WEIGHTS = np.random.default_rng(0x5EED).integers(0, 1 << 63, _MAX_PAGE, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+class PagePrompts:
+    """The page symbols and token lengths of a job's prompts, appended batch by batch (``add``).
+
+    After ``finish`` (called by ``page_trie``): ``symbols`` (uint64, all prompts' symbols concatenated),
+    ``sym_offsets`` / ``sym_lens`` (per prompt: where its symbols start, how many: ``ceil(len / page)``)
+    and ``lengths`` (per prompt: tokens). Request indices are positions in the order of addition.
+    """
+
+    def __init__(self, page_size: int):
+        if not 2 <= page_size <= _MAX_PAGE:  # one-token pages: the token tree is the page tree
+            raise ValueError(f"page_size must be in 2..{_MAX_PAGE}, got {page_size}")
+        self.page_size = page_size
+        self._sym: list[np.ndarray] = []
+        self._len: list[np.ndarray] = []
+        self.symbols = np.zeros(0, dtype=np.uint64)
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self.sym_lens = np.zeros(0, dtype=np.int64)
+        self.sym_offsets = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths) + sum(len(a) for a in self._len)
+
+    @classmethod
+    def of(cls, prompts: Iterable, page_size: int, batch: int = 4096) -> PagePrompts:
+        """The page symbols of ``prompts`` (an iterable of token id arrays or lists), hashed ``batch`` at a time."""
+        pp = cls(page_size)
+        buf = []
+        for p in prompts:
+            buf.append(p)
+            if len(buf) == batch:
+                pp.add(buf)
+                buf = []
+        if buf:
+            pp.add(buf)
+        pp.finish()
+        return pp
+
+    def add(self, prompts: list) -> None:
+        """Append a batch of prompts (each a non-empty 1-D integer array or list of token ids in the int32
+        range; ``ValueError`` otherwise). The batch is not referenced afterwards."""
+        if not prompts:
+            return
+        arrays = []
+        for i, p in enumerate(prompts):
+            a = np.asarray(p)
+            if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iu":
+                raise ValueError(f"prompt {len(self) + i}: expected a non-empty 1-D sequence of integer token ids")
+            if a.dtype != np.int32 and (int(a.min()) < -(2**31) or int(a.max()) >= 2**31):
+                raise ValueError(f"prompt {len(self) + i}: token id out of the int32 range")
+            arrays.append(a)
+        P = self.page_size
+        lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        # int32 ids as their uint32 bit pattern, + 1 so that token 0 contributes too
+        tok = np.concatenate(arrays).astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        tok += np.uint64(1)
+        nsym = -(-lens // P)
+        tok_start = np.zeros(len(lens), dtype=np.int64)
+        np.cumsum(lens[:-1], out=tok_start[1:])
+        sym_start = np.zeros(len(lens), dtype=np.int64)
+        np.cumsum(nsym[:-1], out=sym_start[1:])
+        total_sym = int(nsym.sum())
+        # per token: its position in its prompt, hence its page and its place in the page
+        owner = np.repeat(np.arange(len(lens)), lens)
+        pos = np.arange(len(tok), dtype=np.int64) - tok_start[owner]
+        tok *= _WEIGHTS[pos % P]
+        sym_of_tok = sym_start[owner] + pos // P
+        first_tok = np.flatnonzero(np.diff(sym_of_tok, prepend=-1))  # first token of each symbol
+        content = np.add.reduceat(tok, first_tok)
+        sym_tokens = np.diff(np.append(first_tok, len(tok))).astype(np.uint64)
+        content = _mix(content + sym_tokens * _M)
+        del tok, owner, pos, sym_of_tok, first_tok
+        # chain along each prompt: column j over all prompts with more than j symbols
+        sym = np.empty(total_sym, dtype=np.uint64)
+        prev = np.full(len(lens), _SEED, dtype=np.uint64)
+        for j in range(int(nsym.max())):
+            live = np.flatnonzero(nsym > j)
+            idx = sym_start[live] + j
+            h = _mix(prev[live] * _M + content[idx])
+            sym[idx] = h
+            prev[live] = h
+        self._sym.append(sym)
+        self._len.append(lens)
+
+    def finish(self) -> None:
+        """Concatenate what was added (idempotent; more can be added and finished again)."""
+        if not self._len:
+            return
+        self.symbols = np.concatenate([self.symbols, *self._sym])
+        self._sym.clear()
+        self.lengths = np.concatenate([self.lengths, *self._len])
+        self._len.clear()
+        self.sym_lens = -(-self.lengths // self.page_size)
+        self.sym_offsets = np.zeros(len(self.lengths), dtype=np.int64)
+        np.cumsum(self.sym_lens[:-1], out=self.sym_offsets[1:])
+
+    def nbytes(self) -> int:
+        """Bytes the finished arrays hold."""
+        return sum(a.nbytes for a in (self.symbols, self.lengths, self.sym_lens, self.sym_offsets))
+
+
+def symbol_order(symbols: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """Request indices sorted by their symbol sequences (a proper prefix first; ties by index). The
+    order among distinct symbols is arbitrary but fixed, which is all the tree needs: requests sharing
+    a prefix are contiguous."""
+    n = len(lengths)
+    keys: list[bytes] = []
+    i = 0
+    while i < n:
+        j = max(int(np.searchsorted(offsets, offsets[i] + chunk, side="right")), i + 1)
+        base, end = int(offsets[i]), int(offsets[j - 1] + lengths[j - 1])
+        buf = symbols[base:end].astype(">u8").tobytes()
+        starts = ((offsets[i:j] - base) * 8).tolist()
+        stops = ((offsets[i:j] + lengths[i:j] - base) * 8).tolist()
+        keys.extend(buf[a:b] for a, b in zip(starts, stops))
+        del buf
+        i = j
+    order = np.array(sorted(range(n), key=keys.__getitem__), dtype=np.int64)
+    return order
+
+
+def page_trie(pages: PagePrompts) -> PrefixTrie:
+    """The prefix tree over the prompts' page symbols, with depths and lengths in tokens (see the module
+    docstring): a ``PrefixTrie`` with ``page_size == pages.page_size``."""
+    pages.finish()
+    P = pages.page_size
+    sym, off, slen, tlen = pages.symbols, pages.sym_offsets, pages.sym_lens, pages.lengths
+    order = symbol_order(sym, off, slen)
+    lcp = adjacent_lcp(sym, off, slen, order)
+    depth, parent, lo, hi, term_sorted = _lcp_interval_tree(lcp, slen[order])
+    n = len(tlen)
+    term_node = np.empty(n, dtype=np.int64)
+    term_node[order] = term_sorted
+    if n:
+        # d symbols = d full pages, or (a partial last page) the whole of identical prompts
+        rep = order[np.minimum(lo, n - 1)]
+        depth = np.minimum(depth * P, tlen[rep])
+        lcp = np.minimum(lcp * P, np.minimum(tlen[order], tlen[np.roll(order, 1)]))
+        lcp[0] = 0
+    return PrefixTrie(sym, off, tlen, order, lcp, depth, parent, lo, hi, term_node, page_size=P, sym_lens=slen)
