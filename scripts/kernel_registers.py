@@ -174,8 +174,29 @@ def sampling_configs() -> list[Config]:
     return out
 
 
+def int4_configs() -> list[Config]:
+    """The W4A16 GEMM (kernels/int4_matmul.py) at Llama-3-8B's gate/up shape: a decode batch, a
+    mid-size batch and a prefill chunk (``tiles`` picks each one's tile), group size 128 and per channel."""
+    from batchllm.kernels.int4_matmul import tiles
+
+    n, k = 28672, 4096
+    out = []
+    for group, zero, m, default in ((128, False, 1, True), (128, True, 64, True), (128, False, 4096, True),
+                                    (k, False, 1, False), (k, True, 4096, False)):
+        bm, bn, bk, warps = tiles(m, group)
+        args = dict(x_ptr="*bf16", stride_xm=k, w_ptr="*i32", stride_wn=k // 8, s_ptr="*fp32",
+                    z_ptr="*i8" if zero else "*fp32", stride_sn=k // group, y_ptr="*bf16", stride_ym=n, M=3, N=n, K=k)
+        const = dict(GROUP_SIZE=group, HAS_ZERO=zero, UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk)
+        label = f"int4 gemm bf16 g{group if group < k else 'channel'}{' zp' if zero else ''} M={m}"
+        # num_stages 3: Triton's default, which int4_matmul's launch keeps
+        out.append(Config(label, "int4_matmul:_int4_matmul_kernel", args, const, warps, 3, default,
+                          "every quantized projection of a W4A16 model"))
+    return out
+
+
 def all_configs() -> list[Config]:
-    return attention_configs() + merge_configs() + kv_store_configs() + sampling_configs()
+    return attention_configs() + merge_configs() + kv_store_configs() + sampling_configs() + int4_configs()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from batchllm.kernels.runtime import load_triton
+
+# Where the Triton kernels run is decided once per process, before Triton's first import
+# (kernels/runtime.py): transformers' model classes and compressed-tensors import Triton themselves,
+# and a test module that imports them before any kernel module would otherwise fix Triton's mode for
+# every kernel test after it. Decided here from the device, as in production.
+load_triton()
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> str:

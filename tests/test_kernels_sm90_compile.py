@@ -66,7 +66,7 @@ def test_engine_kernels_compile_for_sm90_without_spills(tmp_path):
     result = compile_kernels(tmp_path)
     rows = {r["name"]: r for r in result["rows"]}
     kernels = {r["kernel"] for r in rows.values()}
-    assert {"_attn_tiles_kernel", "_merge_partials_kernel", "_store_kv_kernel", "_sampling_kernel"} <= kernels
+    assert {"_attn_tiles_kernel", "_merge_partials_kernel", "_store_kv_kernel", "_sampling_kernel", "_int4_matmul_kernel"} <= kernels
     attn = [r for r in rows.values() if r["kernel"] == "_attn_tiles_kernel"]
     assert any("bf16 llama3-8b narrow" in r["name"] for r in attn) and any("bf16 llama3-8b wide" in r["name"] for r in attn)
     assert any("fp32" in r["name"] for r in attn)

@@ -13,6 +13,8 @@ that transformers imports by that name. In a checkout or an editable install thi
   the two-way log-sum-exp merge.
 - ``kv_store``: writes a step's new K/V into the paged cache.
 - ``sampling``: sort-free sampling with the sampler's hash RNG.
+- ``int4_matmul``: the W4A16 GEMM (packed int4 weights dequantized inside the K loop, group scales and
+  zero points); its torch reference is ``batchllm.models.quant.int4_linear_reference``.
 - ``backend``: ``TritonAttention``, the attention backend ``engine.attention.get_backend("triton")`` builds.
 - ``runtime``: where the kernels run (compiled for the GPU, or Triton's interpreter without one): one
   decision per process, explicit (``use_interpreter``) or from the device, applied before Triton loads.
