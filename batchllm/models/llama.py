@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from batchllm.engine.attention import AttentionBackend, AttentionMetadata
+from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
 from batchllm.models.config import ModelConfig
 from batchllm.models.layers import Linear, RMSNorm, RotaryEmbedding, make_linear, silu_and_mul
 
