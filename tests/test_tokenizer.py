@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from batchllm.models import default_model, dummy, loader
 from batchllm.models.dummy_tokenizer import build_tokenizer
 from batchllm.models.tokenizer import (
-    batch_encode_prompts,
+    batch_encode,
     encode_chat,
     encode_prompt,
     eos_token_ids,
@@ -36,8 +37,10 @@ def test_default_tokenizer(tok):
 def test_encode_prompt_and_batch(tok):
     texts = ["Hello world", "", "Ünïcode and emoji 🙂 and <|im_end|>", "  leading spaces"]
     singles = [encode_prompt(tok, t) for t in texts]
-    assert batch_encode_prompts(tok, texts) == singles
-    assert batch_encode_prompts(tok, []) == []
+    batch = batch_encode(tok, texts, add_special_tokens=True)
+    assert all(ids.dtype == np.int32 for ids in batch)
+    assert [ids.tolist() for ids in batch] == singles
+    assert batch_encode(tok, [], add_special_tokens=True) == []
     assert tok.decode(singles[0]) == "Hello world"
     assert 2 in singles[2]  # special tokens in raw text are recognised, as vLLM does
     assert all(isinstance(i, int) for ids in singles for i in ids)
