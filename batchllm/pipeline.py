@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ from batchllm.errors import BatchLLMError
 from batchllm.execute import EngineCallbacks, run_plan
 from batchllm.io.readers import ColumnMapping, input_identity, read_requests, resolve_keep_columns
 from batchllm.io.requests import Request, RowError
-from batchllm.io.tokenize import max_prompt_chars, tokenize
+from batchllm.io.tokenize import max_prompt_chars, read_ahead, tokenize
 from batchllm.io.writer import KEPT_JSON_METADATA, OUTPUT_SCHEMA, CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
 from batchllm.jobs.manifest import build_fingerprint
@@ -70,30 +70,55 @@ def read_and_tokenize(
     its read phase (``JobFolder.skip_masks``), else read and dropped. ``keep``: the kept input columns
     (``kept_columns``), whose values the records carry. Records carry the input paths the
     job first recorded (``input_files``), so every shard of a job names its inputs the same way.
+
+    A thread reads the next batch of ``_TOKENIZE_BATCH`` rows while this one tokenizes the current one
+    (the tokenizer's batched encoding releases the GIL); at most ``_READ_AHEAD`` batches wait between
+    them. Requests come back in input order; ``on_error`` is called on this thread only, a batch's read
+    errors before its tokenization errors.
     """
     mapping = _column_mapping(cfg)
     skip = folder.skip_masks(cfg.inputs) if folder is not None and folder.resuming else None
     done = folder.done if folder is not None and folder.resuming and skip is None else None
     file_ids = {p: i for i, p in enumerate(cfg.inputs)}
     names = (folder.manifest.get("input_files") if folder is not None and folder.resuming else None) or cfg.inputs
-    requests: list[Request] = []
     limit = max_prompt_chars(tokenizer, max_model_len)
-    rows = read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit, keep=keep, split=cfg.split)
-    for k, item in enumerate(rows):
-        fid = file_ids[item.input_file]
-        if done is not None and done.contains(fid, item.input_index):
-            continue
-        item.input_file = names[fid]
-        if isinstance(item, RowError):
-            on_error(item)
-        else:
-            requests.append(item)
-        if stop is not None and stop and k % 1024 == 0:
-            break  # run_job notices the flag and stops before planning
-    requests, errors = tokenize(requests, tokenizer, max_model_len, mcfg.vocab_size)
-    for e in errors:
-        on_error(e)
+
+    def batches() -> Iterator[list[Request | RowError]]:
+        rows = read_requests(cfg.inputs, mapping, cfg.sampling_defaults(), skip=skip, max_prompt_chars=limit, keep=keep, split=cfg.split)
+        batch: list[Request | RowError] = []
+        for k, item in enumerate(rows):
+            fid = file_ids[item.input_file]
+            if done is not None and done.contains(fid, item.input_index):
+                continue
+            item.input_file = names[fid]
+            batch.append(item)
+            if len(batch) == _TOKENIZE_BATCH:
+                yield batch
+                batch = []
+            if stop is not None and stop and k % 1024 == 0:
+                break  # run_job notices the flag and stops before planning
+        if batch:
+            yield batch
+
+    requests: list[Request] = []
+    for batch in read_ahead(batches(), _READ_AHEAD):
+        todo = []
+        for item in batch:
+            if isinstance(item, RowError):
+                on_error(item)
+            else:
+                todo.append(item)
+        ok, errors = tokenize(todo, tokenizer, max_model_len, mcfg.vocab_size)
+        requests.extend(ok)
+        for e in errors:
+            on_error(e)
     return requests
+
+
+# Rows per tokenizer call: large enough that the Rust threads amortise their start, small enough that
+# reading and tokenizing overlap from the first seconds of a job.
+_TOKENIZE_BATCH = 4096
+_READ_AHEAD = 2
 
 
 def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from batchllm.sampling_params import SamplingParams
 
 
@@ -26,9 +28,10 @@ class Request:
     sampling: SamplingParams
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    prompt_token_ids: list[int] | None = None
-    # Filled by tokenization (batchllm.pipeline); int32 numpy array or list of ints.
-    token_ids: Any = None
+    # The row's ids as read (a list of ints); ``io.tokenize`` replaces the list by ``token_ids``' array.
+    prompt_token_ids: list[int] | np.ndarray | None = None
+    # Filled by ``io.tokenize.tokenize``: an int32 array (never a Python list: 4 bytes a token, not ~36).
+    token_ids: np.ndarray | None = None
     # --keep-columns: the row's values of the kept input columns (name -> value), carried to its output rows.
     kept: dict[str, Any] | None = None
 
