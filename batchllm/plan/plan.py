@@ -27,7 +27,7 @@ sequences (the baseline engine shares prompts only through its page cache, as vL
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,7 +79,9 @@ class Plan:
     nothing is preempted (``tests/test_plan_execution.py``).
     ``unique_prompt_tokens`` (distinct non-empty prefixes: the best any cache can do) is measured on
     the prompt tree of a ``"batchllm"`` plan, None where no tree was built (the baseline) or the plan
-    is derived (``subset``, ``without``).
+    is derived (``subset``, ``without``). On the page tree it counts prefixes by whole pages (two
+    prompts diverging inside a page both count that page), so it may exceed the token count and
+    ``max_saving`` then understates the best, even below ``saving``.
     """
 
     groups: list[PrefixGroup]
@@ -163,6 +165,7 @@ def build_plan(
     trie: PrefixTrie | None = None,
     page_size: int = 16,
     planner: str = "auto",
+    read_tokens: Callable[[int, int, int], np.ndarray] | None = None,
 ) -> Plan:
     """Plan a job.
 
@@ -176,6 +179,10 @@ def build_plan(
     ``trie``: the prompts' tree if already built (e.g. to plan several ways from one build).
     ``page_size``: the engine's KV page size; outer prefixes end on a page boundary.
     ``planner``: ``"tokens"``, ``"pages"`` or ``"auto"`` (see the module docstring; page size 1: tokens).
+    ``read_tokens(i, start, stop)``: tokens ``start:stop`` of request ``i``, where ``prompts`` are
+    ``PagePrompts`` (e.g. read from the job's token file); with it a page-tree plan extends each group's
+    prefix token-exactly into the page where its members diverge (one page read per member), without
+    it group prefixes end on a page boundary. Prompts given as token arrays are read directly.
     Raises ``ValueError`` for bad input.
     """
     if policy not in POLICIES:
@@ -218,13 +225,47 @@ def build_plan(
     group_order, order = order_groups(trie, grouping, out)
     size = np.bincount(grouping.req_group, minlength=grouping.num_groups)[group_order]
     members = np.split(order, np.cumsum(size)[:-1]) if len(order) else []
-    plens, members = split_samples(grouping.prefix_len[group_order], members, lens, n_s)
+    plens = grouping.prefix_len[group_order]
+    if trie.page_size > 1:
+        if read_tokens is None and not isinstance(prompts, PagePrompts):
+            def read_tokens(i, start, stop):
+                return np.asarray(prompts[i][start:stop])
+        if read_tokens is not None:
+            plens = _exact_prefixes(plens, members, lens, trie.page_size, read_tokens)
+    plens, members = split_samples(plens, members, lens, n_s)
     # the tokens neighbouring groups' prefixes share: where outer prefixes can go
     lcp = [trie.common_prefix(int(a[0]), int(b[0]), min(pa, pb)) if pa and pb else 0
            for pa, pb, a, b in zip(plens[:-1], plens[1:], members[:-1], members[1:])]
     order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
     return _from_groups(plens, members, lens[order], n_s[order], nest_by_lcp(plens, lcp, align=page_size),
                         unique=trie.unique_tokens())
+
+
+def _exact_prefixes(plens: np.ndarray, members: list[np.ndarray], lens: np.ndarray, page_size: int,
+                    read_tokens: Callable[[int, int, int], np.ndarray]) -> np.ndarray:
+    """Group prefixes of a page-tree plan extended by the tokens all members share in the next page
+    (at most ``page_size - 1`` more, and each member keeps one own token): token-exact where they
+    diverge inside that page."""
+    out = np.asarray(plens, dtype=np.int64).copy()
+    for g, m in enumerate(members):
+        p = int(out[g])
+        if p == 0 or len(m) < 2:
+            continue
+        stop = min(p + page_size - 1, int(lens[m].min()) - 1)
+        if stop <= p:
+            continue
+        ids = m.tolist()
+        head = np.asarray(read_tokens(ids[0], p, stop))
+        common = len(head)
+        for i in ids[1:]:
+            w = np.asarray(read_tokens(i, p, p + common))
+            diff = np.flatnonzero(w != head[:common])
+            if len(diff):
+                common = int(diff[0])
+                if common == 0:
+                    break
+        out[g] = p + common
+    return out
 
 
 def _from_groups(prefix_lens: Sequence[int], members: list[np.ndarray], lens: np.ndarray, samples: np.ndarray,
