@@ -15,9 +15,10 @@ the whole of identical prompts. What this gives up against the token-exact tree:
 diverge inside a page share only the pages before it, and a prompt that is a prefix of another
 shares only its full pages with it (its partial last page is its own symbol).
 
-Collisions. Symbols are compared position by position from the first page (``trie.adjacent_lcp``), so
-two prompts are wrongly merged only if two *different* pages following the *same* shared prefix get
-the same symbol. With ``k`` distinct pages after a common prefix that is one of ``k^2 / 2`` pairs, each
+Collisions. Requests are sorted and compared by symbols on the understanding that equal symbols at
+page ``j`` mean equal pages ``0..j`` (``symbol_order``, ``chained_lcp``), so two prompts are wrongly
+merged only if two *different* pages following the *same* shared prefix get the same symbol (a chain
+that diverged earlier and met again is the same event one level up). With ``k`` distinct pages after a common prefix that is one of ``k^2 / 2`` pairs, each
 colliding with probability ``2^-64`` for a well-mixed hash: summed over a job's branch points (for
 10,000,000 prompts under 300 system prompts, about ``300 * 33,000^2 / 2 = 1.7e11`` pairs) the chance of
 any merge is below ``1e-8``. And nothing runs on a hash: ``engine/sources.py`` checks every member's
@@ -30,7 +31,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree, adjacent_lcp
+from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree
 
 _M = np.uint64(0x9E3779B97F4A7C15)  # chain multiplier (odd)
 _SEED = np.uint64(0x2545F4914F6CDD1D)  # the chain's start: h_{-1}
@@ -53,7 +54,8 @@ _WEIGHTS = np.random.default_rng(0x5EED).integers(0, 1 << 63, _MAX_PAGE, dtype=n
 class PagePrompts:
     """The page symbols and token lengths of a job's prompts, appended batch by batch (``add``).
 
-    After ``finish`` (called by ``page_trie``): ``symbols`` (uint64, all prompts' symbols concatenated),
+    Arrays taken from ``symbols`` must be dropped before the next ``add`` or ``finish``, which grow the
+    buffer in place (``ValueError`` otherwise). After ``finish`` (called by ``page_trie``): ``symbols`` (uint64, all prompts' symbols concatenated),
     ``sym_offsets`` / ``sym_lens`` (per prompt: where its symbols start, how many: ``ceil(len / page)``)
     and ``lengths`` (per prompt: tokens). Request indices are positions in the order of addition.
     """
@@ -62,9 +64,12 @@ class PagePrompts:
         if not 2 <= page_size <= _MAX_PAGE:  # one-token pages: the token tree is the page tree
             raise ValueError(f"page_size must be in 2..{_MAX_PAGE}, got {page_size}")
         self.page_size = page_size
-        self._sym: list[np.ndarray] = []
+        # symbols land in one buffer grown in place (``ndarray.resize``: a ``realloc``, so a big
+        # buffer moves by remapping pages rather than being copied next to itself)
+        self._buf = np.zeros(1 << 16, dtype=np.uint64)
+        self._used = 0
         self._len: list[np.ndarray] = []
-        self.symbols = np.zeros(0, dtype=np.uint64)
+        self.symbols = self._buf[:0]
         self.lengths = np.zeros(0, dtype=np.int64)
         self.sym_lens = np.zeros(0, dtype=np.int64)
         self.sym_offsets = np.zeros(0, dtype=np.int64)
@@ -102,25 +107,26 @@ class PagePrompts:
             arrays.append(a)
         P = self.page_size
         lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        # int32 ids as their uint32 bit pattern, + 1 so that token 0 contributes too
-        tok = np.concatenate(arrays).astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
-        tok += np.uint64(1)
         nsym = -(-lens // P)
         tok_start = np.zeros(len(lens), dtype=np.int64)
         np.cumsum(lens[:-1], out=tok_start[1:])
         sym_start = np.zeros(len(lens), dtype=np.int64)
         np.cumsum(nsym[:-1], out=sym_start[1:])
         total_sym = int(nsym.sum())
-        # per token: its position in its prompt, hence its page and its place in the page
-        owner = np.repeat(np.arange(len(lens)), lens)
-        pos = np.arange(len(tok), dtype=np.int64) - tok_start[owner]
-        tok *= _WEIGHTS[pos % P]
-        sym_of_tok = sym_start[owner] + pos // P
-        first_tok = np.flatnonzero(np.diff(sym_of_tok, prepend=-1))  # first token of each symbol
-        content = np.add.reduceat(tok, first_tok)
-        sym_tokens = np.diff(np.append(first_tok, len(tok))).astype(np.uint64)
-        content = _mix(content + sym_tokens * _M)
-        del tok, owner, pos, sym_of_tok, first_tok
+        # per token: its int32 bit pattern times the weight of its place in its page
+        tok = np.concatenate([a.astype(np.int32, copy=False) for a in arrays]).view(np.uint32).astype(np.uint64)
+        place = np.arange(len(tok), dtype=np.int64)
+        place -= np.repeat(tok_start, lens)
+        place %= P
+        tok *= _WEIGHTS[place]
+        del place
+        # per symbol: its prompt, its page number there, its first token and its token count
+        sym_owner = np.repeat(np.arange(len(lens)), nsym)
+        page_no = np.arange(total_sym, dtype=np.int64) - sym_start[sym_owner]
+        first_tok = tok_start[sym_owner] + page_no * P
+        sym_tokens = np.minimum(P, lens[sym_owner] - page_no * P).astype(np.uint64)
+        content = _mix(np.add.reduceat(tok, first_tok) + sym_tokens * _M)
+        del tok, sym_owner, page_no, first_tok, sym_tokens
         # chain along each prompt: column j over all prompts with more than j symbols
         sym = np.empty(total_sym, dtype=np.uint64)
         prev = np.full(len(lens), _SEED, dtype=np.uint64)
@@ -130,15 +136,21 @@ class PagePrompts:
             h = _mix(prev[live] * _M + content[idx])
             sym[idx] = h
             prev[live] = h
-        self._sym.append(sym)
+        if self._used + total_sym > len(self._buf):
+            self.symbols = None  # drop the view, so the buffer can be resized in place
+            self._buf.resize(max(self._used + total_sym, len(self._buf) * 5 // 4))
+        self._buf[self._used : self._used + total_sym] = sym
+        self._used += total_sym
+        self.symbols = self._buf[: self._used]
         self._len.append(lens)
 
     def finish(self) -> None:
         """Concatenate what was added (idempotent; more can be added and finished again)."""
         if not self._len:
             return
-        self.symbols = np.concatenate([self.symbols, *self._sym])
-        self._sym.clear()
+        self.symbols = None
+        self._buf.resize(self._used)  # give the growth slack back
+        self.symbols = self._buf
         self.lengths = np.concatenate([self.lengths, *self._len])
         self._len.clear()
         self.sym_lens = -(-self.lengths // self.page_size)
@@ -150,24 +162,60 @@ class PagePrompts:
         return sum(a.nbytes for a in (self.symbols, self.lengths, self.sym_lens, self.sym_offsets))
 
 
-def symbol_order(symbols: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+def symbol_order(symbols: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Request indices sorted by their symbol sequences (a proper prefix first; ties by index). The
-    order among distinct symbols is arbitrary but fixed, which is all the tree needs: requests sharing
-    a prefix are contiguous."""
+    order among distinct symbols is their numeric one, which is all the tree needs: requests sharing a
+    prefix are contiguous.
+
+    Most-significant-symbol-first: runs of requests equal so far are refined by their next symbol, and
+    a request leaves the work once it is alone in its run or has no next symbol; so the cost is the
+    shared pages, and the memory a few integers per request (no per-request sort keys)."""
     n = len(lengths)
-    keys: list[bytes] = []
-    i = 0
-    while i < n:
-        j = max(int(np.searchsorted(offsets, offsets[i] + chunk, side="right")), i + 1)
-        base, end = int(offsets[i]), int(offsets[j - 1] + lengths[j - 1])
-        buf = symbols[base:end].astype(">u8").tobytes()
-        starts = ((offsets[i:j] - base) * 8).tolist()
-        stops = ((offsets[i:j] + lengths[i:j] - base) * 8).tolist()
-        keys.extend(buf[a:b] for a, b in zip(starts, stops))
-        del buf
-        i = j
-    order = np.array(sorted(range(n), key=keys.__getitem__), dtype=np.int64)
+    order = np.arange(n, dtype=np.int64)
+    run = np.zeros(n, dtype=np.int64)  # per position in order: its run (non-decreasing)
+    active = np.arange(n, dtype=np.int64) if n > 1 else np.zeros(0, dtype=np.int64)  # positions still to refine
+    j = 0
+    while len(active):
+        req = order[active]
+        has = lengths[req] > j
+        sym = np.where(has, symbols[offsets[req] + np.where(has, j, 0)], np.uint64(0))
+        r = run[active]
+        perm = np.lexsort((sym, has, r))  # stable: equal keys keep their order (ties by index)
+        req, has, sym, r = req[perm], has[perm], sym[perm], r[perm]
+        order[active] = req
+        new = np.ones(len(req), dtype=bool)
+        new[1:] = (r[1:] != r[:-1]) | (has[1:] != has[:-1]) | (sym[1:] != sym[:-1])
+        ids = np.cumsum(new)
+        size = np.bincount(ids)[ids]
+        # runs keep increasing ids along positions: offset them past every id used so far
+        run[active] = ids + int(run.max()) + 1 if len(run) else ids
+        keep = has & (size > 1)
+        active = active[keep]
+        j += 1
     return order
+
+
+def chained_lcp(symbols: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``lcp[k]``: symbols requests ``order[k-1]`` and ``order[k]`` share (``lcp[0] = 0``). Symbols are
+    chained, so two requests with equal symbols at position ``j`` are equal up to ``j``: a binary search
+    per pair, all pairs at once (about ``log2`` of the longest prompt's pages in vector steps)."""
+    n = len(order)
+    lcp = np.zeros(n, dtype=np.int64)
+    if n < 2:
+        return lcp
+    a, b = offsets[order[:-1]], offsets[order[1:]]
+    lo = np.zeros(n - 1, dtype=np.int64)
+    hi = np.minimum(lengths[order[:-1]], lengths[order[1:]])
+    todo = np.flatnonzero(lo < hi)
+    while len(todo):
+        l, h = lo[todo], hi[todo]
+        mid = (l + h + 1) // 2
+        eq = symbols[a[todo] + mid - 1] == symbols[b[todo] + mid - 1]
+        lo[todo] = np.where(eq, mid, l)
+        hi[todo] = np.where(eq, h, mid - 1)
+        todo = todo[lo[todo] < hi[todo]]
+    lcp[1:] = lo
+    return lcp
 
 
 def page_trie(pages: PagePrompts) -> PrefixTrie:
@@ -177,7 +225,7 @@ def page_trie(pages: PagePrompts) -> PrefixTrie:
     P = pages.page_size
     sym, off, slen, tlen = pages.symbols, pages.sym_offsets, pages.sym_lens, pages.lengths
     order = symbol_order(sym, off, slen)
-    lcp = adjacent_lcp(sym, off, slen, order)
+    lcp = chained_lcp(sym, off, slen, order)
     depth, parent, lo, hi, term_sorted = _lcp_interval_tree(lcp, slen[order])
     n = len(tlen)
     term_node = np.empty(n, dtype=np.int64)
