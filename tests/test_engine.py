@@ -165,7 +165,7 @@ def test_stop_token_ids_and_min_tokens():
 
 
 def test_fcfs_lru_prefix_cache_reuses_pages_and_matches():
-    from batchllm.engine.prefix_cache import PrefixCachingPool
+    from batchllm.engine.prefix_cache import PrefixCachingKVManager, PrefixCachingPool
 
     cfg = tiny_config()
     model = build(cfg, random_state_dict(cfg, seed=12))
@@ -176,7 +176,7 @@ def test_fcfs_lru_prefix_cache_reuses_pages_and_matches():
     plain, _ = run_engine(model, cfg, prompts, params)
     # a small budget admits about one request per step, so later ones find the earlier ones cached
     cached, engine = run_engine(model, cfg, prompts, params, prefix_caching=True, budget=16)
-    assert isinstance(engine.pool, PrefixCachingPool)
+    assert isinstance(engine.kv_manager, PrefixCachingKVManager) and isinstance(engine.pool, PrefixCachingPool)
     for i in range(8):
         assert cached[i][0].output_ids == plain[i][0].output_ids
     # requests after the first of each head reuse its 3 full pages (12 tokens)
