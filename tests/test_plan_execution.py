@@ -4,8 +4,9 @@ Every workload of docs/benchmarks.md (``bench/workloads.py``, at small sizes) is
 ``plan_requests`` and run through ``build_sources`` on a random small model with a KV pool large enough
 that nothing is preempted; the saving the plan promises (``Plan.saving``) must be the saving the
 engine achieves (1 - ``prompt_tokens_computed`` / logical prompt tokens of every sample), token for
-token. Also with ``n > 1`` samples (the split into groups of their own), and for subsets: the parts a
-set of Ray replicas runs.
+token. Also with ``n > 1`` samples (the split into groups of their own), for subsets: the parts a
+set of Ray replicas runs, and for the page-granular planner (``plan/pages.py``), with group prefixes
+token-exact (its tokens at hand) or ending on page boundaries (``PagePrompts`` alone).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import SchedulerConfig
 from batchllm.engine.sources import build_sources
 from batchllm.io.requests import Request
-from batchllm.plan.plan import Plan, check_plan, plan_requests
+from batchllm.plan.pages import PagePrompts
+from batchllm.plan.plan import Plan, build_plan, check_plan, plan_requests
 from batchllm.sampling_params import SamplingParams
 from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
 
@@ -92,6 +94,35 @@ def test_planned_saving_is_the_achieved_saving_on_every_workload(model, name):
             assert len(plan.groups) == 3 and plan.nesting.outer_len.tolist() == [40]
 
 
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_page_plans_compute_what_they_plan_and_give_the_token_plans_outputs(model, name):
+    for cell in make_workload(name, WORKLOADS[name], vocab_size=CFG.vocab_size).cells:
+        requests = requests_of(cell.rows, [1 + i % 2 for i in range(len(cell.rows))])
+        prompts = [r.token_ids for r in requests]
+        token_plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE, planner="tokens")
+        _, want = run(model, requests, token_plan)
+        exp = np.array([r.sampling.max_tokens * r.sampling.n for r in requests], dtype=np.float64)
+        samples = [r.sampling.n for r in requests]
+        pages_only = build_plan(PagePrompts.of(prompts, PAGE), exp, samples=samples, page_size=PAGE)
+        for plan in (plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE, planner="pages"), pages_only):
+            check_plan(plan, prompts)
+            computed, done = run(model, requests, plan)
+            assert computed == plan.planned_prompt_tokens, cell.label
+            assert done == want
+
+
+def test_sources_refuse_a_member_that_does_not_start_with_its_group_prefix(model):
+    """What a page-hash collision would do: a member whose tokens differ inside its group's prefix."""
+    rows = make_workload("shared-prefix", WORKLOADS["shared-prefix"], vocab_size=CFG.vocab_size).cells[0].rows
+    requests = requests_of(rows)
+    plan = plan_requests(requests, "batchllm", None, PAGE, planner="pages")
+    g = next(g for g in plan.groups if len(g.members) > 1)
+    requests[int(g.members[-1])].token_ids = requests[int(g.members[-1])].token_ids.copy()
+    requests[int(g.members[-1])].token_ids[g.prefix_len - 1] += 1
+    with pytest.raises(ValueError, match="does not start with the group's prefix"):
+        list(build_sources(requests, plan, frozenset(), 0, page_size=PAGE))
+
+
 def test_planned_saving_is_achieved_with_many_samples_and_the_outputs_do_not_change(model):
     # the nested workload with n > 1 on some requests: some leave their group to share their own prompt
     rows = make_workload("nested", WORKLOADS["nested"], vocab_size=CFG.vocab_size).cells[0].rows
@@ -151,8 +182,12 @@ def test_planned_tokens_are_computed_tokens_on_random_jobs(model, rnd):
                      for j in range(rnd.randint(1, 3))]
     rnd.shuffle(rows)
     requests = requests_of(rows, [rnd.choice([1, 1, 2, 4]) for _ in rows])
-    plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE)
-    check_plan(plan, [r.token_ids for r in requests])
-    computed, done = run(model, requests, plan)
-    assert computed == plan.planned_prompt_tokens
-    assert len(done) == sum(r.sampling.n for r in requests)
+    outputs = []
+    for planner in ("tokens", "pages"):
+        plan = plan_requests(requests, "batchllm", CFG.max_position_embeddings, PAGE, planner=planner)
+        check_plan(plan, [r.token_ids for r in requests])
+        computed, done = run(model, requests, plan)
+        assert computed == plan.planned_prompt_tokens
+        assert len(done) == sum(r.sampling.n for r in requests)
+        outputs.append(done)
+    assert outputs[0] == outputs[1]

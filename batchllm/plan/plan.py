@@ -137,12 +137,13 @@ class Plan:
                             self.samples[~gone], self.nesting.restrict(kept), unique=None)
 
 
-def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int | None, page_size: int) -> Plan:
+def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int | None, page_size: int,
+                  planner: str = "auto") -> Plan:
     """The plan of a job's tokenized ``requests`` under ``policy`` (``POLICIES``); request indices are
     positions in ``requests``. ``page_size`` is the engine's KV page size (outer prefixes end on a page
     boundary).
 
-    ``"batchllm"`` expects per request ``max_tokens`` (capped by what ``max_model_len`` leaves after the
+    ``planner`` as in ``build_plan``. ``"batchllm"`` expects per request ``max_tokens`` (capped by what ``max_model_len`` leaves after the
     prompt; None: no cap) times ``n`` output tokens, which orders the groups decode-heavy first.
     """
     prompts = [r.token_ids for r in requests]
@@ -152,7 +153,7 @@ def plan_requests(requests: Sequence[Request], policy: str, max_model_len: int |
         (min(r.sampling.max_tokens, max(1, cap - len(r.token_ids))) * r.sampling.n for r in requests),
         dtype=np.float64, count=len(requests),
     )
-    return build_plan(prompts, expected, samples=samples, policy=policy, page_size=page_size)
+    return build_plan(prompts, expected, samples=samples, policy=policy, page_size=page_size, planner=planner)
 
 
 def build_plan(
