@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchllm.plan.pages import PagePrompts, page_trie
+from batchllm.plan.pages import PagePrompts, chained_lcp, page_trie, symbol_order
 from batchllm.plan.plan import TOKEN_PLAN_MAX_TOKENS, build_plan, check_plan
-from batchllm.plan.trie import PrefixTrie
+from batchllm.plan.trie import PrefixTrie, adjacent_lcp
 
 
 def structured(rng: np.random.Generator, n: int, vocab: int = 4) -> list[np.ndarray]:
@@ -73,6 +73,29 @@ def test_streaming_batches_give_the_same_symbols():
         pp.add(prompts[k : k + 7])
     pp.finish()
     assert np.array_equal(pp.symbols, one.symbols) and np.array_equal(pp.lengths, one.lengths)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_symbol_order_is_lexicographic_and_chained_lcp_is_the_lcp(seed):
+    rng = np.random.default_rng(seed)
+    pp = PagePrompts.of(structured(rng, int(rng.integers(1, 80))), int(rng.choice([2, 4, 16])))
+    seqs = [tuple(pp.symbols[o : o + k].tolist()) for o, k in zip(pp.sym_offsets, pp.sym_lens)]
+    order = symbol_order(pp.symbols, pp.sym_offsets, pp.sym_lens)
+    assert order.tolist() == sorted(range(len(seqs)), key=lambda i: (seqs[i], i))
+    assert np.array_equal(chained_lcp(pp.symbols, pp.sym_offsets, pp.sym_lens, order),
+                          adjacent_lcp(pp.symbols, pp.sym_offsets, pp.sym_lens, order))
+
+
+def test_symbols_must_be_let_go_before_the_buffer_grows():
+    pp = PagePrompts(2)
+    pp.add([np.arange(5)])
+    held = pp.symbols
+    with pytest.raises(ValueError):
+        pp.add([np.arange(1 << 18)])  # more than the buffer holds: it must grow
+    del held
+    pp.add([np.arange(1 << 18)])
+    pp.finish()
+    assert pp.lengths.tolist() == [5, 1 << 18] and len(pp.symbols) == 3 + (1 << 17)
 
 
 def test_page_tree_is_the_token_tree_at_page_granularity():

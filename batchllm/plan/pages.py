@@ -138,7 +138,10 @@ class PagePrompts:
             prev[live] = h
         if self._used + total_sym > len(self._buf):
             self.symbols = None  # drop the view, so the buffer can be resized in place
-            self._buf.resize(max(self._used + total_sym, len(self._buf) * 5 // 4))
+            try:
+                self._buf.resize(max(self._used + total_sym, len(self._buf) * 5 // 4))
+            finally:
+                self.symbols = self._buf[: self._used]
         self._buf[self._used : self._used + total_sym] = sym
         self._used += total_sym
         self.symbols = self._buf[: self._used]
@@ -149,8 +152,10 @@ class PagePrompts:
         if not self._len:
             return
         self.symbols = None
-        self._buf.resize(self._used)  # give the growth slack back
-        self.symbols = self._buf
+        try:
+            self._buf.resize(self._used)  # give the growth slack back
+        finally:
+            self.symbols = self._buf[: self._used]
         self.lengths = np.concatenate([self.lengths, *self._len])
         self._len.clear()
         self.sym_lens = -(-self.lengths // self.page_size)
