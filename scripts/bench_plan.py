@@ -227,9 +227,10 @@ def bench_scale(n: int, seed: int) -> dict:
     t_gen = time.perf_counter() - t0
     rss_prompts = rss_mb()
     lens = np.array([len(p) for p in prompts])
-    # The public entry point first, end to end, on a fresh process (the figure to report).
+    # The public entry point first, end to end, on a fresh process (the figure to report); on the token
+    # tree, whose phases follow ("auto" would take the page tree past TOKEN_PLAN_MAX_TOKENS).
     t = time.perf_counter()
-    plan = build_plan(prompts, expected)
+    plan = build_plan(prompts, expected, planner="tokens")
     t_plan = time.perf_counter() - t
     # Then the phases one by one (warm allocator, so they may sum to less than the above).
     phases = {}

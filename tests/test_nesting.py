@@ -18,7 +18,7 @@ from batchllm.engine.scheduler import SchedulerConfig
 from batchllm.engine.sequence import SharedPrefix
 from batchllm.engine.sources import build_sources
 from batchllm.io.requests import Request
-from batchllm.plan.nesting import nest
+from batchllm.plan.nesting import nest, nest_by_lcp
 from batchllm.plan.plan import build_plan, check_plan, plan_requests
 from batchllm.sampling_params import SamplingParams
 from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
@@ -67,6 +67,21 @@ def test_outer_prefixes_end_on_a_page_boundary():
     assert n.outer_len.tolist() == [32]
     assert nest([arr(s[:20], [1]), arr(s[:20], [2])], align=16).num_outer == 1  # 16 of the 20 shared tokens
     assert nest([arr(s[:20], [1]), arr(s[:20], [2])], align=32).num_outer == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 70)), min_size=0, max_size=12), st.sampled_from([1, 4, 16]))
+def test_lcp_rounded_down_to_a_page_gives_the_same_outer_prefixes(groups, align):
+    """What a page-tree plan passes: neighbours' shared tokens in whole pages only."""
+    rng = np.random.default_rng(0)
+    bases = [rng.integers(0, 3, 80, dtype=np.int32) for _ in range(4)]
+    heads = [bases[b][:k] for b, k in sorted(groups)]
+    plen = [len(h) for h in heads]
+    exact = [len(np.trim_zeros(np.cumprod(a[: min(len(a), len(b))] == b[: min(len(a), len(b))]), "b")) if x and y else 0
+             for a, b, x, y in zip(heads[:-1], heads[1:], plen[:-1], plen[1:])]
+    want = nest(heads, align=align)
+    for got in (nest_by_lcp(plen, exact, align=align), nest_by_lcp(plen, [e // align * align for e in exact], align=align)):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
 def test_empty_prefixes_never_nest():
