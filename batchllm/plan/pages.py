@@ -17,12 +17,16 @@ shares only its full pages with it (its partial last page is its own symbol).
 
 Collisions. Requests are sorted and compared by symbols on the understanding that equal symbols at
 page ``j`` mean equal pages ``0..j`` (``symbol_order``, ``chained_lcp``), so two prompts are wrongly
-merged only if two *different* pages following the *same* shared prefix get the same symbol (a chain
-that diverged earlier and met again is the same event one level up). With ``k`` distinct pages after a common prefix that is one of ``k^2 / 2`` pairs, each
-colliding with probability ``2^-64`` for a well-mixed hash: summed over a job's branch points (for
-10,000,000 prompts under 300 system prompts, about ``300 * 33,000^2 / 2 = 1.7e11`` pairs) the chance of
-any merge is below ``1e-8``. And nothing runs on a hash: ``engine/sources.py`` checks every member's
-tokens against its group's prefix token for token and raises on a mismatch.
+merged only if two *different* pages following the *same* prefix get the same symbol (chains that
+diverged earlier and meet again are never compared that far). Given the same ``h_{j-1}``, ``h_j`` is
+a bijection of the page's content value ``sum_i W_i * token_i + count * M (mod 2^64)`` (``W_i``: fixed
+odd random weights per place in the page), so that is the event: for two pages with some token ids
+differing by an odd amount it has probability ``2^-63`` over the weights (at worst ``2^-32``, for ids
+all differing by multiples of ``2^31``). A job with ``k`` distinct pages after a common prefix
+has ``k^2 / 2`` such pairs there: for 10,000,000 prompts under 300 system prompts about ``300 *
+33,000^2 / 2 = 1.7e11`` pairs, so a merge has probability about ``1e-8``. And nothing runs on a hash:
+``engine/sources.py`` checks every member's tokens against its group's prefix, token for token, and
+raises on a mismatch rather than attach a sample to another prompt's KV.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class PagePrompts:
     """The page symbols and token lengths of a job's prompts, appended batch by batch (``add``).
 
     Arrays taken from ``symbols`` must be dropped before the next ``add`` or ``finish``, which grow the
-    buffer in place (``ValueError`` otherwise). After ``finish`` (called by ``page_trie``): ``symbols`` (uint64, all prompts' symbols concatenated),
+    buffer in place (``ValueError`` otherwise). After ``finish`` (called by ``page_trie``): ``symbols``
+    (uint64, all prompts' symbols concatenated),
     ``sym_offsets`` / ``sym_lens`` (per prompt: where its symbols start, how many: ``ceil(len / page)``)
     and ``lengths`` (per prompt: tokens). Request indices are positions in the order of addition.
     """
