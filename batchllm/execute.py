@@ -7,6 +7,11 @@ writing. It owns what both need alike:
 - prompts this engine's KV pool cannot hold (``engine.cfg.max_model_len``, lowered to the pool by
   ``build.fit_to_pool``) become ``prompt_too_long`` rows and leave the plan (``Plan.without``): they never
   reach the engine, which could not schedule them;
+- structured output (``SamplingParams.structured``): each distinct spec of the plan is compiled once, by the
+  engine's grammar compiler (``LLMEngine.grammar_compiler``, built only when the plan constrains something),
+  before the run; a spec the grammar engine refuses makes its requests ``invalid_structured_output`` rows
+  with the engine's message, and where the grammar engine is not installed the constrained requests are
+  ``unsupported_parameter`` rows: either way they leave the plan and the job goes on;
 - the engine's work is exactly the plan (``engine.sources.build_sources``);
 - every finished sample becomes its output row (``jobs.results.completion_row``), handed to the caller
   with the sample; the first ``preview`` of them are kept for the run's preview;
@@ -37,13 +42,14 @@ from batchllm.plan.plan import Plan
 class EngineCallbacks:
     """What ``run_plan`` tells its caller, and asks it.
 
-    ``too_long(request, error)``: a request the KV pool cannot hold, as its error row's record.
+    ``rejected(request, error)``: a request that leaves the plan as an error row (a prompt the KV pool cannot
+    hold, a structured output that does not compile), with its error record.
     ``finished(request_index, request, sequence, row)``: a sample finished; ``row`` is its output row.
     ``step(stats)``: an engine step ended (after ``finished`` for the samples it finished).
     ``stop()``: True to end the run after the current step.
     """
 
-    too_long: Callable[[Request, RowError], None]
+    rejected: Callable[[Request, RowError], None]
     finished: Callable[[int, Request, Sequence, dict[str, Any]], None]
     step: Callable[[StepStats], None]
     stop: Callable[[], bool]
@@ -72,17 +78,48 @@ def too_long_error(r: Request, fits: int) -> RowError:
                     "(raise --kv-cache-tokens or lower --max-model-len)", r.custom_id, kept=r.kept)
 
 
+def structured_errors(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Request],
+                      plan: Plan) -> dict[int, RowError]:
+    """The error rows of the plan's requests whose structured output cannot run, by request index: each
+    distinct spec is compiled once (the engine's compiler caches it for the run's matchers)."""
+    constrained = [int(i) for g in plan.groups for i in g.members if requests[int(i)].sampling.structured is not None]
+    if not constrained:
+        return {}
+    try:
+        compiler = engine.grammar_compiler(eos)
+    except ImportError as e:
+        return {i: _row_error(requests[i], rq.UNSUPPORTED_PARAMETER,
+                              f"structured output needs the llguidance package, which this installation lacks ({e})")
+                for i in constrained}
+    from batchllm.engine.structured import CompileError  # loaded by grammar_compiler
+
+    errors = {}
+    for i in constrained:
+        grammar = compiler.compile(requests[i].sampling.structured)
+        if isinstance(grammar, CompileError):
+            errors[i] = _row_error(requests[i], rq.INVALID_STRUCTURED_OUTPUT, grammar.message)
+    return errors
+
+
+def _row_error(r: Request, code: str, message: str) -> RowError:
+    return RowError(r.input_file, r.input_index, code, message, r.custom_id, kept=r.kept)
+
+
 def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Request], plan: Plan, *, seed: int,
              page_size: int, preview: int, callbacks: EngineCallbacks) -> EngineRun:
     """Run ``plan`` (request indices into ``requests``: the job's list, or a replica's dict of its plan's
     members) through ``engine``; see the module docstring. Exceptions of the engine or of a callback
     propagate (the engine starts its next run from a fresh page pool)."""
     fits = engine.cfg.max_model_len
-    too_long = [int(i) for g in plan.groups for i in g.members if len(requests[int(i)].token_ids) >= fits]
-    for i in too_long:
-        callbacks.too_long(requests[i], too_long_error(requests[i], fits))
-    if too_long:
-        plan = plan.without(too_long)
+    rejected = {int(i): too_long_error(requests[int(i)], fits)
+                for g in plan.groups for i in g.members if len(requests[int(i)].token_ids) >= fits}
+    if rejected:
+        plan = plan.without(list(rejected))
+    invalid = structured_errors(engine, eos, requests, plan)
+    if invalid:
+        plan = plan.without(list(invalid))
+    for i, error in {**rejected, **invalid}.items():
+        callbacks.rejected(requests[i], error)
     shown: list[dict[str, str]] = []
 
     def on_finish(seq: Sequence) -> None:

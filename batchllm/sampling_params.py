@@ -36,7 +36,7 @@ MAX_N = 1024  # samples per request
 # Whether the engine constrains decoding with ``SamplingParams.structured``. The one switch that the engine's
 # wiring of batchllm.engine.structured flips: until then a row that asks for structured output is refused
 # (``structured_refusal``), never run unconstrained.
-STRUCTURED_OUTPUT_APPLIED = False
+STRUCTURED_OUTPUT_APPLIED = True
 
 # Request fields that ask for structured output, with vLLM's and OpenAI's names.
 STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",

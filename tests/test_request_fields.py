@@ -128,8 +128,9 @@ def test_nested_sampling_params(tmp_path):
 def test_parquet_columns_are_checked_too(tmp_path):
     path = str(tmp_path / "in.parquet")
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "guided_regex": [None, "x+", None], "echo": [None, None, True]}), path)
-    ok, bad, echo = read([path])
-    assert isinstance(ok, Request) and bad.error_code == rq.UNSUPPORTED_PARAMETER and "structured output (regex)" in bad.error_message
+    ok, regex, echo = read([path])
+    assert isinstance(ok, Request) and ok.sampling.structured is None
+    assert isinstance(regex, Request) and regex.sampling.structured == StructuredOutput("regex", "x+")
     assert echo.error_code == rq.UNSUPPORTED_PARAMETER and echo.error_message.startswith("echo = ")
 
 

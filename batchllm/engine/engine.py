@@ -3,6 +3,13 @@
 ``LLMEngine.step()`` reads as the whole loop (nano-vllm's shape). The engine knows nothing about files:
 it consumes ``Sequence`` / ``SharedPrefix`` objects in plan order from an iterator and hands each
 finished sequence to a callback, so the pipeline can stream millions of requests through it.
+
+Structured output (``params.structured``; ``batchllm.engine.structured``): a constrained sequence gets a
+grammar matcher at its first sampling step; each step starts filling the constrained rows' token bitmask
+on the grammar's thread before the model's forward and waits for it after, sets the forbidden logits of
+those rows only to -inf before ``sample`` (log-probs then reflect the mask, as in vLLM v1), and advances
+each matcher by its sampled token before the stop rules. The grammar engine (llguidance) is imported and
+its tokenizer view built only when a job constrains something (``grammar_compiler``).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -30,6 +37,14 @@ def derive_seed(job_seed: int, custom_id: str, sample_index: int, row_seed: int 
     custom_id. Independent of order, batching, sharding and resume point by construction."""
     key = f"row\0{row_seed}\0{sample_index}" if row_seed is not None else f"job\0{job_seed}\0{custom_id}\0{sample_index}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class _StepMasks(NamedTuple):
+    """The bitmask of a step's constrained sampling rows, being filled while the forward runs."""
+
+    rows: list[int]  # their rows among the step's sampling rows (the logits' rows)
+    bitmask: torch.Tensor  # row i: what rows[i] may sample (engine.structured's layout)
+    filled: Any  # concurrent.futures.Future of the fill
 
 
 @dataclasses.dataclass
@@ -75,6 +90,20 @@ class LLMEngine:
                                   max_model_len=sched_cfg.max_model_len, max_graph_batch=max_graph_batch)
         self.scheduler: Scheduler | None = None
         self.step_stats: list[StepStats] = []
+        self._grammar = None  # engine.structured.GrammarCompiler, built by grammar_compiler on first need
+        self._bitmask: torch.Tensor | None = None  # reused across steps, grown to the most constrained rows
+
+    def grammar_compiler(self, eos_token_ids: Iterable[int]):
+        """The engine's structured-output ``GrammarCompiler`` (over its tokenizer and logits width), built on
+        the first call (0.1-2 s: the tokenizer's view) and kept, so each distinct spec compiles once per
+        engine. ``eos_token_ids``: the model's EOS ids (the first call's are kept). ImportError where the
+        grammar engine (llguidance) is not installed."""
+        if self._grammar is None:
+            # imported here: only jobs that constrain need llguidance (the GPU image has none)
+            from batchllm.engine.structured import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size, eos_token_ids)
+        return self._grammar
 
     def run(
         self,
@@ -106,11 +135,12 @@ class LLMEngine:
         step = sched.schedule()
         if step is None:
             raise RuntimeError("no step could be scheduled: a sequence does not fit in the KV pool")
+        masks = self._start_masks(step)
         logits, samplers = self.runner.run(step)
         sched.advance(step)
         finished = 0
         if samplers:
-            finished = self._sample_and_append(logits, samplers, on_finish)
+            finished = self._sample_and_append(logits, samplers, on_finish, masks)
         return StepStats(
             num_seqs=sum(1 for it in step.items if it.generates),
             num_decodes=step.num_decodes,
@@ -120,7 +150,46 @@ class LLMEngine:
             seconds=time.perf_counter() - t0,
         )
 
-    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], on_finish) -> int:
+    def _start_masks(self, step) -> _StepMasks | None:
+        """Start filling the bitmask of the step's constrained sampling rows (in the runner's order of
+        sampling rows: the sequences whose step reaches their last token) on the grammar's thread; None
+        when no row is constrained. A constrained sequence gets its matcher here, at its first sampling."""
+        rows: list[int] = []
+        matchers = []
+        i = 0
+        for item, q in zip(step.items, step.num_tokens):
+            if item.generates and item.num_computed + q == item.total_len:
+                if item.params.structured is not None:
+                    if item.matcher is None:
+                        item.matcher = self._new_matcher(item)
+                    rows.append(i)
+                    matchers.append(item.matcher)
+                i += 1
+        if not rows:
+            return None
+        grammar = self._grammar
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            self._bitmask = grammar.allocate_bitmask(len(rows), pin_memory=self.device.type == "cuda")
+        bitmask = self._bitmask[: len(rows)]
+        return _StepMasks(rows, bitmask, grammar.fill_bitmask_async(matchers, bitmask))
+
+    def _new_matcher(self, s: Sequence):
+        """The grammar matcher of a constrained sequence, in the state of the output it holds."""
+        from batchllm.engine.structured import CompileError  # loaded by grammar_compiler
+
+        matcher = self.grammar_compiler(s.eos_ids).matcher(s.params.structured)
+        if isinstance(matcher, CompileError):  # execute.run_plan makes those error rows before the run
+            raise ValueError(f"structured output of sequence {s.seq_id} does not compile: {matcher.message}")
+        if s.output_ids and not matcher.restore(s.output_ids):
+            raise ValueError(f"the output of sequence {s.seq_id} is outside its grammar: {matcher.error}")
+        return matcher
+
+    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], on_finish, masks: _StepMasks | None) -> int:
+        if masks is not None:
+            from batchllm.engine.structured import apply_bitmask  # loaded by grammar_compiler already
+
+            masks.filled.result()
+            apply_bitmask(logits, masks.bitmask, masks.rows)
         rows = [
             SamplingRow(
                 params=s.params,
@@ -129,6 +198,7 @@ class LLMEngine:
                 prompt_ids=s.prompt_ids,
                 output_ids=s.output_ids,
                 eos_ids=s.eos_ids,
+                grammar_ended=s.matcher is not None and s.matcher.terminated,
             )
             for s in seqs
         ]
@@ -141,6 +211,8 @@ class LLMEngine:
         done: list[Sequence] = []
         for i, (s, tok) in enumerate(zip(seqs, token_ids)):
             s.output_ids.append(tok)
+            if s.matcher is not None and not s.matcher.accept(tok):  # the mask allowed it: a bug, never data
+                raise RuntimeError(f"sequence {s.seq_id} sampled token {tok} outside its grammar: {s.matcher.error}")
             if s.params.logprobs is not None and lps is not None:
                 if s.logprobs is None:
                     s.logprobs, s.top_logprobs = [], []

@@ -74,6 +74,8 @@ class SamplingRow:
     ``step`` is how many tokens the sample has generated so far (0 for the first). ``eos_ids`` are
     the tokens that end generation; ``min_tokens`` bans them and ``params.stop_token_ids`` until
     ``len(output_ids)`` reaches it (ignore_eos changes nothing here: the engine simply does not stop).
+    ``grammar_ended``: the row's structured-output grammar admits nothing but EOS (its mask leaves EOS
+    only), so ``min_tokens`` bans nothing there: a constrained output may end before ``min_tokens``.
     """
 
     params: SamplingParams
@@ -82,6 +84,7 @@ class SamplingRow:
     prompt_ids: Sequence[int] | np.ndarray
     output_ids: Sequence[int]
     eos_ids: frozenset[int] = frozenset()
+    grammar_ended: bool = False
 
 
 @dataclass
@@ -166,11 +169,12 @@ class SamplingBatch:
                 top_k, top_k_max = packed[:, 3], max(enabled)
             random_rows = put(rand, torch.int64)
 
-        # min_tokens: ban EOS and stop ids while the row is short of its minimum.
+        # min_tokens: ban EOS and stop ids while the row is short of its minimum (unless its grammar
+        # allows EOS only: the ban would leave no token).
         bans = [
             (i, t)
             for i, r in enumerate(rows)
-            if len(r.output_ids) < r.params.min_tokens
+            if len(r.output_ids) < r.params.min_tokens and not r.grammar_ended
             for t in sorted(set(r.eos_ids) | set(r.params.stop_token_ids))
             if 0 <= t < V
         ]

@@ -127,6 +127,9 @@ class Sequence:
     text: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # engine.structured.GrammarMatcher of a constrained sequence (params.structured), created by the engine
+    # at its first sampling step; it has accepted exactly output_ids (preemption keeps the output)
+    matcher: Any = None
 
     @property
     def prompt_len(self) -> int:

@@ -125,9 +125,11 @@ class GrammarCompiler:
         grammar = self.compile(spec)
         return grammar if isinstance(grammar, CompileError) else GrammarMatcher(grammar, self.eos_token_ids)
 
-    def allocate_bitmask(self, rows: int) -> torch.Tensor:
-        """An int32 bitmask for ``rows`` constrained rows, every token allowed."""
-        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+    def allocate_bitmask(self, rows: int, *, pin_memory: bool = False) -> torch.Tensor:
+        """An int32 bitmask for ``rows`` constrained rows, every token allowed; ``pin_memory``: in page-locked
+        memory, so that ``apply_bitmask`` uploads it to a GPU without blocking."""
+        mask = torch.empty((rows, (self.vocab_size + 31) // 32), dtype=torch.int32, pin_memory=pin_memory)
+        return mask.fill_(-1)
 
     def fill_bitmask(self, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
         """Row ``i`` of ``bitmask`` := the tokens ``matchers[i]`` allows next (llguidance drops the GIL while
