@@ -8,6 +8,12 @@ read-back of the sampled tokens.
 Only the last token of each sequence that completes its pending tokens this step goes through the LM
 head: prefill chunks that stop mid-prompt and shared prefixes need no logits.
 
+Prompt log-probabilities (``PromptLogprobs``, when the runner is given one): the hidden states of the
+prompt positions each item computes in a step also go through the LM head, and are reduced there to the
+log-probability of the next prompt token and whether it is the argmax. A shared prefix keeps its last
+position's whole distribution too, since each member continues it with its own token; so a prefix computed
+once serves every member's prompt log-probabilities, and the plan's shared work stays what it was.
+
 Decode-only steps may run as CUDA graphs (``cuda_graphs.DecodeGraphs``): padded to a bucket size,
 on inputs at fixed addresses; the LM head then runs eagerly on the real rows. Mixed and prefill steps,
 steps larger than the largest bucket, and decode steps that gain more from the prefix-shared path
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +38,103 @@ from batchllm.engine.attention_backend import (
 from batchllm.engine.input_buffers import StepBuffers, step_layout
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import ScheduledStep
-from batchllm.engine.sequence import Sequence
+from batchllm.engine.sequence import Sequence, SharedPrefix
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _PromptRows:
+    """One item's prompt log-probabilities by position ``p`` (the logits at ``p`` score token ``p + 1``)."""
+
+    logprob: np.ndarray  # float64 [length]: log P(token p+1 | tokens[:p+1]); NaN where not computed
+    is_argmax: np.ndarray  # bool [length]: token p+1 is the argmax at p
+    last: torch.Tensor | None = None  # a prefix's log-softmax at its last position (float32 [vocab], host)
+
+
+class TokenScore(NamedTuple):
+    """Prompt tokens ``start..end-1`` of a sequence, scored: summed log-likelihood, and whether every one of
+    them is the argmax of the logits before it (lm-evaluation-harness's ``is_greedy``)."""
+
+    logprob: float
+    is_greedy: bool
+
+
+class PromptLogprobs:
+    """Collects prompt log-probabilities of every ``Sequence`` (from position ``first_position(seq)`` on)
+    and ``SharedPrefix`` (all positions) the runner computes, and scores a finished sequence's prompt
+    tokens from its own rows and its prefixes'.
+
+    Rows are written by position, so a recomputation after preemption overwrites them with the same
+    values. ``release(seq)`` drops a finished sequence's rows, and those of its prefixes with no
+    unfinished dependent left; every row is held on the host.
+    """
+
+    def __init__(self, first_position: Callable[[Sequence], int]):
+        self.first_position = first_position
+        self._rows: dict[Sequence | SharedPrefix, _PromptRows] = {}
+
+    def positions(self, item: Sequence | SharedPrefix, start: int, q: int) -> tuple[int, int]:
+        """The positions ``[lo, hi)`` of ``item``'s step chunk ``[start, start + q)`` to score (maybe empty):
+        a sequence's prompt positions before its last one (whose logits sample), a prefix's every one."""
+        if isinstance(item, SharedPrefix):
+            return start, start + q
+        return max(start, self.first_position(item)), min(start + q, item.prompt_len - 1)
+
+    def add(self, item: Sequence | SharedPrefix, lo: int, logprobs: torch.Tensor) -> None:
+        """Log-softmax rows of positions ``lo..lo + len(logprobs) - 1`` of ``item`` (device tensor)."""
+        tokens = item.prompt_ids if isinstance(item, Sequence) else item.token_ids
+        n = item.prompt_len
+        rows = self._rows.get(item)
+        if rows is None:
+            rows = self._rows[item] = _PromptRows(np.full(n, np.nan), np.zeros(n, dtype=bool))
+        hi = lo + logprobs.shape[0]
+        scored = min(hi, n - 1) - lo  # rows whose next token is in ``tokens``
+        if scored > 0:
+            nxt = torch.as_tensor(tokens[lo + 1 : lo + 1 + scored].astype(np.int64), device=logprobs.device)
+            part = logprobs[:scored]
+            rows.logprob[lo : lo + scored] = part.gather(1, nxt[:, None])[:, 0].double().cpu().numpy()
+            rows.is_argmax[lo : lo + scored] = (part.argmax(dim=1) == nxt).cpu().numpy()
+        if hi == n and isinstance(item, SharedPrefix):
+            rows.last = logprobs[-1].float().cpu()
+
+    def score(self, seq: Sequence, start: int, end: int | None = None) -> TokenScore:
+        """``TokenScore`` of ``seq``'s prompt tokens ``start..end-1`` (``end`` default: the prompt's end);
+        ``1 <= start`` and ``start - 1 >= first_position(seq)``, or the tokens fall in shared prefixes."""
+        end = seq.prompt_len if end is None else end
+        if not 1 <= start <= end <= seq.prompt_len:
+            raise ValueError(f"cannot score prompt tokens {start}..{end - 1} of a {seq.prompt_len}-token prompt")
+        total, greedy = 0.0, True
+        for p in range(start - 1, end - 1):
+            lp, top = self._at(seq, p)
+            if lp != lp:
+                raise ValueError(f"position {p} of sequence {seq.seq_id} was not scored")
+            total += lp
+            greedy &= top
+        return TokenScore(total, greedy)
+
+    def _at(self, seq: Sequence, p: int) -> tuple[float, bool]:
+        """(log-probability of prompt token p + 1, is it the argmax) from the item that computed position p."""
+        owner: Sequence | SharedPrefix = seq
+        pref = seq.prefix
+        while pref is not None and p < pref.length:  # the outermost prefix holding p computed it
+            owner, pref = pref, pref.prefix
+        rows = self._rows[owner]
+        if isinstance(owner, SharedPrefix) and p == owner.length - 1:
+            tok = int(seq.prompt_ids[p + 1])
+            return float(rows.last[tok]), bool(int(rows.last.argmax()) == tok)
+        return float(rows.logprob[p]), bool(rows.is_argmax[p])
+
+    def release(self, seq: Sequence) -> None:
+        """Forget ``seq``'s rows, and its prefixes' once no dependent of theirs is unfinished."""
+        self._rows.pop(seq, None)
+        pref = seq.prefix
+        while pref is not None and pref.unfinished == 0:
+            self._rows.pop(pref, None)
+            pref = pref.prefix
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 @dataclasses.dataclass
@@ -60,6 +161,7 @@ class ModelRunner:
                  graphs: str = "off", max_model_len: int | None = None,
                  max_graph_batch: int = cuda_graphs.DEFAULT_MAX_GRAPH_BATCH):
         self.model, self.kv, self.backend, self.device = model, kv, backend, torch.device(device)
+        self.prompt_logprobs: PromptLogprobs | None = None  # set by a caller that scores prompts
         self.page_size = kv.page_size
         self.buffers = StepBuffers(self.device)
         self.graphs: cuda_graphs.DecodeGraphs | None = None
@@ -178,9 +280,34 @@ class ModelRunner:
             hidden = self.graphs.run(inp.bucket)[: len(inp.samplers)]
             return self.model.compute_logits(hidden), inp.samplers
         hidden = self.model(inp.input_ids, inp.positions, self.kv.layers, inp.meta, self.backend)
+        if self.prompt_logprobs is not None:
+            self._score_prompts(step, hidden)
         if not inp.samplers:
             return None, []
         return self.model.compute_logits(hidden[inp.logits_indices]), inp.samplers
+
+
+    def _score_prompts(self, step: ScheduledStep, hidden: torch.Tensor) -> None:
+        """Hand ``self.prompt_logprobs`` the log-softmax rows of the prompt positions it scores in ``step``
+        (one LM-head pass over all of them; ``hidden`` rows are the step's tokens in item order)."""
+        pl = self.prompt_logprobs
+        spans: list[tuple[Sequence | SharedPrefix, int, int, int]] = []  # item, first position, first row, rows
+        index: list[np.ndarray] = []
+        row = n = 0
+        for item, q in zip(step.items, step.num_tokens):
+            start = item.num_computed
+            lo, hi = pl.positions(item, start, q)
+            if hi > lo:
+                spans.append((item, lo, n, hi - lo))
+                index.append(np.arange(row + lo - start, row + hi - start))
+                n += hi - lo
+            row += q
+        if not spans:
+            return
+        rows = torch.as_tensor(np.concatenate(index), device=hidden.device)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+        for item, lo, first, count in spans:
+            pl.add(item, lo, logprobs[first : first + count])
 
 
 def _fill_step(h: dict[str, np.ndarray], step: ScheduledStep, page_size: int) -> list[Sequence]:
