@@ -157,8 +157,12 @@ class TokenFile:
         self._starts.clear()
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def read(self, i: int, start: int, stop: int) -> np.ndarray:
-        return np.frombuffer(os.pread(self._fd, 4 * (stop - start), 4 * (int(self.starts[i]) + start)), dtype=np.int32)
+    def read(self, ids: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start:stop`` of each prompt in ``ids``, shape ``(len(ids), stop - start)``."""
+        w = 4 * (stop - start)
+        fd = self._fd
+        raw = b"".join([os.pread(fd, w, at) for at in ((self.starts[ids] + start) * 4).tolist()])
+        return np.frombuffer(raw, dtype=np.int32).reshape(len(ids), stop - start)
 
 
 def bench_stream(n: int, seed: int, scale: float, planner: str, page_size: int, exact: bool, token_dir: Path) -> dict:

@@ -151,7 +151,7 @@ def test_shared_heads_that_end_inside_a_page():
     assert sorted(g.prefix_len for g in pages.groups) == [32, 64, 96]
     assert pages.planned_prompt_tokens == tok.planned_prompt_tokens + 6 * (5 + 6 + 5) - (5 + 6 + 5)
     read = build_plan(PagePrompts.of(prompts, 16), np.full(len(prompts), 8.0), page_size=16,
-                      read_tokens=lambda i, a, b: prompts[i][a:b])
+                      read_tokens=lambda ids, a, b: np.stack([prompts[i][a:b] for i in ids]))
     assert [g.prefix_len for g in read.groups] == [g.prefix_len for g in pg.groups]
 
 

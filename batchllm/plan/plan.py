@@ -166,7 +166,7 @@ def build_plan(
     trie: PrefixTrie | None = None,
     page_size: int = 16,
     planner: str = "auto",
-    read_tokens: Callable[[int, int, int], np.ndarray] | None = None,
+    read_tokens: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
 ) -> Plan:
     """Plan a job.
 
@@ -180,10 +180,12 @@ def build_plan(
     ``trie``: the prompts' tree if already built (e.g. to plan several ways from one build).
     ``page_size``: the engine's KV page size; outer prefixes end on a page boundary.
     ``planner``: ``"tokens"``, ``"pages"`` or ``"auto"`` (see the module docstring; page size 1: tokens).
-    ``read_tokens(i, start, stop)``: tokens ``start:stop`` of request ``i``, where ``prompts`` are
-    ``PagePrompts`` (e.g. read from the job's token file); with it a page-tree plan extends each group's
-    prefix token-exactly into the page where its members diverge (one page read per member), without
-    it group prefixes end on a page boundary. Prompts given as token arrays are read directly.
+    ``read_tokens(ids, start, stop)``: tokens ``start:stop`` of each request in ``ids`` (an int64 array;
+    every one of them has at least ``stop`` tokens) as an array of shape ``(len(ids), stop - start)``,
+    where ``prompts`` are ``PagePrompts`` (e.g. read from the job's token file): with it a page-tree plan
+    extends each group's prefix token-exactly into the page where its members diverge (at most one page
+    read per member), without it group prefixes end on a page boundary. Prompts given as token arrays
+    are read directly.
     Raises ``ValueError`` for bad input.
     """
     if policy not in POLICIES:
@@ -229,8 +231,8 @@ def build_plan(
     plens = grouping.prefix_len[group_order]
     if trie.page_size > 1:
         if read_tokens is None and not isinstance(prompts, PagePrompts):
-            def read_tokens(i, start, stop):
-                return np.asarray(prompts[i][start:stop])
+            def read_tokens(ids, start, stop):
+                return np.array([np.asarray(prompts[i][start:stop]) for i in ids.tolist()], dtype=np.int64)
         if read_tokens is not None:
             plens = _exact_prefixes(plens, members, lens, trie.page_size, read_tokens)
     plens, members = split_samples(plens, members, lens, n_s)
@@ -243,10 +245,10 @@ def build_plan(
 
 
 def _exact_prefixes(plens: np.ndarray, members: list[np.ndarray], lens: np.ndarray, page_size: int,
-                    read_tokens: Callable[[int, int, int], np.ndarray]) -> np.ndarray:
+                    read_tokens: Callable[[np.ndarray, int, int], np.ndarray], chunk: int = 4096) -> np.ndarray:
     """Group prefixes of a page-tree plan extended by the tokens all members share in the next page
     (at most ``page_size - 1`` more, and each member keeps one own token): token-exact where they
-    diverge inside that page."""
+    diverge inside that page. Members are read ``chunk`` at a time, until the window is used up."""
     out = np.asarray(plens, dtype=np.int64).copy()
     for g, m in enumerate(members):
         p = int(out[g])
@@ -255,14 +257,13 @@ def _exact_prefixes(plens: np.ndarray, members: list[np.ndarray], lens: np.ndarr
         stop = min(p + page_size - 1, int(lens[m].min()) - 1)
         if stop <= p:
             continue
-        ids = m.tolist()
-        head = np.asarray(read_tokens(ids[0], p, stop))
+        head = np.asarray(read_tokens(m[:1], p, stop))[0]
         common = len(head)
-        for i in ids[1:]:
-            w = np.asarray(read_tokens(i, p, p + common))
-            diff = np.flatnonzero(w != head[:common])
-            if len(diff):
-                common = int(diff[0])
+        for k in range(0, len(m), chunk):
+            w = np.asarray(read_tokens(m[k : k + chunk], p, p + common))
+            diff = (w != head[:common]).any(axis=0)
+            if diff.any():
+                common = int(np.argmax(diff))
                 if common == 0:
                     break
         out[g] = p + common
