@@ -121,3 +121,17 @@ def test_score_file_rows(tiny, reference, tmp_path):
     text_ids = list(tok(rows[2]["text"], add_special_tokens=False)["input_ids"])
     want = sum(ref_score(reference, w)[0] for w in rolling_windows(text_ids, tok.bos_token_id, 8))
     assert got[3]["num_tokens"] == len(text_ids) and got[3]["logprob"] == pytest.approx(want, abs=TOL)
+
+
+def test_score_command(tmp_path, capsys):
+    from batchllm.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"context": "The sky is", "continuations": [" blue", " green"]}) + "\n")
+    out = tmp_path / "scores.parquet"
+    main(["score", str(src), "-o", str(out), "-m", "dummy:tiny", "--device", "cpu", "--kv-cache-tokens", "4096"])
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out).to_pylist()
+    assert [r["continuation_index"] for r in t] == [0, 1] and all(r["logprob"] < 0 for r in t)
+    assert "2 rows (0 errors)" in capsys.readouterr().out
