@@ -228,10 +228,12 @@ class LLMEngine:
         return len(done)
 
     def _check_stop(self, s: Sequence, tok: int) -> bool:
-        """Apply vLLM's stop rules after appending ``tok``; sets finish_reason, and text when it is known."""
+        """Apply vLLM's stop rules after appending ``tok``; sets finish_reason, and text when it is known.
+        A grammar that admits nothing more ends its sequence at EOS even short of ``min_tokens`` (the
+        sampler lets it sample EOS there: nothing else is allowed)."""
         p = s.params
         new_text = self._detokenize(s, tok) if p.stop else ""
-        if len(s.output_ids) >= p.min_tokens:
+        if len(s.output_ids) >= p.min_tokens or (s.matcher is not None and tok in s.eos_ids and s.matcher.terminated):
             if (not p.ignore_eos and tok in s.eos_ids) or tok in p.stop_token_ids:
                 s.finish_reason = "stop"
                 s.exclude_last_token = True  # the stopping token is counted but not part of the text
