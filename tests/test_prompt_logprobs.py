@@ -104,3 +104,37 @@ def test_first_position_limits_what_a_sequence_scores(weights):
         pl.score(seqs[0], 4)
     with pytest.raises(ValueError, match="cannot score"):
         pl.score(seqs[0], 0)
+
+
+def test_entries_are_vllm_prompt_logprobs(weights):
+    """Entry 0 None; entry j: token j's logprob, its rank and the top-k, through a shared prefix whose last
+    position's distribution serves each member's own next token."""
+    cfg, model, ref = weights
+    rng = np.random.default_rng(7)
+    head = rng.integers(0, 97, 8).tolist()
+    prompts = [head + rng.integers(0, 97, 4).tolist(), head + rng.integers(0, 97, 6).tolist()]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    engine = make_engine(cfg, model, 6)
+    engine.runner.prompt_logprobs = pl = PromptLogprobs(lambda s: 0, top_k=3)
+
+    def source():
+        g = SharedPrefix(10, np.array(head, dtype=np.int32), unfinished=2)
+        yield g
+        for i, p in enumerate(prompts):
+            yield Sequence(i, i, 0, np.array(p, dtype=np.int32), params, 1, frozenset(), prefix=g)
+
+    got = {}
+    engine.run(source(), lambda s: got.setdefault(s.request_index, pl.entries(s, 2)))
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            lg = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), -1)
+        e = got[i]
+        assert e.logprobs[0] is None and e.ranks[0] is None and e.top[0] is None
+        assert len(e.logprobs) == len(p)
+        for j in range(1, len(p)):
+            row = lg[j - 1]
+            assert e.logprobs[j] == pytest.approx(float(row[p[j]]), abs=TOL)
+            assert e.ranks[j] == int((row > row[p[j]]).sum()) + 1
+            vals, ids = row.topk(2)
+            assert [t for t, _ in e.top[j]] == ids.tolist()
+            np.testing.assert_allclose([v for _, v in e.top[j]], vals.numpy(), atol=TOL)

@@ -48,8 +48,19 @@ class _PromptRows:
     """One item's prompt log-probabilities by position ``p`` (the logits at ``p`` score token ``p + 1``)."""
 
     logprob: np.ndarray  # float64 [length]: log P(token p+1 | tokens[:p+1]); NaN where not computed
-    is_argmax: np.ndarray  # bool [length]: token p+1 is the argmax at p
+    rank: np.ndarray  # int64 [length]: token p+1's rank at p (1: the argmax)
+    top_ids: np.ndarray | None = None  # int64 [length, top_k]: the top_k tokens at p, best first
+    top_logprobs: np.ndarray | None = None  # float64 [length, top_k]
     last: torch.Tensor | None = None  # a prefix's log-softmax at its last position (float32 [vocab], host)
+
+
+class PromptTokenLogprobs(NamedTuple):
+    """vLLM's ``prompt_logprobs`` of one sequence: entry ``j`` (for prompt token ``j >= 1``; entry 0 is None)
+    is that token's log-probability given the tokens before it, its rank, and the ``k`` most likely tokens."""
+
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    top: list[list[tuple[int, float]] | None]
 
 
 class TokenScore(NamedTuple):
@@ -70,8 +81,10 @@ class PromptLogprobs:
     unfinished dependent left; every row is held on the host.
     """
 
-    def __init__(self, first_position: Callable[[Sequence], int]):
-        self.first_position = first_position
+    def __init__(self, first_position: Callable[[Sequence], int], top_k: int = 0):
+        """``first_position(seq)``: the first of ``seq``'s positions to score (its prompt length: none);
+        ``top_k``: the most likely tokens kept per position (the run's largest ``prompt_logprobs``)."""
+        self.first_position, self.top_k = first_position, top_k
         self._rows: dict[Sequence | SharedPrefix, _PromptRows] = {}
 
     def positions(self, item: Sequence | SharedPrefix, start: int, q: int) -> tuple[int, int]:
@@ -87,14 +100,22 @@ class PromptLogprobs:
         n = item.prompt_len
         rows = self._rows.get(item)
         if rows is None:
-            rows = self._rows[item] = _PromptRows(np.full(n, np.nan), np.zeros(n, dtype=bool))
+            k = self.top_k
+            rows = self._rows[item] = _PromptRows(np.full(n, np.nan), np.zeros(n, dtype=np.int64),
+                                                  np.zeros((n, k), dtype=np.int64) if k else None,
+                                                  np.zeros((n, k)) if k else None)
         hi = lo + logprobs.shape[0]
         scored = min(hi, n - 1) - lo  # rows whose next token is in ``tokens``
         if scored > 0:
             nxt = torch.as_tensor(tokens[lo + 1 : lo + 1 + scored].astype(np.int64), device=logprobs.device)
             part = logprobs[:scored]
-            rows.logprob[lo : lo + scored] = part.gather(1, nxt[:, None])[:, 0].double().cpu().numpy()
-            rows.is_argmax[lo : lo + scored] = (part.argmax(dim=1) == nxt).cpu().numpy()
+            actual = part.gather(1, nxt[:, None])
+            rows.logprob[lo : lo + scored] = actual[:, 0].double().cpu().numpy()
+            rows.rank[lo : lo + scored] = ((part > actual).sum(dim=1) + 1).cpu().numpy()
+            if self.top_k:
+                vals, ids = part.topk(self.top_k, dim=1)
+                rows.top_ids[lo : lo + scored] = ids.cpu().numpy()
+                rows.top_logprobs[lo : lo + scored] = vals.double().cpu().numpy()
         if hi == n and isinstance(item, SharedPrefix):
             rows.last = logprobs[-1].float().cpu()
 
@@ -106,24 +127,44 @@ class PromptLogprobs:
             raise ValueError(f"cannot score prompt tokens {start}..{end - 1} of a {seq.prompt_len}-token prompt")
         total, greedy = 0.0, True
         for p in range(start - 1, end - 1):
-            lp, top = self._at(seq, p)
-            if lp != lp:
-                raise ValueError(f"position {p} of sequence {seq.seq_id} was not scored")
+            lp, rank, _ = self._at(seq, p, 0)
             total += lp
-            greedy &= top
+            greedy &= rank == 1
         return TokenScore(total, greedy)
 
-    def _at(self, seq: Sequence, p: int) -> tuple[float, bool]:
-        """(log-probability of prompt token p + 1, is it the argmax) from the item that computed position p."""
+    def entries(self, seq: Sequence, k: int) -> PromptTokenLogprobs:
+        """``seq``'s ``PromptTokenLogprobs`` with the ``k`` (<= ``top_k``) most likely tokens per position;
+        every position must have been scored (``first_position(seq) == 0``)."""
+        lps: list[float | None] = [None]
+        ranks: list[int | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        for p in range(seq.prompt_len - 1):
+            lp, rank, top = self._at(seq, p, k)
+            lps.append(lp)
+            ranks.append(rank)
+            tops.append(top)
+        return PromptTokenLogprobs(lps, ranks, tops)
+
+    def _at(self, seq: Sequence, p: int, k: int) -> tuple[float, int, list[tuple[int, float]]]:
+        """(log-probability of prompt token p + 1, its rank, the k most likely tokens) from the item that
+        computed position p."""
         owner: Sequence | SharedPrefix = seq
         pref = seq.prefix
         while pref is not None and p < pref.length:  # the outermost prefix holding p computed it
             owner, pref = pref, pref.prefix
-        rows = self._rows[owner]
-        if isinstance(owner, SharedPrefix) and p == owner.length - 1:
+        rows = self._rows.get(owner)
+        if isinstance(owner, SharedPrefix) and p == owner.length - 1 and rows is not None and rows.last is not None:
             tok = int(seq.prompt_ids[p + 1])
-            return float(rows.last[tok]), bool(int(rows.last.argmax()) == tok)
-        return float(rows.logprob[p]), bool(rows.is_argmax[p])
+            lp = rows.last[tok]
+            top = []
+            if k:
+                vals, ids = rows.last.topk(k)
+                top = list(zip(ids.tolist(), vals.double().tolist()))
+            return float(lp), int((rows.last > lp).sum()) + 1, top
+        if rows is None or rows.logprob[p] != rows.logprob[p]:
+            raise ValueError(f"position {p} of sequence {seq.seq_id} was not scored")
+        top = list(zip(rows.top_ids[p, :k].tolist(), rows.top_logprobs[p, :k].tolist())) if k else []
+        return float(rows.logprob[p]), int(rows.rank[p]), top
 
     def release(self, seq: Sequence) -> None:
         """Forget ``seq``'s rows, and its prefixes' once no dependent of theirs is unfinished."""
