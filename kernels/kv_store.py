@@ -3,14 +3,34 @@
 Cache layout (``batchllm.engine.attention``): ``kv_cache`` is (2, num_pages, page_size, kv_heads, d) and
 slot ``s`` is page ``s // page_size``, offset ``s % page_size``. Rows whose slot is -1 are padding (CUDA
 graph buckets) and are skipped.
+
+An FP8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores ``clamp(x, -448, 448)`` rounded
+to nearest even, one byte per element, with a fixed per-layer scale of 1.0 (vLLM's default without
+calibration; why: ``batchllm.engine.kv_cache``): the kernel rounds in float32 itself, so the interpreter
+and the GPU write the bytes ``batchllm.engine.kv_cache.quantize_fp8`` writes.
 """
 
 from __future__ import annotations
 
 import torch
+from batchllm.engine.kv_cache import quantize_fp8
 from batchllm.kernels.runtime import check_device, jit, load_triton
 
 triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
+
+
+@jit
+def _round_e4m3(x):
+    """float32 ``x`` saturated to +-448 and rounded to nearest even on the e4m3 grid (3 mantissa bits,
+    subnormal step 2**-9), still as float32: exactly representable, so the cast to fp8 is exact. Done by
+    hand because Triton's interpreter truncates float32 -> fp8 casts."""
+    a = tl.minimum(tl.abs(x), 448.0)  # kv_cache.FP8_MAX (a jit function reads no plain global)
+    # the binade's exponent from the bits; subnormals share the step of the lowest normal binade (2**-6)
+    exp = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127 - 6)
+    step = ((exp - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): 8 steps per binade
+    # a / step < 16 is exact (power-of-two step); adding and removing 2**23 rounds it to nearest even
+    q = ((a / step + 8388608.0) - 8388608.0) * step
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -q, q)  # the sign bit: -0.0 stays -0.0, as torch casts it
 
 
 @jit
@@ -21,6 +41,7 @@ def _store_kv_kernel(
     slot_ptr,
     num_kv_heads,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     # int64 before any multiplication: slot * page stride passes 2**31 elements in a pool over 2**31
@@ -34,6 +55,9 @@ def _store_kv_kernel(
     mask = keep[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FP8:
+        k = _round_e4m3(k.to(tl.float32))
+        v = _round_e4m3(v.to(tl.float32))
     page = slot // PAGE_SIZE
     dst = page * stride_cp + (slot % PAGE_SIZE) * stride_cs + h[:, None].to(tl.int64) * stride_ch + d[None, :]
     tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -44,7 +68,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     """Write ``k``, ``v`` (T, kv_heads, d) into ``kv_cache`` at ``slot_mapping`` (T,) int64; slot -1 is skipped.
 
     ``k`` and ``v`` may be strided views (e.g. slices of a fused qkv projection) as long as the head
-    dimension is contiguous. Slots must be distinct (two rows to one slot race).
+    dimension is contiguous. Slots must be distinct (two rows to one slot race). A ``float8_e4m3fn``
+    cache gets ``batchllm.engine.kv_cache.quantize_fp8(k)``'s bytes (saturated, rounded to nearest even, scale 1).
     """
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must be (T, kv_heads, d) of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -69,14 +94,19 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         slot_mapping,
         H,
         PAGE_SIZE=kv_cache.shape[2], HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+        FP8=kv_cache.dtype == torch.float8_e4m3fn,
     )
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Torch reference (the same as ``TorchAttention.store_kv``)."""
     num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    flat[0].index_copy_(0, slots, k[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v[keep].to(kv_cache.dtype))
+    k, v = k[keep], v[keep]
+    if kv_cache.dtype == torch.float8_e4m3fn:  # torch has no fp8 index_copy_ on the CPU: copy the bytes
+        kv_cache, k, v = kv_cache.view(torch.uint8), quantize_fp8(k).view(torch.uint8), quantize_fp8(v).view(torch.uint8)
+    flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
+    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+

@@ -105,9 +105,9 @@ def _attn_tiles_kernel(
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # to q's dtype (float32 when UPCAST): an fp8 cache dequantizes here (scale 1); else a no-op
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         visible = j_ok[None, :] & (j[None, :] <= pos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -465,8 +465,9 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     if (T, H) != (plan.num_tokens, plan.num_heads) or kv_cache.shape[3] != plan.num_kv_heads or kv_cache.shape[4] != D:
         raise ValueError(f"q {tuple(q.shape)} / kv_cache {tuple(kv_cache.shape)} do not match the plan "
                          f"(tokens {plan.num_tokens}, heads {plan.num_heads}, kv heads {plan.num_kv_heads})")
-    if q.dtype != kv_cache.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q and kv_cache must share a float dtype (float32/float16/bfloat16), got {q.dtype}, {kv_cache.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or kv_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"q and kv_cache must share a float dtype (float32/float16/bfloat16), or kv_cache be float8_e4m3fn; "
+                         f"got {q.dtype}, {kv_cache.dtype}")
     if q.stride(2) != 1 or kv_cache.stride(4) != 1:
         raise ValueError("q and kv_cache need a contiguous head dimension (stride 1)")
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
+from batchllm.engine.kv_cache import byte_view, quantize_fp8
 
 
 # torch's fused CPU flash-attention kernel: blocked (no score matrix in memory) and it returns the
@@ -96,6 +97,8 @@ class TorchAttention(AttentionBackend):
         if meta.has_padding:  # padded rows (CUDA-graph buckets) are skipped
             keep = slots >= 0
             slots, k, v = slots[keep], k[keep], v[keep]
+        if kv_cache.dtype == torch.float8_e4m3fn:  # quantized (scale 1), copied as bytes
+            flat, k, v = byte_view(flat), byte_view(quantize_fp8(k)), byte_view(quantize_fp8(v))
         flat[0].index_copy_(0, slots, k)
         flat[1].index_copy_(0, slots, v)
 
@@ -135,20 +138,26 @@ class TorchAttention(AttentionBackend):
                 out.append((start, end, plen))
         return out
 
-    def _gather(self, kv_cache: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole pages: pages (..., n) -> (..., n * page_size, kv_heads, d).
+    def _gather(self, kv_cache: torch.Tensor, pages: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole pages in ``dtype`` (q's): pages (..., n) -> (..., n * page_size, kv_heads, d).
 
         The result lives in a scratch buffer reused by the next call (a fresh allocation of this size
-        costs page faults: 3x the copy itself on a CPU); callers use it before gathering again."""
+        costs page faults: 3x the copy itself on a CPU); callers use it before gathering again. An fp8
+        cache is gathered as bytes and dequantized (scale 1) into the buffer."""
         _, _, ps, kvh, d = kv_cache.shape
         idx = pages.reshape(-1).long()
         n = idx.numel() * ps * kvh * d
         buf = getattr(self, "_scratch", None)
-        if buf is None or buf.numel() < 2 * n or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
-            buf = self._scratch = torch.empty(2 * n, dtype=kv_cache.dtype, device=kv_cache.device)
+        if buf is None or buf.numel() < 2 * n or buf.dtype != dtype or buf.device != kv_cache.device:
+            buf = self._scratch = torch.empty(2 * n, dtype=dtype, device=kv_cache.device)
         shape = (*pages.shape[:-1], pages.shape[-1] * ps, kvh, d)
-        k = torch.index_select(kv_cache[0], 0, idx, out=buf[:n].view(-1, ps, kvh, d))
-        v = torch.index_select(kv_cache[1], 0, idx, out=buf[n : 2 * n].view(-1, ps, kvh, d))
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            raw = byte_view(kv_cache)
+            k = buf[:n].view(-1, ps, kvh, d).copy_(raw[0].index_select(0, idx).view(torch.float8_e4m3fn))
+            v = buf[n : 2 * n].view(-1, ps, kvh, d).copy_(raw[1].index_select(0, idx).view(torch.float8_e4m3fn))
+        else:
+            k = torch.index_select(kv_cache[0], 0, idx, out=buf[:n].view(-1, ps, kvh, d))
+            v = torch.index_select(kv_cache[1], 0, idx, out=buf[n : 2 * n].view(-1, ps, kvh, d))
         return k.view(shape), v.view(shape)
 
     def _run_batch(self, q, kv_cache, meta, seqs: list[int], row: list[int], kv_lo: list[int], scale, out, lse) -> None:
@@ -182,12 +191,12 @@ class TorchAttention(AttentionBackend):
         in_range = (pos >= lo[:, None]) & (pos < seq_len[:, None])
         qpos0 = seq_len - torch.tensor(qlens, device=dev)  # position of each sequence's first query
         g = h // kvh
-        seq_bytes = 2 * width * ps * kvh * d * kv_cache.element_size()
+        seq_bytes = 2 * width * ps * kvh * d * q.element_size()  # as gathered (in q's dtype)
         per_chunk = max(1, _CHUNK_BYTES // seq_bytes)
         o_rows, l_rows = [], []
         for c0 in range(0, b, per_chunk):
             c1 = min(b, c0 + per_chunk)
-            k, v = self._gather(kv_cache, pages[c0:c1])
+            k, v = self._gather(kv_cache, pages[c0:c1], q.dtype)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (c, kvh, N, d)
             step = max(1, _MAX_BLOCK // ((c1 - c0) * g * width * ps))  # query tokens per piece: bounds the mask
             for t0 in range(0, t, step):
@@ -231,7 +240,7 @@ class TorchAttention(AttentionBackend):
         plens = [p for _, _, p in groups]
         width = -(-max(plens) // ps)
         tables = meta.block_tables[torch.tensor([s0 for s0, _, _ in groups], device=dev)] if b > 1 else meta.block_tables[groups[0][0]][None]
-        k, v = self._gather(kv_cache, tables[:, :width])  # (b, width * ps, kvh, d)
+        k, v = self._gather(kv_cache, tables[:, :width], q.dtype)  # (b, width * ps, kvh, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         vis = None
         if min(plens) != width * ps:
@@ -257,7 +266,7 @@ class TorchAttention(AttentionBackend):
     def _prefill(self, q, kv_cache, pages, seq_len, scale):
         """One prefill chunk outside any group: SDPA over its gathered history (no log-sum-exp needed)."""
         qlen, ps = q.shape[0], kv_cache.shape[2]
-        k, v = self._gather(kv_cache, pages[: -(-seq_len // ps)])
+        k, v = self._gather(kv_cache, pages[: -(-seq_len // ps)], q.dtype)
         qt = q.transpose(0, 1).unsqueeze(0)  # (1, h, qlen, d)
         kt = k[:seq_len].transpose(0, 1).unsqueeze(0)
         vt = v[:seq_len].transpose(0, 1).unsqueeze(0)

@@ -7,6 +7,15 @@ documented in ``batchllm.engine.attention``.
 
 Invariant, checked by ``check_integrity`` in every engine test:
 ``free pages + pages with refcount > 0 == total``, no page both free and referenced, no page twice free.
+
+FP8 KV (``--kv-cache-dtype fp8``, vLLM's flag): the pool is ``float8_e4m3fn``, one byte per element, so
+the same memory holds twice the tokens of a 16-bit pool. Values are stored with a fixed per-layer scale
+of 1.0 (vLLM's default without calibration): ``quantize_fp8`` saturates at +-448 and rounds to nearest
+even (3 mantissa bits: relative error <= 1/16; normal down to 2**-6, subnormal steps of 2**-9), and
+the attention backends read the bytes back as ``float(x)``. Why a fixed scale rather than a dynamic
+per-head one: a page is written token by token and shared (prefix groups, the prefix cache, page
+copies), so a scale would have to be fixed before the first token of a page anyway, and K/V of the
+models measured (tests/test_kv_fp8.py) sit well inside e4m3's range at scale 1.
 """
 
 from __future__ import annotations
@@ -15,6 +24,21 @@ import numpy as np
 import torch
 
 from batchllm.models.config import ModelConfig
+
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``float8_e4m3fn`` with scale 1: saturated to +-448 (a plain cast makes overflow NaN),
+    rounded to nearest even. The KV store kernel (``batchllm.kernels.kv_store``) writes the same bytes."""
+    return x.float().clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same bytes, same shape), any other tensor unchanged: torch's CPU
+    ``index_copy_`` / ``index_select`` have no fp8 kernels, and copying bytes is the same copy."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 class OutOfPages(RuntimeError):
@@ -91,7 +115,8 @@ class PagePool:
 
 
 class KVCache:
-    """The K/V tensors of all layers: ``layers[i]`` has shape (2, num_pages, page_size, kv_heads, head_dim)."""
+    """The K/V tensors of all layers: ``layers[i]`` has shape (2, num_pages, page_size, kv_heads, head_dim),
+    in ``dtype``: the model's, or ``float8_e4m3fn`` for an FP8 cache (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device | str):
         self.num_pages, self.page_size = num_pages, page_size
@@ -110,6 +135,7 @@ class KVCache:
         s = torch.tensor(src, dtype=torch.long, device=device)
         d = torch.tensor(dst, dtype=torch.long, device=device)
         for layer in self.layers:
+            layer = byte_view(layer)
             layer.index_copy_(1, d, layer.index_select(1, s))
 
 
