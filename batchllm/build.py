@@ -54,6 +54,16 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+def resolve_kv_cache_dtype(spec: str, dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: ``auto`` is the model's ``dtype``; ``fp8`` and ``fp8_e4m3`` (vLLM's spellings)
+    are ``float8_e4m3fn``, one byte per element (``batchllm.engine.kv_cache``)."""
+    if spec == "auto":
+        return dtype
+    if spec in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise BatchLLMError(f"unknown KV cache dtype {spec!r}: use auto, fp8 or fp8_e4m3")
+
+
 
 def default_token_budget(device: torch.device) -> int:
     """Tokens per engine step when the job does not set one: vLLM's defaults for offline batch use
@@ -70,7 +80,8 @@ def default_token_budget(device: torch.device) -> int:
 def kv_pool_pages(cfg: JobConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_tokens_step: int,
                   *, model: torch.nn.Module | None = None, backend=None, sample_rows: int | None = None,
                   graph_batch: int = 0) -> int:
-    """Number of KV pages: from --kv-cache-tokens, else from memory.
+    """Number of KV pages of ``dtype`` (the KV cache's: ``resolve_kv_cache_dtype``): from
+    --kv-cache-tokens, else from memory.
 
     On CUDA with ``model`` and ``backend``: ``--gpu-memory-utilization`` x total memory, less the weights,
     the peak activation of a warm-up forward at ``max_tokens_step`` tokens (LM head over ``sample_rows``
@@ -270,10 +281,11 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     graph_batch = min(DEFAULT_MAX_GRAPH_BATCH, budget, max_num_seqs or DEFAULT_MAX_GRAPH_BATCH)
     uses_graphs = not cfg.enforce_eager and lm.device.type == "cuda" and graph_safe(backend)
     # the sampled rows of a step: at most one per running sequence, at most one per token of the budget
-    pages = kv_pool_pages(cfg, mcfg, lm.device, lm.dtype, budget, model=lm.model, backend=backend,
+    kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, lm.dtype)
+    pages = kv_pool_pages(cfg, mcfg, lm.device, kv_dtype, budget, model=lm.model, backend=backend,
                           sample_rows=min(budget, max_num_seqs or budget), graph_batch=graph_batch if uses_graphs else 0)
     max_model_len = fit_to_pool(pages, cfg.page_size, max_model_len)
-    kv = KVCache(mcfg, pages, cfg.page_size, lm.dtype, lm.device)
+    kv = KVCache(mcfg, pages, cfg.page_size, kv_dtype, lm.device)
     sched_cfg = scheduler_config(cfg, budget, max_model_len)
     engine = LLMEngine(
         lm.model, lm.tokenizer, kv, backend, sched_cfg, lm.device, mcfg.vocab_size, prefix_caching=prefix_caching,

@@ -85,6 +85,7 @@ def run(
     max_num_seqs: Optional[int] = typer.Option(None, help="Cap on running sequences (default: KV memory only)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context limit (prompt + output)."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", help="KV cache storage: auto (the model's dtype) | fp8 (e4m3, one byte per element: twice the tokens; alias fp8_e4m3)."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of the GPU's total memory this job may use (default 0.9); the KV pool gets what the weights, a profiled step and CUDA graphs leave."),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs for decode steps; default: graphs on CUDA)."),
     page_size: Optional[int] = typer.Option(None, help="Tokens per KV page."),
@@ -113,7 +114,8 @@ def run(
         prompt_column=prompt_column, messages_column=messages_column, prompt_template=prompt_template,
         system_prompt=system_prompt, chat=chat, keep_columns=keep_columns, policy=policy, attention=attention,
         sampler=sampler, max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, page_size=page_size,
+        max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype,
+        page_size=page_size,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         shard_rows=shard_rows, preview=preview, replicas=replicas, ray_address=ray_address,
         ray_start_timeout=ray_start_timeout, replica_start_timeout=replica_start_timeout,
@@ -243,6 +245,7 @@ def run_batch(
     gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of the GPU's total memory this job may use (default 0.9)."),
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="Run every step eagerly (no CUDA graphs)."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", help="KV cache storage: auto | fp8 (e4m3, one byte per element; alias fp8_e4m3)."),
     max_tokens: Optional[int] = typer.Option(None, help="max_tokens of requests that set none (default 256; vLLM: the rest of the context)."),
     temperature: Optional[float] = typer.Option(None, help="temperature of requests that set none (default 1.0, as OpenAI)."),
     top_p: Optional[float] = typer.Option(None, help="top_p of requests that set none (default 1.0)."),
@@ -272,7 +275,8 @@ def run_batch(
         tokenizer=tokenizer, chat_template=chat_template,
         device=device, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager, kv_cache_tokens=kv_cache_tokens, max_tokens=max_tokens, temperature=temperature,
+        enforce_eager=enforce_eager, kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype, max_tokens=max_tokens,
+        temperature=temperature,
         top_p=top_p, top_k=top_k, min_p=min_p, policy=policy, attention=attention, shard_rows=shard_rows,
         replicas=replicas, ray_address=ray_address, preview=0,
     )
@@ -357,6 +361,7 @@ def stats(
     split: Optional[str] = typer.Option(None, "--split", help="Split of a dataset-dict input, as for run."),
     max_tokens: Optional[int] = typer.Option(None, help="Default max output tokens (for the KV estimate and ordering)."),
     dtype: str = typer.Option("bfloat16", help="KV cache dtype for the memory estimate."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (--dtype) | fp8 / fp8_e4m3: the estimate at one byte per element."),
     id_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
     messages_column: Optional[str] = typer.Option(None),
@@ -370,7 +375,7 @@ def stats(
     """How much prefix sharing a prompt file offers and what the BatchLLM plan gets (no GPU, no weights)."""
     import json
 
-    from batchllm.config import DTYPE_ALIASES, JobConfig
+    from batchllm.config import DTYPE_ALIASES, JobConfig, check_value
     from batchllm.build import DTYPES
     from batchllm.pipeline import job_stats
 
@@ -378,11 +383,12 @@ def stats(
     dtype = DTYPE_ALIASES.get(dtype, dtype)  # vLLM's spellings: half, float
     if dtype not in DTYPES:
         raise BatchLLMError(f"unknown dtype {dtype!r}: use float32 (float), bfloat16 or float16 (half)")
+    check_value("kv_cache_dtype", kv_cache_dtype)
     cfg = JobConfig(
         inputs=list(inputs), output="-", model=model, tokenizer=tokenizer, chat_template=chat_template, split=split,
         id_column=id_column, prompt_column=prompt_column,
         messages_column=messages_column, prompt_template=prompt_template, system_prompt=system_prompt, chat=chat,
-        **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+        kv_cache_dtype=kv_cache_dtype, **({"max_tokens": max_tokens} if max_tokens is not None else {}),
     )
     with console.status("tokenizing and planning..."):
         result = job_stats(cfg, kv_dtype_bytes=DTYPES[dtype].itemsize)
@@ -405,7 +411,7 @@ def stats(
     for key, label in (("group_size", "group size"), ("prefix_len", "shared prefix length"), ("distinct_len", "distinct tokens per request")):
         d = result[key]
         t.add_row(label, f"min {d['min']:g} / p50 {d['p50']:g} / p90 {d['p90']:g} / max {d['max']:g}")
-    t.add_row("peak KV memory (plan)", f"{result['peak_kv_gb']:.2f} GB ({result['peak_kv_tokens']:,} tokens, {dtype}, {result['model']})")
+    t.add_row("peak KV memory (plan)", f"{result['peak_kv_gb']:.2f} GB ({result['peak_kv_tokens']:,} tokens, {dtype if kv_cache_dtype == 'auto' else 'fp8_e4m3'}, {result['model']})")
     out.print(t)
     if plot:
         console.print(f"plot written to {plot}")

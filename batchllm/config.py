@@ -57,6 +57,7 @@ class JobConfig:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 / fp8_e4m3 (one byte per element: batchllm.engine.kv_cache)
     gpu_memory_utilization: float = 0.9  # fraction of the GPU's total memory the process may use (KV pool sizing)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     # output: rows per Parquet shard (a shard is the unit of commit: a crash loses at most one shard's work)
@@ -218,6 +219,8 @@ _INT64 = 2**63 - 1
 # vLLM's dtype spellings, accepted wherever a dtype is (``build.resolve_dtype`` maps them)
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES)
+# --kv-cache-dtype, vLLM's spellings: "fp8" is e4m3 (``build.resolve_kv_cache_dtype`` maps them)
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
 _PATH, _OPT_STR = _Rule("str"), _Rule("str", optional=True)
 # Every key of a job (job files, flags, the job spec a manifest stores); JobConfig.validate checks them all.
 SCHEMA: dict[str, _Rule] = {
@@ -251,6 +254,7 @@ SCHEMA: dict[str, _Rule] = {
     "max_num_seqs": _Rule("int", optional=True, lo=1, hi=1 << 31),
     "max_model_len": _Rule("int", optional=True, lo=1, hi=1 << 31),
     "kv_cache_tokens": _Rule("int", optional=True, lo=1, hi=1 << 40),
+    "kv_cache_dtype": _Rule("str", choices=KV_CACHE_DTYPE_CHOICES),
     "gpu_memory_utilization": _Rule("float", lo=0, hi=1, lo_open=True),
     "enforce_eager": _Rule("bool"),
     "shard_rows": _Rule("int", lo=1, hi=1 << 31),

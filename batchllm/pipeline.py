@@ -126,7 +126,8 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
 
     Loads only the model's config and tokenizer, never its weights. ``peak_kv_gb`` is the plan's peak KV
     memory for this model when requests run to their max_tokens with no memory limit (coarse model:
-    ``estimate_peak_kv_tokens``).
+    ``estimate_peak_kv_tokens``), at ``kv_dtype_bytes`` per element, or one with an fp8
+    ``cfg.kv_cache_dtype``.
     """
     src = loader.resolve_model(cfg.model)
     mcfg = loader.load_config(src)
@@ -147,7 +148,7 @@ def job_stats(cfg: JobConfig, kv_dtype_bytes: int = 2) -> dict:
         errors_by_code=errors,
         expected_output_tokens=int(expected.sum()),
         peak_kv_tokens=kv.peak_kv_tokens,
-        peak_kv_gb=kv.peak_kv_tokens * mcfg.kv_bytes_per_token(kv_dtype_bytes) / 1e9,
+        peak_kv_gb=kv.peak_kv_tokens * mcfg.kv_bytes_per_token(1 if cfg.kv_cache_dtype != "auto" else kv_dtype_bytes) / 1e9,
         peak_running=kv.peak_running,
     )
     return out
@@ -302,6 +303,8 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
         max_model_len=cfg.max_model_len, dtype=str(dtype).removeprefix("torch."), inputs=[],
     )
     fp["inputs"] = [input_identity(p, cfg.split) for p in cfg.inputs]
+    if cfg.kv_cache_dtype != "auto":  # folders written before --kv-cache-dtype have no such key: they resume
+        fp["kv_cache_dtype"] = "fp8_e4m3"  # fp8 and fp8_e4m3 are one format: one job
     return fp
 
 

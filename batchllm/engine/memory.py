@@ -44,7 +44,8 @@ def cuda_pool_bytes(*, total: int, weights: int, peak_activation: int, graph_res
 def dummy_step(model, backend: AttentionBackend, num_tokens: int, sample_rows: int, page_size: int,
                device: torch.device, dtype: torch.dtype) -> None:
     """One forward of a single ``num_tokens``-token prefill chunk, then the LM head and a float32 softmax
-    (a stand-in for the sampler) over ``sample_rows`` rows. Writes nothing to any cache."""
+    (a stand-in for the sampler) over ``sample_rows`` rows. Writes nothing to any cache. ``dtype`` is the
+    KV cache's (the model's, or float8_e4m3fn), so the warm-up compiles the kernels the job runs."""
     cfg = model.config
     t = num_tokens
     kv = torch.zeros(2, 1, page_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
