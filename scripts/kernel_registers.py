@@ -81,13 +81,14 @@ def attention_configs() -> list[Config]:
 
     out = []
 
-    def attn(name, dtype, heads, kv_heads, head_dim, page, tile, *, store_lse, default, why):
+    def attn(name, dtype, heads, kv_heads, head_dim, page, tile, *, store_lse, default, why, fp8_kv=False):
         ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+        kv_ptr = "*fp8e4nv" if fp8_kv else ptr  # --kv-cache-dtype fp8: float8_e4m3fn pages
         g = heads // kv_heads
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         args = dict(
             q_ptr=ptr, stride_qt=heads * head_dim, stride_qh=head_dim,
-            k_ptr=ptr, v_ptr=ptr, stride_kp=page * kv_heads * head_dim, stride_ks=kv_heads * head_dim,
+            k_ptr=kv_ptr, v_ptr=kv_ptr, stride_kp=page * kv_heads * head_dim, stride_ks=kv_heads * head_dim,
             stride_kh=head_dim,
             bt_ptr="*i32", stride_bt=70,
             work_ptr="*i32", tok_pos_ptr="*i32",
@@ -107,6 +108,10 @@ def attention_configs() -> list[Config]:
          store_lse=False, default=True, why="decodes (eager and graphed), decode part of a mixed step")
     attn(f"attn bf16 llama3-8b wide {wide.block_m}x{wide.block_n}", torch.bfloat16, H, KVH, D, PAGE, wide,
          store_lse=False, default=True, why="prefill chunks, prefix stacks, mixed steps")
+    attn(f"attn bf16 fp8-kv llama3-8b narrow {narrow.block_m}x{narrow.block_n}", torch.bfloat16, H, KVH, D, PAGE, narrow,
+         store_lse=False, default=True, why="decodes with --kv-cache-dtype fp8", fp8_kv=True)
+    attn(f"attn bf16 fp8-kv llama3-8b wide {wide.block_m}x{wide.block_n}", torch.bfloat16, H, KVH, D, PAGE, wide,
+         store_lse=False, default=True, why="prefill chunks and prefix stacks with --kv-cache-dtype fp8", fp8_kv=True)
     # the float32 test shapes (tests/test_kernels_attention.py on a GPU): heads/kv heads 2/2, 4/1, 8/1, 6/2,
     # head dims 64 and 128, pages of 4, with lse (return_lse=True)
     for heads, kv_heads in ((2, 2), (4, 1), (8, 1), (6, 2)):
@@ -146,12 +151,14 @@ def merge_configs() -> list[Config]:
 
 def kv_store_configs() -> list[Config]:
     out = []
-    for label, ptr, kvh, d, page, default in (("bf16 llama3-8b", "*bf16", KVH, D, PAGE, True),
-                                              ("fp32 test", "*fp32", 2, 24, 4, False)):
+    for label, ptr, cache, kvh, d, page, default in (("bf16 llama3-8b", "*bf16", "*bf16", KVH, D, PAGE, True),
+                                                     ("bf16 -> fp8 llama3-8b", "*bf16", "*fp8e4nv", KVH, D, PAGE, True),
+                                                     ("fp32 test", "*fp32", "*fp32", 2, 24, 4, False)):
         args = dict(k_ptr=ptr, stride_kt=(H + 2 * KVH) * D, stride_kh=d, v_ptr=ptr, stride_vt=(H + 2 * KVH) * D,
-                    stride_vh=d, cache_ptr=ptr, stride_c=4096 * page * kvh * d, stride_cp=page * kvh * d,
+                    stride_vh=d, cache_ptr=cache, stride_c=4096 * page * kvh * d, stride_cp=page * kvh * d,
                     stride_cs=kvh * d, stride_ch=d, slot_ptr="*i64", num_kv_heads=kvh)
-        const = dict(PAGE_SIZE=page, HEAD_DIM=d, BLOCK_H=1 << (kvh - 1).bit_length(), BLOCK_D=1 << (d - 1).bit_length())
+        const = dict(PAGE_SIZE=page, HEAD_DIM=d, BLOCK_H=1 << (kvh - 1).bit_length(), BLOCK_D=1 << (d - 1).bit_length(),
+                     FP8=cache == "*fp8e4nv")
         out.append(Config(f"kv store {label}", "kv_store:_store_kv_kernel", args, const, 4, 3, default,
                           "every layer of every step"))
     return out
