@@ -10,8 +10,12 @@ checkout) and reports:
 - ``B/req``: RSS after ``read_and_tokenize`` minus RSS before, per request (the requests as held until
   planning: their prompts, token ids and fields).
 
+``--first-step`` (or ``--only-first-step``) also times ``run_job`` on the prompt file (the default model on
+the CPU) from its start to its first engine step, with the time of each progress event on the way.
+
 The load average (``os.getloadavg``) is printed with every figure: the machine may be shared. Runs are
-one at a time. Usage: ``python scripts/bench_tokenize.py [--rows N] [--data DIR] [--base /work/base]``.
+one at a time. Usage: ``python scripts/bench_tokenize.py [--rows N] [--data DIR] [--base /work/base]
+[--first-step | --only-first-step]``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,25 +117,68 @@ def child(path: str) -> dict:
     )
 
 
+class _FirstStep(Exception):
+    """Raised from the progress hook at the first engine step: the measurement ends there."""
+
+
+def first_step_child(path: str, output: str) -> dict:
+    """``run_job`` on ``path`` (the default model on the CPU) from its start to its first engine step:
+    seconds at which each progress event first came."""
+    import batchllm
+    from batchllm.config import JobConfig
+    from batchllm.pipeline import run_job
+
+    seen: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def progress(event: str, info: dict) -> None:
+        seen.setdefault(event, time.perf_counter() - t0)
+        if event == "step":
+            raise _FirstStep
+
+    try:
+        run_job(JobConfig(inputs=[path], output=output, device="cpu", dtype="float32", max_tokens=1), progress)
+    except _FirstStep:
+        pass
+    return dict(batchllm=str(Path(batchllm.__file__).parents[1]), events=seen, load=os.getloadavg()[0])
+
+
+def first_step(paths: dict[str, Path], checkouts: list[tuple[str, str]], kind: str) -> None:
+    print(f"\nbatchllm run (default model, CPU) on {paths[kind].name}: seconds from run_job's start to each first event")
+    for name, root in checkouts:
+        with tempfile.TemporaryDirectory() as out:
+            env = dict(os.environ, PYTHONPATH=root)
+            res = subprocess.run([sys.executable, __file__, "--first-step-child", str(paths[kind]), out + "/job"], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+        r = json.loads(res.strip().splitlines()[-1])
+        assert r["batchllm"] == root, f"{name} imported batchllm from {r['batchllm']}, not {root}"
+        print(f"{name:<6} " + "  ".join(f"{e} {t:.1f}" for e, t in r["events"].items()) + f"  (load {r['load']:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--data", default="/tmp/bench_tokenize")
     ap.add_argument("--base", default="/work/base", help="the checkout to compare against ('' to skip)")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--first-step", action="store_true", help="also time batchllm run to its first engine step (prompt rows)")
+    ap.add_argument("--only-first-step", action="store_true", help="the --first-step timing alone")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--first-step-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
+        return
+    if args.first_step_child:
+        print(json.dumps(first_step_child(*args.first_step_child)))
         return
     paths = make_data(Path(args.data), args.rows)
     print(f"{os.cpu_count()} CPUs; {args.rows:,} rows per file in {args.data}")
     print(f"{'checkout':<12} {'rows':<7} {'tokens':>11} {'read+tok s':>10} {'tok/s':>10} {'tok s':>7} {'tok/s':>10} "
           f"{'B/req':>7}  load  ids held as")
-    for kind in args.kinds.split(","):
-        for name, root in (("base", args.base), ("this", str(ROOT))):
-            if not root:
-                continue
+    checkouts = [(name, root) for name, root in (("base", args.base), ("this", str(ROOT))) if root]
+    for kind in args.kinds.split(",") if not args.only_first_step else ():
+        for name, root in checkouts:
             env = dict(os.environ, PYTHONPATH=root)
             out = subprocess.run([sys.executable, __file__, "--child", str(paths[kind])], env=env, check=True,
                                  capture_output=True, text=True).stdout
@@ -139,6 +187,8 @@ def main() -> None:
             print(f"{name:<12} {kind:<7} {r['tokens']:>11,} {r['read_tok_s']:>10.2f} {r['tokens'] / r['read_tok_s']:>10,.0f} "
                   f"{r['tok_s']:>7.2f} {r['tokens'] / r['tok_s']:>10,.0f} {r['bytes_per_request']:>7,.0f}  "
                   f"{r['load_read_tok']:.1f}/{r['load_tok']:.1f}  {','.join(r['types'])}", flush=True)
+    if args.first_step or args.only_first_step:
+        first_step(paths, checkouts, "prompt")
 
 
 if __name__ == "__main__":

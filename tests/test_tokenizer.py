@@ -46,6 +46,17 @@ def test_encode_prompt_and_batch(tok):
     assert all(isinstance(i, int) for ids in singles for i in ids)
 
 
+def test_batch_encode_follows_split_special_tokens(tok):
+    # the backend is called directly only when set as __call__ would set it: here special tokens split
+    split = copy.deepcopy(tok)
+    split.split_special_tokens = True
+    text = "a <|im_end|> b"
+    got = batch_encode(split, [text], add_special_tokens=True)[0].tolist()  # before __call__ sets the backend
+    want = split(text, add_special_tokens=True)["input_ids"]
+    assert 2 not in want and got == want  # the marker spelt out in ordinary tokens
+    assert 2 in batch_encode(tok, [text], add_special_tokens=True)[0].tolist()
+
+
 def test_chat_template_round_trip(tok):
     text = render_chat(tok, MESSAGES)
     assert text == (

@@ -24,17 +24,18 @@ def batch_encode(tok, texts: Sequence[str], add_special_tokens: bool) -> list[np
     """Token ids of many texts in one call, each an int32 array: the same ids as
     ``tok(text, add_special_tokens=...)["input_ids"]`` for each text.
 
-    A fast tokenizer whose backend has no truncation or padding set is called directly: the Rust
-    ``encode_batch`` spreads the texts over every core with the GIL released, and skipping
-    transformers' per-text Python (attention masks, BatchEncoding) is most of the speed-up on short
-    prompts. Any other tokenizer goes through its ``__call__``.
+    A fast tokenizer whose backend is set as its ``__call__`` would set it (no truncation, no padding,
+    special tokens split as ``split_special_tokens`` says) is called directly: the Rust ``encode_batch``
+    spreads the texts over every core with the GIL released, and transformers' per-text Python (attention
+    masks, a BatchEncoding of lists) is skipped. Any other tokenizer goes through ``__call__``.
     """
     if not texts:
         return []
     backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
-        return [np.array(e.ids, dtype=np.int32) for e in encode(list(texts), add_special_tokens=add_special_tokens)]
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+        # encode_batch, not encode_batch_fast: the latter measured 1.4x slower here (tokenizers 0.23, 2 cores)
+        return [np.array(e.ids, dtype=np.int32) for e in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
     return [np.asarray(ids, dtype=np.int32) for ids in tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
 
