@@ -28,8 +28,9 @@ def _round_e4m3(x):
     # the binade's exponent from the bits; subnormals share the step of the lowest normal binade (2**-6)
     exp = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127 - 6)
     step = ((exp - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): 8 steps per binade
-    # a / step < 16 is exact (power-of-two step); adding and removing 2**23 rounds it to nearest even
-    q = ((a / step + 8388608.0) - 8388608.0) * step
+    inv_step = ((257 - exp) << 23).to(tl.float32, bitcast=True)  # 2**-(e - 3), exact (no approximate division)
+    # a * inv_step < 16 is exact (a power of two); adding and removing 2**23 rounds it to nearest even
+    q = ((a * inv_step + 8388608.0) - 8388608.0) * step
     return tl.where(x.to(tl.int32, bitcast=True) < 0, -q, q)  # the sign bit: -0.0 stays -0.0, as torch casts it
 
 
