@@ -14,7 +14,7 @@ from typing import Any
 
 from batchllm.errors import BatchLLMError
 from batchllm.io.storage import is_uri
-from batchllm.sampling_params import MAX_TOKENS_LIMIT, SamplingParams
+from batchllm.sampling_params import MAX_TOKENS_LIMIT, STRUCTURED_FIELDS, SamplingParams, structured_output_from_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +40,14 @@ class JobConfig:
     top_k: int = -1
     min_p: float = 0.0
     seed: int = 0  # job seed: per-sample seeds derive from (seed, custom_id, sample index)
+    # default structured output, with the request fields' names and values (a row's own fields replace it;
+    # see sampling_params.structured_output_from_fields): job-file keys, e.g. ``guided_json = {...}``
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: Any = None
+    guided_grammar: str | None = None
+    structured_outputs: Any = None
     # column mapping
     id_column: str | None = None
     prompt_column: str | None = None
@@ -71,13 +79,17 @@ class JobConfig:
     replica_start_timeout: float = 1800.0  # seconds replicas may take to start and load the model (downloads included)
 
     def sampling_defaults(self) -> SamplingParams:
+        """The job's sampling defaults; BatchLLMError for a bad value, a malformed structured output included."""
         try:
+            structured = structured_output_from_fields({k: getattr(self, k) for k in _STRUCTURED_KEYS
+                                                         if getattr(self, k) is not None})
             return SamplingParams(
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=self.top_k,
                 min_p=self.min_p,
+                structured=structured,
             )
         except ValueError as e:
             raise BatchLLMError(f"bad sampling option: {e}") from None
@@ -143,6 +155,9 @@ class JobConfig:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
+# the structured-output request fields a job may default (guided_decoding, the older name of
+# structured_outputs, is for rows only)
+_STRUCTURED_KEYS = tuple(k for k in STRUCTURED_FIELDS if k in _FIELDS)
 
 
 # ------------------------------------------------------------------------------------------ the schema
@@ -150,7 +165,8 @@ _FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-    """The type and range of one JobConfig key: ``kind`` is int | float | bool | str | paths."""
+    """The type and range of one JobConfig key: ``kind`` is int | float | bool | str | paths | json (a
+    table, a list or a string: a structured-output spec, checked by ``JobConfig.sampling_defaults``)."""
 
     kind: str
     optional: bool = False  # None allowed
@@ -161,7 +177,7 @@ class _Rule:
 
     def expected(self) -> str:
         text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                "paths": "a path or a list of paths (strings)"}[self.kind]
+                "paths": "a path or a list of paths (strings)", "json": "a table, a list or a string"}[self.kind]
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         if self.lo is not None and self.hi is not None:
@@ -190,6 +206,8 @@ class _Rule:
                     and all(isinstance(p, str) and p and "\0" not in p for p in value))
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "json":
+            return isinstance(value, (dict, list, str))
         if self.kind == "str":
             if not isinstance(value, str) or "\0" in value:
                 return False
@@ -239,6 +257,12 @@ SCHEMA: dict[str, _Rule] = {
     "top_k": _Rule("int", lo=-1, hi=_INT64),
     "min_p": _Rule("float", lo=0, hi=1),
     "seed": _Rule("int", lo=-_INT64 - 1, hi=_INT64),
+    "response_format": _Rule("json", optional=True),
+    "guided_json": _Rule("json", optional=True),
+    "guided_regex": _OPT_STR,
+    "guided_choice": _Rule("json", optional=True),
+    "guided_grammar": _OPT_STR,
+    "structured_outputs": _Rule("json", optional=True),
     "id_column": _OPT_STR,
     "prompt_column": _OPT_STR,
     "messages_column": _OPT_STR,

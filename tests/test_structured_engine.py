@@ -230,3 +230,32 @@ def test_job_on_ray_replicas(tmp_path, ray_local):
     """Each replica builds its own grammar compiler (it does not pickle; the specs travel)."""
     run_job(JobConfig(inputs=job_inputs(tmp_path), output=str(tmp_path / "out"), replicas=2, **BASE))
     check_job_rows(read_results(str(tmp_path / "out"), verify=True).to_pylist())
+
+
+def test_job_file_default_structured_output_and_rows_that_replace_it(tmp_path, tiny):
+    """Job-file keys with the request fields' names set a default constraint; a row's own field replaces it
+    (``response_format: {"type": "text"}`` clears it); a malformed default fails the job up front."""
+    from batchllm.config import load_job_file, merge
+    from batchllm.errors import BatchLLMError
+
+    inp = write_rows(tmp_path / "in.jsonl", [{"custom_id": "default", "prompt": "p", "max_tokens": 80},
+                                             {"custom_id": "regex", "prompt": "p", "guided_regex": "z{2,3}"},
+                                             {"custom_id": "free", "prompt": "p", "max_tokens": 4,
+                                              "response_format": {"type": "text"}}])
+    job = tmp_path / "job.toml"
+    job.write_text(f'inputs = ["{inp}"]\noutput = "{tmp_path / "out"}"\nkv_cache_tokens = 4096\n'
+                   'guided_json = {type = "object", properties = {a = {type = "integer", minimum = 0, maximum = 9}}, '
+                   'required = ["a"], additionalProperties = false}\n'
+                   'structured_outputs = {disable_any_whitespace = true}\n')
+    cfg = merge(load_job_file(str(job)), {"model": "dummy:tiny", "device": "cpu", "dtype": "float32"})
+    assert cfg.sampling_defaults().structured == StructuredOutput(
+        "json", '{"type":"object","properties":{"a":{"type":"integer","minimum":0,"maximum":9}},"required":["a"],'
+        '"additionalProperties":false}', any_whitespace=False)
+    run_job(cfg, loaded=tiny)
+    rows = {r["custom_id"]: r for r in read_results(str(tmp_path / "out")).to_pylist()}
+    assert rows["default"]["finish_reason"] == "stop" and re.fullmatch(r'\{"a":[0-9]\}', rows["default"]["text"])
+    assert re.fullmatch("z{2,3}", rows["regex"]["text"])
+    assert rows["free"]["finish_reason"] == "length" and rows["free"]["error_code"] is None
+    bad = merge({"inputs": [inp], "output": str(tmp_path / "bad"), "guided_regex": "(", "guided_choice": ["a"]}, {})
+    with pytest.raises(BatchLLMError, match="one structured output only, got guided_regex and guided_choice"):
+        bad.validate()
