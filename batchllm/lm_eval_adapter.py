@@ -4,10 +4,14 @@
 ``loglikelihood_rolling`` through ``batchllm.score`` (lm-eval's tokenization, so the context /
 continuation split is HFLM's; every request of a call is planned together, so a few-shot context shared by
 all questions, and a question shared by its options, is computed once), ``generate_until`` through the
-same plan and engine with greedy or sampled decoding and the task's stop strings. Registered under the
-name ``batchllm``::
+same plan and engine with greedy or sampled decoding and the task's stop strings. Importing this module
+registers it under the name ``batchllm`` (lm-eval finds models only in its registry, so the import comes
+first)::
 
-    lm_eval --model batchllm --model_args model=./Llama-3.2-1B,device=cuda --tasks hellaswag
+    import lm_eval
+    import batchllm.lm_eval_adapter  # noqa: F401  registers "batchllm"
+
+    lm_eval.simple_evaluate(model="batchllm", model_args="model=./Llama-3.2-1B,device=cuda", tasks=["hellaswag"])
 
 Importing this module imports lm-eval; nothing else in batchllm does.
 """
