@@ -42,6 +42,8 @@ def _write_jsonl(path, rows):
 class _Spy:
     """A tokenizer wrapper recording the longest text it was asked to encode."""
 
+    is_fast = False  # so that batch_encode calls __call__, not the wrapped tokenizer's Rust backend
+
     def __init__(self, tok):
         self.tok, self.longest = tok, 0
 
