@@ -286,8 +286,6 @@ def test_fingerprint_names_fp8_and_leaves_auto_unchanged(tmp_path):
     assert {k: v for k, v in fp8.items() if k != "kv_cache_dtype"} == auto
 
 
-@pytest.mark.xfail(strict=True, reason="batchllm.jobs.manifest._LABELS (the components check_same_job compares) has no "
-                   "kv_cache_dtype entry yet: the fingerprint carries the key, the refusal needs that one line")
 def test_an_fp8_job_folder_refuses_a_rerun_without_fp8(tmp_path, tiny):
     p = tmp_path / "in.jsonl"
     p.write_text('{"prompt_token_ids": [5, 6, 7], "max_tokens": 2}\n')

@@ -45,6 +45,7 @@ _LABELS = {
     "columns": "column mapping",
     "max_model_len": "max-model-len",
     "dtype": "dtype",
+    "kv_cache_dtype": "KV cache dtype",
     "inputs": "input files",
 }
 
