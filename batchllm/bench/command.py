@@ -29,7 +29,7 @@ import typer
 from batchllm.config import read_toml
 from batchllm.errors import BatchLLMError
 
-BENCH_KEYS = {"workload", "model", "device", "dtype", "policies", "peers", "kv_cache_tokens", "max_num_batched_tokens",
+BENCH_KEYS = {"workload", "model", "device", "dtype", "policies", "peers", "kv_cache_tokens", "kv_cache_dtype", "max_num_batched_tokens",
               "repeat", "profile", "warmup", "peer_batch_size", "json", "plot", "shape"}
 
 
@@ -83,6 +83,7 @@ def bench(
     seed: Optional[int] = typer.Option(None, help="Workload seed (default 0)."),
     shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle", help="Shuffle the request file (default: shuffled)."),
     kv_cache_tokens: Optional[int] = typer.Option(None, help="KV pool size in tokens (default: from free memory)."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, help="KV cache dtype of batchllm's runs: auto | fp8 (e4m3, twice the tokens)."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="Token budget per engine step."),
     repeat: Optional[int] = typer.Option(None, help="Runs per policy / peer; the best is reported, all are listed."),
     profile: bool = typer.Option(False, "--profile", help="Show where the wall time goes per kind of work."),
@@ -108,7 +109,7 @@ def bench(
     flags = dict(workload=workload, model=model, device=device, dtype=dtype,
                  policies=_split(policies) if policies is not None else None,
                  peers=_split(peers) if peers is not None else None, kv_cache_tokens=kv_cache_tokens,
-                 max_num_batched_tokens=max_num_batched_tokens, repeat=repeat, json=json_path, plot=plot)
+                 kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=max_num_batched_tokens, repeat=repeat, json=json_path, plot=plot)
     values.update({k: v for k, v in flags.items() if v is not None})
     if profile:
         values["profile"] = True

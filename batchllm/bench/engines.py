@@ -38,7 +38,7 @@ from batchllm.engine.model_runner import ModelRunner
 from batchllm.models.tokenizer import eos_token_ids
 
 # JobConfig fields make_engine reads, besides the policy: a run whose values differ gets a fresh engine
-ENGINE_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "attention", "enforce_eager", "kv_cache_tokens",
+ENGINE_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "attention", "enforce_eager", "kv_cache_tokens", "kv_cache_dtype",
                  "gpu_memory_utilization", "page_size", "max_model_len", "model", "device", "dtype")
 
 
@@ -68,10 +68,11 @@ class BenchEngines:
         graph_batch = cuda_graphs.reachable_graph_batch(graph_max, reach)
         self.graphs = graphs or ("off" if base.enforce_eager else "auto")
         uses_graphs = self.graphs != "off" and dev.type == "cuda" and cuda_graphs.graph_safe(self.backend)
-        pages = build.kv_pool_pages(base, mcfg, dev, lm.dtype, self.budget, model=lm.model, backend=self.backend,
+        kv_dtype = build.resolve_kv_cache_dtype(base.kv_cache_dtype, lm.dtype)  # batchllm's runs only; peers keep theirs
+        pages = build.kv_pool_pages(base, mcfg, dev, kv_dtype, self.budget, model=lm.model, backend=self.backend,
                                        sample_rows=reach, graph_batch=graph_batch if uses_graphs else 0)
         self.max_model_len = build.fit_to_pool(pages, base.page_size, build.model_max_len(base, mcfg))
-        self.kv = KVCache(mcfg, pages, base.page_size, lm.dtype, dev)
+        self.kv = KVCache(mcfg, pages, base.page_size, kv_dtype, dev)
         # every decoding sequence holds at least one page of its own: the pool bounds the decode batch too
         self.graph_batch = cuda_graphs.reachable_graph_batch(graph_max, min(reach, pages))
         self.runner = ModelRunner(lm.model, self.kv, self.backend, dev, graphs=self.graphs,

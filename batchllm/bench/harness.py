@@ -254,6 +254,7 @@ def run_bench(
     policies: list[str] | tuple[str, ...] = POLICIES,
     peers: list[str] | tuple[str, ...] = (),
     kv_cache_tokens: int | None = None,
+    kv_cache_dtype: str = "auto",
     max_num_batched_tokens: int | None = None,
     repeat: int = 1,
     profile: bool = False,
@@ -285,7 +286,7 @@ def run_bench(
     reported as ``model.engine_setup_s`` (not in any run's wall time); ``graphs`` overrides its graph
     mode ("static": the graph path run eagerly, for CPU tests).
     """
-    from batchllm.build import resolve_device, resolve_dtype
+    from batchllm.build import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
     say = log or (lambda msg: None)
     policies, peers = list(policies), list(peers)
@@ -306,11 +307,13 @@ def run_bench(
     mcfg = loader.load_config(src)
     wl = make_workload(workload, shape, vocab_size=mcfg.vocab_size)
     base = JobConfig(model=model, device=device, dtype=dtype, temperature=0.0, preview=0,
-                     kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=max_num_batched_tokens)
+                     kv_cache_tokens=kv_cache_tokens, kv_cache_dtype=kv_cache_dtype,
+                     max_num_batched_tokens=max_num_batched_tokens)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    resolve_kv_cache_dtype(kv_cache_dtype, dt)  # a bad --kv-cache-dtype is one line before anything loads
     names = policies + peers
-    options = {"policies": policies, "peers": peers, "kv_cache_tokens": kv_cache_tokens,
+    options = {"policies": policies, "peers": peers, "kv_cache_tokens": kv_cache_tokens, "kv_cache_dtype": kv_cache_dtype,
                "max_num_batched_tokens": max_num_batched_tokens, "repeat": repeat, "warmup": warmup,
                "peer_batch_size": peer_batch_size}
     tmp = tempfile.mkdtemp(prefix="batchllm-bench-")
