@@ -287,7 +287,10 @@ def env_report(path: Path) -> int:
         r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
         rep["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
-    for mod in ("triton", "transformers", "tokenizers", "pyarrow", "typer", "rich", "safetensors", "numpy"):
+    # Triton through batchllm's runtime, as the engine loads it: where the kernels run (compiled on the
+    # GPU, the interpreter in the dry run) is decided before Triton's first import (kernels/runtime.py)
+    check("import triton", lambda: __import__("batchllm.kernels.runtime", fromlist=["load_triton"]).load_triton()[0].__version__)
+    for mod in ("transformers", "tokenizers", "pyarrow", "typer", "rich", "safetensors", "numpy"):
         check(f"import {mod}", lambda mod=mod: getattr(__import__(mod), "__version__", "?"))
     rep["absent_as_on_the_gpu_image"] = {m: importlib.util.find_spec(m) is None for m in FORBIDDEN}
 
