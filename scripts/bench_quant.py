@@ -19,8 +19,6 @@ layer, so a run cut off by a deadline keeps what it finished; ``"complete"`` tur
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -116,12 +114,12 @@ def _time(fn, reps: int, dev: str) -> float:
 
 
 def _dump(results: dict, path: str | None) -> None:
-    """Rewrite the JSON report atomically (a reader or a kill never sees half a file)."""
+    """Rewrite the JSON report atomically (``bench.report.write_json``: a reader or a kill never sees half
+    a file); no path, no file."""
     if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
+        from batchllm.bench.report import write_json
+
+        write_json(results, path)
 
 
 if __name__ == "__main__":
