@@ -32,38 +32,19 @@ import time
 
 import jsonschema
 
+from batchllm.bench.schemas import random_json_schema
 from batchllm.build import load_model
 from batchllm.config import JobConfig
 from batchllm.io.writer import read_results
 from batchllm.pipeline import run_job
 
 
-def gen_schema(rng: random.Random, depth: int = 0) -> dict:
-    """A random JSON schema, an object at the top (see the module docstring for the shapes)."""
-    kinds = ["string", "integer", "number", "boolean", "enum", "array", "object", "nullable"]
-    kind = "object" if depth == 0 else rng.choice(kinds[:5] if depth >= 3 else kinds)
-    if kind == "string":
-        return {"type": "string", "pattern": "^[a-z]{1,6}$"} if rng.random() < 0.2 else \
-               {"type": "string", "minLength": rng.randint(0, 2), "maxLength": rng.randint(2, 12)}
-    if kind == "integer":
-        low = rng.randint(-50, 50)
-        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 1000)} if rng.random() < 0.5 else \
-               {"type": "integer"}
-    if kind == "number":
-        return {"type": "number"}
-    if kind == "boolean":
-        return {"type": "boolean"}
-    if kind == "enum":
-        return {"enum": rng.sample(["red", "green", "blue", "a \"quoted\" one", 1, 2.5, None, True], rng.randint(1, 4))}
-    if kind == "nullable":
-        return {"anyOf": [{"type": "null"}, gen_schema(rng, depth + 1)]}
-    if kind == "array":
-        most = rng.randint(1, 4)
-        return {"type": "array", "items": gen_schema(rng, depth + 1), "minItems": rng.randint(0, most), "maxItems": most}
-    names = ["name", "id", "city", "score", "items", "color", "count", "note", "valid", "kind"]
-    props = {f"{rng.choice(names)}_{depth}{i}": gen_schema(rng, depth + 1) for i in range(rng.randint(1, 5))}
-    return {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.6],
-            "additionalProperties": False}
+# the bench's schemas: the tests' generator with longer strings and readable property names
+PROPERTY_NAMES = ["name", "id", "city", "score", "items", "color", "count", "note", "valid", "kind"]
+
+
+def gen_schema(rng: random.Random) -> dict:
+    return random_json_schema(rng, max_string_len=12, names=PROPERTY_NAMES)
 
 
 def row(i: int, schema: dict | None, max_tokens: int, ignore_eos: bool, show_schema: bool) -> dict:

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
+from batchllm.bench.schemas import random_json_schema  # noqa: E402
 from batchllm.engine.structured import CompileError, Grammar, GrammarCompiler, GrammarMatcher, apply_bitmask  # noqa: E402
 from batchllm.models.dummy import preset_config  # noqa: E402
 from batchllm.models.dummy_tokenizer import build_tokenizer  # noqa: E402
@@ -38,35 +39,6 @@ def smollm2(smollm2_gguf_path):
     src = loader.resolve_model(smollm2_gguf_path)
     tok, cfg = loader.load_tokenizer(src), loader.load_config(src)
     return tok, GrammarCompiler(tok, cfg.vocab_size, cfg.eos_token_ids)
-
-
-def gen_schema(rng: random.Random, depth: int = 0) -> dict:
-    """A random JSON schema: an object at the top; nested objects with required and optional properties,
-    arrays, enums, integers with bounds, numbers, booleans, nullable values, bounded or patterned strings
-    (bounded, so that a random walk over the allowed tokens ends)."""
-    kinds = ["string", "integer", "number", "boolean", "enum", "array", "object", "nullable"]
-    kind = "object" if depth == 0 else rng.choice(kinds[:5] if depth >= 3 else kinds)
-    if kind == "string":
-        return {"type": "string", "pattern": "^[a-z]{1,6}$"} if rng.random() < 0.2 else \
-               {"type": "string", "minLength": rng.randint(0, 2), "maxLength": rng.randint(2, 8)}
-    if kind == "integer":
-        low = rng.randint(-50, 50)
-        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 1000)} if rng.random() < 0.5 else \
-               {"type": "integer"}
-    if kind == "number":
-        return {"type": "number"}
-    if kind == "boolean":
-        return {"type": "boolean"}
-    if kind == "enum":
-        return {"enum": rng.sample(["red", "green", "blue", "a \"quoted\" one", 1, 2.5, None, True], rng.randint(1, 4))}
-    if kind == "nullable":
-        return {"anyOf": [{"type": "null"}, gen_schema(rng, depth + 1)]}
-    if kind == "array":
-        most = rng.randint(1, 4)
-        return {"type": "array", "items": gen_schema(rng, depth + 1), "minItems": rng.randint(0, most), "maxItems": most}
-    props = {f"k{depth}_{i}": gen_schema(rng, depth + 1) for i in range(rng.randint(1, 5))}
-    return {"type": "object", "properties": props, "required": [p for p in props if rng.random() < 0.6],
-            "additionalProperties": False}
 
 
 def random_decode(compiler: GrammarCompiler, tok, specs, *, max_tokens: int = 160, seed: int = 0):
@@ -162,7 +134,7 @@ def test_async_fill_equals_the_batch_fill_and_the_single_fill(byte_level, thread
     tok, _ = byte_level
     cfg = preset_config("tiny")
     compiler = GrammarCompiler(tok, cfg.vocab_size, cfg.eos_token_ids, threads=threads)
-    specs = [StructuredOutput("json", json.dumps(gen_schema(random.Random(i)))) for i in range(8)]
+    specs = [StructuredOutput("json", json.dumps(random_json_schema(random.Random(i)))) for i in range(8)]
     matchers = [compiler.matcher(s) for s in specs]
     (brace,) = tok.encode("{", add_special_tokens=False)
     for m in matchers[::2]:
@@ -237,7 +209,7 @@ def test_random_decoding_under_json_schemas_validates(byte_level, any_whitespace
     tok, compiler = byte_level
     rng = random.Random(17 + any_whitespace)
     # any whitespace: a random walk pads with it, so fewer schemas and fewer finish (a model would not)
-    schemas = [gen_schema(rng) for _ in range(40 if any_whitespace else 100)]
+    schemas = [random_json_schema(rng) for _ in range(40 if any_whitespace else 100)]
     specs = [StructuredOutput("json", json.dumps(s), any_whitespace) for s in schemas]
     results = []
     for start in range(0, len(specs), 50):  # batches of 50 sequences, each with its own schema
@@ -248,7 +220,7 @@ def test_random_decoding_under_json_schemas_validates(byte_level, any_whitespace
 def test_random_decoding_on_smollm2_tokens_validates(smollm2):
     tok, compiler = smollm2
     rng = random.Random(5)
-    schemas = [gen_schema(rng) for _ in range(40)]
+    schemas = [random_json_schema(rng) for _ in range(40)]
     specs = [StructuredOutput("json", json.dumps(s), False) for s in schemas]
     check_json_outputs(random_decode(compiler, tok, specs, max_tokens=200), schemas, min_ended=0.8)
     objects = random_decode(compiler, tok, [StructuredOutput("json", '{"type":"object"}', False)] * 4, max_tokens=300)
