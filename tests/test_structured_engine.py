@@ -22,7 +22,7 @@ pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from tests.engine_utils import run_engine  # noqa: E402
-from tests.test_structured import gen_schema  # noqa: E402
+from batchllm.bench.schemas import random_json_schema  # noqa: E402
 
 from batchllm.config import JobConfig  # noqa: E402
 from batchllm.io.writer import read_results  # noqa: E402
@@ -61,7 +61,7 @@ def json_spec(schema: dict) -> StructuredOutput:
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_json_schemas_greedy_and_sampled_n2_validate_and_unconstrained_rows_unchanged(model_tok, temperature):
     rng = random.Random(7)
-    schemas = [gen_schema(rng) for _ in range(6)]
+    schemas = [random_json_schema(rng) for _ in range(6)]
     constrained = [SamplingParams(max_tokens=200, temperature=temperature, n=2, structured=json_spec(s)) for s in schemas]
     free = SamplingParams(max_tokens=12, temperature=temperature)
     seqs, engine = run(model_tok, constrained + [free, free])
@@ -121,7 +121,7 @@ def test_min_tokens_ignore_eos_and_logprobs_under_a_grammar(model_tok):
 
 def test_preemption_keeps_matchers_consistent(model_tok):
     rng = random.Random(3)
-    schemas = [gen_schema(rng) for _ in range(8)]
+    schemas = [random_json_schema(rng) for _ in range(8)]
     params = [SamplingParams(max_tokens=120, temperature=0.9, structured=json_spec(s)) for s in schemas]
     seqs, engine = run(model_tok, params, num_pages=40, growth_reserve=0.0)
     assert engine.scheduler.num_preemptions > 0
