@@ -12,6 +12,12 @@ writing. It owns what both need alike:
   before the run; a spec the grammar engine refuses makes its requests ``invalid_structured_output`` rows
   with the engine's message, and where the grammar engine is not installed the constrained requests are
   ``unsupported_parameter`` rows: either way they leave the plan and the job goes on;
+- prompt log-probabilities (``SamplingParams.prompt_logprobs``, vLLM's semantics): when a request of the
+  plan asks, the runner gets a ``PromptLogprobs`` collector for the run (the top-k the largest asked), which
+  scores the prompt positions of the requests that ask and of every shared prefix (a prefix is scored once
+  for all its members, as it is computed once); each asking request's rows carry its entries. The
+  fcfs-lru baseline's prefix cache reuses prompt positions without computing their logits, so there such
+  requests are ``unsupported_parameter`` rows;
 - the engine's work is exactly the plan (``engine.sources.build_sources``);
 - every finished sample becomes its output row (``jobs.results.completion_row``), handed to the caller
   with the sample; the first ``preview`` of them are kept for the run's preview;
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from batchllm.engine.engine import LLMEngine, StepStats
+from batchllm.engine.model_runner import PromptLogprobs
 from batchllm.engine.sequence import Sequence
 from batchllm.engine.sources import build_sources
 from batchllm.io import requests as rq
@@ -101,6 +108,22 @@ def structured_errors(engine: LLMEngine, eos: frozenset[int], requests: Mapping[
     return errors
 
 
+def prompt_logprobs_errors(engine: LLMEngine, requests: Mapping[int, Request], plan: Plan) -> dict[int, RowError]:
+    """The error rows of the plan's requests that ask for prompt log-probabilities an engine with prefix
+    caching (the fcfs-lru baseline) cannot give: its cache hits skip the positions' logits."""
+    if not engine.prefix_caching:
+        return {}
+    return {i: _row_error(requests[i], rq.UNSUPPORTED_PARAMETER,
+                          "prompt_logprobs needs --policy batchllm: the fcfs-lru baseline's prefix cache reuses "
+                          "prompt positions without computing their logits")
+            for i in _asking(requests, plan)}
+
+
+def _asking(requests: Mapping[int, Request], plan: Plan) -> list[int]:
+    """The plan's requests that ask for prompt log-probabilities."""
+    return [int(i) for g in plan.groups for i in g.members if requests[int(i)].sampling.prompt_logprobs is not None]
+
+
 def _row_error(r: Request, code: str, message: str) -> RowError:
     return RowError(r.input_file, r.input_index, code, message, r.custom_id, kept=r.kept)
 
@@ -118,15 +141,31 @@ def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Requ
     invalid = structured_errors(engine, eos, requests, plan)
     if invalid:
         plan = plan.without(list(invalid))
-    for i, error in {**rejected, **invalid}.items():
+    no_prompt_logprobs = prompt_logprobs_errors(engine, requests, plan)
+    if no_prompt_logprobs:
+        plan = plan.without(list(no_prompt_logprobs))
+    for i, error in {**rejected, **invalid, **no_prompt_logprobs}.items():
         callbacks.rejected(requests[i], error)
     shown: list[dict[str, str]] = []
+    asking = _asking(requests, plan)
+    collector = None
+    if asking:
+        if engine.runner.prompt_logprobs is not None:
+            raise ValueError("the engine's runner already collects prompt log-probabilities for another caller")
+        collector = PromptLogprobs(
+            lambda s: 0 if requests[s.request_index].sampling.prompt_logprobs is not None else s.prompt_len,
+            top_k=max(requests[i].sampling.prompt_logprobs for i in asking))
 
     def on_finish(seq: Sequence) -> None:
         req = requests[seq.request_index]
         if len(shown) < preview:
             shown.append({"custom_id": req.custom_id, "prompt": prompt_preview(req), "text": seq.text})
-        callbacks.finished(seq.request_index, req, seq, completion_row(req, seq))
+        entries = None
+        if collector is not None:
+            if req.sampling.prompt_logprobs is not None:
+                entries = collector.entries(seq, req.sampling.prompt_logprobs)
+            collector.release(seq)  # this sample's rows, and its prefixes' once no dependent is left
+        callbacks.finished(seq.request_index, req, seq, completion_row(req, seq, entries))
 
     def on_step(stats: StepStats) -> None:
         callbacks.step(stats)
@@ -138,10 +177,15 @@ def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Requ
     steps_before = len(engine.step_stats)
     t0 = time.perf_counter()
     stopped = False
+    if collector is not None:
+        engine.runner.prompt_logprobs = collector
     try:
         engine.run(build_sources(requests, plan, eos, seed, page_size), on_finish, on_step)
     except _Stopped:
         stopped = True
+    finally:
+        if collector is not None:
+            engine.runner.prompt_logprobs = None
     seconds = time.perf_counter() - t0
     sched = engine.scheduler  # this run's
     return EngineRun(stopped, seconds, engine.step_stats[steps_before:], sched.prompt_tokens_computed,

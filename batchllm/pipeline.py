@@ -295,8 +295,9 @@ def job_fingerprint(cfg: JobConfig, src: loader.ModelSource, tok, dtype: torch.d
     manifest module does, a URI through its filesystem, a hub dataset by its cached data, ``--split``
     included."""
     sampling = dataclasses.asdict(cfg.sampling_defaults())
-    if sampling["structured"] is None:  # folders written before structured output have no such key: they resume
-        del sampling["structured"]
+    for key in ("structured", "prompt_logprobs"):  # folders written before these fields have no such key: they resume
+        if sampling[key] is None:
+            del sampling[key]
     fp = build_fingerprint(
         weights=loader.weights_fingerprint(src), model_name=src.display_name, tokenizer=tok,
         sampling=sampling, seed=cfg.seed, columns=cfg.column_mapping_dict(),

@@ -113,6 +113,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # vLLM's prompt_logprobs: per prompt position, the log-probability and rank of the prompt's token and
+    # the k most likely tokens (0: the prompt's token only); None: off. (``batchllm.execute`` explains.)
+    prompt_logprobs: int | None = None
     # Set from the structured-output request fields (STRUCTURED_FIELDS), never from a field of this name.
     structured: StructuredOutput | None = None
 
@@ -153,6 +156,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a string or a list of non-empty strings")
 
@@ -184,7 +189,7 @@ class SamplingParams:
 
 
 _INT_FIELDS = {"max_tokens", "top_k", "n", "min_tokens"}
-_OPTIONAL_INT_FIELDS = {"seed", "logprobs"}
+_OPTIONAL_INT_FIELDS = {"seed", "logprobs", "prompt_logprobs"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 
 
@@ -382,7 +387,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "length_penalty": (_number(1.0), "length_penalty applies to beam search, which batchllm lacks"),
     "best_of": (None, "batchllm returns every sample it generates; use n"),
     "lora_request": (None, "batchllm serves no LoRA adapters"),
-    "prompt_logprobs": (None, "batchllm returns logprobs of generated tokens only (logprobs)"),
     "echo": (_equals(False), "batchllm does not echo the prompt into the output"),
     "logit_bias": (_equals({}), "batchllm has no logit bias"),
     "allowed_token_ids": (None, "batchllm cannot restrict the vocabulary"),

@@ -208,3 +208,28 @@ def test_export_of_a_running_job_is_refused(job, tmp_path):
         assert res.state == "running" and res.rows == 7
     finally:
         lock.release()
+
+
+def test_export_openai_prompt_logprobs_in_vllms_shape(tmp_path, he_ids):
+    """A request's prompt_logprobs column becomes vLLM's response field: per choice of a completion, once
+    per chat completion; None for the first prompt token, else {id: {logprob, rank, decoded_token}}."""
+    h, c3, _ = he_ids
+    pl = [None, {"token_id": c3, "logprob": -1.25, "rank": 2,
+                 "top_logprobs": [{"token_id": h, "logprob": -0.75}]}]
+    out = str(tmp_path / "job")
+    wr = ShardWriter(out, 3, job_spec={"inputs": ["a.jsonl"], "model": "dummy:tiny"})
+    wr.add_request([{**completion(0, kind="completion"), "prompt_logprobs": pl}])
+    wr.add_request([{**completion(1, kind="chat"), "prompt_logprobs": pl}])
+    wr.add_request([completion(2, kind="completion")])
+    wr.close()
+    to = str(tmp_path / "results.jsonl")
+    export_job(out, "openai", to, ordered=True)
+    lines = [json.loads(x) for x in open(to)]
+    for line in lines:
+        check_output_line(line)
+    expected = [None, {str(h): {"logprob": -0.75, "rank": 1, "decoded_token": "h"},
+                       str(c3): {"logprob": -1.25, "rank": 2, "decoded_token": "\\xc3"}}]
+    text, chat, plain = (x["response"]["body"] for x in lines)
+    assert text["choices"][0]["prompt_logprobs"] == expected and "prompt_logprobs" not in text
+    assert chat["prompt_logprobs"] == expected and "prompt_logprobs" not in chat["choices"][0]
+    assert "prompt_logprobs" not in plain and "prompt_logprobs" not in plain["choices"][0]  # did not ask

@@ -43,7 +43,7 @@ def openai_line(cid, url="/v1/chat/completions", **body):
 # ------------------------------------------------------------------------------ unsupported parameters
 
 CHANGING = [
-    ("guided_whitespace_pattern", " *"), ("guided_decoding_backend", "outlines"), ("use_beam_search", True), ("best_of", 3), ("lora_request", {"lora_name": "x"}), ("prompt_logprobs", 1),
+    ("guided_whitespace_pattern", " *"), ("guided_decoding_backend", "outlines"), ("use_beam_search", True), ("best_of", 3), ("lora_request", {"lora_name": "x"}),
     ("echo", True), ("logit_bias", {"50256": -100}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("stream", True), ("include_stop_str_in_output", True),
 ]
@@ -134,12 +134,21 @@ def test_parquet_columns_are_checked_too(tmp_path):
     assert echo.error_code == rq.UNSUPPORTED_PARAMETER and echo.error_message.startswith("echo = ")
 
 
+def test_prompt_logprobs_is_read_from_flat_rows_and_openai_bodies(tmp_path):
+    flat = write_jsonl(tmp_path / "f.jsonl", [{"custom_id": "a", "prompt": "hi", "prompt_logprobs": 2}])
+    body = write_jsonl(tmp_path / "b.jsonl", [openai_line("b", prompt_logprobs=0)])
+    (a,) = read([flat])
+    (b,) = read([body])
+    assert a.sampling.prompt_logprobs == 2 and b.sampling.prompt_logprobs == 0
+    assert "prompt_logprobs" not in UNSUPPORTED_FIELDS
+
+
 def test_unsupported_field_helper():
     assert unsupported_field({"best_of": 2}, n=2) is None
     assert unsupported_field({"top_logprobs": 2}, n=1, chat=True) is None
     assert unsupported_field({"top_logprobs": 2}, n=1)[0] == "top_logprobs"
     assert unsupported_field({"prompt_logprobs": 1, "echo": True}, n=1, names=["echo"])[0] == "echo"
-    assert {"guided_whitespace_pattern", "use_beam_search", "best_of", "lora_request", "prompt_logprobs", "echo",
+    assert {"guided_whitespace_pattern", "use_beam_search", "best_of", "lora_request", "echo",
             "logit_bias", "tools", "tool_choice", "functions"} <= set(UNSUPPORTED_FIELDS)
 
 

@@ -94,6 +94,11 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("token_ids", pa.list_(pa.int32())),
         pa.field("logprobs", pa.list_(pa.float32())),
         pa.field("top_logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))),
+        # vLLM's prompt_logprobs (requests that ask): entry j scores prompt token j (entry 0 is null)
+        pa.field("prompt_logprobs", pa.list_(pa.struct([
+            ("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()),
+            ("top_logprobs", pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))),
+        ]))),
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("request_type", pa.string()),
@@ -648,7 +653,7 @@ def shard_table(data: bytes) -> pa.Table:
 
 
 def _conform(table: pa.Table) -> pa.Table:
-    # shards written before ``request_type`` existed get it as a null column
+    # shards written before a column existed (``request_type``, ``prompt_logprobs``) get it as nulls
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))

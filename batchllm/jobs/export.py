@@ -37,7 +37,10 @@ Formats:
   (``loader.load_tokenizer``), checked against the tokenizer hash in the manifest. When no tokenizer can
   be loaded (the model is gone, or offline) or it is not the job's, tokens fall back to vLLM's
   ``return_tokens_as_token_ids`` spelling ``"token_id:<id>"`` with ``bytes: null`` and
-  ``text_offset: null``, and the result's ``warnings`` say so.
+  ``text_offset: null``, and the result's ``warnings`` say so. Prompt log-probabilities (a request's
+  ``prompt_logprobs``) come in vLLM's shape: ``choices[i].prompt_logprobs`` for a completion, the body's
+  ``prompt_logprobs`` for a chat completion, per prompt token None (the first) or {token id: {logprob,
+  rank, decoded_token}} for the prompt's token and the top tokens.
 
 Completeness: ``export_job(..., require_complete=True)`` (what ``batchllm export`` does unless
 ``--allow-partial``) refuses a job whose status is not ``completed`` (running, interrupted, cancelled,
@@ -309,7 +312,8 @@ class _OpenAIWriter:
         chat = rows[0].get("request_type") == "chat"
         prompt = rows[0]["prompt_tokens"] or 0
         completion = sum(r["completion_tokens"] or 0 for r in rows)
-        speller = self.speller() if any(r.get("logprobs") is not None for r in rows) else None
+        speller = self.speller() if any(r.get("logprobs") is not None or r.get("prompt_logprobs") is not None
+                                        for r in rows) else None
         choices = []
         for r in rows:
             if chat:
@@ -318,7 +322,12 @@ class _OpenAIWriter:
             else:
                 choice = {"index": r["sample_index"], "text": r["text"], "logprobs": _completion_logprobs(r, speller),
                           "finish_reason": r["finish_reason"]}
+                if r.get("prompt_logprobs") is not None:  # vLLM: per choice of a completion
+                    choice["prompt_logprobs"] = _prompt_logprobs(r, speller)
             choices.append(choice)
+        extra = {}
+        if chat and rows[0].get("prompt_logprobs") is not None:  # vLLM: once per chat completion
+            extra["prompt_logprobs"] = _prompt_logprobs(rows[0], speller)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{h}",
             "object": "chat.completion" if chat else "text_completion",
@@ -335,6 +344,7 @@ class _OpenAIWriter:
                                               "rejected_prediction_tokens": 0},
             },
             "system_fingerprint": None,
+            **extra,
         }
 
 
@@ -518,6 +528,25 @@ def _completion_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None
         "top_logprobs": [{speller.spell(a["token_id"])[0]: a["logprob"] for a in alts} for alts in tops],
         "text_offset": offsets,
     }
+
+
+def _prompt_logprobs(r: dict[str, Any], speller: _TokenSpeller | None) -> list[dict[str, Any] | None]:
+    """A row's ``prompt_logprobs`` in vLLM's response shape: per prompt token, None for the first, else
+    {token id as text: {"logprob", "rank", "decoded_token"}} for the prompt's token and the top tokens
+    (ranks 1..k)."""
+    def spell(t: int) -> str:
+        return speller.spell(t)[0] if speller is not None else _tok(t)
+
+    out: list[dict[str, Any] | None] = []
+    for e in r["prompt_logprobs"]:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(a["token_id"]): {"logprob": a["logprob"], "rank": k, "decoded_token": spell(a["token_id"])}
+             for k, a in enumerate(e["top_logprobs"] or [], start=1)}
+        d[str(e["token_id"])] = {"logprob": e["logprob"], "rank": e["rank"], "decoded_token": spell(e["token_id"])}
+        out.append(d)
+    return out
 
 
 def _errors_path(to: str) -> str:

@@ -12,6 +12,7 @@ import statistics
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
+from batchllm.engine.model_runner import PromptTokenLogprobs
 from batchllm.engine.sequence import Sequence
 from batchllm.io.requests import Request, RowError
 from batchllm.jobs.recorder import ResultRecorder
@@ -74,7 +75,10 @@ def error_row(err: RowError) -> dict:
     }
 
 
-def completion_row(req: Request, seq: Sequence) -> dict:
+def completion_row(req: Request, seq: Sequence, prompt_logprobs: PromptTokenLogprobs | None = None) -> dict:
+    """The output row of finished sample ``seq`` of ``req``; ``prompt_logprobs``: the request's prompt
+    log-probabilities when it asked for them (``SamplingParams.prompt_logprobs``), the same in every
+    sample's row."""
     row = {
         "custom_id": req.custom_id,
         "input_file": req.input_file,
@@ -92,7 +96,19 @@ def completion_row(req: Request, seq: Sequence) -> dict:
     if seq.logprobs is not None:
         row["logprobs"] = seq.logprobs
         row["top_logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in alts] for alts in seq.top_logprobs]
+    if prompt_logprobs is not None:
+        row["prompt_logprobs"] = prompt_logprobs_entries(seq.prompt_ids, prompt_logprobs)
     return row
+
+
+def prompt_logprobs_entries(prompt_ids, pl: PromptTokenLogprobs) -> list[dict | None]:
+    """The ``prompt_logprobs`` column's value: per prompt token, its id, log-probability, rank and the top
+    tokens (entry 0, the first token, has no context and is None), as vLLM returns them."""
+    out: list[dict | None] = [None]
+    for j in range(1, len(pl.logprobs)):
+        out.append({"token_id": int(prompt_ids[j]), "logprob": pl.logprobs[j], "rank": pl.ranks[j],
+                    "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in (pl.top[j] or [])]})
+    return out
 
 
 def record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
