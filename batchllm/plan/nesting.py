@@ -147,7 +147,11 @@ def nest_by_lcp(prefix_lens: Sequence[int], lcp: Sequence[int], min_tokens: int 
     plen = np.asarray(prefix_lens, dtype=np.int64).reshape(G)
     if len(lcp) != max(G - 1, 0):
         raise ValueError(f"lcp needs one value per pair of neighbouring groups ({max(G - 1, 0)}), got {len(lcp)}")
-    lcp = [0, *(int(x) for x in lcp), 0]  # lcp[i]: tokens groups i-1 and i share; lcp[0] = lcp[G] = 0
+    # lcp[i]: what groups i-1 and i can share in an outer prefix: their common tokens, less than either
+    # prefix (each group keeps an own token), in whole pages. Capping per pair before the intervals are
+    # built keeps a run of long prefixes apart from a short neighbour's (exact or page-rounded lcp alike).
+    lcp = [0, *((min(int(x), int(plen[i]) - 1, int(plen[i + 1]) - 1) // align * align) if x else 0
+                for i, x in enumerate(lcp)), 0]
 
     # LCP intervals: (depth, first group, last group) for every run of >= 2 groups sharing `depth` tokens
     intervals: list[tuple[int, int, int]] = []
