@@ -35,6 +35,8 @@ from batchllm.errors import BatchLLMError
 from batchllm.execute import EngineCallbacks, run_plan
 from batchllm.io.readers import ColumnMapping, input_identity, read_requests, resolve_keep_columns
 from batchllm.io.requests import Request, RowError
+from batchllm.io.storage import is_uri
+from batchllm.io.token_store import TokenSpill, TokenStore
 from batchllm.io.tokenize import max_prompt_chars, read_ahead, tokenize
 from batchllm.io.writer import KEPT_JSON_METADATA, OUTPUT_SCHEMA, CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
@@ -63,8 +65,17 @@ def read_and_tokenize(
     folder: JobFolder | None = None,
     stop: StopFlag | None = None,
     keep: dict[str, bool] | None = None,
+    spill: TokenSpill | None = None,
+    store: TokenStore | None = None,
 ) -> list[Request]:
     """READ + TOKENIZE: every valid request with its token ids; every bad row goes to ``on_error``.
+
+    ``spill`` (a local job folder): each batch's token ids go to the job's token file as soon as they are
+    tokenized and leave memory; once every row is read the store is committed and each request's
+    ``token_ids`` (and a token-id row's ``prompt_token_ids``) is a read-only view of the mapped file. A
+    run stopped while reading abandons the spill (its requests are not run). ``store`` (a resumed job
+    whose earlier run committed its store): rows found there take their ids from it, untokenized; others
+    are tokenized as usual.
 
     With a resumed ``folder``, rows it records as done are left out: unread when the earlier run got past
     its read phase (``JobFolder.skip_masks``), else read and dropped. ``keep``: the kept input columns
@@ -100,18 +111,52 @@ def read_and_tokenize(
         if batch:
             yield batch
 
+    fid_of = {name: i for i, name in enumerate(names)}
     requests: list[Request] = []
-    for batch in read_ahead(batches(), _READ_AHEAD):
-        todo = []
-        for item in batch:
-            if isinstance(item, RowError):
-                on_error(item)
+    spans: list[np.ndarray] = []  # with ``spill``: per batch, (offset, length) of its requests' ids in the file
+    try:
+        for batch in read_ahead(batches(), _READ_AHEAD):
+            rows: list[Request] = []
+            todo: list[Request] = []
+            for item in batch:
+                if isinstance(item, RowError):
+                    on_error(item)
+                    continue
+                rows.append(item)
+                ids = store.lookup(fid_of[item.input_file], item.input_index) if store is not None else None
+                if ids is None:
+                    todo.append(item)
+                else:  # tokenized by the earlier run of this job
+                    item.token_ids = ids
+                    if item.prompt_token_ids is not None:
+                        item.prompt_token_ids = ids
+            ok, errors = tokenize(todo, tokenizer, max_model_len, mcfg.vocab_size)
+            tokenized, asked = {id(r) for r in ok}, {id(r) for r in todo}
+            ok = [r for r in rows if id(r) in tokenized or id(r) not in asked]  # input order; store hits included
+            if spill is not None and ok:
+                offsets = spill.add(np.fromiter((fid_of[r.input_file] for r in ok), np.int32, len(ok)),
+                                    np.fromiter((r.input_index for r in ok), np.int64, len(ok)), [r.token_ids for r in ok])
+                spans.append(np.stack([offsets, np.fromiter((len(r.token_ids) for r in ok), np.int64, len(ok))], axis=1))
+                for r in ok:  # on disk now: the view of the mapped file replaces it once reading ends
+                    r.token_ids = None
+                    if r.prompt_token_ids is not None:
+                        r.prompt_token_ids = None
+            requests.extend(ok)
+            for e in errors:
+                on_error(e)
+        if spill is not None:
+            if stop is not None and stop:
+                spill.abandon()  # run_job stops before planning; a resume reads (and spills) again
             else:
-                todo.append(item)
-        ok, errors = tokenize(todo, tokenizer, max_model_len, mcfg.vocab_size)
-        requests.extend(ok)
-        for e in errors:
-            on_error(e)
+                mapped = spill.commit()
+                for r, (offset, length) in zip(requests, np.concatenate(spans) if spans else []):
+                    r.token_ids = mapped.view(int(offset), int(length))
+                    if r.prompt_token_ids is None and r.prompt is None and r.messages is None:
+                        r.prompt_token_ids = r.token_ids
+    except BaseException:
+        if spill is not None:
+            spill.abandon()
+        raise
     return requests
 
 
@@ -319,8 +364,9 @@ def _run(job: _Job, out: _Output) -> None:
     max_model_len = model_max_len(cfg, mcfg)
     t0 = time.perf_counter()
     recorder.update_status(stage="reading", force=True)
+    spill, store = _token_files(cfg, out)
     requests = read_and_tokenize(cfg, out.tokenizer, mcfg, max_model_len, lambda e: record_error(summary, recorder, e), out.folder,
-                                 out.stop, keep=kept_columns(writer.extra_fields))
+                                 out.stop, keep=kept_columns(writer.extra_fields), spill=spill, store=store)
     read_seconds = time.perf_counter() - t0
     _check_stop(out.stop, cfg, writer)
     # Commit the read phase's error records now: from here on a resume may skip finished rows unread
@@ -350,6 +396,16 @@ def _run(job: _Job, out: _Output) -> None:
     _close_run(writer, recorder, summary)
     if stopped:
         raise JobInterrupted(out.stop.signum, cfg.output, writer.rows_written)
+
+
+def _token_files(cfg: JobConfig, out: _Output) -> tuple[TokenSpill | None, TokenStore | None]:
+    """(a spill for this run's tokens, the store an earlier run of this job committed): at most one is
+    set; neither for a job folder on an object store (``io.token_store``)."""
+    if is_uri(cfg.output):
+        return None, None
+    job_id = out.writer.manifest["job_id"]
+    store = TokenStore.open(cfg.output, job_id) if out.folder.resuming else None
+    return (None, store) if store is not None else (TokenSpill(cfg.output, job_id), None)
 
 
 def _generate(job: _Job, out: _Output, requests: list[Request], plan: Plan, max_model_len: int, read_seconds: float) -> bool:
