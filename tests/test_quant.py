@@ -254,7 +254,7 @@ def test_static_fp8_activations_are_refused_in_one_line(checkpoints):
     assert "static input scales" in _refusal(checkpoints["fp8-static"])
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "fp8", "bitsandbytes"])
+@pytest.mark.parametrize("method", ["exl2", "hqq", "fp8", "bitsandbytes"])  # gptq / awq: test_quant_gptq_awq
 def test_other_quantization_methods_are_refused_naming_the_method(tmp_path, checkpoints, method):
     def edit(q):
         q.clear()

@@ -28,7 +28,9 @@ def weight_names(cfg: ModelConfig) -> list[str]:
     """The Hugging Face parameter names of a model with this config, in canonical order.
 
     A quantized config (``cfg.quant``) names each projection's checkpoint tensors instead of its
-    ``weight`` (``quant.checkpoint_shapes``: e.g. ``weight_packed``, ``weight_scale``, ``weight_shape``).
+    ``weight`` (``quant.checkpoint_shapes``: e.g. ``weight_packed``, ``weight_scale``, ``weight_shape``, or
+    GPTQ's ``qweight``, ``qzeros``, ``scales``, ``g_idx``), which ``iter_weights`` yields under the
+    quantized layer's names.
     """
     return list(weight_shapes(cfg))
 
@@ -65,9 +67,16 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# safetensors dtype of each quantized checkpoint tensor kind (scales: any float type)
+# safetensors dtype of each quantized checkpoint tensor kind, by scheme or GPTQ / AWQ layout (scales: any
+# float type; g_idx: any integer type, its values are checked)
 _QUANT_DTYPES = {"fp8": {".weight": "F8_E4M3"}, "int4": {".weight_packed": "I32", ".weight_zero_point": "I32",
-                                                        ".weight_shape": "I64"}}
+                                                        ".weight_shape": "I64"},
+                 "gptq": {".qweight": "I32", ".qzeros": "I32"}, "gptq_v2": {".qweight": "I32", ".qzeros": "I32"},
+                 "awq": {".qweight": "I32", ".qzeros": "I32"}}
+
+
+def _dtype_key(q: quant.QuantConfig) -> str:
+    return q.scheme if q.layout == "compressed-tensors" else q.layout
 
 
 def _quantized_tensor(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:
@@ -154,7 +163,10 @@ def iter_weights(
 
     A quantized checkpoint's projection tensors keep their stored types, in the layer's layout
     (``quant.to_model_layout``: FP8 / packed int32 weights as stored, scales float32, zero points int8);
-    their safetensors dtypes are checked with the shapes, ``weight_shape`` values as they are read.
+    their safetensors dtypes are checked with the shapes, ``weight_shape`` values as they are read. GPTQ
+    and AWQ tensors are converted to that layout and renamed (``quant.from_gptq_awq``: ``qweight`` comes
+    out as ``weight_packed``...); ``g_idx`` and a symmetric checkpoint's zeros are checked as they are
+    read and not yielded.
 
     Every name of ``weight_names(cfg)`` is yielded exactly once; extra checkpoint entries (rotary inv_freq
     buffers, an lm_head copy in a tied model) are skipped. Missing or mis-shaped tensors raise BatchLLMError
@@ -189,7 +201,7 @@ def _iter_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: st
                 qt = _quantized_tensor(cfg, name)
                 if got != shapes[name] and not (qt and qt[0] == ".weight_scale" and math.prod(got) == math.prod(shapes[name])):
                     raise BatchLLMError(f"{f.name}: {name} has shape {got}, config.json implies {shapes[name]}")
-                want = _QUANT_DTYPES[cfg.quant.scheme].get(qt[0]) if qt else None
+                want = _QUANT_DTYPES[_dtype_key(cfg.quant)].get(qt[0]) if qt else None
                 if want is not None and h.get_slice(name).get_dtype() != want:
                     raise BatchLLMError(f"{f.name}: {name} is {h.get_slice(name).get_dtype()}, its quantization_config "
                                         f"implies {want}")
@@ -204,6 +216,14 @@ def _iter_weights(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: st
                 yield name, h.get_tensor(name).to(device=device, dtype=dtype)
                 continue
             tensor = h.get_tensor(name)
+            if cfg.quant.layout != "compressed-tensors":
+                try:
+                    converted = quant.from_gptq_awq(cfg.quant, name, tensor, qt[2])
+                except ValueError as e:
+                    raise BatchLLMError(f"{folder}: {e}") from None
+                if converted is not None:
+                    yield converted[0], converted[1].to(device=device)
+                continue
             if qt[0] == ".weight_shape" and tensor.tolist() != list(qt[1:]):
                 raise BatchLLMError(f"{folder}: {name} is {tensor.tolist()}, config.json implies {list(qt[1:])}")
             yield name, quant.to_model_layout(cfg.quant, name, tensor, qt[1]).to(device=device)

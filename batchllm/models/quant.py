@@ -12,10 +12,29 @@ Follows the ``compressed-tensors`` format (the one vLLM serves and llmcompressor
   ``weight_scale`` (out x groups), ``weight_shape`` (int64 [out, in]) and, when asymmetric,
   ``weight_zero_point`` (int32, out/8 x groups). Dequantized: ``w = (q - zero) * scale``.
 
-Anything else (another method such as GPTQ or AWQ, static activation scales, a quantized lm_head, a
-quantized KV cache, sparsity or transforms) is refused by ``parse_quantization_config`` in one line:
-a checkpoint is never half-loaded. Only the decoder's projections are quantized; embeddings, norms and
-the LM head stay in the model dtype.
+GPTQ and AWQ 4-bit checkpoints hold the same numbers in other layouts, converted at load into the int4
+layout above (``from_gptq_awq``), so they run on the same layer and kernel:
+
+* GPTQ (``quant_method`` "gptq", auto-gptq / GPTQModel; ``checkpoint_format`` or ``format`` "gptq" or
+  "gptq_v2"): ``qweight`` (int32, in/8 x out, eight unsigned 4-bit values per word along the input, low
+  bits first: the transpose of ``weight_packed``), ``qzeros`` (int32, groups x out/8, packed along the
+  output, low bits first), ``scales`` (groups x out) and ``g_idx`` (int32, the group of each input).
+  ``w = (q - zero) * scale`` with q and zero in 0..15; "gptq" (v1) stores ``zero - 1``, "gptq_v2" the
+  zero itself. Symmetric checkpoints store zero 8 everywhere (checked, then dropped); ``g_idx`` must be
+  the trivial ``i // group_size`` (no activation-order permutation).
+* AWQ GEMM (``quant_method`` "awq", AutoAWQ; ``version`` "gemm", ``zero_point`` true): ``qweight``
+  (int32, in x out/8) and ``qzeros`` (int32, groups x out/8) packed along the output in the order
+  0, 2, 4, 6, 1, 3, 5, 7 (slot i of a word holds column ``8c + order[i]``), ``scales`` (groups x out);
+  ``w = (q - zero) * scale``.
+
+An unsigned q is the signed ``q - 8`` stored as ``q - 8 + 8``: the nibbles are the same, zero points
+become ``zero - 8``.
+
+Anything else (another method, GPTQ / AWQ with other bits, marlin or other GPTQ layouts, AWQ GEMV, an
+activation-order ``g_idx``, static activation scales, a quantized lm_head, a quantized KV cache,
+sparsity or transforms) is refused in one line (``parse_quantization_config``, or at load for a
+``g_idx`` or symmetric zeros that break the config's promise): a checkpoint is never half-loaded. Only
+the decoder's projections are quantized; embeddings, norms and the LM head stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +47,9 @@ import torch
 
 SUPPORTED = ("compressed-tensors float-quantized FP8 (W8A8 with dynamic per-token activations, or W8A16; "
              "per-tensor or per-channel weight scales) and pack-quantized int4 W4A16 (group or per-channel "
-             "scales, symmetric or with zero points)")
+             "scales, symmetric or with zero points); GPTQ 4-bit (checkpoint_format gptq or gptq_v2, group size "
+             "a multiple of 8 or -1, sym or asym, desc_act false or a trivial g_idx); AWQ 4-bit GEMM "
+             "(zero_point true, group size a multiple of 8)")
 
 # The projections a Llama decoder layer quantizes (everything a `targets: ["Linear"]` scheme reaches but
 # the LM head, which must be in `ignore`).
@@ -49,6 +70,8 @@ class QuantConfig:
     group_size: int | None = None  # int4 "group": inputs per scale
     symmetric: bool = True  # int4: False = zero points stored
     dynamic_activations: bool = False  # fp8: activations quantized per token at run time (W8A8)
+    # int4 checkpoint layout: "compressed-tensors" | "gptq" (v1 zeros, stored minus one) | "gptq_v2" | "awq"
+    layout: str = "compressed-tensors"
 
     def weight_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes one projection's weights take in memory (model layout: scales float32, zero points int8)."""
@@ -72,6 +95,8 @@ def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig:
     if not isinstance(raw, Mapping):
         raise ValueError(f"unreadable quantization_config ({type(raw).__name__}); batchllm supports {SUPPORTED}")
     method = raw.get("quant_method")
+    if method in ("gptq", "awq"):
+        return _parse_gptq_awq(method, raw)
     if method != "compressed-tensors":
         raise ValueError(f"quantization method {method!r} is not supported; batchllm supports {SUPPORTED}")
 
@@ -99,6 +124,34 @@ def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig:
         if any(_matches(pattern, m) for m in modules):
             raise refuse(f"unquantized projections ('ignore' holds {pattern!r})")
     return parsed.pop()
+
+
+def _parse_gptq_awq(method: str, raw: Mapping[str, Any]) -> QuantConfig:
+    """GPTQ / AWQ config keys as auto-gptq, GPTQModel (``format``) and AutoAWQ (``version``) write them."""
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"quantization method {method!r} with {what} is not supported; batchllm supports {SUPPORTED}")
+
+    bits, size = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
+    if bits != 4:
+        raise refuse(f"{bits}-bit weights")
+    if raw.get("modules_to_not_convert") or raw.get("dynamic"):  # unquantized or per-module overrides
+        raise refuse("per-module exceptions (modules_to_not_convert / dynamic)")
+    if not (isinstance(size, int) and (size == -1 and method == "gptq" or size > 0 and size % 8 == 0)):
+        raise refuse(f"group_size {size!r}")
+    strategy, group = ("channel", None) if size == -1 else ("group", size)
+    if method == "awq":
+        version = str(raw.get("version", raw.get("format", "gemm"))).lower()
+        if version != "gemm":
+            raise refuse(f"version {version!r}")
+        if raw.get("zero_point") is not True:
+            raise refuse("zero_point false")
+        return QuantConfig("int4", strategy, group, symmetric=False, layout="awq")
+    fmt = raw.get("checkpoint_format", raw.get("format", "gptq"))
+    if raw.get("is_marlin_format"):  # auto-gptq's flag for its Marlin-repacked weights
+        raise refuse("the Marlin layout (is_marlin_format)")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise refuse(f"checkpoint_format {fmt!r}")
+    return QuantConfig("int4", strategy, group, symmetric=bool(raw.get("sym", True)), layout=fmt)
 
 
 def _matches(pattern: Any, name: str) -> bool:
@@ -161,6 +214,12 @@ def checkpoint_shapes(q: QuantConfig, prefix: str, out_features: int, in_feature
         rows = out_features if q.strategy == "channel" else 1
         return {f"{prefix}.weight": (out_features, in_features), f"{prefix}.weight_scale": (rows, 1)}
     groups = q.num_groups(in_features)
+    if q.layout in ("gptq", "gptq_v2"):
+        return {f"{prefix}.qweight": (in_features // 8, out_features), f"{prefix}.qzeros": (groups, out_features // 8),
+                f"{prefix}.scales": (groups, out_features), f"{prefix}.g_idx": (in_features,)}
+    if q.layout == "awq":
+        return {f"{prefix}.qweight": (in_features, out_features // 8), f"{prefix}.qzeros": (groups, out_features // 8),
+                f"{prefix}.scales": (groups, out_features)}
     shapes = {
         f"{prefix}.weight_packed": (out_features, in_features // 8),
         f"{prefix}.weight_scale": (out_features, groups),
@@ -180,6 +239,9 @@ def check_shape(q: QuantConfig, out_features: int, in_features: int, prefix: str
         raise ValueError(f"{prefix}: in_features {in_features} is not a multiple of 8 (int4 packing)")
     if q.strategy == "group" and in_features % q.group_size:
         raise ValueError(f"{prefix}: in_features {in_features} is not a multiple of group_size {q.group_size}")
+    if q.layout != "compressed-tensors" and out_features % 8:
+        raise ValueError(f"{prefix}: out_features {out_features} is not a multiple of 8 ({q.layout} packs zero "
+                         "points along the output)")
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
@@ -205,6 +267,64 @@ def to_model_layout(q: QuantConfig, name: str, tensor: torch.Tensor, out_feature
     if name.endswith(".weight_zero_point"):
         return unpack_int4_rows(tensor)[:out_features]
     return tensor
+
+
+# Where AWQ puts column 8c + AWQ_ORDER[i] of a word: in slot i (bits 4i..4i+3)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 words along the last dim -> their eight 4-bit values each (int32 0..15), slot 0 (low bits) first."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+
+
+def _awq_columns(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ words (rows, cols/8) -> their values (int32 0..15, rows x cols) in column order."""
+    slots = _nibbles(packed).unflatten(-1, (-1, 8))
+    values = torch.empty_like(slots)
+    values[..., list(AWQ_ORDER)] = slots
+    return values.flatten(-2)
+
+
+def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """int values 0..15 along the last dim -> int32 words of eight, value 8j + i in bits 4i..4i+3 of word j."""
+    slots = values.to(torch.int64).unflatten(-1, (-1, 8)) << torch.arange(0, 32, 4, device=values.device)
+    words = slots.sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the int32 with the same bits
+
+
+def from_gptq_awq(q: QuantConfig, name: str, tensor: torch.Tensor, in_features: int) -> tuple[str, torch.Tensor] | None:
+    """A GPTQ / AWQ checkpoint tensor as (model parameter name, tensor in ``to_model_layout``'s int4 layout),
+    or None for a tensor that is only checked (``g_idx``, a symmetric checkpoint's zeros).
+
+    ``qweight`` -> ``weight_packed`` (out, in/8) int32, ``scales`` -> ``weight_scale`` (out, groups) float32,
+    ``qzeros`` -> ``weight_zero_point`` (out, groups) int8 as ``zero - 8``. ValueError (one line) when a
+    ``g_idx`` is not ``i // group_size`` or a symmetric checkpoint's zero is not 8.
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if leaf == "scales":
+        return f"{prefix}.weight_scale", tensor.to(torch.float32).t().contiguous()
+    if leaf == "g_idx":
+        size = q.group_size if q.strategy == "group" else in_features
+        if not torch.equal(tensor.to(torch.int64), torch.arange(in_features) // size):
+            raise ValueError(f"{name} is an activation-order permutation (desc_act); batchllm supports {SUPPORTED}")
+        return None
+    if leaf == "qweight":
+        if q.layout == "awq":  # (in, out/8) interleaved along the output -> (out, in) -> packed along the input
+            return f"{prefix}.weight_packed", _pack_nibbles(_awq_columns(tensor).t())
+        return f"{prefix}.weight_packed", tensor.to(torch.int32).t().contiguous()  # GPTQ: same words, transposed
+    if leaf == "qzeros":
+        zeros = _awq_columns(tensor) if q.layout == "awq" else _nibbles(tensor)  # (groups, out)
+        if q.layout == "gptq":
+            zeros = zeros + 1  # v1 stores zero - 1 (so a zero of 0 cannot be written in v1: GPTQModel made v2)
+        if q.symmetric:
+            if not bool((zeros == 8).all()):
+                raise ValueError(f"{name}: a symmetric (sym) checkpoint with zero points other than 8; batchllm "
+                                 f"supports {SUPPORTED}")
+            return None
+        return f"{prefix}.weight_zero_point", (zeros - 8).t().to(torch.int8).contiguous()
+    raise ValueError(f"{name} is not a {q.layout} tensor batchllm reads; batchllm supports {SUPPORTED}")
 
 
 # ------------------------------------------------------------------------------ torch references (CPU path)
