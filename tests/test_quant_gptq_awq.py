@@ -144,6 +144,7 @@ def _refusal(folder: Path) -> str:
     ("gptq-g128-sym", lambda q: q.update(is_marlin_format=True), "the Marlin layout (is_marlin_format)"),
     ("gptq-g128-sym", lambda q: q.update(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
     ("gptq-g128-sym", lambda q: q.update(group_size=100), "group_size 100"),
+    ("gptq-g128-sym", lambda q: q.update(lm_head=True), "a quantized lm_head"),
     ("awq-g128", lambda q: q.update(version="gemv"), "'awq' with version 'gemv'"),
     ("awq-g128", lambda q: q.update(zero_point=False), "zero_point false"),
     ("awq-g128", lambda q: q.update(group_size=-1), "group_size -1"),

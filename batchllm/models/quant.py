@@ -136,6 +136,8 @@ def _parse_gptq_awq(method: str, raw: Mapping[str, Any]) -> QuantConfig:
         raise refuse(f"{bits}-bit weights")
     if raw.get("modules_to_not_convert") or raw.get("dynamic"):  # unquantized or per-module overrides
         raise refuse("per-module exceptions (modules_to_not_convert / dynamic)")
+    if raw.get("lm_head"):  # GPTQModel's flag for a quantized LM head
+        raise refuse("a quantized lm_head")
     if not (isinstance(size, int) and (size == -1 and method == "gptq" or size > 0 and size % 8 == 0)):
         raise refuse(f"group_size {size!r}")
     strategy, group = ("channel", None) if size == -1 else ("group", size)
