@@ -47,7 +47,8 @@ from batchllm.jobs.signals import JobInterrupted, StopFlag, stop_on_signals
 from batchllm.jobs.status import CANCELLED, COMPLETED, FAILED, StatusFile
 from batchllm.models import loader
 from batchllm.models.config import ModelConfig
-from batchllm.plan.plan import Plan, estimate_peak_kv_tokens, plan_requests
+from batchllm.plan.kv_estimate import estimate_peak_kv_tokens
+from batchllm.plan.plan import Plan, plan_requests
 from batchllm.plan.stats import plan_stats
 
 if TYPE_CHECKING:

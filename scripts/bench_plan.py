@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batchllm.plan.groups import batchllm_groups, order_groups  # noqa: E402
 from batchllm.plan.pages import PagePrompts  # noqa: E402
-from batchllm.plan.plan import build_plan, estimate_peak_kv_tokens  # noqa: E402
+from batchllm.plan.kv_estimate import estimate_peak_kv_tokens  # noqa: E402
+from batchllm.plan.plan import build_plan  # noqa: E402
 from batchllm.plan.stats import plan_stats  # noqa: E402
 from batchllm.plan.trie import PrefixTrie, _lcp_interval_tree, adjacent_lcp, concat_prompts, lexicographic_order  # noqa: E402
 

@@ -19,7 +19,8 @@ from batchllm.engine.sequence import SharedPrefix
 from batchllm.engine.sources import build_sources
 from batchllm.io.requests import Request
 from batchllm.plan.nesting import nest, nest_by_lcp
-from batchllm.plan.plan import build_plan, check_plan, plan_requests
+from batchllm.plan.check import check_plan
+from batchllm.plan.plan import build_plan, plan_requests
 from batchllm.sampling_params import SamplingParams
 from tests.engine_utils import FakeTokenizer, build, random_state_dict, tiny_config
 

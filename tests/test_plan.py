@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm.io.requests import Request
+from batchllm.plan.check import check_plan
 from batchllm.plan.groups import batchllm_groups
-from batchllm.plan.plan import Plan, build_plan, check_plan, estimate_peak_kv_tokens, plan_requests
+from batchllm.plan.kv_estimate import estimate_peak_kv_tokens
+from batchllm.plan.plan import Plan, build_plan, plan_requests
 from batchllm.sampling_params import SamplingParams
 from batchllm.plan.stats import plan_stats
 from batchllm.plan.trie import PrefixTrie

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm.plan.pages import PagePrompts, chained_lcp, page_trie, symbol_order
-from batchllm.plan.plan import TOKEN_PLAN_MAX_TOKENS, build_plan, check_plan
+from batchllm.plan.check import check_plan
+from batchllm.plan.plan import TOKEN_PLAN_MAX_TOKENS, build_plan
 from batchllm.plan.trie import PrefixTrie, adjacent_lcp
 
 

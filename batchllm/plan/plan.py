@@ -26,10 +26,8 @@ sequences (the baseline engine shares prompts only through its page cache, as vL
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
@@ -188,6 +186,35 @@ def build_plan(
     are read directly.
     Raises ``ValueError`` for bad input.
     """
+    out, n_s, lens = _checked_inputs(prompts, expected_output, samples, policy, planner, min_prefix, page_size)
+    if policy == "fcfs-lru":
+        return _from_groups(np.zeros(len(prompts), dtype=np.int64), list(np.arange(len(prompts))[:, None]), lens, n_s,
+                            nest([np.zeros(0, np.int64)] * len(prompts)), unique=None)
+    if trie is None:
+        trie = _prompt_tree(prompts, lens, page_size, planner)
+    elif trie.num_requests != len(prompts):
+        raise ValueError("trie was built over a different number of prompts")
+    plens, members = _ordered_groups(trie, min_prefix, out)
+    if trie.page_size > 1:
+        if read_tokens is None and not isinstance(prompts, PagePrompts):
+            def read_tokens(ids, start, stop):
+                return np.array([np.asarray(prompts[i][start:stop]) for i in ids.tolist()], dtype=np.int64)
+        if read_tokens is not None:
+            plens = _exact_prefixes(plens, members, lens, trie.page_size, read_tokens)
+    plens, members = split_samples(plens, members, lens, n_s)
+    # the tokens neighbouring groups' prefixes share: where outer prefixes can go
+    lcp = [trie.common_prefix(int(a[0]), int(b[0]), min(pa, pb)) if pa and pb else 0
+           for pa, pb, a, b in zip(plens[:-1], plens[1:], members[:-1], members[1:])]
+    order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
+    return _from_groups(plens, members, lens[order], n_s[order], nest_by_lcp(plens, lcp, align=page_size),
+                        unique=trie.unique_tokens())
+
+
+def _checked_inputs(prompts: Sequence | PagePrompts, expected_output: np.ndarray | Sequence[float],
+                    samples: np.ndarray | Sequence[int] | None, policy: str, planner: str, min_prefix: int,
+                    page_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``build_plan``'s arguments checked (``ValueError`` for the first bad one; ``PagePrompts`` are
+    finished): per prompt its expected output (float64), its samples and its length (int64)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown plan policy {policy!r}; expected one of {POLICIES}")
     if planner not in PLANNERS:
@@ -212,36 +239,27 @@ def build_plan(
         lens = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
     if np.any(lens < 1):
         raise ValueError("every prompt must have at least one token")
-    if policy == "fcfs-lru":
-        return _from_groups(np.zeros(len(prompts), dtype=np.int64), list(np.arange(len(prompts))[:, None]), lens, n_s,
-                            nest([np.zeros(0, np.int64)] * len(prompts)), unique=None)
-    if trie is None:
-        by_pages = isinstance(prompts, PagePrompts) or page_size > 1 and (
-            planner == "pages" or planner == "auto" and int(lens.sum()) > TOKEN_PLAN_MAX_TOKENS)
-        if by_pages:
-            trie = page_trie(prompts if isinstance(prompts, PagePrompts) else PagePrompts.of(prompts, page_size))
-        else:
-            trie = PrefixTrie.build(prompts)
-    elif trie.num_requests != len(prompts):
-        raise ValueError("trie was built over a different number of prompts")
+    return out, n_s, lens
+
+
+def _prompt_tree(prompts: Sequence | PagePrompts, lens: np.ndarray, page_size: int, planner: str) -> PrefixTrie:
+    """The prompts' tree under ``planner``: the page tree for ``PagePrompts``, ``"pages"``, or ``"auto"``
+    over ``TOKEN_PLAN_MAX_TOKENS`` prompt tokens (page size 1: always the token tree), else the token tree."""
+    by_pages = isinstance(prompts, PagePrompts) or page_size > 1 and (
+        planner == "pages" or planner == "auto" and int(lens.sum()) > TOKEN_PLAN_MAX_TOKENS)
+    if by_pages:
+        return page_trie(prompts if isinstance(prompts, PagePrompts) else PagePrompts.of(prompts, page_size))
+    return PrefixTrie.build(prompts)
+
+
+def _ordered_groups(trie: PrefixTrie, min_prefix: int, expected_output: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The tree's prefix groups (``groups.batchllm_groups``) in execution order (``groups.order_groups``):
+    each group's prefix length and its members, in execution order."""
     grouping = batchllm_groups(trie, min_prefix)
-    group_order, order = order_groups(trie, grouping, out)
+    group_order, order = order_groups(trie, grouping, expected_output)
     size = np.bincount(grouping.req_group, minlength=grouping.num_groups)[group_order]
     members = np.split(order, np.cumsum(size)[:-1]) if len(order) else []
-    plens = grouping.prefix_len[group_order]
-    if trie.page_size > 1:
-        if read_tokens is None and not isinstance(prompts, PagePrompts):
-            def read_tokens(ids, start, stop):
-                return np.array([np.asarray(prompts[i][start:stop]) for i in ids.tolist()], dtype=np.int64)
-        if read_tokens is not None:
-            plens = _exact_prefixes(plens, members, lens, trie.page_size, read_tokens)
-    plens, members = split_samples(plens, members, lens, n_s)
-    # the tokens neighbouring groups' prefixes share: where outer prefixes can go
-    lcp = [trie.common_prefix(int(a[0]), int(b[0]), min(pa, pb)) if pa and pb else 0
-           for pa, pb, a, b in zip(plens[:-1], plens[1:], members[:-1], members[1:])]
-    order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
-    return _from_groups(plens, members, lens[order], n_s[order], nest_by_lcp(plens, lcp, align=page_size),
-                        unique=trie.unique_tokens())
+    return grouping.prefix_len[group_order], members
 
 
 def _exact_prefixes(plens: np.ndarray, members: list[np.ndarray], lens: np.ndarray, page_size: int,
@@ -302,196 +320,3 @@ def _planned_tokens(prefix_lens: np.ndarray, members: list[np.ndarray], nesting:
     outer = nesting.outer_len[np.maximum(gp, 0)] if nesting.num_outer else np.zeros(len(gp), dtype=np.int64)
     beyond_outer = int((prefix_lens - np.where(gp >= 0, outer, 0)).sum())
     return nesting.outer_tokens() + beyond_outer + int((samples * (lens - plen)).sum())
-
-
-def check_plan(plan: Plan, prompts: Sequence | Mapping[int, Sequence]) -> None:
-    """Verify a plan against its prompts; raises ``ValueError`` naming the first violation.
-
-    ``prompts``: the job's prompts by request index, a list or (for a subset) a mapping; every one of
-    them appears in exactly one group. Groups are contiguous runs of ``order`` with ``group_id`` their
-    position; ``prompt_lens`` are the prompts' lengths, ``samples`` >= 1; every member starts with its
-    group's prefix (the first member's first ``prefix_len`` tokens) and keeps at least one own token;
-    every group's prefix is longer than its outer prefix and starts with it (the outer prefix's tokens:
-    those of its first group), every outer prefix extends its parent and has at least two dependents;
-    the token counts match their definitions (except ``unique_prompt_tokens``).
-    """
-    keys = sorted(prompts) if isinstance(prompts, Mapping) else list(range(len(prompts)))
-    if len(plan.order) != len(keys) or not np.array_equal(np.sort(plan.order), np.asarray(keys, dtype=np.int64)):
-        raise ValueError("order does not hold every request exactly once")
-    if not np.array_equal(np.concatenate([g.members for g in plan.groups] or [np.zeros(0, np.int64)]), plan.order):
-        raise ValueError("order is not the concatenation of the groups' members")
-    lens = np.array([len(prompts[i]) for i in plan.order.tolist()], dtype=np.int64)
-    if not np.array_equal(plan.prompt_lens, lens) or len(plan.samples) != len(lens) or np.any(plan.samples < 1):
-        raise ValueError("prompt_lens / samples disagree with the prompts")
-    nst = plan.nesting
-    if len(nst.group_parent) != len(plan.groups):
-        raise ValueError("the nesting is over a different number of groups")
-    b = plan.bounds()
-    heads = []
-    for gid, g in enumerate(plan.groups):
-        if g.group_id != gid or len(g.members) == 0:
-            raise ValueError(f"group {gid}: wrong id or no members")
-        if g.prefix_len > lens[b[gid] : b[gid + 1]].min() - 1:
-            raise ValueError(f"group {gid}: prefix_len {g.prefix_len} leaves a member without an own token")
-        head = np.asarray(prompts[int(g.members[0])])[: g.prefix_len]
-        heads.append(head)
-        for i in g.members[1:].tolist():
-            if not np.array_equal(np.asarray(prompts[i])[: g.prefix_len], head):
-                raise ValueError(f"group {gid}: request {i} does not start with the group's prefix")
-        if g.outer != int(nst.group_parent[gid]):
-            raise ValueError(f"group {gid}: its outer prefix disagrees with the nesting")
-    for gid, g in enumerate(plan.groups):
-        if g.outer >= 0:
-            olen = int(nst.outer_len[g.outer])
-            if olen >= g.prefix_len or not np.array_equal(heads[gid][:olen], heads[int(nst.outer_first[g.outer])][:olen]):
-                raise ValueError(f"group {gid}: its prefix does not extend its outer prefix {g.outer}")
-    deps = np.bincount(nst.group_parent[nst.group_parent >= 0], minlength=nst.num_outer)
-    deps += np.bincount(nst.outer_parent[nst.outer_parent >= 0], minlength=nst.num_outer)
-    for o in range(nst.num_outer):
-        par, olen = int(nst.outer_parent[o]), int(nst.outer_len[o])
-        first = heads[int(nst.outer_first[o])]
-        if par >= 0 and (nst.outer_len[par] >= olen or not np.array_equal(first[: nst.outer_len[par]], heads[int(nst.outer_first[par])][: nst.outer_len[par]])):
-            raise ValueError(f"outer prefix {o} does not extend its parent {par}")
-        if deps[o] < 2:
-            raise ValueError(f"outer prefix {o} has fewer than two dependents")
-    planned = sum(int(nst.outer_len[o]) - (int(nst.outer_len[p]) if p >= 0 else 0) for o, p in enumerate(nst.outer_parent.tolist()))
-    for gid, g in enumerate(plan.groups):
-        n, ln = plan.samples[b[gid] : b[gid + 1]], lens[b[gid] : b[gid + 1]]
-        planned += g.prefix_len - (int(nst.outer_len[g.outer]) if g.outer >= 0 else 0) + int((n * (ln - g.prefix_len)).sum())
-    if planned != plan.planned_prompt_tokens or int((plan.samples * lens).sum()) != plan.logical_prompt_tokens:
-        raise ValueError("planned / logical prompt token counts are wrong")
-
-
-class KVEstimate(NamedTuple):
-    """Result of ``estimate_peak_kv_tokens`` (all in tokens of KV cache, or decode steps)."""
-
-    peak_kv_tokens: int  # most KV tokens held at any time
-    peak_running: int  # most requests running at once
-    decode_steps: int  # steps until the last request finishes
-    min_budget: int  # smallest budget under which every request can run (alone, with its prefix)
-
-
-def estimate_peak_kv_tokens(
-    plan: Plan,
-    prompt_lens: np.ndarray | Sequence[int],
-    expected_output: np.ndarray | Sequence[float],
-    kv_budget: int | None = None,
-) -> KVEstimate:
-    """A simple model of the KV memory a plan needs when it runs in order under a KV budget.
-
-    Model (deliberately coarse; the engine's scheduler is the real thing):
-    - requests are admitted strictly in ``plan.order``; a request reserves its samples' own prompt
-      tokens (``n * (len - prefix_len)``) plus all its expected output tokens, and its group's prefix is
-      reserved once while any member runs; the next request is admitted as soon as the reservation fits
-      ``kv_budget`` (``None``: unbounded; a request that does not fit even alone runs alone);
-    - prefill takes no time; each decode step every running request emits one token and then holds
-      ``own prompt + tokens emitted`` KV tokens; it finishes after ``round(expected_output)`` steps.
-    Since reservations are worst case, ``peak_kv_tokens <= kv_budget`` whenever
-    ``kv_budget >= min_budget``. The baseline plan (prefix 0) counts every prompt in full. An outer
-    prefix (``plan.nesting``) is held, and reserved, once while any group below it is resident; a group
-    then adds only its tokens beyond its outer prefix.
-    ``prompt_lens`` and ``expected_output`` are indexed by request index (the job's list; only the
-    plan's members are read), and ``prompt_lens`` must agree with the plan.
-    """
-    lens_all = np.asarray(prompt_lens, dtype=np.int64)
-    outs_all = np.rint(np.asarray(expected_output, dtype=np.float64)).astype(np.int64)
-    n = plan.num_requests
-    top = int(plan.order.max()) + 1 if n else 0
-    if lens_all.ndim != 1 or outs_all.shape != lens_all.shape or len(lens_all) < top:
-        raise ValueError("prompt_lens and expected_output need one value per request index of the plan")
-    lens, outs = lens_all[plan.order], outs_all[plan.order]
-    if not np.array_equal(lens, plan.prompt_lens):
-        raise ValueError("prompt_lens disagree with the plan's")
-    if np.any(outs < 0):
-        raise ValueError("expected_output must be >= 0")
-    if kv_budget is not None and kv_budget < 1:
-        raise ValueError(f"kv_budget must be positive, got {kv_budget}")
-    if n == 0:
-        return KVEstimate(0, 0, 0, 0)
-    # per position in plan.order: its group, its samples' own prompt tokens
-    grp_a = np.repeat(np.arange(len(plan.groups)), [len(g.members) for g in plan.groups])
-    plen_a = np.array([g.prefix_len for g in plan.groups], dtype=np.int64)[grp_a]
-    own_a = plan.samples * (lens - plen_a)
-    min_budget = int((plen_a + own_a + outs).max())  # prefix + own + output of the largest request
-    own, out_l, grp = own_a.tolist(), outs.tolist(), grp_a.tolist()
-    budget = float("inf") if kv_budget is None else kv_budget
-    prefixes = _Prefixes(plan)
-    reserved = 0  # prefixes of resident groups + (own + output) of running requests
-    held_fixed = 0  # prefixes of resident groups + own prompt tokens of running requests
-    running = 0
-    sum_start = 0  # sum of admission times of running requests
-    peak = peak_running = 0
-    heap: list[tuple[int, int]] = []
-    nxt, t = 0, 0
-    while nxt < n or heap:
-        # Admit in plan order (i: position in plan.order) while the reservation fits.
-        while nxt < n:
-            i = nxt
-            need = own[i] + out_l[i] + prefixes.to_add(grp[i])
-            if running and reserved + need > budget:
-                break
-            held_fixed += prefixes.acquire(grp[i]) + own[i]
-            reserved += need
-            running += 1
-            sum_start += t
-            heapq.heappush(heap, (t + out_l[i], i))
-            nxt += 1
-        peak_running = max(peak_running, running)
-        # KV only grows until the next finish; measure just before it.
-        t = heap[0][0]
-        peak = max(peak, held_fixed + running * t - sum_start)
-        while heap and heap[0][0] == t:
-            _, i = heapq.heappop(heap)
-            gone = prefixes.release(grp[i])
-            reserved -= own[i] + out_l[i] + gone
-            held_fixed -= own[i] + gone
-            running -= 1
-            sum_start -= t - out_l[i]
-    return KVEstimate(int(peak), peak_running, int(t), min_budget)
-
-
-class _Prefixes:
-    """Residency of a plan's group and outer prefixes in ``estimate_peak_kv_tokens``: a group's prefix
-    (its tokens beyond its outer prefix) is resident while any member runs, an outer prefix level (its
-    tokens beyond its parent) while any group below it is resident."""
-
-    def __init__(self, plan: Plan):
-        nst = plan.nesting
-        self.o_parent = nst.outer_parent.tolist()
-        o_len = nst.outer_len.tolist()
-        self.o_own = [o_len[o] - (o_len[p] if p >= 0 else 0) for o, p in enumerate(self.o_parent)]
-        self.g_outer = [g.outer for g in plan.groups]
-        self.g_own = [g.prefix_len - (o_len[g.outer] if g.outer >= 0 else 0) for g in plan.groups]
-        self.g_refs = [0] * len(plan.groups)
-        self.o_refs = [0] * nst.num_outer
-
-    def to_add(self, g: int) -> int:
-        """Tokens that admitting a member of group ``g`` would make resident."""
-        if self.g_refs[g]:
-            return 0
-        add, o = self.g_own[g], self.g_outer[g]
-        while o >= 0 and self.o_refs[o] == 0:
-            add += self.o_own[o]
-            o = self.o_parent[o]
-        return add
-
-    def acquire(self, g: int) -> int:
-        """A member of ``g`` starts; returns the tokens that became resident."""
-        self.g_refs[g] += 1
-        return self.g_own[g] + self._outer_refs(self.g_outer[g], +1) if self.g_refs[g] == 1 else 0
-
-    def release(self, g: int) -> int:
-        """A member of ``g`` finishes; returns the tokens that stopped being resident."""
-        self.g_refs[g] -= 1
-        return self.g_own[g] + self._outer_refs(self.g_outer[g], -1) if self.g_refs[g] == 0 else 0
-
-    def _outer_refs(self, o: int, delta: int) -> int:
-        """Add ``delta`` (+1 / -1) to the chain from ``o`` up; returns the tokens that became (non-)resident."""
-        changed = 0
-        while o >= 0:
-            self.o_refs[o] += delta
-            if self.o_refs[o] != (1 if delta > 0 else 0):
-                break
-            changed += self.o_own[o]
-            o = self.o_parent[o]
-        return changed
