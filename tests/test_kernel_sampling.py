@@ -26,11 +26,10 @@ from batchllm.engine import sampler as S
 from batchllm.engine.sampler import (
     SamplingBatch,
     SamplingRow,
-    exponential_race,
-    noise_uniforms,
     sample,
     truncate,
 )
+from batchllm.engine.sampler_random import exponential_race, noise_uniforms
 from batchllm.sampling_params import SamplingParams
 
 triton, tl = load_triton()

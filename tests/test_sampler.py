@@ -14,9 +14,9 @@ from batchllm.engine.sampler import (
     SamplingBatch,
     SamplingRow,
     apply_penalties,
-    noise_uniforms,
     sample,
 )
+from batchllm.engine.sampler_random import noise_uniforms
 from batchllm.sampling_params import SamplingParams
 
 
@@ -331,7 +331,7 @@ def test_bad_input_raises_value_error():
 
 
 def test_large_vocab_chunked_noise(monkeypatch):
-    import batchllm.engine.sampler as S
+    import batchllm.engine.sampler_random as S
 
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(10, 5000, generator=g)
