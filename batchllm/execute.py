@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from batchllm.engine.engine import LLMEngine, StepStats
-from batchllm.engine.model_runner import PromptLogprobs
+from batchllm.engine.prompt_logprobs import PromptLogprobs
 from batchllm.engine.sequence import Sequence
 from batchllm.engine.sources import build_sources
 from batchllm.io import requests as rq

@@ -36,7 +36,7 @@ import numpy as np
 
 from batchllm.build import LoadedModel, load_model, make_engine, model_max_len
 from batchllm.config import JobConfig
-from batchllm.engine.model_runner import PromptLogprobs
+from batchllm.engine.prompt_logprobs import PromptLogprobs
 from batchllm.engine.sequence import Sequence as EngineSequence
 from batchllm.execute import EngineCallbacks, run_plan
 from batchllm.io.requests import Request, RowError

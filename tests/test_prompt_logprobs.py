@@ -1,4 +1,4 @@
-"""Prompt log-probabilities from the engine's prefill (``model_runner.PromptLogprobs``) against transformers'
+"""Prompt log-probabilities from the engine's prefill (``prompt_logprobs.PromptLogprobs``) against transformers'
 logits on the same weights: chunked prefill, multi-level shared prefixes (each member's tokens scored from
 its prefixes' rows, the prefix's last position from its kept distribution) and preemption-free release."""
 
@@ -11,7 +11,7 @@ import torch
 from batchllm.engine.attention import get_backend
 from batchllm.engine.engine import LLMEngine
 from batchllm.engine.kv_cache import KVCache
-from batchllm.engine.model_runner import PromptLogprobs
+from batchllm.engine.prompt_logprobs import PromptLogprobs
 from batchllm.engine.scheduler import SchedulerConfig
 from batchllm.engine.sequence import Sequence, SharedPrefix
 from batchllm.sampling_params import SamplingParams

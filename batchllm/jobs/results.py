@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
-from batchllm.engine.model_runner import PromptTokenLogprobs
+from batchllm.engine.prompt_logprobs import PromptTokenLogprobs
 from batchllm.engine.sequence import Sequence
 from batchllm.io.requests import Request, RowError
 from batchllm.jobs.recorder import ResultRecorder
