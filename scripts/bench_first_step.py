@@ -4,7 +4,8 @@ Generates (once, cached under --data) a JSONL of N rows: ``ids`` rows of ~600 pr
 shared system prefixes of 400 tokens + 200 own tokens, the bench_plan mix scaled down) or ``text`` rows
 (a shared instruction + a few hundred characters of their own). Each measurement runs in a fresh
 process on dummy:tiny (CPU): it stops the job at its first engine step (SIGINT: the job commits and
-exits as interrupted) and prints seconds to that step and the process's peak RSS. ``--resume`` then
+exits as interrupted) and prints seconds to that step, the process's peak RSS and, at that step, its
+anonymous and file-backed resident memory. ``--resume`` then
 measures the same job resumed from the folder the first run left (everything read and planned again;
 with the token store, nothing tokenized again).
 
@@ -44,6 +45,19 @@ def make_input(path: str, rows: int, kind: str) -> None:
     os.replace(tmp, path)
 
 
+def _memory() -> dict[str, int]:
+    """MiB of this process's resident memory now, split as the kernel counts it: anonymous (the heap:
+    what the job holds) and file-backed (mapped files such as the token store: clean pages the kernel
+    may drop and read again)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile"):
+                out[name.lower() + "_mb"] = int(value.split()[0]) // 1024
+    return out
+
+
 def measure(inp: str, out: str) -> None:
     """In this process: run the job until its first engine step; print one JSON line."""
     from batchllm.config import JobConfig
@@ -55,7 +69,8 @@ def measure(inp: str, out: str) -> None:
 
     def progress(event: str, info: dict) -> None:
         marks.setdefault(event, time.perf_counter() - t0)
-        if event == "step":
+        if event == "step" and "memory" not in marks:
+            marks["memory"] = _memory()
             os.kill(os.getpid(), signal.SIGINT)
 
     cfg = JobConfig(inputs=[inp], output=out, model="dummy:tiny", device="cpu", dtype="float32", max_tokens=1,
@@ -66,7 +81,7 @@ def measure(inp: str, out: str) -> None:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     print(json.dumps({"first_step_s": marks.get("step"), "read_s": marks.get("read"), "planned_s": marks.get("planned"),
-                      "peak_rss_mb": round(rss)}))
+                      "peak_rss_mb": round(rss), **marks.get("memory", {})}))
 
 
 def main() -> None:
