@@ -4,7 +4,7 @@ Order of operations (as vLLM v1's ``Sampler``):
 
 1. raw log-probs (``log_softmax`` of the model's logits, before any processing) if any row asked;
 2. ``min_tokens``: the row's EOS and stop token ids are banned (-inf) while it has generated fewer;
-3. penalties: repetition (tokens seen in prompt or output: ``logit > 0 -> logit / r`` else
+3. penalties (``penalties.py``): repetition (tokens seen in prompt or output: ``logit > 0 -> logit / r`` else
    ``logit * r``), frequency (``- f * count in output``), presence (``- p * (count > 0)``);
 4. greedy rows (temperature < 1e-5) take the argmax; the other rows divide by temperature, apply
    min_p, then top_k, then top_p, then sample (``truncate`` states the kept sets exactly).
@@ -36,12 +36,14 @@ rows in ``SamplingBatch.build``, so ``sample`` only enqueues work.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from batchllm.engine.penalties import Penalties
 from batchllm.engine.sampler_random import exponential_race, rng_words
 from batchllm.sampling_params import SamplingParams
 
@@ -81,16 +83,6 @@ class SamplingRow:
 
 
 @dataclass
-class _Penalties:
-    rows: torch.Tensor  # (P,) batch rows that have any penalty
-    repetition: torch.Tensor  # (P, 1) float32
-    frequency: torch.Tensor  # (P, 1)
-    presence: torch.Tensor  # (P, 1)
-    output_ids: torch.Tensor  # (P, Lo) int64, padded with vocab_size
-    prompt_ids: torch.Tensor | None  # (P, Lp), padded with vocab_size; None when no row has repetition != 1
-
-
-@dataclass
 class SamplingBatch:
     """The rows of one step as device tensors; built once per step by ``build``.
 
@@ -113,7 +105,7 @@ class SamplingBatch:
     top_p: torch.Tensor | None  # (R,) float32, 1.0 where disabled
     ban_rows: torch.Tensor | None  # min_tokens bans as (row, token) pairs
     ban_cols: torch.Tensor | None
-    penalties: _Penalties | None
+    penalties: Penalties | None
     max_logprobs: int | None  # largest requested ``logprobs``; None when no row asked
 
     @classmethod
@@ -129,84 +121,89 @@ class SamplingBatch:
         if not rows:
             raise ValueError("a sampling batch needs at least one row")
         device = torch.device(device)
-        V = vocab_size
-        B = len(rows)
 
         def put(data, dtype) -> torch.Tensor:
             return _to_device(torch.as_tensor(data, dtype=dtype), device)
 
-        # Random (non-greedy) rows and their parameters.
-        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-        random_rows = temperature = seed_lo = seed_hi = step = log_min_p = top_k = top_p = None
-        top_k_max = 0
-        if rand:
-            rp = [rows[i].params for i in rand]
-            ks = [min(p.top_k, V) if p.top_k > 0 else V for p in rp]
-            # One transfer for all integer columns: seed halves, step, top_k.
-            packed = put([[*rng_words(rows[i].seed, rows[i].step), k] for i, k in zip(rand, ks)], torch.int64)
-            seed_lo, seed_hi, step = packed[:, 0], packed[:, 1], packed[:, 2]
-            # log(min_p) in float64, rounded once to float32: the same threshold on every backend.
-            log_min_p_host = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in rp]
-            floats = put([[p.temperature, lm, p.top_p] for p, lm in zip(rp, log_min_p_host)], torch.float32)
-            temperature = floats[:, 0:1]
-            if any(p.min_p > 0.0 for p in rp):
-                log_min_p = floats[:, 1:2]
-            if any(p.top_p < 1.0 for p in rp):
-                top_p = floats[:, 2]
-            enabled = [k for k in ks if k < V]
-            if enabled:
-                top_k, top_k_max = packed[:, 3], max(enabled)
-            random_rows = put(rand, torch.int64)
-
-        # min_tokens: ban EOS and stop ids while the row is short of its minimum (unless its grammar
-        # allows EOS only: the ban would leave no token).
-        bans = [
-            (i, t)
-            for i, r in enumerate(rows)
-            if len(r.output_ids) < r.params.min_tokens and not r.grammar_ended
-            for t in sorted(set(r.eos_ids) | set(r.params.stop_token_ids))
-            if 0 <= t < V
-        ]
-        ban_rows = ban_cols = None
-        if bans:
-            pairs = put(bans, torch.int64)
-            ban_rows, ban_cols = pairs[:, 0], pairs[:, 1]
-
-        # Penalties: padded id matrices for the rows that need them; the counts are built on device.
+        random = _random_params(rows, vocab_size, put)
+        ban_rows, ban_cols = _min_tokens_bans(rows, vocab_size, put)
         pen = [i for i, r in enumerate(rows) if r.params.has_penalties]
         penalties = None
         if pen:
-            pp = [rows[i].params for i in pen]
-            factors = put([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in pp], torch.float32)
-            need_prompt = any(p.repetition_penalty != 1.0 for p in pp)
-            penalties = _Penalties(
-                rows=put(pen, torch.int64),
-                repetition=factors[:, 0:1],
-                frequency=factors[:, 1:2],
-                presence=factors[:, 2:3],
-                output_ids=put(_pad([rows[i].output_ids for i in pen], V), torch.int64),
-                prompt_ids=put(_pad([rows[i].prompt_ids for i in pen], V), torch.int64) if need_prompt else None,
-            )
-
+            penalties = Penalties.build(pen, [rows[i].params for i in pen], [rows[i].prompt_ids for i in pen],
+                                        [rows[i].output_ids for i in pen], vocab_size, put)
         wanted = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         return cls(
-            num_rows=B,
-            vocab_size=V,
-            random_rows=random_rows,
-            all_random=len(rand) == B,
-            temperature=temperature,
-            seed_lo=seed_lo,
-            seed_hi=seed_hi,
-            step=step,
-            log_min_p=log_min_p,
-            top_k=top_k,
-            top_k_max=top_k_max,
-            top_p=top_p,
+            num_rows=len(rows),
+            vocab_size=vocab_size,
+            **random._asdict(),
             ban_rows=ban_rows,
             ban_cols=ban_cols,
             penalties=penalties,
             max_logprobs=max(wanted) if wanted else None,
         )
+
+
+class _RandomParams(NamedTuple):
+    """``SamplingBatch``'s per-random-row fields (see there); all None / False / 0 when every row is greedy."""
+
+    random_rows: torch.Tensor | None
+    all_random: bool
+    temperature: torch.Tensor | None
+    seed_lo: torch.Tensor | None
+    seed_hi: torch.Tensor | None
+    step: torch.Tensor | None
+    log_min_p: torch.Tensor | None
+    top_k: torch.Tensor | None
+    top_k_max: int
+    top_p: torch.Tensor | None
+
+
+def _random_params(rows: Sequence[SamplingRow], vocab_size: int,
+                   put: Callable[[object, torch.dtype], torch.Tensor]) -> _RandomParams:
+    """The random (non-greedy) rows of a batch and their parameters as tensors (``put``: host data ->
+    the batch's device); a parameter no row uses is None."""
+    V = vocab_size
+    rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+    random_rows = temperature = seed_lo = seed_hi = step = log_min_p = top_k = top_p = None
+    top_k_max = 0
+    if rand:
+        rp = [rows[i].params for i in rand]
+        ks = [min(p.top_k, V) if p.top_k > 0 else V for p in rp]
+        # One transfer for all integer columns: seed halves, step, top_k.
+        packed = put([[*rng_words(rows[i].seed, rows[i].step), k] for i, k in zip(rand, ks)], torch.int64)
+        seed_lo, seed_hi, step = packed[:, 0], packed[:, 1], packed[:, 2]
+        # log(min_p) in float64, rounded once to float32: the same threshold on every backend.
+        log_min_p_host = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in rp]
+        floats = put([[p.temperature, lm, p.top_p] for p, lm in zip(rp, log_min_p_host)], torch.float32)
+        temperature = floats[:, 0:1]
+        if any(p.min_p > 0.0 for p in rp):
+            log_min_p = floats[:, 1:2]
+        if any(p.top_p < 1.0 for p in rp):
+            top_p = floats[:, 2]
+        enabled = [k for k in ks if k < V]
+        if enabled:
+            top_k, top_k_max = packed[:, 3], max(enabled)
+        random_rows = put(rand, torch.int64)
+    return _RandomParams(random_rows, len(rand) == len(rows), temperature, seed_lo, seed_hi, step, log_min_p,
+                         top_k, top_k_max, top_p)
+
+
+def _min_tokens_bans(rows: Sequence[SamplingRow], vocab_size: int,
+                     put: Callable[[object, torch.dtype], torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """min_tokens: the (row, token) pairs to ban, EOS and stop ids while the row is short of its
+    minimum (unless its grammar allows EOS only: the ban would leave no token); (None, None) if none."""
+    bans = [
+        (i, t)
+        for i, r in enumerate(rows)
+        if len(r.output_ids) < r.params.min_tokens and not r.grammar_ended
+        for t in sorted(set(r.eos_ids) | set(r.params.stop_token_ids))
+        if 0 <= t < vocab_size
+    ]
+    if not bans:
+        return None, None
+    pairs = put(bans, torch.int64)
+    return pairs[:, 0], pairs[:, 1]
 
 
 @dataclass
@@ -316,26 +313,9 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     ``apply_penalties``), out of place: what greedy rows take the argmax of."""
     if batch.ban_rows is not None:
         logits = logits.index_put((batch.ban_rows, batch.ban_cols), logits.new_full((), -math.inf))
-    pen = batch.penalties
-    if pen is None:
+    if batch.penalties is None:
         return logits
-    V = batch.vocab_size
-    sub = logits.index_select(0, pen.rows)
-    # One extra column absorbs the padding id (V), then is dropped.
-    counts = torch.zeros(sub.shape[0], V + 1, dtype=sub.dtype, device=sub.device)
-    counts.scatter_add_(1, pen.output_ids, torch.ones_like(pen.output_ids, dtype=sub.dtype))
-    counts = counts[:, :V]
-    in_output = counts > 0
-    seen = in_output
-    if pen.prompt_ids is not None:
-        in_prompt = torch.zeros(sub.shape[0], V + 1, dtype=torch.bool, device=sub.device)
-        in_prompt.scatter_(1, pen.prompt_ids, True)
-        seen = seen | in_prompt[:, :V]
-        rep = torch.where(seen, pen.repetition, 1.0)
-        # vLLM multiplies by 1/r rather than dividing: same rounding as the reference.
-        sub = sub * torch.where(sub > 0, 1.0 / rep, rep)
-    sub = sub - pen.frequency * counts - pen.presence * in_output
-    return logits.index_copy(0, pen.rows, sub)
+    return batch.penalties.apply(logits, batch.vocab_size)
 
 
 def truncate(
@@ -398,18 +378,6 @@ def _top_k_top_p_sorted(x: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor
 
 
 # ---- host-side helpers -------------------------------------------------------------------------
-
-
-def _pad(seqs: Sequence[Sequence[int] | np.ndarray], vocab_size: int) -> np.ndarray:
-    """Right-pad id sequences with ``vocab_size`` into one int64 matrix (at least one column)."""
-    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
-    out = np.full((len(arrays), max(1, max(a.size for a in arrays))), vocab_size, dtype=np.int64)
-    for j, a in enumerate(arrays):
-        if a.size:
-            if a.min() < 0 or a.max() >= vocab_size:
-                raise ValueError(f"token ids must lie in [0, {vocab_size}), got {int(a.min())}..{int(a.max())}")
-            out[j, : a.size] = a
-    return out
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
