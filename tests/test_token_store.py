@@ -12,12 +12,14 @@ import pytest
 
 from batchllm.config import JobConfig
 from batchllm.io import tokenize as tokenize_module
-from batchllm.io.token_store import INDEX, TOKENS, TokenSpill, TokenStore
+from batchllm.io.requests import Request
+from batchllm.io.token_store import INDEX, TOKENS, TokenSpill, TokenStore, attach, detach
 from batchllm.io.storage import storage_of
 from batchllm.io.writer import read_results
 from batchllm.jobs.manifest import read_manifest
 from batchllm.jobs.signals import JobInterrupted
 from batchllm.pipeline import run_job
+from batchllm.sampling_params import SamplingParams
 from tests.job_utils import SigintAt
 
 BASE = dict(model="dummy:tiny", device="cpu", dtype="float32", max_tokens=4, temperature=0.8, preview=0)
@@ -55,6 +57,29 @@ def test_abandoned_spill_leaves_no_store(tmp_path):
     spill.add(np.array([0]), np.array([0]), [np.arange(4, dtype=np.int32)])
     spill.abandon()
     assert os.listdir(tmp_path) == [] and TokenStore.open(str(tmp_path), "job-a") is None
+
+
+def test_a_replica_reads_back_the_ids_the_driver_leaves_in_the_store(tmp_path):
+    """What Ray's driver sends (``detach``) carries no ids when they are in the store; the replica's
+    ``attach`` gives back the same ids (a token-id row's ``prompt_token_ids`` too). Ids not in a store
+    travel with the request."""
+    spill = TokenSpill(str(tmp_path), "job-a")
+    spill.add(np.array([0, 1]), np.array([3, 0]), [np.arange(5, dtype=np.int32), np.arange(7, 10, dtype=np.int32)])
+    store = spill.commit()
+    sp = SamplingParams(max_tokens=2)
+    text = Request("t", "a.jsonl", 3, sp, prompt="hi", token_ids=store.lookup(0, 3))
+    ids = Request("i", "b.jsonl", 0, sp, prompt_token_ids=store.lookup(1, 0), token_ids=store.lookup(1, 0))
+    memory = Request("m", "a.jsonl", 4, sp, prompt="yo", token_ids=np.arange(2, dtype=np.int32))
+    assert detach(memory) is memory
+    sent = [detach(text), detach(ids)]
+    assert all(r.token_ids is None for r in sent) and sent[0].prompt_token_ids is None and sent[1].prompt_token_ids == []
+    assert text.token_ids is not None  # the driver's own request keeps its view
+    for r, fid in zip(sent, (0, 1)):
+        attach(store, fid, r)
+    assert sent[0].token_ids.tolist() == [0, 1, 2, 3, 4] and sent[0].prompt_token_ids is None
+    assert sent[1].token_ids.tolist() == sent[1].prompt_token_ids.tolist() == [7, 8, 9]
+    with pytest.raises(KeyError):
+        attach(store, 0, detach(Request("x", "a.jsonl", 9, sp, prompt="no", token_ids=store.lookup(0, 3))))
 
 
 def rows(k: int) -> list[dict]:

@@ -60,6 +60,7 @@ from batchllm.distributed.replica import Replica, ReplicaHooks, UnitResult
 from batchllm.errors import BatchLLMError
 from batchllm.io import requests as rq
 from batchllm.io.requests import Request, RowError
+from batchllm.io.token_store import detach
 from batchllm.io.writer import ShardWriter, discard_shard
 from batchllm.jobs.recorder import ResultRecorder
 from batchllm.jobs.results import JobSummary, batch_stats, record_error
@@ -255,7 +256,8 @@ class _Driver:
         self.summary.replicas = cfg.replicas
         for r in range(cfg.replicas):
             name = f"batchllm-{tag}-r{r}"
-            actor = actor_cls.options(name=name, **options).remote(spec, list(self.writer.manifest["input_files"]), r, self.hooks)
+            actor = actor_cls.options(name=name, **options).remote(
+                spec, list(self.writer.manifest["input_files"]), self.writer.manifest["job_id"], r, self.hooks)
             self.replicas[r] = _ReplicaState(r, actor, name)
         pending = {rs.actor.ready.remote(): rs for rs in self.replicas.values()}
         deadline = time.monotonic() + cfg.replica_start_timeout  # model download + load
@@ -342,7 +344,8 @@ class _Driver:
         self.next_unit_id += 1
         shard = self.writer.reserve_shard_name()
         sub = self.plan.subset(unit.tolist())
-        reqs = {i: self.requests[i] for g in sub.groups for i in g.members.tolist()}
+        # ids in the job's token store stay there: the replica reads its unit's from the job folder
+        reqs = {i: detach(self.requests[i]) for g in sub.groups for i in g.members.tolist()}
         ref = rs.actor.run_unit.remote(uid, shard, sub, reqs)
         self.inflight[ref] = _Running(r, uid, unit, shard, time.time())
         rs.state = "running"

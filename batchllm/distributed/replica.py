@@ -10,6 +10,9 @@ Contracts:
   prefixes) through the same engine and the same ``execute.run_plan`` as a single-process run, so a
   request's samples (seeded from job seed, custom_id and sample index) are the same whichever replica
   runs them and with whatever neighbours.
+- Prompts' ids: a request whose ids are in the job's token store (``io.token_store``; local job folders)
+  arrives without them, and the replica reads them from the shared job folder (mapped read-only, by
+  input file and row); other requests (object-store folders) carry their ids.
 - Results go to ONE shard file under the name the driver reserved, written durably but not committed:
   the returned manifest entry is what the driver lists in the manifest. A replica never touches the
   manifest, the folder lock or the status file.
@@ -45,6 +48,7 @@ import numpy as np
 
 from batchllm.config import JobConfig
 from batchllm.io.requests import Request, RowError
+from batchllm.io.token_store import TokenStore, attach
 from batchllm.io.storage import storage_of
 from batchllm.io.writer import CommitError, encode_shard, write_shard_file
 from batchllm.plan.plan import Plan
@@ -82,7 +86,8 @@ class UnitResult(NamedTuple):
 
 
 class Replica:
-    def __init__(self, job_spec: dict[str, Any], input_files: list[str], replica_id: int, hooks: ReplicaHooks | None = None):
+    def __init__(self, job_spec: dict[str, Any], input_files: list[str], job_id: str, replica_id: int,
+                 hooks: ReplicaHooks | None = None):
         # imported here: the driver process never needs torch's engine stack for this module
         from batchllm.build import load_model, make_engine, model_max_len
 
@@ -94,6 +99,8 @@ class Replica:
             hooks.started(replica_id)
         self.storage = storage_of(self.cfg.output)  # one filesystem client for every shard
         self.file_ids = {p: i for i, p in enumerate(input_files)}
+        self.job_id = job_id
+        self._store: TokenStore | None = None  # the job folder's token store, mapped at the first unit needing it
         self.lm = load_model(self.cfg)
         self.max_model_len = model_max_len(self.cfg, self.lm.config)
         self.engine, self.eos = make_engine(self.cfg, self.lm, self.max_model_len)
@@ -167,6 +174,7 @@ class Replica:
             if self.hooks is not None:
                 self.hooks.engine_step(self.replica_id, unit_id, requests)
 
+        self._attach_tokens(requests)
         cfg = self.cfg
         run = run_plan(self.engine, self.eos, requests, plan, seed=cfg.seed, page_size=cfg.page_size, preview=cfg.preview,
                        callbacks=EngineCallbacks(too_long, finished, step, self._stop.is_set))
@@ -186,6 +194,18 @@ class Replica:
                           run.prompt_tokens_computed, run.num_preemptions,
                           np.array([s.num_seqs for s in run.steps], dtype=np.int32),
                           np.array([s.num_tokens for s in run.steps], dtype=np.int32))
+
+    def _attach_tokens(self, requests: dict[int, Request]) -> None:
+        """Read the ids the driver left in the job's token store (``token_store.detach``) from the job folder."""
+        missing = [r for r in requests.values() if r.token_ids is None]
+        if not missing:
+            return
+        if self._store is None:
+            self._store = TokenStore.open(self.cfg.output, self.job_id)
+            if self._store is None:
+                raise ValueError(f"replica {self.replica_id}: no token store of job {self.job_id} in {self.cfg.output}")
+        for r in missing:
+            attach(self._store, self._file_id(r.input_file), r)
 
     def _file_id(self, path: str) -> int:
         fid = self.file_ids.get(path)

@@ -12,16 +12,20 @@ memory), then ``commit`` fsyncs both and renames them into place, the index last
 when complete. ``TokenStore.open`` maps the ids read-only (``np.memmap``): the engine reads a prompt's
 pages as it admits the request, and the operating system keeps only what is in use. A resumed job
 (same ``job_id``: the same fingerprint, since a changed job is refused or overwritten under a new id)
-takes its prompts' ids from the store instead of tokenizing them. Object-store job folders (URIs) keep
+takes its prompts' ids from the store instead of tokenizing them. Ray replicas read their units' ids
+from the same files (``detach`` / ``attach``) rather than receiving them from the driver. Object-store job folders (URIs) keep
 their tokens in memory: nothing can be mapped there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
 import numpy as np
+
+from batchllm.io.requests import Request
 
 TOKENS = ".tokens.i32"
 INDEX = ".tokens.index.npz"
@@ -129,3 +133,28 @@ class TokenStore(NamedTuple):
 
     def view(self, offset: int, length: int) -> np.ndarray:
         return self.tokens[offset : offset + length]
+
+
+def stored(req: Request) -> bool:
+    """Whether ``req``'s ids are a view of a mapped store (so anyone with the job folder can read them)."""
+    return isinstance(req.token_ids, np.memmap)
+
+
+def detach(req: Request) -> Request:
+    """``req`` without its ids (a copy) when they are in the job's store, else ``req`` itself: what the
+    driver sends a replica, which reads them back from the job folder (``attach``)."""
+    if not stored(req):
+        return req
+    ids = None if req.prompt_token_ids is None else []  # a token-id row stays one (Request's invariant)
+    return dataclasses.replace(req, token_ids=None, prompt_token_ids=ids)
+
+
+def attach(store: TokenStore, fid: int, req: Request) -> None:
+    """Give ``req`` (row ``input_index`` of input ``fid``, ``detach``ed) its ids from ``store``, in place;
+    a token-id row's ``prompt_token_ids`` too. Raises ``KeyError`` when the store lacks the row."""
+    ids = store.lookup(fid, req.input_index)
+    if ids is None:
+        raise KeyError(f"the job's token store has no row {req.input_index} of input {fid}")
+    req.token_ids = ids
+    if req.prompt_token_ids is not None:
+        req.prompt_token_ids = ids
