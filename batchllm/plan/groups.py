@@ -75,10 +75,29 @@ def batchllm_groups(trie: PrefixTrie, min_prefix: int = 1) -> Grouping:
     """
     if min_prefix < 1:
         raise ValueError(f"min_prefix must be >= 1, got {min_prefix}")
-    n_nodes, n = trie.num_nodes, trie.num_requests
-    if n == 0:
+    if trie.num_requests == 0:
         z = np.zeros(0, dtype=np.int64)
         return Grouping(z, z.copy(), z.copy())
+    tree = _lift_groups(trie)
+    return _collect_groups(trie, tree, min_prefix)
+
+
+class _LiftedTree(NamedTuple):
+    """The working tree after the gain rule (``batchllm_groups``): per node its current children, edge
+    (tokens from its current parent) and leaf count, the original node whose ending requests it holds,
+    and the original node where its path now ends."""
+
+    children: list[list[int]]
+    edge: list[int]
+    leaves: list[int]
+    holder: list[int]
+    end: list[int]
+
+
+def _lift_groups(trie: PrefixTrie) -> _LiftedTree:
+    """The bottom-up gain-rule transformation of ``batchllm_groups``' docstring, on working copies of
+    ``trie`` (a non-empty tree): afterwards every child of the root is a group."""
+    n_nodes = trie.num_nodes
     parent = trie.parent.tolist()
     edge = trie.edge_len.tolist()
     leaves = trie.leaves.tolist()
@@ -117,7 +136,15 @@ def batchllm_groups(trie: PrefixTrie, min_prefix: int = 1) -> Grouping:
             children[w] = []
         else:
             children[x] = stay
+    return _LiftedTree(children, edge, leaves, holder, end)
 
+
+def _collect_groups(trie: PrefixTrie, tree: _LiftedTree, min_prefix: int) -> Grouping:
+    """The groups of a lifted tree, one per first-level node, with ``prefix_len = min(edge, shortest
+    member - 1)``; a group of one request or sharing fewer than ``min_prefix`` tokens dissolves into
+    singletons (prefix 0)."""
+    n_nodes = trie.num_nodes
+    children, edge, leaves, holder, end = tree
     # Collect, for each first-level node, the original nodes whose ending requests it holds.
     owner = np.full(n_nodes, -1, dtype=np.int64)
     tops = [c for c in children[0] if leaves[c] > 0]
@@ -190,11 +217,25 @@ def order_groups(trie: PrefixTrie, grouping: Grouping, expected_output: np.ndarr
     np.minimum.at(g_first, rg, np.arange(n, dtype=np.int64))
     g_ratio = decode_ratio(g_out, g_comp)
 
-    # Subtree aggregates: sums by contiguous preorder range, minimum by a bottom-up pass.
-    n_nodes = trie.num_nodes
-    node_out = np.bincount(grouping.anchor, weights=g_out, minlength=n_nodes)
-    node_comp = np.bincount(grouping.anchor, weights=g_comp, minlength=n_nodes)
-    node_cnt = np.bincount(grouping.anchor, minlength=n_nodes)
+    sub_ratio, sub_cnt, first = _subtree_keys(trie, grouping.anchor, g_out, g_comp, g_first)
+    group_order_a = _dfs_group_order(trie, grouping.anchor, g_ratio.tolist(), g_first.tolist(),
+                                     sub_ratio, sub_cnt, first)
+    rank = np.empty(G, dtype=np.int64)
+    rank[group_order_a] = np.arange(G)
+    own_ratio = decode_ratio(out, lens)
+    request_order = np.lexsort((np.arange(n), -own_ratio, rank[rg]))
+    return group_order_a, request_order
+
+
+def _subtree_keys(trie: PrefixTrie, anchor: np.ndarray, g_out: np.ndarray, g_comp: np.ndarray,
+                  g_first: np.ndarray) -> tuple[list[float], list[int], list[int]]:
+    """Per tree node, over the groups anchored in its subtree: their decode ratio, their count and the
+    smallest request index among them (``order_groups``' subtree sort keys)."""
+    # Sums by contiguous preorder range, minimum by a bottom-up pass.
+    n, n_nodes = trie.num_requests, trie.num_nodes
+    node_out = np.bincount(anchor, weights=g_out, minlength=n_nodes)
+    node_comp = np.bincount(anchor, weights=g_comp, minlength=n_nodes)
+    node_cnt = np.bincount(anchor, minlength=n_nodes)
     end = trie.end
     ids = np.arange(n_nodes)
     sub = []
@@ -204,18 +245,24 @@ def order_groups(trie: PrefixTrie, grouping: Grouping, expected_output: np.ndarr
     sub_ratio = decode_ratio(sub[0], sub[1]).tolist()
     sub_cnt = sub[2].tolist()
     node_first = np.full(n_nodes, n, dtype=np.int64)
-    np.minimum.at(node_first, grouping.anchor, g_first)
+    np.minimum.at(node_first, anchor, g_first)
     first = node_first.tolist()
     par = trie.parent.tolist()
     for v in range(n_nodes - 1, 0, -1):
         first[par[v]] = min(first[par[v]], first[v])
+    return sub_ratio, sub_cnt, first
 
+
+def _dfs_group_order(trie: PrefixTrie, anchor: np.ndarray, g_ratio_l: list[float], g_first_l: list[int],
+                     sub_ratio: list[float], sub_cnt: list[int], first: list[int]) -> np.ndarray:
+    """Group ids in ``order_groups``' depth-first order: at each node its anchored groups and its
+    subtrees holding a group, by decreasing decode ratio, then smallest request index."""
+    n_nodes = trie.num_nodes
     ptr, kid_ids = trie.children()
     ptr_l, kids_l = ptr.tolist(), kid_ids.tolist()
-    a_order = np.argsort(grouping.anchor, kind="stable")
-    a_ptr = np.searchsorted(grouping.anchor[a_order], np.arange(n_nodes + 1)).tolist()
+    a_order = np.argsort(anchor, kind="stable")
+    a_ptr = np.searchsorted(anchor[a_order], np.arange(n_nodes + 1)).tolist()
     a_order_l = a_order.tolist()
-    g_ratio_l, g_first_l = g_ratio.tolist(), g_first.tolist()
 
     group_order: list[int] = []
     # Stack of (is_group, id); items pushed in reverse so the best is popped first.
@@ -230,13 +277,7 @@ def order_groups(trie: PrefixTrie, grouping: Grouping, expected_output: np.ndarr
         if len(items) > 1:
             items.sort()
         stack.extend((it[2], it[3]) for it in reversed(items))
-
-    group_order_a = np.array(group_order, dtype=np.int64)
-    rank = np.empty(G, dtype=np.int64)
-    rank[group_order_a] = np.arange(G)
-    own_ratio = decode_ratio(out, lens)
-    request_order = np.lexsort((np.arange(n), -own_ratio, rank[rg]))
-    return group_order_a, request_order
+    return np.array(group_order, dtype=np.int64)
 
 
 def split_samples(prefix_len: np.ndarray, members: list[np.ndarray], lens: np.ndarray,
