@@ -19,7 +19,8 @@ writing. It owns what both need alike:
   fcfs-lru baseline's prefix cache reuses prompt positions without computing their logits, so there such
   requests are ``unsupported_parameter`` rows;
 - the engine's work is exactly the plan (``engine.sources.build_sources``);
-- every finished sample becomes its output row (``jobs.results.completion_row``), handed to the caller
+- every finished sample becomes its output row (``jobs.results.completion_row``; log-probability entries
+  spelled by one ``TokenSpeller`` of the engine's tokenizer per run), handed to the caller
   with the sample; the first ``preview`` of them are kept for the run's preview;
 - a stop request (``callbacks.stop``, checked after every engine step) ends the run after that step:
   nothing more is admitted, and the caller commits the requests that completed;
@@ -41,7 +42,7 @@ from batchllm.engine.sequence import Sequence
 from batchllm.engine.sources import build_sources
 from batchllm.io import requests as rq
 from batchllm.io.requests import Request, RowError
-from batchllm.jobs.results import completion_row, prompt_preview
+from batchllm.jobs.results import TokenSpeller, completion_row, prompt_preview
 from batchllm.plan.plan import Plan
 
 
@@ -156,6 +157,11 @@ def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Requ
             lambda s: 0 if requests[s.request_index].sampling.prompt_logprobs is not None else s.prompt_len,
             top_k=max(requests[i].sampling.prompt_logprobs for i in asking))
 
+    spells = engine.tokenizer is not None and any(
+        requests[int(i)].sampling.logprobs is not None or requests[int(i)].sampling.prompt_logprobs is not None
+        for g in plan.groups for i in g.members)
+    speller = TokenSpeller(engine.tokenizer) if spells else None  # one per run: each distinct id decoded once
+
     def on_finish(seq: Sequence) -> None:
         req = requests[seq.request_index]
         if len(shown) < preview:
@@ -165,7 +171,7 @@ def run_plan(engine: LLMEngine, eos: frozenset[int], requests: Mapping[int, Requ
             if req.sampling.prompt_logprobs is not None:
                 entries = collector.entries(seq, req.sampling.prompt_logprobs)
             collector.release(seq)  # this sample's rows, and its prefixes' once no dependent is left
-        callbacks.finished(seq.request_index, req, seq, completion_row(req, seq, entries))
+        callbacks.finished(seq.request_index, req, seq, completion_row(req, seq, entries, speller))
 
     def on_step(stats: StepStats) -> None:
         callbacks.step(stats)

@@ -115,3 +115,37 @@ def test_prompt_logprobs_validation():
     for bad in (-1, 21, True, "2"):
         with pytest.raises(ValueError, match="prompt_logprobs"):
             SamplingParams.from_fields({"prompt_logprobs": bad})
+
+
+def test_logprob_entries_carry_the_tokenizers_text(tmp_path, tiny):
+    """Every log-probability entry (sampled token, alternatives, prompt tokens and their top) names its
+    token as the tokenizer decodes it alone; a token that is part of a UTF-8 character carries its bytes."""
+    tok = tiny.tokenizer
+    prompt = tok("héllo wörld ✓ 日本語 text", add_special_tokens=False)["input_ids"]
+    rows = [{"custom_id": "a", "prompt_token_ids": prompt, "logprobs": 2, "prompt_logprobs": 1},
+            {"custom_id": "b", "prompt": "plain"}]
+    cfg = JobConfig(inputs=[write_rows(tmp_path / "in.jsonl", rows)], output=str(tmp_path / "out"), **BASE)
+    run_job(cfg, loaded=tiny)
+    a, b = sorted(read_results(cfg.output).to_pylist(), key=lambda r: r["custom_id"])
+    assert b["logprob_tokens"] is None and b["top_logprobs"] is None
+
+    def check(token_id, entry):
+        raw = bytes(entry["bytes"]) if entry["bytes"] is not None else entry["token"].encode("utf-8")
+        decoded = tok.decode([token_id])
+        if entry["bytes"] is None:
+            assert entry["token"] == decoded
+        else:  # part of a character: the tokenizer alone shows a replacement character
+            assert "\ufffd" in decoded and entry["token"] == raw.decode("utf-8", "backslashreplace")
+        return raw
+
+    assert len(a["logprob_tokens"]) == len(a["logprobs"]) == len(a["token_ids"])
+    for t, entry, alts in zip(a["token_ids"], a["logprob_tokens"], a["top_logprobs"]):
+        check(t, entry)
+        for alt in alts:
+            check(alt["token_id"], alt)
+    spelled = b"".join(check(e["token_id"], e) for e in a["prompt_logprobs"][1:])
+    assert spelled.decode("utf-8") == tok.decode(prompt[1:])  # the pieces' bytes make the prompt's text
+    assert any(e["bytes"] is not None for e in a["prompt_logprobs"][1:])  # the CJK characters span tokens
+    for e in a["prompt_logprobs"][1:]:
+        for alt in e["top_logprobs"]:
+            check(alt["token_id"], alt)

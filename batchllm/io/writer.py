@@ -80,6 +80,11 @@ from batchllm.io.storage import FolderLock, Lease, Storage, is_uri, storage_of
 from batchllm.jobs.completed import encode_done
 from batchllm.jobs.manifest import LEGACY_MANIFEST, MANIFEST, MANIFEST_VERSION, read_manifest
 
+# a log-probability entry's token text (``jobs.results.token_text``): ``bytes`` only where the text is not
+# the token's exact UTF-8 (OpenAI's convention); shards written before these fields read them as nulls
+_TOKEN_TEXT = [("token", pa.string()), ("bytes", pa.list_(pa.uint8()))]
+_TOKEN_LOGPROB = pa.struct([("token_id", pa.int32()), *_TOKEN_TEXT, ("logprob", pa.float32())])
+
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("custom_id", pa.string()),
@@ -93,15 +98,16 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("cached_tokens", pa.int32()),
         pa.field("token_ids", pa.list_(pa.int32())),
         pa.field("logprobs", pa.list_(pa.float32())),
-        pa.field("top_logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))),
+        pa.field("top_logprobs", pa.list_(pa.list_(_TOKEN_LOGPROB))),
         # vLLM's prompt_logprobs (requests that ask): entry j scores prompt token j (entry 0 is null)
         pa.field("prompt_logprobs", pa.list_(pa.struct([
-            ("token_id", pa.int32()), ("logprob", pa.float32()), ("rank", pa.int32()),
-            ("top_logprobs", pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))),
+            ("token_id", pa.int32()), *_TOKEN_TEXT, ("logprob", pa.float32()), ("rank", pa.int32()),
+            ("top_logprobs", pa.list_(_TOKEN_LOGPROB)),
         ]))),
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("request_type", pa.string()),
+        pa.field("logprob_tokens", pa.list_(pa.struct(_TOKEN_TEXT))),  # the text of each ``logprobs`` entry's token
     ]
 )
 
@@ -653,7 +659,8 @@ def shard_table(data: bytes) -> pa.Table:
 
 
 def _conform(table: pa.Table) -> pa.Table:
-    # shards written before a column existed (``request_type``, ``prompt_logprobs``) get it as nulls
+    # shards written before a column existed (``request_type``, ``prompt_logprobs``, ``logprob_tokens``)
+    # get it as nulls, and struct fields added since (``token``, ``bytes``) come as nulls from the cast
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))

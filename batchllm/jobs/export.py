@@ -65,7 +65,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -85,6 +84,7 @@ from batchllm.io.writer import (
 )
 from batchllm.jobs.integrity import Damage, damage_message
 from batchllm.jobs.manifest import read_manifest
+from batchllm.jobs.results import TokenSpeller
 
 FORMATS = ("parquet", "jsonl", "openai")
 _BATCH_ROWS = 8192
@@ -260,7 +260,7 @@ class _OpenAIWriter:
         self.model = served_model_name or job.get("served_model_name") or job.get("model") or fp.get("model_name") or "batchllm"
         self.role = response_role
         self.warnings: list[str] = []
-        self._speller: _TokenSpeller | None = _TokenSpeller(tokenizer) if tokenizer is not None else None
+        self._speller: TokenSpeller | None = TokenSpeller(tokenizer) if tokenizer is not None else None
         self._speller_tried = tokenizer is not None
         self._models: dict[int, dict[int, str]] | None = None
 
@@ -274,7 +274,7 @@ class _OpenAIWriter:
         fid = r["_file_id"]
         return self._models.get(fid, {}).get(r["input_index"]) if fid is not None and fid in self._models else None
 
-    def speller(self) -> "_TokenSpeller | None":
+    def speller(self) -> "TokenSpeller | None":
         if not self._speller_tried:
             self._speller_tried = True
             self._speller = _job_speller(self.manifest, self.warnings)
@@ -393,71 +393,7 @@ def body_models(path: str) -> Iterator[tuple[int, str]]:
                 yield index, model
 
 
-class _TokenSpeller:
-    """Token text and exact bytes for OpenAI logprobs, from the job's tokenizer."""
-
-    def __init__(self, tok: Any):
-        self.tok = tok
-        self.cache: dict[int, tuple[str, bytes]] = {}
-        self.special = set(getattr(tok, "all_special_ids", []) or [])
-        added = getattr(tok, "added_tokens_decoder", None) or {}
-        self.special.update(int(i) for i in added)
-        self.byte_level = _byte_level(tok)
-        self.byte_of = {c: b for b, c in enumerate(_byte_chars())}
-
-    def spell(self, token_id: int) -> tuple[str, bytes]:
-        hit = self.cache.get(token_id)
-        if hit is None:
-            raw = self._bytes(token_id)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", "backslashreplace")  # part of a character: its bytes, escaped
-            hit = self.cache[token_id] = (text, raw)
-        return hit
-
-    def _bytes(self, token_id: int) -> bytes:
-        piece = self.tok.convert_ids_to_tokens(int(token_id))
-        if piece is None:
-            return self.tok.decode([int(token_id)]).encode("utf-8")
-        if token_id in self.special:
-            return piece.encode("utf-8")
-        if self.byte_level and all(c in self.byte_of for c in piece):
-            return bytes(self.byte_of[c] for c in piece)
-        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
-        if m:
-            return bytes([int(m.group(1), 16)])
-        if "\u2581" in piece:  # SentencePiece marks a space with U+2581
-            return piece.replace("\u2581", " ").encode("utf-8")
-        return self.tok.decode([int(token_id)]).encode("utf-8")
-
-
-def _byte_level(tok: Any) -> bool:
-    """Whether the tokenizer's decoder is byte-level BPE (GPT-2's byte alphabet), alone or in a sequence."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    try:
-        decoder = json.loads(backend.to_str()).get("decoder")
-    except Exception:  # noqa: BLE001  (no serialisable definition: not byte-level as far as we can tell)
-        return False
-    return '"ByteLevel"' in json.dumps(decoder)
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in character for each byte 0..255 (byte-level BPE vocabularies)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _job_speller(manifest: dict[str, Any], warnings: list[str]) -> _TokenSpeller | None:
+def _job_speller(manifest: dict[str, Any], warnings: list[str]) -> TokenSpeller | None:
     """The speller of the job's own tokenizer (never its weights), or None with a warning."""
     from batchllm.jobs.manifest import tokenizer_hash
     from batchllm.models import loader
@@ -476,7 +412,7 @@ def _job_speller(manifest: dict[str, Any], warnings: list[str]) -> _TokenSpeller
     if expected and tokenizer_hash(tok) != expected:
         warnings.append(f"the tokenizer of {spec} is not the one the job ran with: {fallback}")
         return None
-    return _TokenSpeller(tok)
+    return TokenSpeller(tok)
 
 
 def _one_line(e: BaseException) -> str:
@@ -488,7 +424,7 @@ def _tok(t: int) -> str:
     return f"token_id:{t}"
 
 
-def _chat_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None) -> dict[str, Any] | None:
+def _chat_logprobs(r: dict[str, Any], speller: TokenSpeller | None = None) -> dict[str, Any] | None:
     if r.get("logprobs") is None:
         return None
     tops = r.get("top_logprobs") or [[] for _ in r["logprobs"]]
@@ -506,7 +442,7 @@ def _chat_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None) -> d
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None) -> dict[str, Any] | None:
+def _completion_logprobs(r: dict[str, Any], speller: TokenSpeller | None = None) -> dict[str, Any] | None:
     if r.get("logprobs") is None:
         return None
     tops = r.get("top_logprobs") or [[] for _ in r["logprobs"]]
@@ -530,7 +466,7 @@ def _completion_logprobs(r: dict[str, Any], speller: _TokenSpeller | None = None
     }
 
 
-def _prompt_logprobs(r: dict[str, Any], speller: _TokenSpeller | None) -> list[dict[str, Any] | None]:
+def _prompt_logprobs(r: dict[str, Any], speller: TokenSpeller | None) -> list[dict[str, Any] | None]:
     """A row's ``prompt_logprobs`` in vLLM's response shape: per prompt token, None for the first, else
     {token id as text: {"logprob", "rank", "decoded_token"}} for the prompt's token and the top tokens
     (ranks 1..k)."""

@@ -8,9 +8,11 @@ columns), built the same way in one process and on each Ray replica. ``JobSummar
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import statistics
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from batchllm.engine.prompt_logprobs import PromptTokenLogprobs
 from batchllm.engine.sequence import Sequence
@@ -75,10 +77,12 @@ def error_row(err: RowError) -> dict:
     }
 
 
-def completion_row(req: Request, seq: Sequence, prompt_logprobs: PromptTokenLogprobs | None = None) -> dict:
+def completion_row(req: Request, seq: Sequence, prompt_logprobs: PromptTokenLogprobs | None = None,
+                   speller: TokenSpeller | None = None) -> dict:
     """The output row of finished sample ``seq`` of ``req``; ``prompt_logprobs``: the request's prompt
     log-probabilities when it asked for them (``SamplingParams.prompt_logprobs``), the same in every
-    sample's row."""
+    sample's row; ``speller``: the job's tokenizer's, which gives log-probability entries their ``token``
+    text (None without a tokenizer: ``token`` is null)."""
     row = {
         "custom_id": req.custom_id,
         "input_file": req.input_file,
@@ -95,20 +99,101 @@ def completion_row(req: Request, seq: Sequence, prompt_logprobs: PromptTokenLogp
     }
     if seq.logprobs is not None:
         row["logprobs"] = seq.logprobs
-        row["top_logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in alts] for alts in seq.top_logprobs]
+        row["logprob_tokens"] = [token_text(speller, t) for t in seq.output_ids[: len(seq.logprobs)]]
+        row["top_logprobs"] = [[{"token_id": t, **token_text(speller, t), "logprob": lp} for t, lp in alts]
+                               for alts in seq.top_logprobs]
     if prompt_logprobs is not None:
-        row["prompt_logprobs"] = prompt_logprobs_entries(seq.prompt_ids, prompt_logprobs)
+        row["prompt_logprobs"] = prompt_logprobs_entries(seq.prompt_ids, prompt_logprobs, speller)
     return row
 
 
-def prompt_logprobs_entries(prompt_ids, pl: PromptTokenLogprobs) -> list[dict | None]:
-    """The ``prompt_logprobs`` column's value: per prompt token, its id, log-probability, rank and the top
-    tokens (entry 0, the first token, has no context and is None), as vLLM returns them."""
+def prompt_logprobs_entries(prompt_ids, pl: PromptTokenLogprobs, speller: TokenSpeller | None = None) -> list[dict | None]:
+    """The ``prompt_logprobs`` column's value: per prompt token, its id, text (``token_text``),
+    log-probability, rank and the top tokens (entry 0, the first token, has no context and is None), as
+    vLLM returns them."""
     out: list[dict | None] = [None]
     for j in range(1, len(pl.logprobs)):
-        out.append({"token_id": int(prompt_ids[j]), "logprob": pl.logprobs[j], "rank": pl.ranks[j],
-                    "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in (pl.top[j] or [])]})
+        t = int(prompt_ids[j])
+        out.append({"token_id": t, **token_text(speller, t), "logprob": pl.logprobs[j], "rank": pl.ranks[j],
+                    "top_logprobs": [{"token_id": a, **token_text(speller, a), "logprob": lp} for a, lp in (pl.top[j] or [])]})
     return out
+
+
+def token_text(speller: TokenSpeller | None, token_id: int) -> dict[str, Any]:
+    """``{"token": text, "bytes": ...}`` of a log-probability entry, OpenAI's convention: ``bytes`` is null
+    when the text is the token's exact UTF-8, else (part of a character: text with ``\\xNN`` escapes) the
+    token's bytes; both null without a tokenizer."""
+    if speller is None:
+        return {"token": None, "bytes": None}
+    text, raw = speller.spell(int(token_id))
+    return {"token": text, "bytes": None if text.encode("utf-8") == raw else list(raw)}
+
+
+class TokenSpeller:
+    """Token text and exact bytes for logprobs (the output columns' ``token`` / ``bytes``, the OpenAI export),
+    from the job's tokenizer, each distinct id decoded once."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.cache: dict[int, tuple[str, bytes]] = {}
+        self.special = set(getattr(tok, "all_special_ids", []) or [])
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        self.special.update(int(i) for i in added)
+        self.byte_level = _byte_level(tok)
+        self.byte_of = {c: b for b, c in enumerate(_byte_chars())}
+
+    def spell(self, token_id: int) -> tuple[str, bytes]:
+        """(text, exact bytes) of ``token_id``; a token holding part of a UTF-8 character has its bytes as
+        ``\\xNN`` escapes in the text."""
+        hit = self.cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", "backslashreplace")  # part of a character: its bytes, escaped
+            hit = self.cache[token_id] = (text, raw)
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tok.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return self.tok.decode([int(token_id)]).encode("utf-8")
+        if token_id in self.special:
+            return piece.encode("utf-8")
+        if self.byte_level and all(c in self.byte_of for c in piece):
+            return bytes(self.byte_of[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if "\u2581" in piece:  # SentencePiece marks a space with U+2581
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.tok.decode([int(token_id)]).encode("utf-8")
+
+
+def _byte_level(tok: Any) -> bool:
+    """Whether the tokenizer's decoder is byte-level BPE (GPT-2's byte alphabet), alone or in a sequence."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder")
+    except Exception:  # noqa: BLE001  (no serialisable definition: not byte-level as far as we can tell)
+        return False
+    return '"ByteLevel"' in json.dumps(decoder)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte 0..255 (byte-level BPE vocabularies)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 def record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:
