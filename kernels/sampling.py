@@ -1,7 +1,7 @@
 """Sort-free sampling of a step's random rows: temperature, min-p, top-k, top-p, exponential race.
 
 The semantics are ``batchllm.engine.sampler``'s (its torch code is the reference: ``truncate`` for the
-kept sets, ``exponential_race`` and ``noise_uniforms`` for the draw); this kernel finds the same kept
+kept sets, ``batchllm.engine.sampler_random``'s ``exponential_race`` and ``noise_uniforms`` for the draw); this kernel finds the same kept
 sets without sorting and draws the same uniforms, so for the same rows it returns the same tokens.
 
 One program per row, a fixed small number of passes over the row (no sort, no (R, V) temporaries):
@@ -97,7 +97,7 @@ def _kept_by_min_p(x, m, log_min_p, HAS_MIN_P: tl.constexpr):
     return keep
 
 
-# ---- the counter-based RNG (murmur3_x86_32, as batchllm.engine.sampler._uniforms) -----------------
+# ---- the counter-based RNG (murmur3_x86_32, as batchllm.engine.sampler_random._uniforms) -----------------
 # uint32 arithmetic wraps modulo 2**32 in Triton (and in the interpreter's numpy), which is exactly
 # murmur3's arithmetic; the torch reference emulates it in int64.
 
