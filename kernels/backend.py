@@ -58,8 +58,8 @@ class TritonAttention(AttentionBackend):
         self._plan: AttentionPlan | None = None
         self._static_plans: dict[tuple, AttentionPlan] = {}
 
-    def store_kv(self, k, v, kv_cache, meta):
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+    def store_kv(self, k, v, kv_cache, meta, kv_scales=None):
+        store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
 
     def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
              device: torch.device, dtype: torch.dtype | None = None) -> AttentionPlan:
@@ -73,7 +73,7 @@ class TritonAttention(AttentionBackend):
             self._meta, self._key = meta, key
         return self._plan
 
-    def forward(self, q, kv_cache, meta, scale):
+    def forward(self, q, kv_cache, meta, scale, kv_scales=None):
         if q.dim() != 3 or kv_cache.dim() != 5:
             raise ValueError(f"q must be (T, heads, d) and kv_cache (2, pages, page_size, kv_heads, d); got "
                              f"{tuple(q.shape)}, {tuple(kv_cache.shape)}")
@@ -81,7 +81,7 @@ class TritonAttention(AttentionBackend):
             plan = self.static_plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device, q.dtype)
         else:
             plan = self.plan(meta, q.shape[1], kv_cache.shape[3], q.shape[2], q.device, q.dtype)
-        out, _ = run_plan(q, kv_cache, meta.block_tables, plan, scale)
+        out, _ = run_plan(q, kv_cache, meta.block_tables, plan, scale, kv_scales=kv_scales)
         return out
 
     # -- graphed decode steps ----------------------------------------------------------------------

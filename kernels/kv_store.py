@@ -4,16 +4,18 @@ Cache layout (``batchllm.engine.attention``): ``kv_cache`` is (2, num_pages, pag
 slot ``s`` is page ``s // page_size``, offset ``s % page_size``. Rows whose slot is -1 are padding (CUDA
 graph buckets) and are skipped.
 
-An FP8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores ``clamp(x, -448, 448)`` rounded
-to nearest even, one byte per element, with a fixed per-layer scale of 1.0 (vLLM's default without
-calibration; why: ``batchllm.engine.kv_cache``): the kernel rounds in float32 itself, so the interpreter
-and the GPU write the bytes ``batchllm.engine.kv_cache.quantize_fp8`` writes.
+An FP8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores ``clamp(x / scale, -448, 448)``
+rounded to nearest even, one byte per element, with the layer's scale per KV head (the checkpoint's
+calibrated ``k_scale`` / ``v_scale``, or 1.0: ``batchllm.engine.kv_cache``). The kernel multiplies by the
+reciprocal the scales tensor holds (``kv_cache.kv_scales``: read on the device, so a captured graph
+replays with the layer's own scales) and rounds in float32 itself, so the interpreter and the GPU write
+the bytes ``batchllm.engine.kv_cache.quantize_fp8`` writes.
 """
 
 from __future__ import annotations
 
 import torch
-from batchllm.engine.kv_cache import quantize_fp8
+from batchllm.engine.kv_cache import check_kv_scales, quantize_fp8
 from batchllm.kernels.runtime import check_device, jit, load_triton
 
 triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
@@ -39,7 +41,7 @@ def _store_kv_kernel(
     k_ptr, stride_kt, stride_kh,
     v_ptr, stride_vt, stride_vh,
     cache_ptr, stride_c, stride_cp, stride_cs, stride_ch,
-    slot_ptr,
+    slot_ptr, scale_ptr,
     num_kv_heads,
     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
@@ -56,21 +58,26 @@ def _store_kv_kernel(
     mask = keep[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    if FP8:
-        k = _round_e4m3(k.to(tl.float32))
-        v = _round_e4m3(v.to(tl.float32))
+    if FP8:  # scale_ptr: (4, num_kv_heads) float32, rows 2 and 3 the reciprocals of k_scale and v_scale
+        k_inv = tl.load(scale_ptr + 2 * num_kv_heads + h, mask=h < num_kv_heads, other=1.0)
+        v_inv = tl.load(scale_ptr + 3 * num_kv_heads + h, mask=h < num_kv_heads, other=1.0)
+        k = _round_e4m3(k.to(tl.float32) * k_inv[:, None])
+        v = _round_e4m3(v.to(tl.float32) * v_inv[:, None])
     page = slot // PAGE_SIZE
     dst = page * stride_cp + (slot % PAGE_SIZE) * stride_cs + h[:, None].to(tl.int64) * stride_ch + d[None, :]
     tl.store(cache_ptr + dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(cache_ptr + stride_c + dst, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scales: torch.Tensor | None = None) -> None:
     """Write ``k``, ``v`` (T, kv_heads, d) into ``kv_cache`` at ``slot_mapping`` (T,) int64; slot -1 is skipped.
 
     ``k`` and ``v`` may be strided views (e.g. slices of a fused qkv projection) as long as the head
     dimension is contiguous. Slots must be distinct (two rows to one slot race). A ``float8_e4m3fn``
-    cache gets ``batchllm.engine.kv_cache.quantize_fp8(k)``'s bytes (saturated, rounded to nearest even, scale 1).
+    cache gets ``batchllm.engine.kv_cache.quantize_fp8(k, 1 / k_scale)``'s bytes (scaled, saturated,
+    rounded to nearest even): ``kv_scales`` is the layer's (4, kv_heads) float32 tensor
+    (``kv_cache.kv_scales``), None for scale 1; a 16/32-bit cache holds the values themselves and ignores it.
     """
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must be (T, kv_heads, d) of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -86,27 +93,33 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         raise ValueError("all tensors must be on one device")
     check_device(k.device)
     T, H, D = k.shape
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        kv_scales = check_kv_scales(kv_scales, H, k.device)
     if T == 0:
         return
     _store_kv_kernel[(T,)](
         k, k.stride(0), k.stride(1),
         v, v.stride(0), v.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        slot_mapping,
+        slot_mapping, kv_scales if fp8 else slot_mapping,  # a 16/32-bit cache reads no scale
         H,
         PAGE_SIZE=kv_cache.shape[2], HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
-        FP8=kv_cache.dtype == torch.float8_e4m3fn,
+        FP8=fp8,
     )
 
 
-def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scales: torch.Tensor | None = None) -> None:
     """Torch reference (the same as ``TorchAttention.store_kv``)."""
     num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     k, v = k[keep], v[keep]
     if kv_cache.dtype == torch.float8_e4m3fn:  # torch has no fp8 index_copy_ on the CPU: copy the bytes
-        kv_cache, k, v = kv_cache.view(torch.uint8), quantize_fp8(k).view(torch.uint8), quantize_fp8(v).view(torch.uint8)
+        inv = check_kv_scales(kv_scales, k.shape[1], k.device)[2:, :, None]  # (2, kv_heads, 1): 1 / k_scale, 1 / v_scale
+        kv_cache = kv_cache.view(torch.uint8)
+        k, v = quantize_fp8(k, inv[0]).view(torch.uint8), quantize_fp8(v, inv[1]).view(torch.uint8)
     flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
     flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from batchllm.engine.kv_cache import check_kv_scales
 from batchllm.kernels.runtime import check_device, interpreting, jit, load_triton
 
 triton, tl = load_triton()  # Triton in the mode kernels/runtime.py decided (before Triton loads)
@@ -60,10 +61,11 @@ def _attn_tiles_kernel(
     out_ptr, stride_ot, stride_oh,
     lse_ptr, stride_lt,
     part_o_ptr, part_lse_ptr,
+    kv_scale_ptr,
     num_heads, qk_scale_log2,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     # grid: (work items, kv heads)
     wid = tl.program_id(0)
@@ -90,6 +92,11 @@ def _attn_tiles_kernel(
     if UPCAST:  # the CPU interpreter computes 16-bit tl.dot wrongly; the GPU keeps 16-bit operands
         q = q.to(tl.float32)
 
+    # an fp8 cache holds x / scale per KV head (kv_scale_ptr: rows k_scale, v_scale, ...): k_scale folds
+    # into the score scale and v_scale into the output, so K and V tiles dequantize with a plain upcast
+    score_scale = qk_scale_log2
+    if FP8_KV:
+        score_scale = qk_scale_log2 * tl.load(kv_scale_ptr + kvh)
     # keys past the last query position of the tile are invisible to every row: skip them
     kv_end = tl.minimum(kv_hi, tl.max(pos, axis=0) + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -105,10 +112,10 @@ def _attn_tiles_kernel(
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        # to q's dtype (float32 when UPCAST): an fp8 cache dequantizes here (scale 1); else a no-op
+        # to q's dtype (float32 when UPCAST): an fp8 cache upcasts here (its scales apply to s and o); else a no-op
         k = k.to(q.dtype)
         v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale
         visible = j_ok[None, :] & (j[None, :] <= pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -123,6 +130,8 @@ def _attn_tiles_kernel(
     empty = l_i == 0.0  # no visible key: output 0 with lse -inf, which a merge weighs as nothing
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
+    if FP8_KV:
+        o = o * tl.load(kv_scale_ptr + num_heads // G + kvh)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     # masks built per row (not from a scalar) so that every Triton version broadcasts them alike
@@ -487,14 +496,20 @@ def run_plan(
     *,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` (T, H, D) over the paged cache as planned; returns (out, lse or None).
 
     ``lse`` is the natural log-sum-exp of the scaled scores per (token, head), float32, -inf where a
-    query saw no key. ``out`` has q's dtype.
+    query saw no key. ``out`` has q's dtype. ``kv_scales``: the layer's FP8 scales
+    (``batchllm.engine.kv_cache.kv_scales``; None: scale 1), read on the device; an fp8 cache's keys are
+    ``stored * k_scale`` and its values ``stored * v_scale``. A 16/32-bit cache ignores them.
     """
     _check_inputs(q, kv_cache, block_tables, plan)
     T, H, D = q.shape
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        kv_scales = check_kv_scales(kv_scales, plan.num_kv_heads, q.device)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
@@ -519,10 +534,11 @@ def run_plan(
             out, out.stride(0), out.stride(1),
             lse_arg, H,
             part_o, part_lse,
+            kv_scales if fp8 else part_lse,  # never read without FP8_KV
             H, scale * _LOG2E,
             G=H // plan.num_kv_heads, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PAGE_SIZE=kv_cache.shape[2],
-            STORE_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision,
+            STORE_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision, FP8_KV=fp8,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     if plan.merge_dst is not None:
@@ -549,6 +565,7 @@ def paged_attention(
     *,
     return_lse: bool = False,
     tuning: AttentionTuning | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plan and run paged attention in one call (the engine plans once per step instead)."""
     if q.dim() != 3:
@@ -557,7 +574,7 @@ def paged_attention(
         raise ValueError(f"kv_cache must be (2, pages, page_size, kv_heads, d), got {tuple(kv_cache.shape)}")
     plan = plan_paged_attention(query_lens, seq_lens, num_heads=q.shape[1], num_kv_heads=kv_cache.shape[3],
                                 head_dim=q.shape[2], device=q.device, tuning=tuning, dtype=q.dtype)
-    return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse)
+    return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse, kv_scales=kv_scales)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,10 +590,12 @@ def paged_attention_ref(
     seq_lens: Sequence[int],
     scale: float,
     kv_start: Sequence[int] | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 reference: (out in q's dtype, lse) with keys ``[kv_start[i], seq_lens[i])`` of each sequence.
 
-    Causal: the r-th of q new tokens sits at position seq_len - q + r and sees keys up to it.
+    Causal: the r-th of q new tokens sits at position seq_len - q + r and sees keys up to it. An fp8
+    cache is dequantized first (``dequantized_kv``: K and V times their ``kv_scales``).
     """
     T, H, D = q.shape
     kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
@@ -588,8 +607,9 @@ def paged_attention_ref(
         lo = 0 if kv_start is None else int(kv_start[i])
         n_pages = (slen + ps - 1) // ps
         pages = block_tables[i, :n_pages].long()
-        k = kv_cache[0][pages].reshape(-1, kvh, D)[:slen].float().repeat_interleave(g, dim=1)
-        v = kv_cache[1][pages].reshape(-1, kvh, D)[:slen].float().repeat_interleave(g, dim=1)
+        k, v = dequantized_kv(kv_cache[:, pages], kv_scales)
+        k = k.reshape(-1, kvh, D)[:slen].repeat_interleave(g, dim=1)
+        v = v.reshape(-1, kvh, D)[:slen].repeat_interleave(g, dim=1)
         qi = q[row : row + qlen].float()
         s = torch.einsum("thd,lhd->htl", qi, k) * scale
         qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
@@ -605,3 +625,13 @@ def paged_attention_ref(
         lse[row : row + qlen] = torch.where(l[..., 0] > 0, (m + torch.log(l))[..., 0], float("-inf")).T
         row += qlen
     return out.to(q.dtype), lse
+
+
+def dequantized_kv(kv: torch.Tensor, kv_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``kv`` (2, ..., kv_heads, d), a slice of a cache, in float32: an fp8 cache's values times
+    the per-head ``kv_scales`` (None: scale 1), any other cache's values as they are."""
+    k, v = kv[0].float(), kv[1].float()
+    if kv.dtype == torch.float8_e4m3fn and kv_scales is not None:
+        k = k * kv_scales[0][:, None]
+        v = v * kv_scales[1][:, None]
+    return k, v

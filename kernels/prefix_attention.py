@@ -38,6 +38,7 @@ from batchllm.kernels.paged_attention import (
     WorkItems,
     check_heads,
     check_lens,
+    dequantized_kv,
     finish_plan,
     num_sms,
     own_items,
@@ -143,15 +144,17 @@ def prefix_shared_attention(
     return_lse: bool = False,
     tuning: AttentionTuning | None = None,
     min_group_size: int = 2,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plan and run prefix-shared attention in one call; equal to ordinary paged attention up to rounding."""
+    """Plan and run prefix-shared attention in one call; equal to ordinary paged attention up to rounding.
+    ``kv_scales``: an fp8 cache's scales (``run_plan``)."""
     if q.dim() != 3 or kv_cache.dim() != 5:
         raise ValueError(f"q must be (T, heads, d) and kv_cache (2, pages, page_size, kv_heads, d); got "
                          f"{tuple(q.shape)}, {tuple(kv_cache.shape)}")
     plan = plan_prefix_shared_attention(query_lens, seq_lens, prefix_groups, num_heads=q.shape[1],
                                         num_kv_heads=kv_cache.shape[3], head_dim=q.shape[2], device=q.device,
                                         tuning=tuning, min_group_size=min_group_size, dtype=q.dtype)
-    return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse)
+    return run_plan(q, kv_cache, block_tables, plan, scale, return_lse=return_lse, kv_scales=kv_scales)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,33 +237,37 @@ def prefix_shared_attention_ref(
     seq_lens: Sequence[int],
     prefix_groups: Iterable[Any] | None,
     scale: float,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decomposition spelled out in torch: prefix part of each group (stacked members against the
-    first member's pages), own parts, and the merge. Equals ``paged_attention_ref`` up to rounding."""
+    first member's pages), own parts, and the merge. Equals ``paged_attention_ref`` up to rounding.
+    ``kv_scales``: an fp8 cache's scales (``dequantized_kv``)."""
     ql, sl = check_lens(query_lens, seq_lens)
     groups = check_groups(prefix_groups or (), ql, sl, 1)
     kv_lo = np.zeros_like(ql)
     for start, end, plen in groups:
         kv_lo[start:end] = plen
-    o, lse = paged_attention_ref(q, kv_cache, block_tables, ql.tolist(), sl.tolist(), scale, kv_start=kv_lo.tolist())
+    o, lse = paged_attention_ref(q, kv_cache, block_tables, ql.tolist(), sl.tolist(), scale, kv_start=kv_lo.tolist(),
+                                 kv_scales=kv_scales)
     o = o.float()
     starts = np.cumsum(ql) - ql
     for start, end, plen in groups:
         rows = slice(int(starts[start]), int(starts[end - 1] + ql[end - 1]))
         # every stacked query against the first member's prefix pages, causal by its own position
         pos = torch.from_numpy(token_positions(ql, sl)[rows]).to(q.device)
-        pref_o, pref_lse = _prefix_part_ref(q[rows], kv_cache, block_tables[start], plen, pos, scale)
+        pref_o, pref_lse = _prefix_part_ref(q[rows], kv_cache, block_tables[start], plen, pos, scale, kv_scales)
         o[rows], lse[rows] = merge_attn_states_ref(pref_o, pref_lse, o[rows], lse[rows], out_dtype=torch.float32)
     return o.to(q.dtype), lse
 
 
-def _prefix_part_ref(q, kv_cache, pages, plen, pos, scale):
+def _prefix_part_ref(q, kv_cache, pages, plen, pos, scale, kv_scales):
     """Stacked queries (n, H, D) against prefix keys [0, plen) of one block-table row, causal by ``pos``."""
     H, D = q.shape[1], q.shape[2]
     kvh, ps = kv_cache.shape[3], kv_cache.shape[2]
     idx = pages[: (plen + ps - 1) // ps].long()
-    k = kv_cache[0][idx].reshape(-1, kvh, D)[:plen].float().repeat_interleave(H // kvh, dim=1)
-    v = kv_cache[1][idx].reshape(-1, kvh, D)[:plen].float().repeat_interleave(H // kvh, dim=1)
+    k, v = dequantized_kv(kv_cache[:, idx], kv_scales)
+    k = k.reshape(-1, kvh, D)[:plen].repeat_interleave(H // kvh, dim=1)
+    v = v.reshape(-1, kvh, D)[:plen].repeat_interleave(H // kvh, dim=1)
     s = torch.einsum("thd,lhd->thl", q.float(), k) * scale
     visible = torch.arange(plen, device=q.device)[None, :] <= pos[:, None]
     s = s.masked_fill(~visible[:, None, :], float("-inf"))

@@ -1,9 +1,11 @@
-"""``--kv-cache-dtype fp8``: K/V stored as float8_e4m3fn (scale 1, one byte per element).
+"""``--kv-cache-dtype fp8``: K/V stored as float8_e4m3fn (one byte per element), ``x / scale`` per layer and
+KV head (scale 1 without calibrated scales; a checkpoint's scales: tests/test_kv_scales.py).
 
-The store (kernel and torch) writes the bytes ``quantize_fp8`` writes; the attention kernels and the
-torch backend read an fp8 cache exactly as their float32 references read the same cache; the model
-with an fp8 cache stays within a stated tolerance of float32 K/V; the pool holds twice the tokens of a
-16-bit one in the same memory; an fp8 job is a different job (fingerprint) while "auto" adds no key.
+The store (kernel and torch) writes the bytes ``quantize_fp8`` writes, with scale 1 and with per-head
+scales; the attention kernels and the torch backend read an fp8 cache exactly as their float32
+references read the same cache (dequantized with the same scales); the model with an fp8 cache stays
+within a stated tolerance of float32 K/V; the pool holds twice the tokens of a 16-bit one in the same
+memory; an fp8 job is a different job (fingerprint) while "auto" adds no key.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from batchllm import build, pipeline
 from batchllm.config import JobConfig
 from batchllm.engine.attention import TorchAttention
 from batchllm.engine.attention_backend import AttentionMetadata
-from batchllm.engine.kv_cache import KVCache, quantize_fp8
+from batchllm.engine.kv_cache import KVCache, kv_scales, quantize_fp8
 from batchllm.errors import BatchLLMError
 from batchllm.sampling_params import SamplingParams
 from tests import engine_utils
@@ -53,8 +55,27 @@ def test_quantize_fp8_saturates_and_rounds_to_nearest_even():
     assert torch.isfinite(quantize_fp8(torch.tensor([float("inf")])).float()).all()
 
 
+def test_kv_scales_layout_and_checks():
+    s = kv_scales(torch.tensor([2.0]), torch.tensor([[[0.5]], [[3.0]]]), 2)
+    assert s.dtype == torch.float32 and s[:3].tolist() == [[2.0, 2.0], [0.5, 3.0], [0.5, 0.5]]
+    assert s[3].tolist() == [2.0, torch.tensor(1 / 3.0, dtype=torch.float32).item()]  # float32 reciprocals
+    # the store multiplies by the reciprocal: x / 2 exactly, rounded to e4m3 as x / 2 is
+    x = torch.tensor([[[900.0, -3.0]], [[100.0, 1.1875]]])  # (T=2, kv_heads=1, d=2)
+    got = quantize_fp8(x, torch.tensor([[0.5]])).float()
+    assert got.tolist() == [[[448.0, -1.5]], [[48.0, 0.625]]]  # 50 and 0.59375 are ties: to even
+    for k, v, match in ((torch.ones(3), torch.ones(1), "expected 1 .* or 2"), (torch.zeros(1), torch.ones(1), "> 0"),
+                        (torch.ones(1), torch.tensor([float("nan")]), "finite")):
+        with pytest.raises(ValueError, match=match):
+            kv_scales(k, v, 2)
+
+
+# per KV head: powers of two for K (ties stay ties), others for V (the reciprocal's rounding counts)
+K_SCALES, V_SCALES = torch.tensor([0.5, 4.0]), torch.tensor([3.0, 0.1])
+
+
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_kernel_writes_the_torch_bytes(dtype):
+def test_store_kv_kernel_writes_the_torch_bytes(dtype, scaled):
     vals = special_values().to(dtype)
     kvh, d = 2, 8
     n = -(-vals.numel() // (kvh * d))
@@ -68,75 +89,108 @@ def test_store_kv_kernel_writes_the_torch_bytes(dtype):
     cache = torch.zeros(2, pages, ps, kvh, d, dtype=FP8, device=DEVICE)
     expect = cache.clone()
     by_torch = cache.clone()
-    store_kv(k, v, cache, slots)
-    store_kv_ref(k, v, expect, slots)
+    scales = kv_scales(K_SCALES, V_SCALES, kvh).to(DEVICE) if scaled else None
+    store_kv(k, v, cache, slots, scales)
+    store_kv_ref(k, v, expect, slots, scales)
     meta = AttentionMetadata(query_start_loc=torch.zeros(1), seq_lens=torch.zeros(1), block_tables=torch.zeros(1, 1),
                              slot_mapping=slots, num_decodes=0, query_lens_host=[], seq_lens_host=[], has_padding=True)
-    TorchAttention().store_kv(k, v, by_torch, meta)
+    TorchAttention().store_kv(k, v, by_torch, meta, scales)
     assert torch.equal(cache.view(torch.uint8), expect.view(torch.uint8))
     assert torch.equal(by_torch.view(torch.uint8), expect.view(torch.uint8))
     keep = slots >= 0
-    stored = expect.view(2, -1, kvh, d)[0][slots[keep].long()]
-    assert torch.equal(stored.view(torch.uint8), quantize_fp8(k[keep]).view(torch.uint8))
+    flat = expect.view(2, -1, kvh, d)[:, slots[keep].long()]
+    inv_k, inv_v = (1 / K_SCALES[:, None], 1 / V_SCALES[:, None]) if scaled else (None, None)
+    assert torch.equal(flat[0].view(torch.uint8), quantize_fp8(k[keep].cpu(), inv_k).to(DEVICE).view(torch.uint8))
+    assert torch.equal(flat[1].view(torch.uint8), quantize_fp8(v[keep].cpu(), inv_v).to(DEVICE).view(torch.uint8))
     assert torch.isfinite(expect.float()).all()
+    if scaled:  # what is stored is x / scale: the same values unscaled are other bytes
+        assert not torch.equal(flat[0].view(torch.uint8), quantize_fp8(k[keep]).view(torch.uint8))
 
 
-def fp8_step(ql, sl, groups=(), *, heads, kv_heads, head_dim, dtype, scale_kv=1.0):
-    """``make_step`` with its cache quantized: (q, fp8 cache, the same values in float32, block tables)."""
+def fp8_step(ql, sl, groups=(), *, heads, kv_heads, head_dim, dtype, scaled=False):
+    """``make_step`` with its cache quantized: (q, fp8 cache, the values it stands for in float32, block
+    tables, kv_scales). ``scaled``: K and V made larger than e4m3's range (up to ~2000) and stored with
+    per-head scales (max |x| / 448 per head, as a calibration writes), else scale 1 (kv_scales None)."""
     q, kv, bt = make_step(ql, sl, groups, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=torch.float32)
-    kv8 = quantize_fp8(kv * scale_kv)
-    return q.to(dtype), kv8, kv8.float(), bt
+    if not scaled:
+        kv8 = quantize_fp8(kv)
+        return q.to(dtype), kv8, kv8.float(), bt, None
+    kv = kv * torch.linspace(200.0, 700.0, kv_heads).to(kv.device)[:, None]  # a different range per head
+    amax = kv.abs().amax(dim=(1, 2, 4))  # (2, kv_heads)
+    scales = kv_scales(amax[0] / 448, amax[1] / 448, kv_heads)
+    kv8 = torch.stack([quantize_fp8(kv[i], scales[2 + i][:, None]) for i in range(2)])
+    kv32 = kv8.float() * scales[:2][:, None, None, :, None]
+    return q.to(dtype), kv8, kv32, bt, scales
 
 
+def close_at(a, b, dtype, magnitude: float):
+    """``close`` for outputs of about ``magnitude`` (V stored with scales stands for values up to ~2000)."""
+    close(a.float() / magnitude, b.float() / magnitude, dtype)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 16), (6, 2, 64)])
-def test_paged_attention_reads_an_fp8_cache_like_its_reference(dtype, heads, kv_heads, head_dim):
+def test_paged_attention_reads_an_fp8_cache_like_its_reference(dtype, heads, kv_heads, head_dim, scaled):
     ql, sl = [1, 1, 5, 3, 4], [1, 9, 14, 3, 8]
-    q, kv8, kv32, bt = fp8_step(ql, sl, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
-    scale = head_dim**-0.5
-    got, lse = paged_attention(q, kv8, bt, ql, sl, scale, return_lse=True)
-    ref, ref_lse = paged_attention_ref(q, kv8, bt, ql, sl, scale)
-    close(got, ref, dtype)
-    # the fp8 values upcast exactly: the same as attention over a float32 cache holding them
+    q, kv8, kv32, bt, scales = fp8_step(ql, sl, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                                        scaled=scaled)
+    mag = 300 if scaled else 1  # scaled: a smaller softmax scale keeps the scores as spread as unscaled ones
+    scale = head_dim**-0.5 / mag
+    got, lse = paged_attention(q, kv8, bt, ql, sl, scale, return_lse=True, kv_scales=scales)
+    ref, ref_lse = paged_attention_ref(q, kv8, bt, ql, sl, scale, kv_scales=scales)
+    close_at(got, ref, dtype, mag)
+    # the fp8 values dequantize exactly: the same as attention over a float32 cache holding them
     same, _ = paged_attention(q.float(), kv32, bt, ql, sl, scale, return_lse=True)
-    close(got, same, dtype)
+    close_at(got, same, dtype, mag)
     torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), atol=1e-3 if dtype == torch.bfloat16 else 1e-4, rtol=1e-3)
+    if scaled:  # the scales matter: read at scale 1, the same bytes give another result
+        wrong, _ = paged_attention(q, kv8, bt, ql, sl, scale, return_lse=True)
+        assert (wrong.float() - ref.float()).abs().max() > 10
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefix_shared_attention_reads_an_fp8_cache_like_its_reference(dtype):
+def test_prefix_shared_attention_reads_an_fp8_cache_like_its_reference(dtype, scaled):
     ql = [1, 1, 1, 1, 3, 6, 7]
     sl = [9, 15, 12, 14, 13, 17, 7]
     groups = [(1, 4, 10), (4, 6, 10)]
-    q, kv8, _, bt = fp8_step(ql, sl, [(1, 6, 10)], heads=4, kv_heads=2, head_dim=16, dtype=dtype)
-    got, _ = prefix_shared_attention(q, kv8, bt, ql, sl, groups, 0.25, min_group_size=1, return_lse=True)
-    ref, _ = prefix_shared_attention_ref(q, kv8, bt, ql, sl, groups, 0.25)
-    close(got, ref, dtype)
+    q, kv8, _, bt, scales = fp8_step(ql, sl, [(1, 6, 10)], heads=4, kv_heads=2, head_dim=16, dtype=dtype, scaled=scaled)
+    mag = 300 if scaled else 1
+    got, _ = prefix_shared_attention(q, kv8, bt, ql, sl, groups, 0.25 / mag, min_group_size=1, return_lse=True,
+                                     kv_scales=scales)
+    ref, _ = prefix_shared_attention_ref(q, kv8, bt, ql, sl, groups, 0.25 / mag, kv_scales=scales)
+    close_at(got, ref, dtype, mag)
 
 
-def test_torch_backend_reads_an_fp8_cache_like_float32():
-    """TorchAttention on an fp8 cache == TorchAttention on float32 holding the same values (grouped decodes
-    through the prefix split, prefill chunks, a plain first chunk), and the Triton backend agrees."""
+@pytest.mark.parametrize("scaled", [False, True])
+def test_torch_backend_reads_an_fp8_cache_like_float32(scaled):
+    """TorchAttention on an fp8 cache == TorchAttention on float32 holding the values it stands for (grouped
+    decodes through the prefix split, prefill chunks, a plain first chunk), with scale 1 and with
+    per-head scales, and the Triton backend agrees (its store byte for byte)."""
     from batchllm.kernels.backend import TritonAttention
 
     ql = [1, 1, 1, 1, 3, 6, 7]
     sl = [9, 15, 12, 14, 13, 17, 7]
     groups = [(1, 4, 10), (4, 6, 10)]
-    q, kv8, kv32, bt = fp8_step(ql, sl, [(1, 6, 10)], heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+    q, kv8, _, bt, scales = fp8_step(ql, sl, [(1, 6, 10)], heads=4, kv_heads=2, head_dim=16, dtype=torch.float32,
+                                     scaled=scaled)
     meta = _step_meta(ql, sl, groups, bt, 4)
     g = torch.Generator().manual_seed(3)
-    k_new = (torch.randn(sum(ql), 2, 16, generator=g) * 3).to(DEVICE)
-    v_new = torch.randn(sum(ql), 2, 16, generator=g).to(DEVICE)
+    gain = 400.0 if scaled else 1.0  # new K/V past e4m3's range at scale 1
+    k_new = (torch.randn(sum(ql), 2, 16, generator=g) * 3 * gain).to(DEVICE)
+    v_new = (torch.randn(sum(ql), 2, 16, generator=g) * gain).to(DEVICE)
     torch_be, triton_be = TorchAttention(), TritonAttention()
     kv8_triton = kv8.clone()
-    torch_be.store_kv(k_new, v_new, kv8, meta)
-    triton_be.store_kv(k_new, v_new, kv8_triton, meta)
+    torch_be.store_kv(k_new, v_new, kv8, meta, scales)
+    triton_be.store_kv(k_new, v_new, kv8_triton, meta, scales)
     assert torch.equal(kv8.view(torch.uint8), kv8_triton.view(torch.uint8))
-    kv32 = kv8.float()
-    got = torch_be.forward(q, kv8, meta, 0.3)
-    expect = torch_be.forward(q, kv32, meta, 0.3)
-    torch.testing.assert_close(got, expect, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(triton_be.forward(q, kv8_triton, meta, 0.3), expect, atol=2e-5, rtol=2e-5)
+    kv32 = kv8.float() if scales is None else kv8.float() * scales[:2][:, None, None, :, None]
+    scale = 0.3 / gain
+    got = torch_be.forward(q, kv8, meta, scale, scales)
+    expect = torch_be.forward(q, kv32, meta, scale)
+    torch.testing.assert_close(got, expect, atol=2e-6 * gain, rtol=2e-6)
+    torch.testing.assert_close(triton_be.forward(q, kv8_triton, meta, scale, scales), expect, atol=2e-5 * gain, rtol=2e-5)
 
 
 def test_kv_cache_pages_are_one_byte_per_element_and_copy():

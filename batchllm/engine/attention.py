@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
-from batchllm.engine.kv_cache import byte_view, quantize_fp8
+from batchllm.engine.kv_cache import byte_view, check_kv_scales, quantize_fp8
 
 
 # torch's fused CPU flash-attention kernel: blocked (no score matrix in memory) and it returns the
@@ -90,20 +90,27 @@ class TorchAttention(AttentionBackend):
     # Decodes are memory bound and always split (2.4 ms -> 1.3 ms with 256-token prefixes).
     split_prefill: bool = False
 
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: torch.Tensor | None = None) -> None:
         num_pages, page_size = kv_cache.shape[1], kv_cache.shape[2]
         slots = meta.slot_mapping
         flat = kv_cache.view(2, num_pages * page_size, kv_cache.shape[3], kv_cache.shape[4])
         if meta.has_padding:  # padded rows (CUDA-graph buckets) are skipped
             keep = slots >= 0
             slots, k, v = slots[keep], k[keep], v[keep]
-        if kv_cache.dtype == torch.float8_e4m3fn:  # quantized (scale 1), copied as bytes
-            flat, k, v = byte_view(flat), byte_view(quantize_fp8(k)), byte_view(quantize_fp8(v))
+        if kv_cache.dtype == torch.float8_e4m3fn:  # quantized (x / scale per KV head), copied as bytes
+            inv = check_kv_scales(kv_scales, k.shape[1], k.device)[2:, :, None]  # (2, kv_heads, 1)
+            flat, k, v = byte_view(flat), byte_view(quantize_fp8(k, inv[0])), byte_view(quantize_fp8(v, inv[1]))
         flat[0].index_copy_(0, slots, k)
         flat[1].index_copy_(0, slots, v)
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         nd, n = meta.num_decodes, meta.num_seqs
+        # an fp8 cache is dequantized as it is gathered: k_scale and v_scale per KV head, in q's dtype
+        deq = None
+        if kv_cache.dtype == torch.float8_e4m3fn and kv_scales is not None:
+            deq = check_kv_scales(kv_scales, kv_cache.shape[3], q.device)[:2, :, None].to(q.dtype)
         qlens, slens = meta.query_lens_host, meta.seq_lens_host
         row = [0] * (n + 1)
         for i in range(n):
@@ -115,15 +122,16 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if groups else None
         if nd:
-            self._run_batch(q, kv_cache, meta, list(range(nd)), row, kv_lo, scale, out, lse)
+            self._run_batch(q, kv_cache, deq, meta, list(range(nd)), row, kv_lo, scale, out, lse)
         for batch in _prefill_batches(range(nd, n), qlens, slens, kv_lo, kv_cache.shape[2]):
             if len(batch) == 1 and not kv_lo[batch[0]]:
                 i = batch[0]
-                out[row[i] : row[i + 1]] = self._prefill(q[row[i] : row[i + 1]], kv_cache, meta.block_tables[i], slens[i], scale)
+                out[row[i] : row[i + 1]] = self._prefill(q[row[i] : row[i + 1]], kv_cache, deq, meta.block_tables[i], slens[i],
+                                                          scale)
             else:
-                self._run_batch(q, kv_cache, meta, batch, row, kv_lo, scale, out, lse)
+                self._run_batch(q, kv_cache, deq, meta, batch, row, kv_lo, scale, out, lse)
         if groups:
-            self._prefix_parts(q, kv_cache, meta, groups, row, scale, out, lse)
+            self._prefix_parts(q, kv_cache, deq, meta, groups, row, scale, out, lse)
         return out
 
     def _usable_groups(self, meta, nd: int) -> list[tuple[int, int, int]]:
@@ -138,12 +146,14 @@ class TorchAttention(AttentionBackend):
                 out.append((start, end, plen))
         return out
 
-    def _gather(self, kv_cache: torch.Tensor, pages: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, kv_cache: torch.Tensor, deq: torch.Tensor | None, pages: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of whole pages in ``dtype`` (q's): pages (..., n) -> (..., n * page_size, kv_heads, d).
 
         The result lives in a scratch buffer reused by the next call (a fresh allocation of this size
         costs page faults: 3x the copy itself on a CPU); callers use it before gathering again. An fp8
-        cache is gathered as bytes and dequantized (scale 1) into the buffer."""
+        cache is gathered as bytes, upcast into the buffer and multiplied by ``deq`` ((2, kv_heads, 1):
+        k_scale and v_scale in ``dtype``; None: scale 1)."""
         _, _, ps, kvh, d = kv_cache.shape
         idx = pages.reshape(-1).long()
         n = idx.numel() * ps * kvh * d
@@ -155,12 +165,15 @@ class TorchAttention(AttentionBackend):
             raw = byte_view(kv_cache)
             k = buf[:n].view(-1, ps, kvh, d).copy_(raw[0].index_select(0, idx).view(torch.float8_e4m3fn))
             v = buf[n : 2 * n].view(-1, ps, kvh, d).copy_(raw[1].index_select(0, idx).view(torch.float8_e4m3fn))
+            if deq is not None:
+                k.mul_(deq[0])
+                v.mul_(deq[1])
         else:
             k = torch.index_select(kv_cache[0], 0, idx, out=buf[:n].view(-1, ps, kvh, d))
             v = torch.index_select(kv_cache[1], 0, idx, out=buf[n : 2 * n].view(-1, ps, kvh, d))
         return k.view(shape), v.view(shape)
 
-    def _run_batch(self, q, kv_cache, meta, seqs: list[int], row: list[int], kv_lo: list[int], scale, out, lse) -> None:
+    def _run_batch(self, q, kv_cache, deq, meta, seqs: list[int], row: list[int], kv_lo: list[int], scale, out, lse) -> None:
         """Sequences ``seqs`` as one padded batch over their keys ``[kv_lo, seq_len)``, causal; writes
         their query rows of ``out`` (and of ``lse`` when given).
 
@@ -196,7 +209,7 @@ class TorchAttention(AttentionBackend):
         o_rows, l_rows = [], []
         for c0 in range(0, b, per_chunk):
             c1 = min(b, c0 + per_chunk)
-            k, v = self._gather(kv_cache, pages[c0:c1], q.dtype)
+            k, v = self._gather(kv_cache, deq, pages[c0:c1], q.dtype)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (c, kvh, N, d)
             step = max(1, _MAX_BLOCK // ((c1 - c0) * g * width * ps))  # query tokens per piece: bounds the mask
             for t0 in range(0, t, step):
@@ -227,7 +240,8 @@ class TorchAttention(AttentionBackend):
         if lse is not None:
             lse.index_copy_(0, dst, l.reshape(b * t, h).index_select(0, keep))
 
-    def _prefix_parts(self, q, kv_cache, meta, groups: list[tuple[int, int, int]], row: list[int], scale, out, lse) -> None:
+    def _prefix_parts(self, q, kv_cache, deq, meta, groups: list[tuple[int, int, int]], row: list[int], scale, out, lse
+                      ) -> None:
         """Each group's query rows, stacked, against its shared prefix ``[0, plen)`` read once (through the
         first member's pages), merged exactly into ``out`` / ``lse`` (the members' own parts). All the
         step's groups run as one padded batch; every query sits past its prefix, so only differing
@@ -240,7 +254,7 @@ class TorchAttention(AttentionBackend):
         plens = [p for _, _, p in groups]
         width = -(-max(plens) // ps)
         tables = meta.block_tables[torch.tensor([s0 for s0, _, _ in groups], device=dev)] if b > 1 else meta.block_tables[groups[0][0]][None]
-        k, v = self._gather(kv_cache, tables[:, :width], q.dtype)  # (b, width * ps, kvh, d)
+        k, v = self._gather(kv_cache, deq, tables[:, :width], q.dtype)  # (b, width * ps, kvh, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         vis = None
         if min(plens) != width * ps:
@@ -263,10 +277,10 @@ class TorchAttention(AttentionBackend):
             o, l = o.index_select(0, keep), l.index_select(0, keep)
             out.index_copy_(0, rows, merge(o, l, out[rows], lse[rows]).to(q.dtype))
 
-    def _prefill(self, q, kv_cache, pages, seq_len, scale):
+    def _prefill(self, q, kv_cache, deq, pages, seq_len, scale):
         """One prefill chunk outside any group: SDPA over its gathered history (no log-sum-exp needed)."""
         qlen, ps = q.shape[0], kv_cache.shape[2]
-        k, v = self._gather(kv_cache, pages[: -(-seq_len // ps)], q.dtype)
+        k, v = self._gather(kv_cache, deq, pages[: -(-seq_len // ps)], q.dtype)
         qt = q.transpose(0, 1).unsqueeze(0)  # (1, h, qlen, d)
         kt = k[:seq_len].transpose(0, 1).unsqueeze(0)
         vt = v[:seq_len].transpose(0, 1).unsqueeze(0)

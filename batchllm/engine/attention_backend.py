@@ -19,6 +19,11 @@ only through the page tables, so a backend needs no extra information to be corr
 ``prefix_groups`` lets a backend exploit sharing (prefix-shared attention): read a shared prefix once for
 all members. Both backends do.
 
+An FP8 cache (``float8_e4m3fn``, ``batchllm.engine.kv_cache``) holds ``x / scale`` per layer and KV head:
+``store_kv`` and ``forward`` take the layer's ``kv_scales``, a float32 (4, num_kv_heads) device tensor
+(rows ``k_scale``, ``v_scale``, ``1 / k_scale``, ``1 / v_scale``: ``kv_cache.kv_scales``); None is scale 1.
+A cache in the model's dtype holds the values themselves and the backends ignore the scales.
+
 This module imports nothing of batchllm: the engine and the kernels both build on it.
 """
 
@@ -76,14 +81,18 @@ class AttentionBackend(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Write ``k``, ``v`` of shape (T, num_kv_heads, head_dim) into ``kv_cache`` at ``meta.slot_mapping``."""
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 kv_scales: torch.Tensor | None = None) -> None:
+        """Write ``k``, ``v`` of shape (T, num_kv_heads, head_dim) into ``kv_cache`` at ``meta.slot_mapping``;
+        an fp8 cache gets ``k / k_scale`` and ``v / v_scale`` of ``kv_scales`` (see the module docstring)."""
 
     @abc.abstractmethod
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``q`` (T, num_heads, head_dim) over each sequence's cached K/V; returns (T, num_heads, head_dim).
 
-        Must be called after ``store_kv`` for the same step (a query attends to its own token).
+        Must be called after ``store_kv`` for the same step (a query attends to its own token), with the
+        same ``kv_scales`` (an fp8 cache's keys read as ``stored * k_scale``, values ``stored * v_scale``).
         """
 
     # -- graphed decode steps (cuda_graphs) ----------------------------------------------------------

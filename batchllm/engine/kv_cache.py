@@ -9,13 +9,19 @@ Invariant, checked by ``check_integrity`` in every engine test:
 ``free pages + pages with refcount > 0 == total``, no page both free and referenced, no page twice free.
 
 FP8 KV (``--kv-cache-dtype fp8``, vLLM's flag): the pool is ``float8_e4m3fn``, one byte per element, so
-the same memory holds twice the tokens of a 16-bit pool. Values are stored with a fixed per-layer scale
-of 1.0 (vLLM's default without calibration): ``quantize_fp8`` saturates at +-448 and rounds to nearest
-even (3 mantissa bits: relative error <= 1/16; normal down to 2**-6, subnormal steps of 2**-9), and
-the attention backends read the bytes back as ``float(x)``. Why a fixed scale rather than a dynamic
-per-head one: a page is written token by token and shared (prefix groups, the prefix cache, page
-copies), so a scale would have to be fixed before the first token of a page anyway, and K/V of the
-models measured (tests/test_kv_fp8.py) sit well inside e4m3's range at scale 1.
+the same memory holds twice the tokens of a 16-bit pool. Each layer has a scale per KV head for K and for
+V, as vLLM's FP8 KV cache: a value ``x`` is stored as ``e4m3(x / scale)`` and read back as
+``stored * scale``. The scales come from the checkpoint when it was calibrated for an FP8 KV cache
+(compressed-tensors' ``kv_cache_scheme``: ``k_scale`` / ``v_scale`` per layer, or per KV head;
+``batchllm.models.kv_scales``), else they are 1.0 (vLLM's default without calibration).
+``quantize_fp8`` saturates at +-448 and rounds to nearest even (3 mantissa bits: relative error <= 1/16;
+normal down to 2**-6, subnormal steps of 2**-9). A layer's scales travel as one small device tensor
+(``kv_scales``: the store multiplies by the reciprocals, the reads by the scales), so a graphed decode
+step reads them on the device like any weight. Why fixed scales rather than dynamic per-page ones: a
+page is written token by token and shared (prefix groups, the prefix cache, page copies), so a scale
+would have to be fixed before the first token of a page anyway; a checkpoint's calibrated scale is
+fixed for the whole run, and without one K/V of the models measured (tests/test_kv_fp8.py) sit well
+inside e4m3's range at scale 1.
 """
 
 from __future__ import annotations
@@ -29,10 +35,50 @@ from batchllm.models.config import ModelConfig
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``float8_e4m3fn`` with scale 1: saturated to +-448 (a plain cast makes overflow NaN),
-    rounded to nearest even. The KV store kernel (``batchllm.kernels.kv_store``) writes the same bytes."""
-    return x.float().clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+def quantize_fp8(x: torch.Tensor, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as ``float8_e4m3fn``: ``x * inv_scale`` in float32 (the reciprocal of the scale; None: scale 1),
+    saturated to +-448 (a plain cast makes overflow NaN), rounded to nearest even. ``inv_scale``
+    broadcasts against ``x`` (per KV head: shape (kv_heads, 1) for (T, kv_heads, d)). The KV store kernel
+    (``batchllm.kernels.kv_store``) writes the same bytes."""
+    x = x.float()
+    if inv_scale is not None:
+        x = x * inv_scale
+    return x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def kv_scales(k_scale: torch.Tensor, v_scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """One layer's FP8 KV scales as the backends take them: float32 (4, num_kv_heads) on the scales' device,
+    rows ``k_scale``, ``v_scale``, ``1 / k_scale``, ``1 / v_scale`` per KV head.
+
+    ``k_scale`` / ``v_scale``: one value (per layer) or ``num_kv_heads`` values (per head), any shape with
+    that many elements, finite and > 0 (ValueError otherwise). The reciprocals are computed here, once:
+    the store multiplies by them (the kernel and the torch path alike, so both write the same bytes),
+    where vLLM divides by the scale; the two differ only when ``x / scale`` falls within one float32
+    step of an e4m3 rounding boundary."""
+    rows = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        s = s.detach().reshape(-1).to(torch.float32)
+        if s.numel() not in (1, num_kv_heads):
+            raise ValueError(f"{name} has {s.numel()} values; expected 1 (per layer) or {num_kv_heads} (per KV head)")
+        if not (torch.isfinite(s).all() and (s > 0).all()):
+            raise ValueError(f"{name} must be finite and > 0, got {s.tolist()}")
+        rows.append(s.expand(num_kv_heads))
+    scales = torch.stack(rows)
+    return torch.cat([scales, 1.0 / scales])
+
+
+def check_kv_scales(kv_scales: torch.Tensor | None, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """``kv_scales`` checked for an fp8 cache of ``num_kv_heads`` heads (ValueError unless float32 (4,
+    num_kv_heads), contiguous, on ``device``); None becomes scale 1, a new tensor (the engine passes each
+    layer's own, which graphs capture)."""
+    if kv_scales is None:
+        return torch.ones(4, num_kv_heads, dtype=torch.float32, device=device)
+    if kv_scales.shape != (4, num_kv_heads) or kv_scales.dtype != torch.float32 or not kv_scales.is_contiguous():
+        raise ValueError(f"kv_scales must be contiguous float32 (4, {num_kv_heads}) (see kv_scales), got "
+                         f"{kv_scales.dtype} {tuple(kv_scales.shape)}")
+    if kv_scales.device != device:
+        raise ValueError(f"kv_scales is on {kv_scales.device}, the cache on {device}")
+    return kv_scales
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from batchllm.engine.attention_backend import AttentionBackend, AttentionMetadata
+from batchllm.engine.kv_cache import kv_scales
 from batchllm.models.config import ModelConfig
 from batchllm.models.layers import Linear, RMSNorm, RotaryEmbedding, make_linear, silu_and_mul
 
@@ -30,6 +31,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        # FP8 KV scales (kv_cache.kv_scales' layout): 1.0 unless the checkpoint has calibrated ones
+        # (set_kv_scales). A buffer, so graphed steps read the layer's own on the device; not in the
+        # state dict: checkpoints name them k_scale / v_scale (batchllm.models.kv_scales).
+        one = torch.ones(1, dtype=torch.float32)
+        self.register_buffer("kv_scales", kv_scales(one, one, cfg.num_kv_heads), persistent=False)
+
+    def set_kv_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """This layer's FP8 KV scales: one value or one per KV head each, on any device (``kv_cache.kv_scales``),
+        copied in place (a captured graph keeps reading the same buffer)."""
+        self.kv_scales.copy_(kv_scales(k_scale, v_scale, self.num_kv_heads))
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         T = x.shape[0]
@@ -41,8 +52,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
-        backend.store_kv(k, v, kv_cache, meta)
-        o = backend.forward(q, kv_cache, meta, self.scale)
+        backend.store_kv(k, v, kv_cache, meta, self.kv_scales)
+        o = backend.forward(q, kv_cache, meta, self.scale, self.kv_scales)
         return self.o_proj(o.reshape(T, self.q_size))
 
 
