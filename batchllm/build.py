@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,7 +23,7 @@ from batchllm.engine.engine import LLMEngine
 from batchllm.engine.kv_cache import KVCache
 from batchllm.engine.scheduler import SchedulerConfig
 from batchllm.errors import BatchLLMError
-from batchllm.models import loader
+from batchllm.models import hf_folder, kv_scales, loader
 from batchllm.models.config import ModelConfig
 from batchllm.models.llama import build_model
 from batchllm.models.tokenizer import eos_token_ids
@@ -55,8 +56,9 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_kv_cache_dtype(spec: str, dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype: ``auto`` is the model's ``dtype``; ``fp8`` and ``fp8_e4m3`` (vLLM's spellings)
-    are ``float8_e4m3fn``, one byte per element (``batchllm.engine.kv_cache``)."""
+    """--kv-cache-dtype: ``auto`` is the model's ``dtype``, also for a checkpoint with calibrated FP8 KV
+    scales (as vLLM for compressed-tensors: ``batchllm.models.kv_scales``); ``fp8`` and ``fp8_e4m3``
+    (vLLM's spellings) are ``float8_e4m3fn``, one byte per element (``batchllm.engine.kv_cache``)."""
     if spec == "auto":
         return dtype
     if spec in ("fp8", "fp8_e4m3"):
@@ -224,17 +226,35 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: loader.ModelSource
+    # the checkpoint's calibrated FP8 KV scales, set on the model's layers (used with --kv-cache-dtype fp8)
+    kv_scheme: kv_scales.KVCacheScheme | None = None
 
 
 def load_model(cfg: JobConfig, src: loader.ModelSource | None = None, tokenizer=None) -> LoadedModel:
-    """Config, tokenizer and weights of ``cfg.model`` (``src`` / ``tokenizer`` when already resolved)."""
+    """Config, tokenizer and weights of ``cfg.model`` (``src`` / ``tokenizer`` when already resolved), and the
+    FP8 KV scales of a Hugging Face folder that has them (``batchllm.models.kv_scales``)."""
     src = src or loader.resolve_model(cfg.model)
     mcfg = loader.load_config(src)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tok = tokenizer if tokenizer is not None else loader.load_tokenizer(src, cfg.tokenizer, cfg.chat_template)
     model = build_model(mcfg, loader.iter_weights(src, mcfg, dtype, device), dtype, device)
-    return LoadedModel(mcfg, model, tok, device, dtype, src)
+    return LoadedModel(mcfg, model, tok, device, dtype, src, load_kv_scales(model, src, mcfg))
+
+
+def load_kv_scales(model: torch.nn.Module, src: loader.ModelSource, mcfg: ModelConfig) -> kv_scales.KVCacheScheme | None:
+    """Set every attention layer's FP8 KV scales from ``src`` when it is a Hugging Face folder whose
+    config.json declares a ``kv_cache_scheme``; returns that scheme (None: the scales stay 1.0)."""
+    if src.kind != "hf":
+        return None
+    folder = Path(src.path)
+    found = kv_scales.read_kv_scales(folder, hf_folder.safetensors_files(folder), mcfg.num_layers, mcfg.num_kv_heads)
+    if found is None:
+        return None
+    scheme, scales = found
+    for layer, (k_scale, v_scale) in zip(model.layers, scales):
+        layer.self_attn.set_kv_scales(k_scale, v_scale)
+    return scheme
 
 
 # make_engine's signature: (cfg, loaded model, max_model_len) -> (engine, EOS ids)
@@ -282,6 +302,10 @@ def make_engine(cfg: JobConfig, lm: LoadedModel, max_model_len: int) -> tuple[LL
     uses_graphs = not cfg.enforce_eager and lm.device.type == "cuda" and graph_safe(backend)
     # the sampled rows of a step: at most one per running sequence, at most one per token of the budget
     kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, lm.dtype)
+    if lm.kv_scheme is not None and kv_dtype != torch.float8_e4m3fn:
+        log.info("%s carries calibrated FP8 KV cache scales (kv_cache_scheme, strategy %s); they apply with "
+                 "--kv-cache-dtype fp8, this job's KV cache is %s", lm.source.display_name, lm.kv_scheme.strategy,
+                 str(kv_dtype).removeprefix("torch."))
     pages = kv_pool_pages(cfg, mcfg, lm.device, kv_dtype, budget, model=lm.model, backend=backend,
                           sample_rows=min(budget, max_num_seqs or budget), graph_batch=graph_batch if uses_graphs else 0)
     max_model_len = fit_to_pool(pages, cfg.page_size, max_model_len)
