@@ -72,7 +72,7 @@ def write_kv_checkpoint(folder: Path, strategy: str, seed: int = 0) -> dict[str,
     observed: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for p in CALIBRATION:
-            cache = model(torch.tensor([p]), use_cache=True).past_key_values
+            cache = model(torch.tensor([p]), use_cache=True).cache
             for i, layer in enumerate(cache.layers):
                 for kind, states in (("k", layer.keys), ("v", layer.values)):  # (batch, kv_heads, tokens, head_dim)
                     a = states.abs().amax(dim=(0, 2, 3)) if strategy == "attn_head" else states.abs().amax().reshape(1)
