@@ -56,7 +56,9 @@ class _TokensPerSecond(ProgressColumn):
 @app.command()
 def run(
     inputs: List[str] = typer.Argument(None, help="Prompt files: JSONL, Parquet, OpenAI batch JSONL, or an HF datasets folder/file."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest: a path or a pyarrow filesystem URI (s3://, gs://, ...)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder for Parquet shards and the manifest: a path or a pyarrow filesystem URI (s3://, gs://, ...). Task score: the output file."),
+    task: Optional[str] = typer.Option(None, "--task", help="generate (completions into a job folder; the default) | score (what batchllm score runs: log-likelihoods of one input file's continuations and texts into one output file)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Task score: input tokens per rolling window (default: the model's context)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model folder, .gguf file, or dummy:PRESET. Default: built-in SmolLM2-135M-Instruct."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer to use instead of the model's: a folder or a Hugging Face repo id (org/name)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the model's: a Jinja file or the template text."),
@@ -70,6 +72,11 @@ def run(
     top_k: Optional[int] = typer.Option(None, help="Default top-k (-1 = off)."),
     min_p: Optional[float] = typer.Option(None, help="Default min-p."),
     seed: Optional[int] = typer.Option(None, help="Job seed; per-sample seeds derive from it, the custom_id and the sample index."),
+    response_format: Optional[str] = typer.Option(None, "--response-format", help='Default structured output, OpenAI\'s response_format as JSON, e.g. \'{"type": "json_object"}\' (rows override).'),
+    guided_json: Optional[str] = typer.Option(None, "--guided-json", help="Default structured output: a JSON schema (JSON text) every completion follows (rows override)."),
+    guided_regex: Optional[str] = typer.Option(None, "--guided-regex", help="Default structured output: a regular expression every completion matches (rows override)."),
+    guided_choice: Optional[str] = typer.Option(None, "--guided-choice", help='Default structured output: a JSON list of strings, one of which every completion is (rows override).'),
+    guided_grammar: Optional[str] = typer.Option(None, "--guided-grammar", help="Default structured output: a GBNF grammar every completion follows (rows override)."),
     job: Optional[str] = typer.Option(None, "--job", help="TOML job file; flags given here override it."),
     id_column: Optional[str] = typer.Option(None, help="Column holding the custom_id."),
     prompt_column: Optional[str] = typer.Option(None, help="Column holding raw prompt text."),
@@ -108,6 +115,9 @@ def run(
 
     _set_verbose(verbose)
     flags = dict(
+        task=task, max_length=max_length, response_format=_json_flag("--response-format", response_format),
+        guided_json=guided_json, guided_regex=guided_regex, guided_choice=_json_flag("--guided-choice", guided_choice),
+        guided_grammar=guided_grammar,
         inputs=inputs or None, output=output, model=model, tokenizer=tokenizer, chat_template=chat_template,
         served_model_name=served_model_name, split=split, device=device, dtype=dtype, max_tokens=max_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, id_column=id_column,
@@ -122,6 +132,9 @@ def run(
     )
     cfg = merge(load_job_file(job) if job else {}, flags)
     cfg.validate()
+    if cfg.task == "score":
+        _score_and_report(cfg)  # one output file, written whole: nothing to resume, verify or overwrite
+        return
     if verify and not overwrite:
         from batchllm.jobs.integrity import verify_job
         from batchllm.jobs.manifest import read_manifest
@@ -316,6 +329,18 @@ def _run_and_report(cfg, quiet: bool, overwrite: bool = False) -> None:
         _print_preview(summary.preview)
 
 
+def _json_flag(flag: str, value: str | None):
+    """A flag's JSON value, parsed; BatchLLMError in one line when it is not JSON."""
+    import json
+
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise BatchLLMError(f"{flag} must be JSON ({e.msg} at character {e.pos}), got {value!r}") from None
+
+
 def _committed_preview(output_dir: str, n: int) -> list[dict]:
     """The first ``n`` completions already committed in a job folder, for a finished job's rerun."""
     from batchllm.io.writer import read_results
@@ -341,13 +366,21 @@ def score(
     """Log-likelihoods of continuations given contexts (lm-evaluation-harness's loglikelihood: summed
     logprob, token count, is_greedy) and rolling log-likelihoods of texts; shared contexts computed once."""
     from batchllm.config import JobConfig
-    from batchllm.score import score_file
 
     _set_verbose(verbose)
-    cfg = JobConfig(inputs=[input_file], output=output, model=model, device=device, dtype=dtype, max_model_len=max_model_len,
-                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_tokens=kv_cache_tokens, page_size=page_size)
+    cfg = JobConfig(task="score", inputs=[input_file], output=output, model=model, device=device, dtype=dtype,
+                    max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                    kv_cache_tokens=kv_cache_tokens, page_size=page_size, max_length=max_length)
     cfg.validate()
-    written, errors, run = score_file(cfg, input_file, output, max_length=max_length)
+    _score_and_report(cfg)
+
+
+def _score_and_report(cfg) -> None:
+    """Run a validated ``task = "score"`` config (``batchllm score``, or a job file's task) and print its line."""
+    from batchllm.score import score_file
+
+    output = cfg.output
+    written, errors, run = score_file(cfg, cfg.inputs[0], output, max_length=cfg.max_length)
     typer.echo(f"{written} rows ({errors} errors) -> {output}; prefill saving {run.achieved_saving:.1%} "
                f"(planned {run.planned_saving:.1%}): {run.prompt_tokens_computed} of {run.prompt_tokens} prompt tokens computed")
 

@@ -22,8 +22,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+TASKS = ("generate", "score")
+
+
 @dataclasses.dataclass
 class JobConfig:
+    # generate: completions into a job folder (pipeline.run_job); score: log-likelihoods of continuations and
+    # texts into one output file (batchllm.score, what ``batchllm score`` runs; its input is one file)
+    task: str = "generate"
     inputs: list[str] = dataclasses.field(default_factory=list)
     output: str | None = None
     model: str | None = None  # None: the built-in default (SmolLM2-135M-Instruct)
@@ -77,6 +83,8 @@ class JobConfig:
     ray_address: str | None = None  # None: a local Ray instance when replicas > 1; "auto": the running cluster
     ray_start_timeout: float = 300.0  # seconds ray.init may take before the job fails with one line
     replica_start_timeout: float = 1800.0  # seconds replicas may take to start and load the model (downloads included)
+    # task = "score": input tokens per rolling-likelihood window (None: what the model's context allows)
+    max_length: int | None = None
 
     def sampling_defaults(self) -> SamplingParams:
         """The job's sampling defaults; BatchLLMError for a bad value, a malformed structured output included."""
@@ -100,10 +108,18 @@ class JobConfig:
         if not self.inputs:
             raise BatchLLMError("no input file given")
         if not self.output:
-            raise BatchLLMError("no output folder given (--output DIR)")
+            raise BatchLLMError("no output folder given (--output DIR)" if self.task == "generate"
+                                else "no output file given (--output FILE: .jsonl, or .parquet)")
         for key in SCHEMA:
             check_value(key, getattr(self, key))
         self.sampling_defaults()
+        if self.task == "score":
+            if len(self.inputs) != 1:
+                raise BatchLLMError(f"task score reads one input file, got {len(self.inputs)}")
+            if self.distributed:
+                raise BatchLLMError("task score runs in one process: drop --replicas / --ray-address")
+        elif self.max_length is not None:
+            raise BatchLLMError("max_length is an option of task score (rolling windows); this job generates")
         if self.keep_columns is not None and self.distributed:
             raise BatchLLMError("--keep-columns does not work with --replicas / --ray-address yet: run on one replica, "
                                 "or join the input columns to the results afterwards (by input_file and input_index)")
@@ -242,6 +258,7 @@ KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
 _PATH, _OPT_STR = _Rule("str"), _Rule("str", optional=True)
 # Every key of a job (job files, flags, the job spec a manifest stores); JobConfig.validate checks them all.
 SCHEMA: dict[str, _Rule] = {
+    "task": _Rule("str", choices=TASKS),
     "inputs": _Rule("paths"),
     "output": _Rule("str", optional=True),
     "model": _OPT_STR,
@@ -287,6 +304,7 @@ SCHEMA: dict[str, _Rule] = {
     "ray_address": _OPT_STR,
     "ray_start_timeout": _Rule("float", lo=0, hi=86400, lo_open=True),
     "replica_start_timeout": _Rule("float", lo=0, hi=7 * 86400, lo_open=True),
+    "max_length": _Rule("int", optional=True, lo=1, hi=1 << 31),
 }
 
 

@@ -100,3 +100,27 @@ def test_job_file_not_utf8_or_a_folder_is_one_line_error(tmp_path):
         load_job_file(str(path))
     with pytest.raises(BatchLLMError, match="cannot read job file"):
         load_job_file(str(tmp_path))
+
+
+def test_cli_structured_output_defaults(tmp_path, capsys):
+    """``--guided-choice`` / ``--response-format`` / ``--guided-regex`` set the job's default constraint as
+    the job-file keys do (a row's own field replaces it); a flag that is not JSON is a one-line error."""
+    import json
+
+    from batchllm.io.writer import read_results
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"custom_id": "d", "prompt": "p"}) + "\n"
+                   + json.dumps({"custom_id": "r", "prompt": "p", "guided_regex": "z{2}"}) + "\n")
+    base = [str(inp), "-m", "dummy:tiny", "--device", "cpu", "--kv-cache-tokens", "4096", "--max-tokens", "8", "-q"]
+    code, err = run_main(["run", *base, "-o", str(tmp_path / "out"), "--guided-choice", '["yes", "no"]'], capsys)
+    assert code == 0, err
+    rows = {r["custom_id"]: r["text"] for r in read_results(str(tmp_path / "out")).to_pylist()}
+    assert rows["d"] in ("yes", "no") and rows["r"] == "zz"
+    code, err = run_main(["run", *base, "-o", str(tmp_path / "json"), "--response-format", '{"type": "json_object"}',
+                          "--max-tokens", "40"], capsys)
+    assert code == 0, err
+    cfg_out = {r["custom_id"]: r for r in read_results(str(tmp_path / "json")).to_pylist()}
+    assert cfg_out["d"]["text"].lstrip().startswith("{")
+    code, err = run_main(["run", *base, "-o", str(tmp_path / "bad"), "--guided-choice", "[yes"], capsys)
+    assert code == 1 and "--guided-choice must be JSON" in err and len(err.strip().splitlines()) == 1, err

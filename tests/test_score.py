@@ -4,6 +4,7 @@ job's plan and engine, against transformers on the same weights (dummy:tiny)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,3 +136,37 @@ def test_score_command(tmp_path, capsys):
     t = pq.read_table(out).to_pylist()
     assert [r["continuation_index"] for r in t] == [0, 1] and all(r["logprob"] < 0 for r in t)
     assert "2 rows (0 errors)" in capsys.readouterr().out
+
+
+def test_a_job_file_runs_the_score_task(tmp_path, capsys):
+    """``task = "score"`` in a job file (jobs/score.toml) runs what ``batchllm score`` runs, options included."""
+    import pyarrow.parquet as pq
+
+    from batchllm.cli import main
+    from batchllm.config import load_job_file
+
+    example = os.path.join(os.path.dirname(__file__), "..", "jobs", "score.toml")
+    assert load_job_file(example)["task"] == "score"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"context": "The sky is", "continuations": [" blue", " green"]}) + "\n"
+                   + json.dumps({"text": "A whole text, scored in windows of eight tokens."}) + "\n")
+    (tmp_path / "score.toml").write_text('task = "score"\nmodel = "dummy:tiny"\ndevice = "cpu"\n'
+                                         'kv_cache_tokens = 4096\nmax_length = 8\n')
+    via_job, via_score = tmp_path / "job.parquet", tmp_path / "score.parquet"
+    main(["run", "--job", str(tmp_path / "score.toml"), str(src), "-o", str(via_job)])
+    main(["score", str(src), "-o", str(via_score), "-m", "dummy:tiny", "--device", "cpu", "--kv-cache-tokens", "4096",
+          "--max-length", "8"])
+    assert "3 rows (0 errors)" in capsys.readouterr().out
+    assert pq.read_table(via_job).to_pylist() == pq.read_table(via_score).to_pylist()
+
+
+def test_score_task_options_are_checked():
+    from batchllm.config import JobConfig
+    from batchllm.errors import BatchLLMError
+
+    with pytest.raises(BatchLLMError, match="one input file"):
+        JobConfig(task="score", inputs=["a.jsonl", "b.jsonl"], output="o.jsonl").validate()
+    with pytest.raises(BatchLLMError, match="task score"):
+        JobConfig(inputs=["a.jsonl"], output="out", max_length=8).validate()
+    with pytest.raises(BatchLLMError, match="task"):
+        JobConfig(task="embed", inputs=["a.jsonl"], output="out").validate()
