@@ -149,3 +149,33 @@ def test_logprob_entries_carry_the_tokenizers_text(tmp_path, tiny):
     for e in a["prompt_logprobs"][1:]:
         for alt in e["top_logprobs"]:
             check(alt["token_id"], alt)
+
+
+def test_a_prompt_logprobs_job_resumes_with_the_same_column(tmp_path, tiny):
+    """Interrupted after some requests committed, the job resumes (same fingerprint, prompt_logprobs in it)
+    and every row's prompt_logprobs equals an uninterrupted run's."""
+    from batchllm.jobs.signals import JobInterrupted
+    from tests.job_utils import SigintAt
+
+    shared = list(range(3, 40))  # a planned prefix: its rows are computed once, before and after the resume
+    job = dict(BASE, max_tokens=6)
+    rows = [{"custom_id": f"r{i}", "prompt_token_ids": shared + [50 + i, 60 + i], "max_tokens": 2 if i % 2 else 6,
+             "prompt_logprobs": 2} for i in range(8)]
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    run_job(JobConfig(inputs=[inp], output=str(tmp_path / "ref"), **job), loaded=tiny)
+    ref = {r["custom_id"]: r["prompt_logprobs"] for r in read_results(str(tmp_path / "ref")).to_pylist()}
+    cfg = JobConfig(inputs=[inp], output=str(tmp_path / "out"), shard_rows=1, **job)
+    with pytest.raises(JobInterrupted):
+        run_job(cfg, progress=SigintAt("step", 3), loaded=tiny)
+    partial = read_results(cfg.output).to_pylist()
+    assert 0 < len(partial) < len(rows)
+    s = run_job(cfg, loaded=tiny)
+    assert s.done_before == len(partial) and s.errors == 0
+    done = {r["custom_id"]: r["prompt_logprobs"] for r in read_results(cfg.output).to_pylist()}
+    assert done.keys() == ref.keys()
+    for cid, entries in done.items():  # other batches after the resume: equal within float32 reordering
+        assert entries[0] is None and len(entries) == len(ref[cid]) == len(shared) + 2
+        for got, want in zip(entries[1:], ref[cid][1:]):
+            assert (got["token_id"], got["rank"]) == (want["token_id"], want["rank"])
+            assert got["logprob"] == pytest.approx(want["logprob"], abs=TOL)
+            assert [a["token_id"] for a in got["top_logprobs"]] == [a["token_id"] for a in want["top_logprobs"]]
