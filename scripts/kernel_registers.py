@@ -95,11 +95,12 @@ def attention_configs() -> list[Config]:
             out_ptr=ptr, stride_ot=heads * head_dim, stride_oh=head_dim,
             lse_ptr="*fp32" if store_lse else ptr, stride_lt=heads,
             part_o_ptr="*fp32", part_lse_ptr="*fp32",
+            kv_scale_ptr="*fp32",  # the layer's FP8 KV scales (part_lse_ptr's float32 stand-in without fp8)
             num_heads=heads, qk_scale_log2=0.1,
         )
         const = dict(G=g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                      PAGE_SIZE=page, STORE_LSE=store_lse, UPCAST=False,
-                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                     DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8_KV=fp8_kv)
         out.append(Config(name, "paged_attention:_attn_tiles_kernel", args, const, tile.num_warps, tile.num_stages,
                           default, why))
 
@@ -156,7 +157,9 @@ def kv_store_configs() -> list[Config]:
                                                      ("fp32 test", "*fp32", "*fp32", 2, 24, 4, False)):
         args = dict(k_ptr=ptr, stride_kt=(H + 2 * KVH) * D, stride_kh=d, v_ptr=ptr, stride_vt=(H + 2 * KVH) * D,
                     stride_vh=d, cache_ptr=cache, stride_c=4096 * page * kvh * d, stride_cp=page * kvh * d,
-                    stride_cs=kvh * d, stride_ch=d, slot_ptr="*i64", num_kv_heads=kvh)
+                    stride_cs=kvh * d, stride_ch=d, slot_ptr="*i64",
+                    scale_ptr="*fp32" if cache == "*fp8e4nv" else "*i64",  # FP8 scales; else slot_ptr again
+                    num_kv_heads=kvh)
         const = dict(PAGE_SIZE=page, HEAD_DIM=d, BLOCK_H=1 << (kvh - 1).bit_length(), BLOCK_D=1 << (d - 1).bit_length(),
                      FP8=cache == "*fp8e4nv")
         out.append(Config(f"kv store {label}", "kv_store:_store_kv_kernel", args, const, 4, 3, default,
