@@ -226,9 +226,6 @@ def test_engine_greedy_with_checkpoint_scales_like_float32_kv(checkpoints, monke
     assert scaled >= GREEDY_CALIBRATED and unit <= GREEDY_SATURATED, f"identical greedy tokens: scale 1 {unit:.2f}, checkpoint scales {scaled:.2f}"
 
 
-@pytest.mark.xfail(raises=BatchLLMError, strict=True,
-                   reason="batchllm.models.quant.parse_quantization_config still refuses a kv_cache_scheme (and a "
-                          "quantization_config without config_groups): the hook asked for in issue 18's report")
 def test_a_kv_scheme_checkpoint_loads_with_its_scales_and_auto_keeps_the_model_dtype(checkpoints):
     from batchllm.config import JobConfig
 

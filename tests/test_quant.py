@@ -267,7 +267,6 @@ def test_other_quantization_methods_are_refused_naming_the_method(tmp_path, chec
     (lambda q: q.update(ignore=[]), "quantized lm_head"),
     (lambda q: q.update(ignore=["lm_head", "re:.*down_proj"]), "unquantized projections"),
     (lambda q: q.update(ignore=["lm_head", "model.layers.1.self_attn.o_proj"]), "unquantized projections"),
-    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantized KV cache"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=8), "format 'pack-quantized' with 8-bit int"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=100), "group_size 100"),
     (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*q_proj"]), "targets"),
@@ -276,6 +275,14 @@ def test_other_quantization_methods_are_refused_naming_the_method(tmp_path, chec
 ])
 def test_unsupported_compressed_tensors_schemes_are_refused(tmp_path, checkpoints, edit, why):
     assert why in _refusal(_with_quant_config(tmp_path, checkpoints["int4-g128"], edit))
+
+
+def test_an_unsupported_kv_cache_scheme_is_refused_naming_the_kv_schemes_supported(tmp_path, checkpoints):
+    edit = lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "int", "strategy": "tensor"})  # noqa: E731
+    with pytest.raises(BatchLLMError) as e:
+        loader.load_config(loader.resolve_model(str(_with_quant_config(tmp_path, checkpoints["int4-g128"], edit))))
+    msg = str(e.value)
+    assert "\n" not in msg and "KV cache scheme with 8-bit int is not supported" in msg and "attn_head" in msg
 
 
 def test_compression_config_key_of_older_checkpoints_is_read(tmp_path, checkpoints):

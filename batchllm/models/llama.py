@@ -34,8 +34,9 @@ class Attention(nn.Module):
         # FP8 KV scales (kv_cache.kv_scales' layout): 1.0 unless the checkpoint has calibrated ones
         # (set_kv_scales). A buffer, so graphed steps read the layer's own on the device; not in the
         # state dict: checkpoints name them k_scale / v_scale (batchllm.models.kv_scales).
-        one = torch.ones(1, dtype=torch.float32)
-        self.register_buffer("kv_scales", kv_scales(one, one, cfg.num_kv_heads), persistent=False)
+        # all ones: k_scale, v_scale and their reciprocals at 1.0 (built directly: a model on the meta
+        # device has no values for kv_scales' checks to read)
+        self.register_buffer("kv_scales", torch.ones(4, cfg.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def set_kv_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """This layer's FP8 KV scales: one value or one per KV head each, on any device (``kv_cache.kv_scales``),

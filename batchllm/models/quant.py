@@ -45,6 +45,8 @@ from typing import Any, Mapping
 
 import torch
 
+from batchllm.models import kv_scales
+
 SUPPORTED = ("compressed-tensors float-quantized FP8 (W8A8 with dynamic per-token activations, or W8A16; "
              "per-tensor or per-channel weight scales) and pack-quantized int4 W4A16 (group or per-channel "
              "scales, symmetric or with zero points); GPTQ 4-bit (checkpoint_format gptq or gptq_v2, group size "
@@ -86,8 +88,10 @@ class QuantConfig:
         return in_features // self.group_size if self.strategy == "group" else 1
 
 
-def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig:
+def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig | None:
     """The QuantConfig of a config.json ``quantization_config`` value; ValueError (one line) otherwise.
+    None for a compressed-tensors config that quantizes only the KV cache (``kv_cache_scheme``, read by
+    ``batchllm.models.kv_scales``): the weights are plain.
 
     The message names what the checkpoint uses and what batchllm supports. ``num_layers``: the decoder's
     depth, to test ``ignore`` against every projection's module name.
@@ -107,9 +111,10 @@ def parse_quantization_config(raw: Any, num_layers: int) -> QuantConfig:
         raise refuse("a sparsity_config")
     if raw.get("transform_config"):
         raise refuse("a transform_config")
-    if raw.get("kv_cache_scheme"):
-        raise refuse("a quantized KV cache (kv_cache_scheme)")
+    kv_scales.parse_kv_cache_scheme(raw)  # a KV cache scheme batchllm cannot run: refused here, in one line
     groups = raw.get("config_groups")
+    if not groups and raw.get("kv_cache_scheme"):
+        return None
     if not isinstance(groups, Mapping) or not groups:
         raise refuse("no config_groups")
     parsed = {_parse_group(name, g, raw.get("format"), refuse) for name, g in groups.items()}
