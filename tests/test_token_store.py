@@ -44,7 +44,8 @@ def test_spill_commit_and_lookup(tmp_path):
     assert len(store) == 4 and os.path.getsize(tmp_path / TOKENS) == 4 * 18
     for (fid, idx), p in zip([(1, 7), (0, 2), (0, 0), (1, 8)], prompts):
         got = store.lookup(fid, idx)
-        assert isinstance(got, np.memmap) and got.dtype == np.int32 and np.array_equal(got, p)
+        assert not got.flags.writeable and got.dtype == np.int32 and np.array_equal(got, p)
+        assert isinstance(got.base.base, np.memmap)  # a view of the mapped file, not a copy
     assert store.lookup(0, 1) is None and store.lookup(2, 0) is None
     assert TokenStore.open(str(tmp_path), "job-b") is None  # another job's store
     with open(tmp_path / TOKENS, "r+b") as f:  # a torn token file
