@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -38,23 +40,53 @@ def _keys(fid: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 class TokenSpill:
-    """Appends tokenized prompts to ``<folder>/.tokens.i32.partial``; ``commit`` makes the store."""
+    """Appends tokenized prompts to ``<folder>/.tokens.i32.partial``; ``commit`` makes the store.
+
+    The writes run on a thread of their own (a file write releases the GIL, so they overlap the reading
+    and parsing of the next rows), at most ``_QUEUED`` batches behind ``add``; a write error is raised by
+    ``commit``. An earlier store in the folder is removed first: its index must never describe this
+    spill's ids.
+    """
+
+    _QUEUED = 4
 
     def __init__(self, folder: str, job_id: str):
         self.folder, self.job_id = folder, job_id
         self._path = os.path.join(folder, TOKENS)
+        try:
+            os.remove(os.path.join(folder, INDEX))
+        except FileNotFoundError:
+            pass
         self._f = open(self._path + _PARTIAL, "wb")
         self._fid: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
         self._lengths: list[np.ndarray] = []
         self.tokens = 0
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=self._QUEUED)
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="batchllm-token-spill", daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._f.write(chunk)  # the array's buffer itself: no bytes copy
+                except BaseException as e:  # noqa: BLE001 -- handed to commit
+                    self._error = e
+
+    def _drain(self) -> None:
+        """Wait for every queued write."""
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
 
     def add(self, fids: np.ndarray, indices: np.ndarray, prompts: list[np.ndarray]) -> np.ndarray:
         """Append ``prompts`` (int32 arrays) of rows (``fids[i]``, ``indices[i]``); returns their offsets."""
         lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
         offsets = self.tokens + np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(prompts) else lengths
         if prompts:
-            self._f.write(np.concatenate(prompts).astype(np.int32, copy=False).tobytes())
+            self._queue.put(np.ascontiguousarray(np.concatenate(prompts), dtype=np.int32))
         self._fid.append(np.asarray(fids, dtype=np.int32))
         self._index.append(np.asarray(indices, dtype=np.int64))
         self._lengths.append(lengths)
@@ -63,6 +95,10 @@ class TokenSpill:
 
     def commit(self) -> TokenStore:
         """fsync and rename both files into place (the index last), and open the store."""
+        self._drain()
+        if self._error is not None:
+            self.abandon()
+            raise self._error
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -85,6 +121,7 @@ class TokenSpill:
 
     def abandon(self) -> None:
         """Close and delete the partial file (a run that stopped while reading)."""
+        self._drain()
         if not self._f.closed:
             self._f.close()
         try:
