@@ -36,7 +36,7 @@ from batchllm.execute import EngineCallbacks, run_plan
 from batchllm.io.readers import ColumnMapping, input_identity, read_requests, resolve_keep_columns
 from batchllm.io.requests import Request, RowError
 from batchllm.io.storage import is_uri
-from batchllm.io.token_store import TokenSpill, TokenStore
+from batchllm.io.token_store import TokenSpill, TokenStore, drop_ids, set_ids
 from batchllm.io.tokenize import max_prompt_chars, read_ahead, tokenize
 from batchllm.io.writer import KEPT_JSON_METADATA, OUTPUT_SCHEMA, CommitError, ShardWriter, check_inputs_outside
 from batchllm.jobs.folder import JobFolder, open_job_folder
@@ -128,9 +128,7 @@ def read_and_tokenize(
                 if ids is None:
                     todo.append(item)
                 else:  # tokenized by the earlier run of this job
-                    item.token_ids = ids
-                    if item.prompt_token_ids is not None:
-                        item.prompt_token_ids = ids
+                    set_ids(item, ids)
             ok, errors = tokenize(todo, tokenizer, max_model_len, mcfg.vocab_size)
             tokenized, asked = {id(r) for r in ok}, {id(r) for r in todo}
             ok = [r for r in rows if id(r) in tokenized or id(r) not in asked]  # input order; store hits included
@@ -139,9 +137,7 @@ def read_and_tokenize(
                                     np.fromiter((r.input_index for r in ok), np.int64, len(ok)), [r.token_ids for r in ok])
                 spans.append(np.stack([offsets, np.fromiter((len(r.token_ids) for r in ok), np.int64, len(ok))], axis=1))
                 for r in ok:  # on disk now: the view of the mapped file replaces it once reading ends
-                    r.token_ids = None
-                    if r.prompt_token_ids is not None:
-                        r.prompt_token_ids = None
+                    drop_ids(r)
             requests.extend(ok)
             for e in errors:
                 on_error(e)
@@ -151,9 +147,7 @@ def read_and_tokenize(
             else:
                 mapped = spill.commit()
                 for r, (offset, length) in zip(requests, np.concatenate(spans) if spans else []):
-                    r.token_ids = mapped.view(int(offset), int(length))
-                    if r.prompt_token_ids is None and r.prompt is None and r.messages is None:
-                        r.prompt_token_ids = r.token_ids
+                    set_ids(r, mapped.view(int(offset), int(length)))
     except BaseException:
         if spill is not None:
             spill.abandon()

@@ -167,11 +167,26 @@ class TokenStore(NamedTuple):
         i = int(np.searchsorted(self.keys, key))
         if i == len(self.keys) or self.keys[i] != key:
             return None
-        o = int(self.offset[i])
-        return self.tokens[o : o + int(self.length[i])]
+        return self.view(int(self.offset[i]), int(self.length[i]))
 
     def view(self, offset: int, length: int) -> np.ndarray:
         return self.tokens[offset : offset + length]
+
+
+def set_ids(req: Request, ids: np.ndarray) -> None:
+    """Give ``req`` its prompt's ids, in place: ``token_ids``, and a token-id row's ``prompt_token_ids``
+    (the same array, as ``io.tokenize`` leaves them)."""
+    req.token_ids = ids
+    if req.prompt_token_ids is not None:
+        req.prompt_token_ids = ids
+
+
+def drop_ids(req: Request) -> None:
+    """Take ``req``'s ids out of memory, in place (they are in the store); a token-id row stays one
+    (Request's invariant: its ``prompt_token_ids`` becomes an empty list until ``set_ids``)."""
+    req.token_ids = None
+    if req.prompt_token_ids is not None:
+        req.prompt_token_ids = []
 
 
 def stored(req: Request) -> bool:
@@ -199,6 +214,4 @@ def attach(store: TokenStore, fid: int, req: Request) -> None:
     ids = store.lookup(fid, req.input_index)
     if ids is None:
         raise KeyError(f"the job's token store has no row {req.input_index} of input {fid}")
-    req.token_ids = ids
-    if req.prompt_token_ids is not None:
-        req.prompt_token_ids = ids
+    set_ids(req, ids)
