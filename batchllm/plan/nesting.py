@@ -175,7 +175,7 @@ def nest_by_lcp(prefix_lens: Sequence[int], lcp: Sequence[int], min_tokens: int 
     for d, s, e in intervals:
         while open_ and outer_last[open_[-1]] < s:
             open_.pop()
-        length = min(d, int(plen[s : e + 1].min()) - 1) // align * align
+        length = d  # already below every member's prefix and on a page boundary: the lcp was capped above
         base = outer_len[open_[-1]] if open_ else 0
         if length - base < min_tokens:
             continue  # too short a level: these groups stay with the enclosing outer prefix
