@@ -18,6 +18,7 @@ from batchllm.engine.prompt_logprobs import PromptTokenLogprobs
 from batchllm.engine.sequence import Sequence
 from batchllm.io.requests import Request, RowError
 from batchllm.jobs.recorder import ResultRecorder
+from batchllm.models.tokenizer import byte_chars
 
 @dataclasses.dataclass
 class JobSummary:
@@ -140,7 +141,7 @@ class TokenSpeller:
         added = getattr(tok, "added_tokens_decoder", None) or {}
         self.special.update(int(i) for i in added)
         self.byte_level = _byte_level(tok)
-        self.byte_of = {c: b for b, c in enumerate(_byte_chars())}
+        self.byte_of = {c: b for b, c in enumerate(byte_chars())}
 
     def spell(self, token_id: int) -> tuple[str, bytes]:
         """(text, exact bytes) of ``token_id``; a token holding part of a UTF-8 character has its bytes as
@@ -181,19 +182,6 @@ def _byte_level(tok: Any) -> bool:
     except Exception:  # noqa: BLE001  (no serialisable definition: not byte-level as far as we can tell)
         return False
     return '"ByteLevel"' in json.dumps(decoder)
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in character for each byte 0..255 (byte-level BPE vocabularies)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
 
 
 def record_error(summary: JobSummary, recorder: ResultRecorder, err: RowError) -> None:

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from batchllm.models.config import ModelConfig
+from batchllm.models.tokenizer import byte_chars
 
 BOS = "<|bos|>"
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>")
@@ -30,19 +31,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in character for each byte 0..255 (what ByteLevel pre-tokenization emits)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
@@ -58,7 +46,7 @@ def _build(vocab_size: int, bos_id: int | None, eos_ids: tuple[int, ...]) -> Pre
     if any(not 0 <= i < vocab_size for i in specials) or vocab_size < 256 + len(CHAT_MARKERS) + len(specials):
         raise ValueError(f"dummy preset's special ids {sorted(specials)} do not fit a byte-level vocabulary "
                          f"of {vocab_size}")
-    ordinary = iter([*_byte_chars(), *CHAT_MARKERS])
+    ordinary = iter([*byte_chars(), *CHAT_MARKERS])
     vocab: dict[str, int] = {}
     for i in range(vocab_size):
         vocab[specials[i] if i in specials else next(ordinary, None) or f"<|{i}|>"] = i

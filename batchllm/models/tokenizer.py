@@ -63,3 +63,17 @@ def eos_token_ids(tok, cfg: ModelConfig) -> set[int]:
     if getattr(tok, "eos_token_id", None) is not None:
         ids.add(int(tok.eos_token_id))
     return ids
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte 0..255: what byte-level BPE vocabularies (and
+    their ByteLevel pre-tokenizer) spell bytes with."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
